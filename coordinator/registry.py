@@ -1,0 +1,256 @@
+"""Model registry and fleet registry, through SQLAlchemy (SQLite by default, PostgreSQL too).
+
+Tables: model versions (with lineage and metrics), devices (public keys, state, last seen),
+groups, releases (signed manifest, per-device envelopes) and a monotonic release counter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    UniqueConstraint,
+    create_engine,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+__all__ = ["Device", "Group", "ModelVersion", "Registry", "Release", "ReleaseTarget"]
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+group_members = Table(
+    "group_members", Base.metadata,
+    Column("group_name", ForeignKey("groups.name", ondelete="CASCADE"), primary_key=True),
+    Column("device_id", ForeignKey("devices.device_id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    format: Mapped[str] = mapped_column(String(16))
+    blob: Mapped[str] = mapped_column(String(64))  # SHA-256 of the model file
+    size: Mapped[int] = mapped_column(BigInteger)
+    created: Mapped[int] = mapped_column(BigInteger)
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)  # inputs, outputs, smoke, stats
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    lineage: Mapped[dict[str, Any]] = mapped_column(default=dict)  # parent, fl round, ...
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sign_public: Mapped[bytes] = mapped_column(LargeBinary)
+    kem: Mapped[str] = mapped_column(String(32))
+    kem_public: Mapped[bytes] = mapped_column(LargeBinary)
+    enrolled: Mapped[int] = mapped_column(BigInteger)
+    last_seen: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    state: Mapped[str] = mapped_column(String(32), default="enrolled")
+    active_name: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    active_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    active_sequence: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    revoked: Mapped[bool] = mapped_column(default=False)
+    groups: Mapped[list[Group]] = relationship(secondary=group_members, back_populates="devices")
+
+
+class Group(Base):
+    __tablename__ = "groups"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    devices: Mapped[list[Device]] = relationship(secondary=group_members, back_populates="groups")
+
+
+class Counter(Base):
+    __tablename__ = "counters"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+class Release(Base):
+    __tablename__ = "releases"
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    bundle_id: Mapped[str] = mapped_column(String(32), unique=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    selector: Mapped[str] = mapped_column(String(200))
+    created: Mapped[int] = mapped_column(BigInteger)
+    manifest: Mapped[bytes] = mapped_column(LargeBinary)  # bytes as signed
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    keyring: Mapped[bytes] = mapped_column(LargeBinary)
+    keyring_sig: Mapped[bytes] = mapped_column(LargeBinary)
+    payload_blob: Mapped[str] = mapped_column(String(64))
+    content_key: Mapped[bytes] = mapped_column(LargeBinary)  # secret
+    model: Mapped[ModelVersion] = relationship()
+    targets: Mapped[list[ReleaseTarget]] = relationship(back_populates="release",
+                                                        cascade="all, delete-orphan")
+
+
+class ReleaseTarget(Base):
+    __tablename__ = "release_targets"
+    sequence: Mapped[int] = mapped_column(ForeignKey("releases.sequence", ondelete="CASCADE"),
+                                          primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"), primary_key=True)
+    envelope: Mapped[bytes] = mapped_column(LargeBinary)  # JSON of protocol.envelope.Envelope
+    release: Mapped[Release] = relationship(back_populates="targets")
+
+
+def engine_for(url: str) -> Engine:
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    return create_engine(url, **kwargs)
+
+
+class Registry:
+    """Thin facade over the database; every public method is one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = engine_for(url)
+        Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    # -- models ---------------------------------------------------------------------------
+    def add_model(self, *, name: str, version: str | None, format: str, blob: str, size: int,
+                  meta: dict[str, Any], metrics: dict[str, Any] | None = None,
+                  lineage: dict[str, Any] | None = None) -> ModelVersion:
+        with self.session() as s:
+            if version is None:
+                count = s.scalar(select(func.count()).where(ModelVersion.name == name)) or 0
+                version = str(count + 1)
+            if s.scalar(select(ModelVersion).where(ModelVersion.name == name,
+                                                   ModelVersion.version == version)):
+                raise ValueError(f"model {name} version {version} is already registered")
+            mv = ModelVersion(name=name, version=version, format=format, blob=blob, size=size,
+                              created=int(time.time()), meta=meta, metrics=metrics or {},
+                              lineage=lineage or {})
+            s.add(mv)
+        return mv
+
+    def model(self, name: str, version: str) -> ModelVersion:
+        with self.session() as s:
+            mv = s.scalar(select(ModelVersion).where(ModelVersion.name == name,
+                                                     ModelVersion.version == version))
+            if mv is None:
+                raise LookupError(f"model {name} version {version} is not registered")
+            return mv
+
+    def models(self) -> Sequence[ModelVersion]:
+        with self.session() as s:
+            return s.scalars(select(ModelVersion).order_by(ModelVersion.name, ModelVersion.id)).all()
+
+    # -- fleet ----------------------------------------------------------------------------
+    def enroll(self, *, device_id: str, sign_public: bytes, kem: str, kem_public: bytes) -> Device:
+        with self.session() as s:
+            dev = s.get(Device, device_id)
+            if dev is not None and (dev.sign_public, dev.kem_public) != (sign_public, kem_public):
+                raise ValueError(f"device {device_id} is enrolled with other keys; revoke it first")
+            if dev is None:
+                dev = Device(device_id=device_id, sign_public=sign_public, kem=kem,
+                             kem_public=kem_public, enrolled=int(time.time()), last_result={})
+                s.add(dev)
+            return dev
+
+    def device(self, device_id: str) -> Device | None:
+        with self.session() as s:
+            return s.get(Device, device_id)
+
+    def devices(self) -> Sequence[Device]:
+        with self.session() as s:
+            return s.scalars(select(Device).order_by(Device.device_id)).all()
+
+    def add_to_group(self, group: str, device_ids: Sequence[str]) -> None:
+        with self.session() as s:
+            g = s.get(Group, group) or Group(name=group)
+            s.add(g)
+            for dev_id in device_ids:
+                dev = s.get(Device, dev_id)
+                if dev is None:
+                    raise LookupError(f"device {dev_id} is not enrolled")
+                if dev not in g.devices:
+                    g.devices.append(dev)
+
+    def groups(self) -> dict[str, list[str]]:
+        with self.session() as s:
+            return {g.name: sorted(d.device_id for d in g.devices)
+                    for g in s.scalars(select(Group).order_by(Group.name))}
+
+    def resolve(self, selector: str) -> list[str]:
+        """``all`` | ``group:G`` | ``device:ID`` | ``ID[,ID…]`` -> enrolled, unrevoked device ids."""
+        with self.session() as s:
+            if selector == "all":
+                q = select(Device.device_id)
+            elif selector.startswith("group:"):
+                g = s.get(Group, selector[6:])
+                if g is None:
+                    raise LookupError(f"group {selector[6:]} does not exist")
+                q = select(Device.device_id).where(Device.device_id.in_([d.device_id for d in g.devices]))
+            else:
+                ids = [i for i in selector.removeprefix("device:").split(",") if i]
+                found = set(s.scalars(select(Device.device_id).where(Device.device_id.in_(ids))))
+                missing = [i for i in ids if i not in found]
+                if missing:
+                    raise LookupError(f"devices not enrolled: {', '.join(missing)}")
+                q = select(Device.device_id).where(Device.device_id.in_(ids))
+            return sorted(s.scalars(q.where(Device.revoked.is_(False))))
+
+    def update_device(self, device_id: str, **values: Any) -> bool:
+        with self.session() as s:
+            res = s.execute(update(Device).where(Device.device_id == device_id).values(**values))
+            return bool(res.rowcount)
+
+    # -- releases -------------------------------------------------------------------------
+    def next_sequence(self) -> int:
+        """Allocate the next release sequence (monotonic, never reused)."""
+        with self.session() as s:
+            c = s.get(Counter, "release", with_for_update=True)
+            if c is None:
+                c = Counter(name="release", value=0)
+                s.add(c)
+            c.value += 1
+            return c.value
+
+    def add_release(self, release: Release) -> None:
+        with self.session() as s:
+            s.add(release)
+
+    def release(self, *, sequence: int | None = None, bundle_id: str | None = None) -> Release | None:
+        with self.session() as s:
+            q = select(Release)
+            q = q.where(Release.sequence == sequence) if sequence is not None else q.where(
+                Release.bundle_id == bundle_id)
+            r = s.scalar(q)
+            if r is not None:
+                _ = r.targets, r.model  # load while the session is open
+            return r
+
+    def releases(self) -> Sequence[Release]:
+        with self.session() as s:
+            rs = s.scalars(select(Release).order_by(Release.sequence)).all()
+            for r in rs:
+                _ = r.targets, r.model
+            return rs

@@ -1,0 +1,92 @@
+"""``edgefleet agent …`` handlers (agent extra only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet.fsutil import atomic_write
+
+
+def init(args: argparse.Namespace) -> int:
+    from agent.config import AgentConfig
+    from agent.identity import DeviceIdentity
+    from agent.trust import TrustStore
+    from protocol.keys import decode_public_key
+
+    home: Path = args.home
+    if (home / "keys" / "device.json").exists():
+        raise FileExistsError(f"{home}: already initialised (keys/device.json exists)")
+    root = decode_public_key(args.trust.read_bytes())
+    home.mkdir(parents=True, exist_ok=True)
+    ident = DeviceIdentity.create(home / "keys", args.device_id, kem=args.kem)
+    TrustStore.pin(home / "trust", root)
+    config = AgentConfig(home=home, device_id=ident.device_id, broker=args.broker)
+    atomic_write(home / "agent.toml", config.to_toml().encode())
+    print(f"device {ident.device_id}: keys made; public keys in {home / 'keys' / 'device.pub.json'}")
+    return 0
+
+
+def _open(home: Path) -> Any:
+    from agent.agent import Agent
+
+    return Agent.open(home)
+
+
+def install(args: argparse.Namespace) -> int:
+    agent = _open(args.home)
+    version = agent.install_file(args.file)
+    m = version.manifest
+    print(f"installed {m.name} {m.model_version} (sequence {m.sequence}, {m.format}): active")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    st = _open(args.home).status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    a = st["active"]
+    print(f"device:   {st['device_id']}")
+    print("active:   " + ("none" if a is None else
+                          f"{a['name']} {a['version']} ({a['format']}, sequence {a['sequence']})"))
+    print(f"accepted: sequence <= {st['highest_sequence']}, keyring v{st['keyring_version']}")
+    for k in st["kept"]:
+        print(f"kept:     {k['name']} {k['version']} ({k['format']}, sequence {k['sequence']})")
+    last = st["last_install"]
+    if last:
+        print(f"last:     {'ok' if last['ok'] else 'rejected'} {last['code']} {last.get('reason', '')}")
+    return 0
+
+
+def _read_input(args: argparse.Namespace) -> np.ndarray:
+    if args.input is not None:
+        x = np.asarray(json.loads(args.input), dtype=np.float32)
+    elif args.input_file.suffix == ".npz":
+        x = np.load(args.input_file)["x"].astype(np.float32)
+    else:
+        x = np.load(args.input_file, allow_pickle=False).astype(np.float32)
+    return x[None, :] if x.ndim == 1 else x
+
+
+def predict(args: argparse.Namespace) -> int:
+    x = _read_input(args)
+    out = _open(args.home).predict(x)
+    if args.json:
+        print(json.dumps({"outputs": out.tolist(), "argmax": out.argmax(axis=-1).tolist()}))
+    else:
+        for row in out:
+            print(f"{int(row.argmax())}\t{float(row.max()):.4f}")
+    return 0
+
+
+def rollback(args: argparse.Namespace) -> int:
+    version = _open(args.home).rollback()
+    m = version.manifest
+    print(f"rolled back: {m.name} {m.model_version} (sequence {m.sequence}) is active", file=sys.stdout)
+    return 0

@@ -1,0 +1,72 @@
+"""``edgefleet coordinator|model|bundle build …`` handlers (coordinator extra)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _open(home: Path):  # type: ignore[no-untyped-def]
+    from coordinator.home import Coordinator
+
+    return Coordinator.open(home)
+
+
+def init(args: argparse.Namespace) -> int:
+    from coordinator.home import Coordinator
+
+    c = Coordinator.init(args.home, database=args.database)
+    print(f"coordinator home {args.home}: root key {c.keys.keyring.root_keyid}, "
+          f"release key {c.keys.release.keyid}")
+    print(f"agents pin {args.home / 'root.pub'} (edgefleet agent init --trust …)")
+    return 0
+
+
+def enroll(args: argparse.Namespace) -> int:
+    from protocol.device import DevicePublic
+
+    public = DevicePublic.decode(args.public_key.read_bytes())
+    if public.device_id != args.device_id:
+        raise ValueError(f"{args.public_key} is for device {public.device_id!r}, not {args.device_id!r}")
+    c = _open(args.home)
+    c.enroll(public)
+    for g in args.group:
+        c.registry.add_to_group(g, [public.device_id])
+    print(f"enrolled {public.device_id} ({public.kem.kem})")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from models.digits import write_digits_artifacts
+
+    art = write_digits_artifacts(args.out, seed=args.seed, hidden=args.hidden)
+    print(f"digits: test accuracy {art.accuracy:.4f}; wrote {art.onnx_path}, {art.tflite_path}, "
+          f"{art.test_path}, {art.metadata_path}")
+    return 0
+
+
+def register(args: argparse.Namespace) -> int:
+    mv = _open(args.home).register_model(args.name, args.file, version=args.version,
+                                         meta_path=args.meta)
+    print(mv.version)
+    return 0
+
+
+def list_models(args: argparse.Namespace) -> int:
+    rows = [{"name": m.name, "version": m.version, "format": m.format, "size": m.size,
+             "sha256": m.blob, "metrics": m.metrics} for m in _open(args.home).registry.models()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    for r in [] if args.json else rows:
+        print(f"{r['name']}\t{r['version']}\t{r['format']}\t{r['size']}\t{r['sha256'][:12]}\t{r['metrics']}")
+    return 0
+
+
+def build(args: argparse.Namespace) -> int:
+    c = _open(args.home)
+    release, built = c.build(args.name, args.version, args.to)
+    c.write_bundle(built, args.out)
+    print(f"{args.out}: release {release.sequence}, {args.name} {args.version}, "
+          f"{len(built.envelopes)} devices, {built.manifest.payload_size} bytes payload")
+    return 0

@@ -1,0 +1,125 @@
+"""The one error tree of EdgeFleet, rooted by who is at fault.
+
+    EdgeFleetError
+    ├── BundleError            untrusted input that failed verification: the sender is at fault.
+    │   ├── MalformedError         not the expected shape (bad JSON, bad field, bad framing)
+    │   ├── TooLargeError          a size cap was exceeded before anything was parsed
+    │   ├── SignatureError         signature does not verify over the bytes as received
+    │   ├── UntrustedSignerError   signer is not in the keyring, or its key is revoked/expired
+    │   ├── KeyringError           the keyring itself is invalid, expired or older than trusted
+    │   ├── RollbackError          release sequence not strictly above the last accepted one
+    │   ├── ExpiredError           manifest past its expiry (after the offline grace)
+    │   ├── NotForMeError          this device is not a target / has no envelope
+    │   ├── IntegrityError         a hash over received bytes does not match the manifest
+    │   ├── DecryptError           envelope or segment failed to decrypt/authenticate
+    │   ├── ModelLoadError         the decrypted model does not load in its runtime
+    │   └── SmokeTestError         model loaded but did not reproduce the signed test vectors
+    ├── DecodeError            a protocol message could not be decoded (also a BundleError)
+    ├── TransportError         the broker or the network failed us: not the sender's fault
+    └── StoreError             the local model store is unusable (disk full, corrupt state)
+
+Wrong arguments raise ``ValueError``/``TypeError``; wrong call order raises ``RuntimeError``.
+Every message says what was expected and what was seen. Foreign exceptions are mapped at
+the adapter edge with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BundleError",
+    "DecodeError",
+    "DecryptError",
+    "EdgeFleetError",
+    "ExpiredError",
+    "IntegrityError",
+    "KeyringError",
+    "MalformedError",
+    "ModelLoadError",
+    "NotForMeError",
+    "RollbackError",
+    "SignatureError",
+    "SmokeTestError",
+    "StoreError",
+    "TooLargeError",
+    "TransportError",
+    "UntrustedSignerError",
+]
+
+
+class EdgeFleetError(Exception):
+    """Root of every error EdgeFleet raises on purpose."""
+
+    #: short, stable, machine-readable reason reported to the coordinator
+    code = "error"
+
+
+class BundleError(EdgeFleetError):
+    """Untrusted input failed verification; the device stays on its last good model."""
+
+    code = "bundle"
+
+
+class MalformedError(BundleError):
+    code = "malformed"
+
+
+class DecodeError(MalformedError):
+    """A protocol message could not be decoded into its dataclass."""
+
+    code = "decode"
+
+
+class TooLargeError(BundleError):
+    code = "too_large"
+
+
+class SignatureError(BundleError):
+    code = "signature"
+
+
+class UntrustedSignerError(BundleError):
+    code = "untrusted_signer"
+
+
+class KeyringError(BundleError):
+    code = "keyring"
+
+
+class RollbackError(BundleError):
+    code = "rollback"
+
+
+class ExpiredError(BundleError):
+    code = "expired"
+
+
+class NotForMeError(BundleError):
+    code = "not_for_me"
+
+
+class IntegrityError(BundleError):
+    code = "integrity"
+
+
+class DecryptError(BundleError):
+    code = "decrypt"
+
+
+class ModelLoadError(BundleError):
+    code = "model_load"
+
+
+class SmokeTestError(BundleError):
+    code = "smoke_test"
+
+
+class TransportError(EdgeFleetError):
+    """The broker or network failed; retrying later may help."""
+
+    code = "transport"
+
+
+class StoreError(EdgeFleetError):
+    """The local store cannot be used (I/O failure, corrupt state)."""
+
+    code = "store"
