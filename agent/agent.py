@@ -92,12 +92,12 @@ class Agent:
         try:
             version, runtime = run()
         except EdgeFleetError as exc:
-            self._record(ok=False, code=exc.code, reason=str(exc))
+            self.record(ok=False, code=exc.code, reason=str(exc))
             log.warning("install rejected (%s): %s", exc.code, exc)
             raise
         self._swap(version, runtime)
         m = version.manifest
-        self._record(ok=True, code="ok", reason="", sequence=m.sequence, name=m.name,
+        self.record(ok=True, code="ok", reason="", sequence=m.sequence, name=m.name,
                      model_version=m.model_version, bundle_id=m.bundle_id)
         return version
 
@@ -105,12 +105,12 @@ class Agent:
         version = self.store.rollback()
         self._swap(version, load_runtime(version.model_path, version.manifest.format,
                                          self.config.threads))
-        self._record(ok=True, code="rollback", reason="operator rollback",
+        self.record(ok=True, code="rollback", reason="operator rollback",
                      sequence=version.manifest.sequence, name=version.manifest.name,
                      model_version=version.manifest.model_version)
         return version
 
-    def _record(self, **result: Any) -> None:
+    def record(self, **result: Any) -> None:
         result["time"] = int(self._clock())
         atomic_write(self.config.home / "last_install.json", canonical_json(result))
 

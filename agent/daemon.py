@@ -1,0 +1,278 @@
+"""The agent daemon: receive release offers over MQTT, pull chunks, install, report.
+
+Paho's network thread only queues messages; one worker thread owns all download and install
+state, so there are no locks around it. Inference (``Agent.predict``, the HTTP API) runs on
+other threads and keeps serving the active model throughout: the runtime is swapped only
+after a new version passed every check.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgefleet.mqtt import MessageProps, MqttConfig, MqttLink
+from protocol import topics
+from protocol.errors import BundleError, EdgeFleetError, RollbackError, TransportError
+from protocol.manifest import Manifest
+from protocol.messages import MAX_OFFER, ChunkReply, DeviceStatus, ReleaseOffer, Telemetry
+
+from .agent import Agent
+from .download import Download
+from .updater import FileSource, Offer
+
+__all__ = ["AgentDaemon"]
+
+log = logging.getLogger(__name__)
+ProgressFn = Callable[[str, int, int], None]  # (phase, done bytes, total bytes)
+
+
+class AgentDaemon:
+    def __init__(self, agent: Agent, mqtt: MqttConfig, *, heartbeat: float = 30.0,
+                 request_timeout: float = 10.0, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 progress: ProgressFn | None = None) -> None:
+        self.agent = agent
+        self.device_id = agent.identity.device_id
+        self.heartbeat, self.request_timeout = heartbeat, request_timeout
+        self.clock, self.monotonic, self.progress = clock, monotonic, progress
+        self.link = MqttLink(mqtt, self._on_message, on_connect=self._on_connect)
+        self.downloads_dir = agent.config.home / "downloads"
+        self.downloads_dir.mkdir(exist_ok=True)
+        self._q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1000)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="agent-daemon", daemon=True)
+        self._state = "idle"
+        self._download: Download | None = None
+        self._offer: ReleaseOffer | None = None
+        self._counter = 0
+        self._last_beat = 0.0
+        self._telemetry: collections.deque[bytes] = collections.deque(maxlen=agent.config.telemetry_buffer)
+        self.installed = threading.Event()  # set after every successful install (tests)
+        self.dropped = 0  # messages dropped unread (oversize, queue full)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        self.link.start()
+        for topic in (topics.release(self.device_id), topics.chunk(self.device_id),
+                      topics.cmd(self.device_id)):
+            self.link.subscribe(topic, qos=1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self._download is not None:
+            self._download.close()
+        self.link.stop()
+
+    def serve_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # -- network thread: size check and hand over ---------------------------------------------
+    def _on_message(self, topic: str, payload: bytes, props: MessageProps) -> None:
+        kind = topic.rsplit("/", 1)[-1]
+        limit = MAX_OFFER if kind == "release" else 8 * 1024 * 1024
+        if len(payload) > limit:
+            self.dropped += 1
+            log.warning("dropped %d-byte message on %s (limit %d)", len(payload), topic, limit)
+            return
+        try:
+            self._q.put_nowait((kind, payload))
+        except queue.Full:
+            self.dropped += 1
+            log.warning("dropped message on %s: agent queue full", topic)
+
+    def _on_connect(self, session_present: bool) -> None:
+        self._q.put(("connected", session_present))
+
+    # -- worker thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                kind, payload = self._q.get(timeout=0.2)
+            except queue.Empty:
+                kind, payload = "tick", None
+            try:
+                self._handle(kind, payload)
+                self._tick()
+            except Exception:  # never let one bad message kill the daemon
+                log.exception("agent daemon: unexpected error handling %s", kind)
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "release":
+            self._on_offer(payload)
+        elif kind == "chunk":
+            self._on_chunk(payload)
+        elif kind == "connected":
+            if self._download is not None:
+                self._download.resend_all()
+            self._report()
+            self._flush_telemetry()
+
+    def _tick(self) -> None:
+        now = self.monotonic()
+        if self._download is not None and self.link.connected.is_set():
+            for req in self._download.pump(now):
+                self.link.publish(topics.up(self.device_id, "chunkreq"), req.encode(), qos=1)
+        if now - self._last_beat >= self.heartbeat:
+            self._last_beat = now
+            self._telemetry.append(Telemetry(device_id=self.device_id, time=int(self.clock()),
+                                             metrics=self._metrics()).encode())
+            self._report()
+            self._flush_telemetry()
+
+    def _metrics(self) -> dict[str, Any]:
+        d = self._download
+        return {"state": self._state, "dropped": self.dropped,
+                "download": None if d is None else vars(d.stats)}
+
+    # -- releases --------------------------------------------------------------------------------
+    def _on_offer(self, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained release
+        try:
+            offer = ReleaseOffer.decode(payload)
+            active = self.agent.store.active()
+            if active is not None and offer.manifest == active.manifest_raw:
+                return  # the retained offer of what we already run
+            manifest = self.agent.updater.check(self._as_offer(offer))
+        except RollbackError as exc:
+            log.info("ignored release offer: %s", exc)
+            self._reject(exc)
+            return
+        except BundleError as exc:
+            self._reject(exc)
+            return
+        current = self._download
+        if current is not None and current.manifest.sequence >= manifest.sequence:
+            return  # same or newer download already under way
+        self._begin(offer, manifest)
+
+    def _begin(self, offer: ReleaseOffer, manifest: Manifest) -> None:
+        if self._download is not None:
+            self._download.close()
+        keep = f"{manifest.bundle_id}.part"
+        for old in self.downloads_dir.glob("*.part"):
+            if old.name != keep:
+                old.unlink()
+        self._offer = offer
+        self._download = Download(manifest, self.downloads_dir / keep, topics.chunk(self.device_id),
+                                  window=self.agent.config.window, timeout=self.request_timeout)
+        log.info("release %d (%s %s): fetching %d of %d chunks", manifest.sequence, manifest.name,
+                 manifest.model_version, len(self._download.missing), manifest.segments)
+        self._state = "downloading"
+        self._report()
+        if self._download.done:
+            self._install()
+
+    def _on_chunk(self, payload: bytes) -> None:
+        d = self._download
+        if d is None:
+            return
+        try:
+            reply = ChunkReply.decode(payload, max_data=d.manifest.segment_size + 16)
+            fresh = d.accept(reply)
+        except TransportError as exc:  # the coordinator refused us
+            self._abandon(exc)
+            return
+        except EdgeFleetError as exc:
+            log.warning("dropped chunk reply: %s", exc)
+            return
+        if fresh and self.progress:
+            self.progress("download", d.bytes_done, d.manifest.payload_size)
+        if d.done:
+            self._install()
+
+    def _install(self) -> None:
+        d, offer = self._download, self._offer
+        assert d is not None and offer is not None
+        self._state = "installing"
+        self._report()
+        source = FileSource(d.path)
+        try:
+            self.agent.install(self._as_offer(offer), offer.envelope, source)
+            self.installed.set()
+        except EdgeFleetError as exc:
+            log.warning("release %d not installed: %s", d.manifest.sequence, exc)
+        finally:
+            source.close()
+            d.close()
+            d.path.unlink(missing_ok=True)
+            self._download = None
+            self._state = "idle"
+        if self.progress:
+            self.progress("installed", d.manifest.payload_size, d.manifest.payload_size)
+        self._report()
+
+    def _abandon(self, exc: EdgeFleetError) -> None:
+        d = self._download
+        if d is not None:
+            d.close()
+            d.path.unlink(missing_ok=True)
+        self._download = None
+        self._state = "idle"
+        self.agent.record(ok=False, code=exc.code, reason=str(exc))
+        self._report()
+
+    def _reject(self, exc: EdgeFleetError) -> None:
+        log.warning("rejected release offer (%s): %s", exc.code, exc)
+        self.agent.record(ok=False, code=exc.code, reason=str(exc))
+        self._report()
+
+    @staticmethod
+    def _as_offer(o: ReleaseOffer) -> Offer:
+        return Offer(keyring=o.keyring, keyring_sig=o.keyring_sig, manifest=o.manifest,
+                     signature=o.signature)
+
+    # -- reporting -------------------------------------------------------------------------------
+    def status(self) -> DeviceStatus:
+        st = self.agent.status()
+        d = self._download
+        progress = None if d is None else {
+            "bundle_id": d.manifest.bundle_id, "sequence": d.manifest.sequence,
+            "done": d.bytes_done, "total": d.manifest.payload_size, **vars(d.stats)}
+        self._counter += 1
+        return DeviceStatus(device_id=self.device_id, time=int(self.clock()), state=self._state,
+                            active=st["active"], highest_sequence=st["highest_sequence"],
+                            last_result=st["last_install"], progress=progress, counter=self._counter)
+
+    def _report(self) -> None:
+        if not self.link.connected.is_set():
+            return  # re-sent on connect; retained, so only the latest matters
+        try:
+            self.link.publish(topics.up(self.device_id, "status"), self.status().encode(),
+                              qos=1, retain=True)
+        except TransportError as exc:
+            log.warning("status not sent: %s", exc)
+
+    def _flush_telemetry(self) -> None:
+        while self._telemetry and self.link.connected.is_set():
+            try:
+                self.link.publish(topics.up(self.device_id, "telemetry"), self._telemetry[0], qos=1)
+            except TransportError:
+                return
+            self._telemetry.popleft()
+
+
+def mqtt_config_for(agent: Agent, *, broker: str | None = None, password: str | None = None) -> MqttConfig:
+    cfg = agent.config
+    if password is None and cfg.password_file:
+        password = Path(cfg.password_file).read_text().strip()
+    return MqttConfig(url=broker or cfg.broker, client_id=f"agent-{cfg.device_id}",
+                      username=(cfg.username or cfg.device_id) if password else None,
+                      password=password, tls_ca=Path(cfg.tls_ca) if cfg.tls_ca else None,
+                      tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
+                      tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
+                      protocol=cfg.mqtt_protocol)  # type: ignore[arg-type]

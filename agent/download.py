@@ -1,0 +1,125 @@
+"""Resumable, windowed chunk download of one release into a ``.part`` file.
+
+The state machine is driven by the daemon: ``pump(now)`` returns the chunk requests to send
+(at most ``window`` outstanding, timed-out ones re-sent), ``accept(reply)`` checks a reply
+against the signed segment hash and writes it at its offset. On (re)start the part file is
+re-hashed, so only missing chunks are fetched after a crash or restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protocol.errors import IntegrityError, TransportError
+from protocol.manifest import Manifest
+from protocol.messages import ChunkReply, ChunkRequest
+from protocol.segments import sha256_hex
+
+__all__ = ["Download", "DownloadStats"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DownloadStats:
+    reused: int = 0  # segments found intact on disk at start
+    fetched: int = 0  # segments received and written
+    requests: int = 0  # chunk requests sent (re-sends included)
+    rejected: int = 0  # replies dropped (bad hash, unexpected, duplicate)
+
+
+@dataclass
+class Download:
+    manifest: Manifest
+    path: Path
+    reply_to: str
+    window: int = 8
+    timeout: float = 10.0  # seconds before an outstanding request is sent again
+    max_refusals: int = 3
+    stats: DownloadStats = field(default_factory=DownloadStats)
+
+    def __post_init__(self) -> None:
+        self.missing: set[int] = set()
+        self.outstanding: dict[int, float] = {}  # index -> time sent
+        self._attempt = 0
+        self._refusals = 0
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(self._fd).st_size != self.manifest.payload_size:
+            os.ftruncate(self._fd, self.manifest.payload_size)
+        self._rehash()
+
+    def _rehash(self) -> None:
+        for i in range(self.manifest.segments):
+            off, length = self.manifest.segment_span(i)
+            if sha256_hex(os.pread(self._fd, length, off)) == self.manifest.segment_hashes[i]:
+                self.stats.reused += 1
+            else:
+                self.missing.add(i)
+        if self.stats.reused:
+            log.info("resuming %s: %d of %d chunks already on disk", self.manifest.bundle_id,
+                     self.stats.reused, self.manifest.segments)
+
+    @property
+    def done(self) -> bool:
+        return not self.missing
+
+    @property
+    def bytes_done(self) -> int:
+        return self.manifest.payload_size - sum(self.manifest.segment_span(i)[1] for i in self.missing)
+
+    def pump(self, now: float) -> list[ChunkRequest]:
+        """Requests to send now: fill the window, re-send those that timed out."""
+        due = [i for i, t in self.outstanding.items() if now - t >= self.timeout]
+        fresh = sorted(self.missing - set(self.outstanding))[: max(0, self.window - len(self.outstanding) + len(due))]
+        out = []
+        for i in due + fresh:
+            self._attempt += 1
+            self.outstanding[i] = now
+            self.stats.requests += 1
+            out.append(ChunkRequest(bundle_id=self.manifest.bundle_id, indexes=(i,),
+                                    reply_to=self.reply_to, corr=f"{i}.{self._attempt}"))
+        return out
+
+    def resend_all(self) -> None:
+        """After a reconnect: treat every outstanding request as timed out."""
+        for i in self.outstanding:
+            self.outstanding[i] = float("-inf")
+
+    def accept(self, reply: ChunkReply) -> bool:
+        """Write a verified chunk; return True if it was new. Refusals raise after a few."""
+        if reply.bundle_id != self.manifest.bundle_id:
+            self.stats.rejected += 1
+            return False
+        if reply.status != "ok":
+            self._refusals += 1
+            if self._refusals >= self.max_refusals:
+                raise TransportError(f"coordinator {reply.status} chunk {reply.index}: {reply.reason}")
+            return False
+        i = reply.index
+        if i not in self.missing:
+            self.stats.rejected += 1  # duplicate (a re-send crossed the reply) or unknown index
+            return False
+        want = self.manifest.segment_hashes[i]
+        if sha256_hex(reply.data) != want:
+            self.stats.rejected += 1
+            log.warning("chunk %d of %s failed its hash check; will re-request", i, self.manifest.bundle_id)
+            self.outstanding.pop(i, None)
+            return False
+        off, length = self.manifest.segment_span(i)
+        if len(reply.data) != length:
+            raise IntegrityError(f"chunk {i}: hash matched but length {len(reply.data)} != {length}")
+        os.pwrite(self._fd, reply.data, off)
+        self.missing.discard(i)
+        self.outstanding.pop(i, None)
+        self.stats.fetched += 1
+        if self.done:
+            os.fsync(self._fd)
+        return True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

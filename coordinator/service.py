@@ -1,0 +1,179 @@
+"""The coordinator's MQTT side: publish releases, serve chunks, ingest device status.
+
+Paho's network thread only decodes topics and hands messages to two worker threads (chunk
+serving and status ingestion), so a slow database never stalls the chunk stream. Several
+``coordinator serve`` processes can run against one registry: chunk requests arrive through a
+shared subscription and are split between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edgefleet.mqtt import MessageProps, MqttConfig, MqttLink
+from protocol import topics
+from protocol.envelope import Envelope
+from protocol.errors import DecodeError, EdgeFleetError
+from protocol.manifest import Manifest
+from protocol.messages import ChunkRequest, DeviceStatus, ReleaseOffer, Telemetry
+
+from .chunks import ChunkServer, ReleaseFacts
+from .home import Coordinator
+from .registry import Release
+
+__all__ = ["CoordinatorService", "publish_release"]
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+def offers(release: Release) -> dict[str, ReleaseOffer]:
+    """Each target device's release offer."""
+    return {t.device_id: ReleaseOffer(keyring=release.keyring, keyring_sig=release.keyring_sig,
+                                      manifest=release.manifest, signature=release.signature,
+                                      envelope=Envelope.from_dict(_json(t.envelope)))
+            for t in release.targets}
+
+
+def _json(raw: bytes) -> object:
+    import json
+
+    return json.loads(raw)
+
+
+def publish_release(link: MqttLink, release: Release, *, timeout: float = 30.0) -> int:
+    """Publish (retained, QoS 1) every target's offer; return bytes sent."""
+    sent, infos = 0, []
+    for device_id, offer in offers(release).items():
+        payload = offer.encode()
+        infos.append(link.publish(topics.release(device_id), payload, qos=1, retain=True))
+        sent += len(payload)
+    deadline = time.monotonic() + timeout
+    for info in infos:
+        info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+    log.info("published release %d to %d devices (%d bytes)", release.sequence, len(infos), sent)
+    return sent
+
+
+class CoordinatorService:
+    def __init__(self, coordinator: Coordinator, mqtt: MqttConfig, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.coordinator = coordinator
+        self.registry = coordinator.registry
+        self.clock = clock
+        self.chunks = ChunkServer(self._facts)
+        self.link = MqttLink(mqtt, self._on_message)
+        self._chunk_q: queue.Queue[object] = queue.Queue(maxsize=10_000)
+        self._ingest_q: queue.Queue[object] = queue.Queue(maxsize=10_000)
+        self._threads = [threading.Thread(target=self._serve_chunks, name="chunks", daemon=True),
+                         threading.Thread(target=self._ingest, name="ingest", daemon=True)]
+        self.statuses = 0
+        self.status_event = threading.Event()  # set on every ingested status (tests, demo)
+
+    def _facts(self, bundle_id: str) -> ReleaseFacts | None:
+        r = self.registry.release(bundle_id=bundle_id)
+        if r is None:
+            return None
+        return ReleaseFacts(sequence=r.sequence, targets=frozenset(t.device_id for t in r.targets),
+                            manifest=Manifest.decode(r.manifest),
+                            payload_path=self.coordinator.blobs.path(r.payload_blob))
+
+    def start(self, timeout: float = 10.0) -> None:
+        for t in self._threads:
+            t.start()
+        self.link.start()
+        self.link.subscribe(topics.chunk_requests_shared(), qos=1)
+        self.link.subscribe(topics.up_all("status"), qos=1)
+        self.link.subscribe(topics.up_all("telemetry"), qos=0)
+        if not self.link.wait_connected(timeout):
+            log.warning("coordinator not connected to the broker yet (%s)", self.link.last_error)
+
+    def stop(self) -> None:
+        self._chunk_q.put(_STOP)
+        self._ingest_q.put(_STOP)
+        for t in self._threads:
+            t.join(timeout=5)
+        self.link.stop()
+        self.chunks.close()
+
+    def release(self, sequence: int) -> int:
+        r = self.registry.release(sequence=sequence)
+        if r is None:
+            raise LookupError(f"release {sequence} does not exist")
+        return publish_release(self.link, r)
+
+    # -- network thread: route only --------------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes, props: MessageProps) -> None:
+        where = topics.device_of(topic)
+        if where is None:
+            log.warning("dropped message on unexpected topic %s", topic)
+            return
+        target = self._chunk_q if where[1] == "up/chunkreq" else self._ingest_q
+        try:
+            target.put_nowait((where[0], where[1], payload))
+        except queue.Full:
+            log.warning("dropped %s from %s: work queue full", where[1], where[0])
+
+    # -- workers ---------------------------------------------------------------------------
+    def _serve_chunks(self) -> None:
+        while (item := self._chunk_q.get()) is not _STOP:
+            device_id, _, payload = item  # type: ignore[misc]
+            try:
+                req = ChunkRequest.decode(payload)
+                for reply in self.chunks.answer(device_id, req):
+                    self.link.publish(req.reply_to, reply.encode(), qos=1)
+            except EdgeFleetError as exc:
+                log.warning("dropped chunk request from %s: %s", device_id, exc)
+            except Exception:
+                log.exception("chunk request from %s failed", device_id)
+
+    def _ingest(self) -> None:
+        while (item := self._ingest_q.get()) is not _STOP:
+            device_id, kind, payload = item  # type: ignore[misc]
+            try:
+                if kind == "up/status":
+                    self._ingest_status(device_id, payload)
+                elif kind == "up/telemetry":
+                    t = Telemetry.decode(payload)
+                    self.registry.update_device(device_id, last_seen=int(self.clock()))
+                    log.debug("telemetry from %s: %s", t.device_id, t.metrics)
+            except DecodeError as exc:
+                log.warning("dropped %s from %s: %s", kind, device_id, exc)
+            except Exception:
+                log.exception("ingesting %s from %s failed", kind, device_id)
+
+    def _ingest_status(self, device_id: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained status
+        st = DeviceStatus.decode(payload)
+        if st.device_id != device_id:
+            raise DecodeError(f"status on {device_id}'s topic names {st.device_id}")
+        active = st.active or {}
+        values = dict(last_seen=int(self.clock()), state=st.state,
+                      active_name=active.get("name"), active_version=active.get("version"),
+                      active_sequence=active.get("sequence"),
+                      last_result={**(st.last_result or {}), "progress": st.progress})
+        if self.registry.update_device(device_id, **values):
+            self.statuses += 1
+            self.status_event.set()
+        else:
+            log.warning("status from unenrolled device %s ignored", device_id)
+
+
+def mqtt_config_for(coordinator: Coordinator, *, client_id: str, broker: str | None = None,
+                    password: str | None = None, protocol: int | None = None) -> MqttConfig:
+    """The coordinator's broker settings from its config, with overrides."""
+    cfg = coordinator.config
+    if password is None and cfg.password_file:
+        password = Path(cfg.password_file).read_text().strip()
+    return MqttConfig(url=broker or cfg.broker, client_id=client_id,
+                      username=cfg.username if password else None, password=password,
+                      tls_ca=Path(cfg.tls_ca) if cfg.tls_ca else None,
+                      tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
+                      tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
+                      protocol=protocol or cfg.mqtt_protocol)  # type: ignore[arg-type]
