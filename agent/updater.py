@@ -28,6 +28,7 @@ from protocol.errors import (
     ModelLoadError,
     SmokeTestError,
     StoreError,
+    TooLargeError,
 )
 from protocol.manifest import Manifest
 from protocol.segments import SegmentCipher, sha256_hex
@@ -110,8 +111,8 @@ class Updater:
                                    highest_sequence=self.store.state.highest_sequence,
                                    policy=self._policy)
         if manifest.payload_size > self.config.max_payload:
-            raise MalformedError(f"release {manifest.sequence}: payload of {manifest.payload_size} "
-                                 f"bytes exceeds this device's cap of {self.config.max_payload}")
+            raise TooLargeError(f"release {manifest.sequence}: payload of {manifest.payload_size} "
+                                f"bytes exceeds this device's cap of {self.config.max_payload}")
         return manifest
 
     def install(self, offer: Offer, envelope: Envelope, source: SegmentSource, *,

@@ -7,7 +7,7 @@ adds storage and the registry around it.
 from __future__ import annotations
 
 import hashlib
-import os
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,8 +76,8 @@ def build_release(model: bytes, spec: ReleaseSpec, *, release_key: SigningKey,
     """Encrypt ``model`` once, wrap the key for each recipient, sign the manifest."""
     if not recipients:
         raise ValueError("a release needs at least one recipient device")
-    content_key = os.urandom(KEY_SIZE)
-    bundle_id = os.urandom(16)
+    content_key = secrets.token_bytes(KEY_SIZE)
+    bundle_id = secrets.token_bytes(16)
     cipher = SegmentCipher(content_key, bundle_id, spec.segment_size)
     segments = tuple(cipher.seal_all(model))
     bundle_hex = bundle_id.hex()

@@ -66,9 +66,12 @@ def b64d(text: object, *, what: str, max_len: int | None = None) -> bytes:
     if max_len is not None and len(text) > (max_len * 4) // 3 + 4:
         raise DecodeError(f"{what}: expected at most {max_len} bytes of base64")
     try:
-        return base64.b64decode(text, validate=True)
+        raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise DecodeError(f"{what}: invalid base64 ({exc})") from exc
+    if base64.b64encode(raw).decode("ascii") != text:  # e.g. non-zero padding bits
+        raise DecodeError(f"{what}: expected canonical base64, saw a non-canonical encoding")
+    return raw
 
 
 def hexbytes(text: object, *, what: str, length: int) -> bytes:
