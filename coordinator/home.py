@@ -54,6 +54,13 @@ class Coordinator:
     def open(cls, home: Path, **overrides: Any) -> Coordinator:
         return cls(CoordinatorConfig.load(home, **overrides))
 
+    def update_config(self, **changes: Any) -> None:
+        """Change settings in ``coordinator.toml`` (and in this instance)."""
+        from dataclasses import replace
+
+        self.config = replace(self.config, **changes)
+        atomic_write(self.home / "coordinator.toml", self.config.to_toml().encode())
+
     # -- models ---------------------------------------------------------------------------
     def register_model(self, name: str, path: Path, *, version: str | None = None,
                        meta_path: Path | None = None,

@@ -70,3 +70,62 @@ def build(args: argparse.Namespace) -> int:
     print(f"{args.out}: release {release.sequence}, {args.name} {args.version}, "
           f"{len(built.envelopes)} devices, {built.manifest.payload_size} bytes payload")
     return 0
+
+
+def group_add(args: argparse.Namespace) -> int:
+    _open(args.home).registry.add_to_group(args.group, args.devices)
+    print(f"group {args.group}: added {', '.join(args.devices)}")
+    return 0
+
+
+def group_list(args: argparse.Namespace) -> int:
+    for name, members in _open(args.home).registry.groups().items():
+        print(f"{name}\t{', '.join(members)}")
+    return 0
+
+
+def broker_config(args: argparse.Namespace) -> int:
+    from coordinator.brokerconf import write_broker_config
+
+    c = _open(args.home)
+    files = write_broker_config(c, args.out or args.home / "broker", port=args.port, bind=args.bind)
+    print(f"wrote {files.config}, {files.passwords}, {files.acl}")
+    print(f"run: mosquitto -c {files.config}")
+    print(f"device passwords: {args.home / 'secrets' / 'devices'}/<device>.password "
+          "(copy to the device, set password_file in its agent.toml)")
+    return 0
+
+
+def fleet_rows(home: Path) -> list[dict[str, object]]:
+    import time
+
+    now = int(time.time())
+    registry = _open(home).registry
+    groups = registry.groups()
+    rows = []
+    for d in registry.devices():
+        last = d.last_result or {}
+        rows.append({"device": d.device_id, "groups": [g for g, members in groups.items() if d.device_id in members],
+                     "state": d.state, "model": d.active_name, "version": d.active_version,
+                     "sequence": d.active_sequence,
+                     "last_seen_s": None if d.last_seen is None else now - d.last_seen,
+                     "last_result": None if not last else
+                     ("ok" if last.get("ok") else f"{last.get('code')}: {last.get('reason', '')[:60]}")})
+    return rows
+
+
+def fleet_status(args: argparse.Namespace) -> int:
+    rows = fleet_rows(args.home)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("device", "groups", "state", "model", "version", "seq", "last seen", "last result")
+    for r in rows:
+        seen = "never" if r["last_seen_s"] is None else f"{r['last_seen_s']} s ago"
+        table.add_row(str(r["device"]), ",".join(r["groups"]) or "-", str(r["state"]), str(r["model"] or "-"),
+                      str(r["version"] or "-"), str(r["sequence"] or "-"), seen, str(r["last_result"] or "-"))
+    Console().print(table)
+    return 0

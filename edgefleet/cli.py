@@ -44,7 +44,16 @@ def _agent(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--trust", type=Path, required=True, help="root public key file (root.pub)")
     c.add_argument("--kem", default="x25519", choices=["x25519", "mlkem768-x25519"])
     c.add_argument("--broker", default="", help="mqtt://host:port of the broker")
+    c.add_argument("--password-file", default="", help="file with this device's broker password")
     c.set_defaults(run=_lazy(mod, "init"))
+    c = p.add_parser("run", help="the daemon: receive releases over MQTT, serve the local API")
+    c.add_argument("--home", **home)
+    c.add_argument("--broker", default=None, help="mqtt://host:port (default: agent.toml)")
+    c.add_argument("--password-file", default=None)
+    c.add_argument("--http-port", type=int, default=None, help="local API port (0 = any free)")
+    c.add_argument("--no-http", action="store_true", help="do not serve the local HTTP API")
+    c.add_argument("--heartbeat", type=float, default=30.0, help="seconds between status reports")
+    c.set_defaults(run=_lazy("edgefleet._cli_daemon", "agent_run"))
     c = p.add_parser("install", help="verify, install and activate a bundle file")
     c.add_argument("--home", **home)
     c.add_argument("file", type=Path)
@@ -79,6 +88,26 @@ def _coordinator(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     c.add_argument("--public-key", type=Path, required=True, help="the device's device.pub.json")
     c.add_argument("--group", action="append", default=[], help="also add to this group")
     c.set_defaults(run=_lazy(mod, "enroll"))
+    c = p.add_parser("group", help="device groups").add_subparsers(dest="gcmd", required=True)
+    g = c.add_parser("add", help="add devices to a group (created if new)")
+    g.add_argument("--home", **home)
+    g.add_argument("group")
+    g.add_argument("devices", nargs="+")
+    g.set_defaults(run=_lazy(mod, "group_add"))
+    g = c.add_parser("list", help="groups and their devices")
+    g.add_argument("--home", **home)
+    g.set_defaults(run=_lazy(mod, "group_list"))
+    c = p.add_parser("serve", help="serve chunks and ingest device status over MQTT")
+    c.add_argument("--home", **home)
+    c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
+    c.add_argument("--client-id", default=None, help="default: coordinator-<host>-<pid>")
+    c.set_defaults(run=_lazy("edgefleet._cli_daemon", "coordinator_serve"))
+    c = p.add_parser("broker-config", help="write a locked-down mosquitto config, passwords, ACL")
+    c.add_argument("--home", **home)
+    c.add_argument("--out", type=Path, default=None, help="default: <home>/broker")
+    c.add_argument("--port", type=int, default=1883)
+    c.add_argument("--bind", default="127.0.0.1")
+    c.set_defaults(run=_lazy(mod, "broker_config"))
 
 
 def _model(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -97,6 +126,15 @@ def _model(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--version", default=None, help="default: next integer")
     c.add_argument("--meta", type=Path, default=None, help="metadata JSON (default: <file>.json)")
     c.set_defaults(run=_lazy(mod, "register"))
+    c = p.add_parser("release", help="sign, encrypt and publish a release over MQTT")
+    c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
+    c.add_argument("--name", required=True)
+    c.add_argument("--version", required=True)
+    c.add_argument("--to", required=True, help="group:G | device:ID[,ID…] | all")
+    c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
+    c.add_argument("--wait", type=float, default=0.0,
+                   help="seconds to wait for every target to report the new version")
+    c.set_defaults(run=_lazy("edgefleet._cli_daemon", "model_release"))
     c = p.add_parser("list", help="registered model versions")
     c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
     c.add_argument("--json", action="store_true")
@@ -118,11 +156,27 @@ def _bundle(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.set_defaults(run=_lazy("edgefleet._cli_bundle", "inspect"))
 
 
+def _fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("fleet", help="fleet state").add_subparsers(dest="cmd", required=True)
+    c = p.add_parser("status", help="devices with version, state and last seen")
+    c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(run=_lazy("edgefleet._cli_coordinator", "fleet_status"))
+
+
+def _demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    c = sub.add_parser("demo", help="the one-command demo: broker, coordinator, 3 agents")
+    c.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    c.add_argument("--agents", type=int, default=3)
+    c.add_argument("--keep", action="store_true", help="keep the workdir afterwards")
+    c.set_defaults(run=_lazy("edgefleet.demo", "main"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefleet", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="group", required=True)
-    for add in (_agent, _coordinator, _model, _bundle):
+    for add in (_agent, _coordinator, _model, _bundle, _fleet, _demo):
         add(sub)
     return parser
 
