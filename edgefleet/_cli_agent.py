@@ -74,9 +74,22 @@ def _read_input(args: argparse.Namespace) -> np.ndarray:
     return x[None, :] if x.ndim == 1 else x
 
 
+def _outputs(home: Path, x: np.ndarray) -> np.ndarray:
+    """Ask the running daemon over its loopback API; without one, load the model here."""
+    from agent.http import predict_via_http
+    from protocol.errors import TransportError
+
+    try:
+        out = predict_via_http(home, x)
+    except TransportError as exc:
+        print(f"edgefleet: {exc}; running the model in-process", file=sys.stderr)
+        out = None
+    return _open(home).predict(x) if out is None else out
+
+
 def predict(args: argparse.Namespace) -> int:
     x = _read_input(args)
-    out = _open(args.home).predict(x)
+    out = _outputs(args.home, x)
     if args.json:
         print(json.dumps({"outputs": out.tolist(), "argmax": out.argmax(axis=-1).tolist()}))
     else:

@@ -1,0 +1,440 @@
+"""The agent's local inference API: HTTP/1.1 on loopback, a bearer token, standard library only.
+
+    POST /v1/predict   {"inputs": [[64 floats], ...]} (or one row)
+                       -> {"outputs": [[...]], "argmax": [...], "model": {name, version, sequence}}
+    GET  /v1/status    -> Agent.status()
+    GET  /healthz      -> {"ok": true, "active": bool}        (the only route without the token)
+
+Every other route needs ``Authorization: Bearer <token>``, the token being ``<home>/http.token``
+(0600). While serving, ``<home>/run/http.json`` names the port and pid, so ``predict_via_http``
+(the CLI) can find the running daemon. Errors are ``{"error": "..."}`` with 400 (bad input),
+401, 404, 411, 413 (body over 1 MiB, refused before it is read) or 503 (no active model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from edgefleet.fsutil import atomic_write
+from protocol.errors import TransportError
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+__all__ = ["MAX_BODY", "EchoServer", "InferenceServer", "load_token", "predict_via_http"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1024 * 1024  # bytes; larger request bodies get 413 unread
+IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may sit idle
+POLL_INTERVAL = 0.1  # seconds; how long stop() may wait for the accept loop
+TOKEN_FILE = "http.token"
+RUN_FILE = Path("run") / "http.json"
+
+
+def load_token(home: Path) -> str:
+    """The API token in ``<home>/http.token``, made (0600, 256 bits) on first use."""
+    path = home / TOKEN_FILE
+    with contextlib.suppress(FileNotFoundError):
+        return _read_token(path)
+    tmp = path.with_name(f".{TOKEN_FILE}.tmp-{os.getpid()}-{threading.get_ident()}")
+    atomic_write(tmp, secrets.token_urlsafe(32).encode() + b"\n", mode=0o600)
+    try:
+        os.link(tmp, path)  # never replaces: a concurrent first start keeps one token
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return _read_token(path)
+
+
+def _read_token(path: Path) -> str:
+    if path.stat().st_mode & 0o077:
+        log.warning("%s was readable by others; restricting it to its owner", path)
+        path.chmod(0o600)
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"{path} is empty: delete it to make a new token")
+    return token
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+Route = Callable[[Any], bytes]  # an unbound handler method
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routing, the token check, body limits and JSON errors; subclasses list their routes."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive; every response carries Content-Length
+    server_version = "edgefleet-agent"
+    sys_version = ""
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
+    timeout = IDLE_TIMEOUT
+    routes: ClassVar[dict[tuple[str, str], tuple[bool, Route]]] = {}  # -> (needs token, handler)
+    server: _HttpServer
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        self._body_read = False
+        self.server.count()
+        try:
+            needs_token, handler = self._route(method)
+            if needs_token and not hmac.compare_digest(
+                self.headers.get("Authorization", "").encode("latin-1", "replace"), self.server.auth
+            ):
+                raise _Reject(401, "missing or wrong bearer token")
+            status, data = 200, handler(self)
+        except _Reject as exc:
+            status, data = exc.status, _json({"error": exc.message})
+        except Exception:
+            log.exception("%s %s failed", method, self.path)
+            status, data = 500, _json({"error": "internal error"})
+        self._send(status, data)
+
+    def _route(self, method: str) -> tuple[bool, Route]:
+        path = self.path.split("?", 1)[0]
+        route = self.routes.get((method, path))
+        if route is None:
+            known = any(p == path for _, p in self.routes)
+            raise _Reject(405 if known else 404, f"no route {method} {path}")
+        return route
+
+    def handle_expect_100(self) -> bool:
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            self._body_read = False
+            self._send(413, _json({"error": f"body over the {MAX_BODY}-byte limit"}))
+            return False
+        return super().handle_expect_100()
+
+    def _read_body(self) -> bytes:
+        if "Transfer-Encoding" in self.headers:
+            raise _Reject(411, "chunked bodies are not supported: send Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise _Reject(411, "Content-Length required")
+        if not length.isdigit():
+            raise _Reject(400, f"bad Content-Length {length!r}")
+        if int(length) > MAX_BODY:
+            raise _Reject(413, f"body of {length} bytes is over the {MAX_BODY}-byte limit")
+        body = self.rfile.read(int(length))
+        self._body_read = True
+        if len(body) != int(length):
+            self.close_connection = True
+            raise _Reject(400, f"body ended after {len(body)} of {length} bytes")
+        return body
+
+    def _send(self, status: int, data: bytes) -> None:
+        headers = self.headers
+        unread = "Transfer-Encoding" in headers or headers.get("Content-Length", "0") != "0"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
+        if unread and not self._body_read:  # the rest of the stream is not a request
+            self.send_header("Connection", "close")  # also sets close_connection
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base signature)
+        log.debug("%s " + format, self.client_address[0], *args)
+
+
+def _parse_inputs(body: bytes) -> np.ndarray:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise _Reject(400, f"body is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict) or "inputs" not in doc:
+        raise _Reject(400, 'expected a JSON object {"inputs": [[...], ...]}')
+    try:
+        x = np.asarray(doc["inputs"], dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise _Reject(
+            400, f"inputs must be a row or a list of equal-length rows of numbers: {exc}"
+        ) from exc
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise _Reject(400, f"inputs must be a row or a list of rows, got shape {x.shape}")
+    return x
+
+
+class _InferenceHandler(_Handler):
+    def _predict(self) -> bytes:
+        x = _parse_inputs(self._read_body())
+        agent = self.server.agent
+        version = agent._version  # read with the runtime: the model that answers
+        if version is None:
+            raise _Reject(503, "no model is active: install a bundle first")
+        try:
+            out = agent.predict(x)
+        except (ValueError, TypeError) as exc:
+            raise _Reject(400, str(exc)) from exc
+        except RuntimeError as exc:  # closed by a concurrent swap or rollback
+            raise _Reject(503, str(exc)) from exc
+        m = version.manifest
+        return _json(
+            {
+                "outputs": out.tolist(),
+                "argmax": out.argmax(axis=-1).tolist(),
+                "model": {"name": m.name, "version": m.model_version, "sequence": m.sequence},
+            }
+        )
+
+    def _status(self) -> bytes:
+        return _json(self.server.agent.status())
+
+    def _healthz(self) -> bytes:
+        return _json({"ok": True, "active": self.server.agent._version is not None})
+
+    routes = {
+        ("POST", "/v1/predict"): (True, _predict),
+        ("GET", "/v1/status"): (True, _status),
+        ("GET", "/healthz"): (False, _healthz),
+    }
+
+
+class _EchoHandler(_Handler):
+    def _echo(self) -> bytes:
+        return self._read_body()
+
+    routes = {("POST", "/v1/echo"): (True, _echo)}
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[_Handler], *, auth: bytes, agent: Any
+    ) -> None:
+        self.auth, self.agent, self.requests = auth, agent, 0
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:  # HTTPServer's would do a reverse DNS lookup of the host
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection from %s failed", client_address, exc_info=True)  # not stderr
+
+    def count(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class _Server:
+    """A ThreadingHTTPServer on loopback, served from a daemon thread."""
+
+    _handler: ClassVar[type[_Handler]]
+
+    def __init__(self, agent: Any, *, home: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+        if host == "localhost":
+            host = "127.0.0.1"
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback and ":" not in host
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(f"the local API binds an IPv4 loopback address only, got {host!r}")
+        self.agent, self.home, self.host = agent, home, host
+        self._port = port
+        self._httpd: _HttpServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1] if self._httpd else self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def requests(self) -> int:
+        """Requests handled since start (any route, any outcome)."""
+        return self._httpd.requests if self._httpd else 0
+
+    def start(self) -> None:
+        if self._httpd is not None:
+            raise RuntimeError(f"{type(self).__name__} is already serving on {self.url}")
+        auth = b"Bearer " + load_token(self.home).encode()
+        self._httpd = _HttpServer(
+            (self.host, self._port), self._handler, auth=auth, agent=self.agent
+        )
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            args=(POLL_INTERVAL,),
+            name=f"{type(self).__name__}:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        log.info("%s serving on %s", type(self).__name__, self.url)
+
+    def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        httpd.drop_connections()
+        if self._thread is not None:
+            self._thread.join()
+        log.info("%s on port %d stopped", type(self).__name__, httpd.server_address[1])
+
+    def __enter__(self) -> _Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class InferenceServer(_Server):
+    """The agent's inference API; names its port in ``<home>/run/http.json`` while serving."""
+
+    _handler = _InferenceHandler
+    agent: Agent
+
+    def __init__(self, agent: Agent, *, home: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+        super().__init__(agent, home=home, port=port, host=host)
+        self._run_data = b""
+
+    def start(self) -> None:
+        super().start()
+        run = self.home / RUN_FILE
+        self._run_data = _json({"port": self.port, "pid": os.getpid(), "host": self.host})
+        try:
+            run.parent.mkdir(mode=0o700, exist_ok=True)
+            atomic_write(run, self._run_data, mode=0o600)
+        except BaseException:
+            super().stop()
+            raise
+
+    def stop(self) -> None:
+        run = self.home / RUN_FILE
+        with contextlib.suppress(FileNotFoundError):
+            if self._httpd is not None and run.read_bytes() == self._run_data:
+                run.unlink()  # only our own: a newer server may have taken over the file
+        super().stop()
+
+
+class EchoServer(_Server):
+    """``POST /v1/echo`` returns the body: the bare-stack baseline for benchmarks."""
+
+    _handler = _EchoHandler
+
+    def __init__(self, *, home: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+        super().__init__(None, home=home, port=port, host=host)
+
+
+def predict_via_http(home: Path, x: np.ndarray, timeout: float = 5.0) -> np.ndarray | None:
+    """The running daemon's outputs for ``x``, or None when no daemon serves ``home``.
+
+    Raises ValueError for input the server rejects, RuntimeError when it has no active model,
+    and TransportError when it is there but does not answer properly.
+    """
+    endpoint = _endpoint(home)
+    if endpoint is None:
+        return None
+    host, port, token = endpoint
+    body = _json({"inputs": np.asarray(x, dtype=np.float32).tolist()})
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(
+            "POST",
+            "/v1/predict",
+            body,
+            {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        status, data = resp.status, resp.read()
+    except ConnectionRefusedError:
+        return None  # a stale run file: the daemon is gone
+    except (OSError, http.client.HTTPException) as exc:
+        raise TransportError(f"local inference API at {host}:{port}: {exc!r}") from exc
+    finally:
+        conn.close()
+    try:
+        doc = json.loads(data)
+        if status == 200:
+            return np.asarray(doc["outputs"], dtype=np.float32)
+        message = str(doc["error"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TransportError(
+            f"local inference API at {host}:{port}: HTTP {status}, unexpected body {data[:200]!r}"
+        ) from exc
+    if status in (400, 413):
+        raise ValueError(message)
+    if status == 503:
+        raise RuntimeError(message)
+    raise TransportError(f"local inference API at {host}:{port}: HTTP {status}: {message}")
+
+
+def _endpoint(home: Path) -> tuple[str, int, str] | None:
+    """(host, port, token) of a live server for ``home`` from its run file, else None."""
+    try:
+        info = json.loads((home / RUN_FILE).read_bytes())
+        port, pid = int(info["port"]), int(info["pid"])
+        host = str(info.get("host", "127.0.0.1"))
+        token = (home / TOKEN_FILE).read_text().strip()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.debug("no local inference API for %s: %s", home, exc)
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return host, port, token
