@@ -67,10 +67,14 @@ class Agent:
                 self.store.rollback()
 
     def _swap(self, version: InstalledVersion, runtime: Runtime) -> None:
-        old = self._runtime
+        # The old runtime is not closed here: a predict() on another thread may still hold
+        # it; it is released when the last reference goes (CPython refcounting).
         self._version, self._runtime = version, runtime
-        if old is not None:
-            old.close()
+
+    @property
+    def active(self) -> InstalledVersion | None:
+        """The version being served (cheap: no disk access)."""
+        return self._version
 
     # -- inference (hot path) -------------------------------------------------------------
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -195,7 +195,7 @@ class _InferenceHandler(_Handler):
     def _predict(self) -> bytes:
         x = _parse_inputs(self._read_body())
         agent = self.server.agent
-        version = agent._version  # read with the runtime: the model that answers
+        version = agent.active  # read with the runtime: the model that answers
         if version is None:
             raise _Reject(503, "no model is active: install a bundle first")
         try:
@@ -217,7 +217,7 @@ class _InferenceHandler(_Handler):
         return _json(self.server.agent.status())
 
     def _healthz(self) -> bytes:
-        return _json({"ok": True, "active": self.server.agent._version is not None})
+        return _json({"ok": True, "active": self.server.agent.active is not None})
 
     routes = {
         ("POST", "/v1/predict"): (True, _predict),

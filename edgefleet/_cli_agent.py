@@ -26,7 +26,8 @@ def init(args: argparse.Namespace) -> int:
     home.mkdir(parents=True, exist_ok=True)
     ident = DeviceIdentity.create(home / "keys", args.device_id, kem=args.kem)
     TrustStore.pin(home / "trust", root)
-    config = AgentConfig(home=home, device_id=ident.device_id, broker=args.broker)
+    config = AgentConfig(home=home, device_id=ident.device_id, broker=args.broker,
+                         password_file=str(Path(args.password_file).resolve()) if args.password_file else "")
     atomic_write(home / "agent.toml", config.to_toml().encode())
     print(f"device {ident.device_id}: keys made; public keys in {home / 'keys' / 'device.pub.json'}")
     return 0
