@@ -1,0 +1,436 @@
+"""A thin, robust paho-mqtt 2.x link shared by the agent and the coordinator.
+
+It handles the traps measured in ARCHITECTURE §4 so callers do not have to:
+
+- TCP_NODELAY is set on every socket (paho leaves Nagle on: 44 ms per QoS 1 round trip).
+- Sessions are persistent: clean_start=False plus a SessionExpiryInterval on v5,
+  clean_session=False on 3.1.1, so subscriptions and queued QoS 1 messages survive a broker
+  restart.
+- Publish checks the packet size against the CONNACK MaximumPacketSize before paho sees it
+  (paho would otherwise reconnect and resend the oversize packet forever) and raises
+  ``TransportError``.
+- Subscriptions are remembered and re-sent on every connect; ``connected`` is set only once the
+  broker acknowledged them, so "connected" means "connected and listening". Each SUBSCRIBE
+  makes the broker send the retained message again, so handlers must be idempotent (release
+  offers are: they carry a sequence number).
+
+Flow control choices: at most ``max_inflight`` (20) unacknowledged QoS 1 publishes, which matches
+mosquitto's default ``max_inflight_messages`` (its v5 Receive Maximum; exceeding it is a protocol
+error). paho's outgoing queue is bounded (``max_queued``, 1000 messages) rather than unbounded: a
+device offline for days must not grow without limit, and a full queue surfaces as
+``TransportError`` so the caller decides what to drop. Bulk transfers use their own request
+window, so the queue never holds more than a window of chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from protocol.errors import TransportError
+
+__all__ = ["MessageProps", "MqttConfig", "MqttLink", "TransportError"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+#: bytes kept free in ``max_payload`` for fixed header, topic, packet id and v5 properties
+HEADER_ALLOWANCE = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttConfig:
+    url: str  # mqtt://host:port or mqtts://host:port
+    client_id: str  # stable across restarts: the broker keys the persistent session on it
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls_ca: Path | None = None  # CA bundle (PEM); None with mqtts:// = system CAs
+    tls_cert: Path | None = None  # client certificate (PEM), with tls_key
+    tls_key: Path | None = None
+    protocol: Literal[5, 311] = 5
+    keepalive: int = 30  # s
+    session_expiry: int = 3600  # s the broker keeps our session after a disconnect (v5)
+    reconnect_min: float = 0.5  # s, first reconnect delay, doubled up to reconnect_max
+    reconnect_max: float = 30.0  # s
+    clean_start: bool = False  # True discards the broker-side session on every connect
+    max_inflight: int = 20  # unacknowledged QoS 1 publishes
+    max_queued: int = 1000  # messages in paho's outgoing queue (incl. in flight); 0 = unbounded
+    default_max_packet: int = 1 << 20  # bytes, assumed when CONNACK announces no maximum
+
+    def __post_init__(self) -> None:
+        _parse_url(self.url)
+        if not self.client_id:
+            raise ValueError("client_id must be non-empty: persistent sessions are keyed on it")
+        if self.protocol not in (5, 311):
+            raise ValueError(f"protocol must be 5 or 311, got {self.protocol!r}")
+        if self.password is not None and self.username is None:
+            raise ValueError("password given without username")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if not self.tls and (self.tls_ca or self.tls_cert):
+            raise ValueError(f"TLS files given for a plain URL {self.url!r}; use mqtts://")
+        if self.keepalive <= 0 or self.session_expiry < 0:
+            raise ValueError("keepalive must be > 0 and session_expiry >= 0")
+        if not 0 < self.reconnect_min <= self.reconnect_max:
+            raise ValueError(
+                f"need 0 < reconnect_min <= reconnect_max, got "
+                f"{self.reconnect_min}, {self.reconnect_max}"
+            )
+        if self.max_inflight < 1 or self.max_queued < 0 or self.default_max_packet <= 0:
+            raise ValueError("max_inflight >= 1, max_queued >= 0, default_max_packet > 0")
+
+    @property
+    def host(self) -> str:
+        return _parse_url(self.url)[1]
+
+    @property
+    def port(self) -> int:
+        return _parse_url(self.url)[2]
+
+    @property
+    def tls(self) -> bool:
+        return _parse_url(self.url)[0] == "mqtts"
+
+
+def _parse_url(url: str) -> tuple[str, str, int]:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad MQTT URL {url!r}: {exc}") from exc
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"expected mqtt://host:port or mqtts://host:port, got {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"MQTT URL must be scheme://host:port only, got {url!r}")
+    return parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MessageProps:
+    qos: int
+    retain: bool
+    response_topic: str | None = None  # v5 only
+    correlation_data: bytes | None = None  # v5 only
+
+
+OnMessage = Callable[[str, bytes, MessageProps], None]
+
+
+class MqttLink:
+    """One MQTT connection with a background network thread; thread-safe publish/subscribe.
+
+    Callbacks run on paho's network thread: keep them short and hand work to a queue.
+    ``on_connect(session_present)`` follows every accepted CONNACK; ``on_disconnect(reason)``
+    follows a lost connection and also every failed attempt (unreachable, bad credentials).
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        on_message: OnMessage,
+        *,
+        on_connect: Callable[[bool], None] | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self.connected = threading.Event()
+        self._lock = threading.Lock()
+        self._subs: dict[str, int] = {}  # topic filter -> qos, re-sent on every connect
+        self._acks: dict[int, list[threading.Event]] = {}  # SUBSCRIBE mid -> waiters
+        self._next_connect: list[threading.Event] = []  # waiters for the next re-subscribe
+        self._session_up = False  # CONNACK accepted and re-subscribe sent; guarded by _lock
+        self._max_packet = config.default_max_packet
+        self._last_error: str | None = None
+        self._started = False
+        self._client = self._make_client()
+
+    # -- public API -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background (with retries); returns immediately."""
+        if self._started:
+            raise RuntimeError("MqttLink.start() called twice")
+        self._started = True
+        cfg = self._config
+        if cfg.protocol == 5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = cfg.session_expiry
+            self._client.connect_async(
+                cfg.host, cfg.port, cfg.keepalive, clean_start=cfg.clean_start, properties=props
+            )
+        else:
+            self._client.connect_async(cfg.host, cfg.port, cfg.keepalive)
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self.connected.wait(timeout)
+
+    def subscribe(self, topic: str, qos: int = 1) -> threading.Event:
+        """Subscribe now and after every reconnect; the event is set once the broker answered.
+
+        A refused subscription (SUBACK failure code) also sets it, with a WARNING logged.
+        """
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+        acked = threading.Event()
+        with self._lock:
+            self._subs[topic] = qos
+            rc, mid = (
+                self._client.subscribe(topic, qos)
+                if self._session_up
+                else (MQTTErrorCode.MQTT_ERR_NO_CONN, 0)
+            )
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._acks.setdefault(mid, []).append(acked)
+            else:  # the re-subscribe on the next connect covers it
+                self._next_connect.append(acked)
+        return acked
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+    ) -> paho.MQTTMessageInfo:
+        """Queue a message; raise TransportError if it cannot be sent as asked.
+
+        On 3.1.1 ``response_topic`` and ``correlation_data`` are not sent (the wire protocol
+        carries them in the payload too). QoS 1/2 messages published while disconnected are
+        queued and sent on reconnect; QoS 0 ones raise.
+        """
+        props = self._publish_props(response_topic, correlation_data)
+        size = _publish_size(topic, len(payload), qos, props)
+        if size > self._max_packet:
+            raise TransportError(
+                f"PUBLISH to {topic} is {size} bytes; the broker accepts at "
+                f"most {self._max_packet} (payload limit {self.max_payload})"
+            )
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise TransportError(
+                f"outgoing queue full ({self._config.max_queued} messages); "
+                f"dropped publish to {topic}"
+            )
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            if qos == 0:
+                raise TransportError(f"not connected; QoS 0 publish to {topic} dropped")
+            # Queued: paho sends it after reconnecting. Its NO_CONN rc would make
+            # wait_for_publish() raise at once instead of waiting for that PUBACK.
+            info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        return info
+
+    def stop(self) -> None:
+        """Disconnect (the broker keeps the session) and join the network thread.
+
+        Does not flush: wait on the returned MQTTMessageInfo first if delivery matters.
+        """
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.connected.clear()
+
+    @property
+    def max_payload(self) -> int:
+        """Largest payload (bytes) that fits with an ordinary topic and v5 properties."""
+        return self._max_packet - HEADER_ALLOWANCE
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last connection attempt was refused or the connection dropped."""
+        return self._last_error
+
+    def __enter__(self) -> MqttLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- paho wiring (runs on the network thread) ------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        cfg = self._config
+        v5 = cfg.protocol == 5
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else cfg.clean_start,
+        )
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls:
+            client.tls_set(
+                ca_certs=str(cfg.tls_ca) if cfg.tls_ca else None,
+                certfile=str(cfg.tls_cert) if cfg.tls_cert else None,
+                keyfile=str(cfg.tls_key) if cfg.tls_key else None,
+            )
+        # paho annotates the delays as int but computes with floats.
+        client.reconnect_delay_set(cast(int, cfg.reconnect_min), cast(int, cfg.reconnect_max))
+        client.max_inflight_messages_set(cfg.max_inflight)
+        client.max_queued_messages_set(cfg.max_queued)
+        client.on_socket_open = _set_nodelay
+        client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
+        client.on_disconnect = self._handle_disconnect
+        client.on_subscribe = self._handle_subscribe
+        client.on_message = self._handle_message
+        return client
+
+    def _publish_props(
+        self, response_topic: str | None, correlation: bytes | None
+    ) -> Properties | None:
+        if self._config.protocol != 5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        if response_topic is not None:
+            props.ResponseTopic = response_topic
+        if correlation is not None:
+            props.CorrelationData = correlation
+        return props
+
+    def _handle_connect(
+        self,
+        client: paho.Client,
+        _userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        props: Properties,
+    ) -> None:
+        if reason.is_failure:
+            self._fail(f"connection refused by {self._config.url}: {reason}")
+            if self._on_disconnect is not None:
+                _guarded(self._on_disconnect, str(reason))
+            return
+        self._max_packet = getattr(props, "MaximumPacketSize", self._config.default_max_packet)
+        receive_max = getattr(props, "ReceiveMaximum", None)
+        if receive_max is not None and receive_max < self._config.max_inflight:
+            log.warning(
+                "broker Receive Maximum %d < max_inflight %d: lower max_inflight",
+                receive_max,
+                self._config.max_inflight,
+            )
+        self._last_error = None
+        log.info(
+            "MQTT connected to %s as %s (session present: %s, max packet %d bytes)",
+            self._config.url,
+            self._config.client_id,
+            flags.session_present,
+            self._max_packet,
+        )
+        with self._lock:
+            self._session_up = True
+            waiters, self._next_connect = self._next_connect, []
+            if self._subs:
+                rc, mid = client.subscribe(list(self._subs.items()))
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    self._acks.setdefault(mid, []).extend([self.connected, *waiters])
+                    waiters = []
+            else:
+                waiters.append(self.connected)
+        for event in waiters:
+            event.set()
+        if self._on_connect is not None:
+            _guarded(self._on_connect, flags.session_present)
+
+    def _handle_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
+        self._fail(f"cannot connect to {self._config.url}")
+        if self._on_disconnect is not None:
+            _guarded(self._on_disconnect, "cannot connect")
+
+    def _fail(self, error: str) -> None:
+        """Record why we are not connected; warn once per distinct reason, not per retry."""
+        if error != self._last_error:
+            log.warning("MQTT %s; retrying with backoff", error)
+        self._last_error = error
+
+    def _handle_disconnect(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        _flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        with self._lock:
+            was_up, self._session_up = self._session_up, False
+            for waiters in self._acks.values():  # SUBACKs that will never come
+                self._next_connect.extend(w for w in waiters if w is not self.connected)
+            self._acks.clear()
+        self.connected.clear()
+        if not was_up:
+            return  # a refused attempt: _handle_connect already said why
+        self._last_error = f"disconnected from {self._config.url}: {reason}"
+        log.info("MQTT %s", self._last_error)
+        if self._on_disconnect is not None:
+            _guarded(self._on_disconnect, str(reason))
+
+    def _handle_subscribe(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        _props: Properties,
+    ) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            log.warning("MQTT broker refused a subscription (mid %d): %s", mid, refused)
+        with self._lock:
+            waiters = self._acks.pop(mid, [])
+        for event in waiters:
+            event.set()
+
+    def _handle_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        meta = MessageProps(
+            qos=msg.qos,
+            retain=bool(msg.retain),
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation_data=getattr(props, "CorrelationData", None),
+        )
+        try:
+            self._on_message(msg.topic, msg.payload, meta)
+        except Exception:
+            log.warning("dropped MQTT message on %s: handler failed", msg.topic, exc_info=True)
+
+
+def _guarded(callback: Callable[[Any], None], arg: Any) -> None:
+    try:
+        callback(arg)
+    except Exception:
+        log.exception("MQTT user callback %r failed", callback)
+
+
+def _set_nodelay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
+    if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _publish_size(topic: str, payload_len: int, qos: int, props: Properties | None) -> int:
+    """Size in bytes of the PUBLISH packet paho will build (what MaximumPacketSize limits)."""
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + payload_len
+    if props is not None:
+        remaining += len(props.pack())
+    varint = 1
+    while remaining >= 128**varint:
+        varint += 1
+    return 1 + varint + remaining
