@@ -52,7 +52,11 @@ def credentials(coordinator: Coordinator) -> dict[str, str]:
 
 
 def write_broker_config(coordinator: Coordinator, out: Path, *, port: int = 1883,
-                        bind: str = "127.0.0.1") -> BrokerFiles:
+                        bind: str = "127.0.0.1", run_as: str | None = None) -> BrokerFiles:
+    """Write config, passwords and ACL into ``out``.
+
+    The files are mode 0600 and owned by whoever runs this; mosquitto started as root drops
+    to its ``mosquitto`` user unless ``run_as`` names the owner (e.g. ``root``)."""
     out.mkdir(parents=True, exist_ok=True)
     users = credentials(coordinator)
     pw = mosquitto_password_file(out / "passwd", users)
@@ -61,5 +65,5 @@ def write_broker_config(coordinator: Coordinator, out: Path, *, port: int = 1883
     conf = out / "mosquitto.conf"
     (out / "data").mkdir(exist_ok=True)
     atomic_write(conf, mosquitto_config(port=port, data_dir=out / "data", password_file=Path(pw),
-                                        acl_file=acl, bind=bind).encode())
+                                        acl_file=acl, bind=bind, user=run_as).encode())
     return BrokerFiles(conf, Path(pw), acl, users)

@@ -88,7 +88,8 @@ def broker_config(args: argparse.Namespace) -> int:
     from coordinator.brokerconf import write_broker_config
 
     c = _open(args.home)
-    files = write_broker_config(c, args.out or args.home / "broker", port=args.port, bind=args.bind)
+    files = write_broker_config(c, args.out or args.home / "broker", port=args.port, bind=args.bind,
+                                run_as=args.run_as)
     print(f"wrote {files.config}, {files.passwords}, {files.acl}")
     print(f"run: mosquitto -c {files.config}")
     print(f"device passwords: {args.home / 'secrets' / 'devices'}/<device>.password "

@@ -107,6 +107,8 @@ def _coordinator(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     c.add_argument("--out", type=Path, default=None, help="default: <home>/broker")
     c.add_argument("--port", type=int, default=1883)
     c.add_argument("--bind", default="127.0.0.1")
+    c.add_argument("--run-as", default=None,
+                   help="user mosquitto runs as (must be able to read the 0600 files)")
     c.set_defaults(run=_lazy(mod, "broker_config"))
 
 
