@@ -118,7 +118,11 @@ class Updater:
     def install(self, offer: Offer, envelope: Envelope, source: SegmentSource, *,
                 progress: Progress | None = None) -> tuple[InstalledVersion, Runtime]:
         """Verify and install a release; return the now active version and its loaded runtime."""
-        manifest = self.check(offer)
+        return self._install_verified(self.check(offer), offer, envelope, source, progress)
+
+    def _install_verified(self, manifest: Manifest, offer: Offer, envelope: Envelope,
+                          source: SegmentSource, progress: Progress | None
+                          ) -> tuple[InstalledVersion, Runtime]:
         envelope = select_envelope(manifest, [envelope], self.identity.device_id)
         key = unwrap_key(envelope, self.identity.kem, bundle_id=manifest.bundle_id)
         version = self._write(manifest, offer, key, source, progress)
@@ -197,6 +201,6 @@ class Updater:
         mine = select_envelope(manifest, envelopes, self.identity.device_id)
         source = FileSource(path, layout["payload"][0])
         try:
-            return self.install(offer, mine, source, progress=progress)
+            return self._install_verified(manifest, offer, mine, source, progress)
         finally:
             source.close()
