@@ -1,0 +1,100 @@
+"""The Agent facade: install, status, rollback, network-path install, fallback at start-up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.updater import Offer
+from protocol.container import HEADER_SIZE, decode_envelopes, parse_header
+from protocol.errors import RollbackError, StoreError
+from tests.conftest import Fleet, open_agent
+
+
+class BytesSource:
+    """An in-memory ``SegmentSource`` (what a finished download looks like to the updater)."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.reads.append((offset, length))
+        return self.payload[offset: offset + length]
+
+
+def offer_parts(data: bytes) -> dict[str, bytes]:
+    layout = parse_header(data[:HEADER_SIZE], file_size=len(data), max_payload=1 << 40)
+    return {n: data[layout[n][0]: layout[n][0] + layout[n][1]] for n in layout.spans}
+
+
+def test_install_rollback_and_status(fleet: Fleet, tmp_path: Path, x_test: np.ndarray) -> None:
+    home = fleet.agent_home(tmp_path / "home", installed=["v1"])
+    agent = open_agent(home)
+    agent.install_file(fleet.bundles["v2"])
+    status = agent.status()
+    json.dumps(status)  # plain JSON for `agent status --json`
+    assert status["device_id"] == "dev-a" and status["keyring_version"] == 1
+    assert status["active"]["version"] == "2" and status["highest_sequence"] == 3
+    assert [k["version"] for k in status["kept"]] == ["2", "1"]
+    assert status["last_install"]["ok"] is True and status["last_install"]["sequence"] == 3
+
+    assert agent.rollback().manifest.model_version == "1"
+    np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v1", x_test), atol=1e-5)
+    status = agent.status()
+    assert status["last_install"]["code"] == "rollback"
+    assert [k["version"] for k in status["kept"]] == ["1"]
+    assert status["highest_sequence"] == 3  # the rolled-back release stays refused
+    with pytest.raises(RollbackError):
+        agent.install_file(fleet.bundles["v2"])
+    with pytest.raises(StoreError):
+        agent.rollback()
+    agent.close()
+
+
+def test_network_install_through_a_segment_source(fleet: Fleet, tmp_path: Path,
+                                                  x_test: np.ndarray) -> None:
+    parts = offer_parts(fleet.bundle_bytes("v2"))
+    offer = Offer(keyring=parts["keyring"], keyring_sig=parts["keyring_sig"],
+                  manifest=parts["manifest"], signature=parts["signature"])
+    mine = next(e for e in decode_envelopes(parts["envelopes"]) if e.device_id == "dev-a")
+    source = BytesSource(parts["payload"])
+    progress: list[tuple[int, int]] = []
+    agent = open_agent(fleet.agent_home(tmp_path / "home", installed=["v1"]))
+    manifest = agent.updater.check(offer)
+    agent.install(offer, mine, source, progress=lambda done, total: progress.append((done, total)))
+    assert agent.status()["active"]["sequence"] == manifest.sequence == 3
+    np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v2", x_test), atol=1e-5)
+    assert len(source.reads) == manifest.segments
+    assert progress[-1] == (manifest.payload_size, manifest.payload_size)
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress)
+    agent.close()
+
+
+def test_start_up_falls_back_when_the_active_model_no_longer_loads(
+        fleet: Fleet, tmp_path: Path, x_test: np.ndarray) -> None:
+    home = fleet.agent_home(tmp_path / "home", installed=["v1", "v2"])
+    agent = open_agent(home)
+    active = agent.store.active()
+    assert active is not None
+    agent.close()
+    active.model_path.write_bytes(b"bit rot")
+    agent = open_agent(home)
+    assert agent.status()["active"]["version"] == "1"
+    np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v1", x_test), atol=1e-5)
+    agent.close()
+
+
+def test_start_up_without_a_loadable_version_is_a_store_error(fleet: Fleet,
+                                                              tmp_path: Path) -> None:
+    home = fleet.agent_home(tmp_path / "home", installed=["v1"])
+    agent = open_agent(home)
+    active = agent.store.active()
+    assert active is not None
+    agent.close()
+    active.model_path.write_bytes(b"bit rot")
+    with pytest.raises(StoreError, match="does not load"):
+        open_agent(home)
