@@ -11,6 +11,12 @@ Errors:
     ValueError        unknown format; wrong input shape in ``run``; threads < 1.
     TypeError         non-numeric input in ``run``.
     RuntimeError      ``run`` after ``close``.
+
+Hot path: ``run`` on an exact ``np.ndarray`` that is already float32, C-contiguous and of
+the model's width goes straight to the runtime; anything else takes the validating path
+(``_as_batch``), which converts or raises. Both runtimes are also called below their public
+Python wrappers when that is verified to work at load (see ``OrtRuntime`` and
+``LiteRtRuntime``); ``private_api=False`` forces the public calls.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ logger = logging.getLogger(__name__)
 FORMATS = ("onnx", "tflite")
 _SUFFIX_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 _ORT_DTYPES = {"tensor(float)": "float32"}
+# The fast-path tests ``type(x) is _NDARRAY and x.dtype is _F32`` (module globals: one lookup
+# each). A subclass, or a byte-swapped or metadata-carrying float32 dtype (another object),
+# takes the validating path.
+_NDARRAY = np.ndarray
+_F32 = np.dtype(np.float32)
 
 
 class RuntimeLoadError(Exception):
@@ -84,11 +95,20 @@ def load_runtime(path: Path, fmt: str | None = None, threads: int = 1) -> Runtim
 
 
 class OrtRuntime:
-    """ONNX Runtime on the CPU provider; ``session.run`` is thread-safe, so no lock."""
+    """ONNX Runtime on the CPU provider; ``session.run`` is thread-safe, so no lock.
+
+    With ``private_api`` (the default) ``run`` calls the C++ session behind the Python
+    ``InferenceSession`` (``session._sess.run``), skipping the wrapper's per-call checks
+    (inputs present, OrtValue ownership, graph-capture and EP-fallback handling), none of
+    which applies to one numpy input on the CPU provider. ``_sess`` is private, so it is
+    resolved once at load and kept only if a trial call on a zero input gives exactly the
+    public ``session.run`` output; otherwise (attribute missing, other signature, other
+    result) ``run`` uses the public ``session.run``. ``private_api`` says which one is in use.
+    """
 
     format = "onnx"
 
-    def __init__(self, path: Path, threads: int = 1) -> None:
+    def __init__(self, path: Path, threads: int = 1, *, private_api: bool = True) -> None:
         _check_threads(threads)
         try:
             import onnxruntime as ort
@@ -112,7 +132,19 @@ class OrtRuntime:
         self._session: Any = session
         self._in_name = self.input_spec.name
         self._out_names = [self.output_spec.name]
-        logger.info("loaded ONNX model %s (%s, threads=%d)", path, self.input_spec, threads)
+        self._width = self.input_spec.shape[1]
+        # (output names, feed, run options) -> list of outputs; None once closed.
+        self._run: Any
+        self._run, self.private_api = _resolve_ort_run(
+            session, self.input_spec, self.output_spec, private_api
+        )
+        logger.info(
+            "loaded ONNX model %s (%s, threads=%d, private_api=%s)",
+            path,
+            self.input_spec,
+            threads,
+            self.private_api,
+        )
 
     @property
     def session(self) -> Any:
@@ -121,17 +153,32 @@ class OrtRuntime:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Probabilities for the rows of ``x`` (float32 [batch, n_features])."""
+        if (
+            type(x) is _NDARRAY
+            and x.dtype is _F32
+            and x.ndim == 2
+            and x.shape[1] == self._width
+            and x.flags.c_contiguous
+        ):
+            run = self._run
+            if run is not None and x.shape[0]:
+                out: np.ndarray = run(self._out_names, {self._in_name: x}, None)[0]
+                return out
+        return self._run_checked(x)
+
+    def _run_checked(self, x: Any) -> np.ndarray:
         x = _as_batch(x, self.input_spec)
-        session = self._session
-        if session is None:
+        run = self._run
+        if run is None:
             raise RuntimeError(f"runtime for {self.path} is closed")
         if x.shape[0] == 0:
             return _empty_output(self.output_spec)
-        out: np.ndarray = session.run(self._out_names, {self._in_name: x})[0]
+        out: np.ndarray = run(self._out_names, {self._in_name: x}, None)[0]
         return out
 
     def close(self) -> None:
-        """Release the session; idempotent."""
+        """Release the session; idempotent. A ``run`` already in flight finishes."""
+        self._run = None
         self._session = None
 
 
@@ -140,11 +187,20 @@ class LiteRtRuntime:
 
     The batch dimension is resized on demand and the new size kept, so a caller that keeps
     one batch size pays for ``allocate_tensors`` once.
+
+    With ``private_api`` (the default) inference calls the C++ interpreter behind the
+    Python ``Interpreter`` (``_interpreter.SetTensor/Invoke/GetTensor``), resolved once at
+    load and kept only if a trial on a zero input gives exactly the public calls' output.
+    The public ``invoke``/``allocate_tensors`` refuse to run while anything else holds a
+    reference to ``_interpreter`` (their guard for ``tensor()`` views), so the bound private
+    methods are dropped, under the lock, around a resize, which uses the public calls. No
+    numpy view of the interpreter's buffers is ever handed out: ``SetTensor`` copies in and
+    ``GetTensor`` copies out.
     """
 
     format = "tflite"
 
-    def __init__(self, path: Path, threads: int = 1) -> None:
+    def __init__(self, path: Path, threads: int = 1, *, private_api: bool = True) -> None:
         _check_threads(threads)
         interpreter_cls = _import_interpreter()
         try:
@@ -160,12 +216,55 @@ class LiteRtRuntime:
         self._interp: Any = interp
         self._in_index = int(inputs[0]["index"])
         self._out_index = int(outputs[0]["index"])
-        self._batch = int(inputs[0]["shape"][0])
+        # The input shape the interpreter is allocated for; None once closed, or while a
+        # resize has not completed (so the next call resizes again).
+        self._shape: tuple[int, ...] | None = tuple(int(n) for n in inputs[0]["shape"])
+        self.private_api = private_api and _litert_private_ok(
+            interp, self._in_index, self._out_index, self._shape
+        )
+        self._set: Any = None
+        self._invoke: Any = None
+        self._get: Any = None
+        self._bind()
         self._lock = threading.Lock()
-        logger.info("loaded TFLite model %s (%s, threads=%d)", path, self.input_spec, threads)
+        self._acquire, self._release = self._lock.acquire, self._lock.release
+        logger.info(
+            "loaded TFLite model %s (%s, threads=%d, private_api=%s)",
+            path,
+            self.input_spec,
+            threads,
+            self.private_api,
+        )
+
+    def _bind(self) -> None:
+        interp = self._interp
+        if self.private_api:
+            raw = interp._interpreter
+            self._set, self._invoke, self._get = raw.SetTensor, raw.Invoke, raw.GetTensor
+        else:
+            self._set, self._invoke, self._get = interp.set_tensor, interp.invoke, interp.get_tensor
+
+    def _unbind(self) -> None:
+        self._set = self._invoke = self._get = None
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Probabilities for the rows of ``x`` (float32 [batch, n_features])."""
+        if type(x) is _NDARRAY and x.dtype is _F32 and x.flags.c_contiguous:
+            # Lock by hand: cheaper than ``with``. The shape test is under the lock, as
+            # another thread may resize; it fails once closed, and for a new batch size, a
+            # wrong width or rank, and an empty batch, which the checked path handles.
+            self._acquire()
+            try:
+                if x.shape == self._shape:
+                    self._set(self._in_index, x)
+                    self._invoke()
+                    out: np.ndarray = self._get(self._out_index)  # a copy, safe after unlock
+                    return out
+            finally:
+                self._release()
+        return self._run_checked(x)
+
+    def _run_checked(self, x: Any) -> np.ndarray:
         x = _as_batch(x, self.input_spec)
         if x.shape[0] == 0:
             return _empty_output(self.output_spec)
@@ -173,19 +272,26 @@ class LiteRtRuntime:
             interp = self._interp
             if interp is None:
                 raise RuntimeError(f"runtime for {self.path} is closed")
-            if x.shape[0] != self._batch:
-                logger.debug("resizing %s input batch %d -> %d", self.path, self._batch, len(x))
-                interp.resize_tensor_input(self._in_index, x.shape)
-                interp.allocate_tensors()
-                self._batch = x.shape[0]
-            interp.set_tensor(self._in_index, x)
-            interp.invoke()
-            out: np.ndarray = interp.get_tensor(self._out_index)  # a copy, safe after unlock
+            if x.shape != self._shape:
+                logger.debug("resizing %s input %s -> %s", self.path, self._shape, x.shape)
+                self._shape = None
+                self._unbind()  # the public resize/allocate refuse while they are held
+                try:
+                    interp.resize_tensor_input(self._in_index, x.shape)
+                    interp.allocate_tensors()
+                finally:
+                    self._bind()
+                self._shape = x.shape
+            self._set(self._in_index, x)
+            self._invoke()
+            out: np.ndarray = self._get(self._out_index)  # a copy, safe after unlock
             return out
 
     def close(self) -> None:
         """Release the interpreter; idempotent."""
         with self._lock:
+            self._shape = None
+            self._unbind()
             self._interp = None
 
 
@@ -247,6 +353,73 @@ def _as_batch(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     if x.dtype != np.float32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
     return x
+
+
+def _resolve_ort_run(
+    session: Any, inp: TensorSpec, out: TensorSpec, private_api: bool
+) -> tuple[Any, bool]:
+    """(run callable taking (output names, feed, run options), whether it is private).
+
+    The private ``session._sess.run`` is used only if a trial call on a zero input gives
+    exactly what the public ``session.run`` gives; any failure falls back to the public one.
+    """
+    public = session.run
+    if not private_api:
+        return public, False
+    try:
+        private = session._sess.run
+        names = [out.name]
+        z = np.zeros((inp.shape[0] or 1, inp.shape[1] or 0), _F32)
+        want = public(names, {inp.name: z})[0]
+        got = private(names, {inp.name: z}, None)[0]
+        if _same_output(got, want):
+            return private, True
+        logger.warning(
+            "onnxruntime's private session.run disagrees with the public one; using the public one"
+        )
+    except Exception as exc:  # a missing attribute, another signature, a failing model
+        logger.info(
+            "onnxruntime's private session.run is not usable (%s: %s); using the public one",
+            type(exc).__name__,
+            exc,
+        )
+    return public, False
+
+
+def _litert_private_ok(interp: Any, in_index: int, out_index: int, shape: tuple[int, ...]) -> bool:
+    """True if the interpreter's private SetTensor/Invoke/GetTensor match the public calls."""
+    try:
+        z = np.zeros(shape, _F32)
+        interp.set_tensor(in_index, z)  # public first: it refuses once private refs exist
+        interp.invoke()
+        want = interp.get_tensor(out_index)
+        raw = interp._interpreter
+        raw.SetTensor(in_index, z)
+        raw.Invoke()
+        got = raw.GetTensor(out_index)
+        if _same_output(got, want):
+            return True
+        logger.warning(
+            "LiteRT's private interpreter calls disagree with the public ones; "
+            "using the public ones"
+        )
+    except Exception as exc:  # a missing attribute, another signature, a failing model
+        logger.info(
+            "LiteRT's private interpreter calls are not usable (%s: %s); using the public ones",
+            type(exc).__name__,
+            exc,
+        )
+    return False
+
+
+def _same_output(got: Any, want: Any) -> bool:
+    return (
+        type(got) is np.ndarray
+        and type(want) is np.ndarray
+        and got.dtype == want.dtype
+        and got.shape == want.shape
+        and bool(np.array_equal(got, want, equal_nan=True))
+    )
 
 
 def _empty_output(spec: TensorSpec) -> np.ndarray:

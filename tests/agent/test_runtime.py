@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
+import agent.runtime as runtime_mod
 from agent.runtime import (
     LiteRtRuntime,
     OrtRuntime,
@@ -23,6 +25,8 @@ from agent.runtime import (
     RuntimeLoadError,
     TensorSpec,
     _as_batch,
+    _litert_private_ok,
+    _resolve_ort_run,
     load_runtime,
 )
 from models.digits import load_digits_split, train_digits
@@ -211,6 +215,212 @@ def test_concurrent_runs_with_mixed_batch_sizes(models: Fixture, fmt: str) -> No
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert max(pool.map(job, sizes)) <= ATOL
+
+
+# --- fast path and private runtime calls ---------------------------------------------------
+
+
+def _make(models: Fixture, fmt: str, *, private_api: bool = True) -> Runtime:
+    cls = OrtRuntime if fmt == "onnx" else LiteRtRuntime
+    return cls(models.path(fmt), private_api=private_api)
+
+
+@pytest.fixture
+def spy_as_batch(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Shapes of the inputs that reached the validating path (``_as_batch``)."""
+    seen: list[tuple[int, ...]] = []
+    real = runtime_mod._as_batch
+
+    def spy(x: object, spec: TensorSpec) -> np.ndarray:
+        seen.append(np.shape(x))
+        return real(x, spec)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime_mod, "_as_batch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_private_api_resolved_on_installed_runtimes(models: Fixture, fmt: str) -> None:
+    # Pins the speed-up: if a runtime upgrade changes its private API, load falls back to
+    # the public calls (correct, slower) and this test says so.
+    assert _make(models, fmt).private_api is True
+    assert _make(models, fmt, private_api=False).private_api is False
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_private_and_public_calls_give_identical_outputs(models: Fixture, fmt: str) -> None:
+    fast, public = _make(models, fmt), _make(models, fmt, private_api=False)
+    for n in (1, 450, 7, 1):
+        np.testing.assert_array_equal(fast.run(models.x[:n]), public.run(models.x[:n]))
+    for i in range(0, len(models.x), 10):
+        row = models.x[i : i + 1]
+        np.testing.assert_array_equal(fast.run(row), public.run(row))
+    assert_parity(public.run(models.x), models.expected)
+
+
+@pytest.mark.parametrize("private_api", [True, False], ids=["private", "public"])
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_fast_path_skips_validation_and_matches_checked_path(
+    models: Fixture, fmt: str, private_api: bool, spy_as_batch: list[tuple[int, ...]]
+) -> None:
+    rt = _make(models, fmt, private_api=private_api)
+    for n in (1, 7):
+        x = np.ascontiguousarray(models.x[:n])
+        rt.run(x)  # LiteRT: the first call at a new batch size resizes, on the checked path
+        spy_as_batch.clear()
+        fast = rt.run(x)
+        assert spy_as_batch == []
+        checked = rt._run_checked(x)  # type: ignore[attr-defined]
+        assert spy_as_batch == [(n, 64)]
+        assert fast.dtype == np.float32 and fast.shape == (n, 10)
+        np.testing.assert_array_equal(fast, checked)
+        assert_parity(fast, models.expected[:n])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_other_inputs_take_the_checked_path(
+    models: Fixture, fmt: str, spy_as_batch: list[tuple[int, ...]]
+) -> None:
+    rt = _make(models, fmt)
+    x, want = models.x[:8], models.expected[:8]
+    rt.run(np.ascontiguousarray(x))  # settle LiteRT's batch size at 8
+    cases = {
+        "float64": x.astype(np.float64),
+        "fortran": np.asfortranarray(x),
+        "strided": models.x[:16:2],
+        "columns": np.ascontiguousarray(np.hstack([x, x]))[:, :64],
+        "big_endian": x.astype(">f4"),
+        "subclass": x.view(np.matrix),
+        "list": x.tolist(),
+    }
+    for name, variant in cases.items():
+        spy_as_batch.clear()
+        got = rt.run(variant)  # type: ignore[arg-type]
+        assert spy_as_batch == [(8, 64)], name
+        assert type(got) is np.ndarray, name
+        if name != "strided":
+            assert_parity(got, want)
+        else:
+            assert_parity(got, models.expected[:16:2])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_float32_contiguous_bad_shapes_still_validated(
+    models: Fixture, fmt: str, spy_as_batch: list[tuple[int, ...]]
+) -> None:
+    rt = _make(models, fmt)
+    rt.run(models.x[:1])
+    for bad in ((1, 63), (1, 65), (64,), (1, 1, 64), (2, 8, 8)):
+        with pytest.raises(ValueError, match=r"expected input of shape \(batch, 64\)"):
+            rt.run(np.zeros(bad, np.float32))
+    assert spy_as_batch == [(1, 63), (1, 65), (64,), (1, 1, 64), (2, 8, 8)]
+    out = rt.run(np.zeros((0, 64), np.float32))
+    assert out.shape == (0, 10) and out.dtype == np.float32
+
+
+class _SessionProxy:
+    """The public face of an InferenceSession, without the private ``_sess``."""
+
+    def __init__(self, session: object) -> None:
+        self._real = session
+
+    def run(self, names: list[str], feed: dict[str, np.ndarray], opts: object = None) -> list:
+        return self._real.run(names, feed, opts)  # type: ignore[attr-defined]
+
+
+def test_ort_resolution_falls_back_to_public_run(models: Fixture) -> None:
+    rt = OrtRuntime(models.onnx_path)
+    session, inp, out = rt.session, rt.input_spec, rt.output_spec
+    run, private = _resolve_ort_run(session, inp, out, True)
+    assert private is True and run == session._sess.run
+    assert _resolve_ort_run(session, inp, out, False) == (session.run, False)
+
+    proxy = _SessionProxy(session)  # no ``_sess`` at all
+    assert _resolve_ort_run(proxy, inp, out, True) == (proxy.run, False)
+
+    class TwoArgs:  # ``_sess.run`` with another signature
+        def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list:
+            return session.run(names, feed)
+
+    proxy._sess = TwoArgs()  # type: ignore[attr-defined]
+    assert _resolve_ort_run(proxy, inp, out, True) == (proxy.run, False)
+
+    class Different:  # same signature, other result
+        def run(self, names: list[str], feed: dict[str, np.ndarray], opts: object) -> list:
+            return [session.run(names, feed)[0] + 1]
+
+    proxy._sess = Different()  # type: ignore[attr-defined]
+    assert _resolve_ort_run(proxy, inp, out, True) == (proxy.run, False)
+
+
+def test_ort_public_fallback_serves_correctly(models: Fixture) -> None:
+    rt = OrtRuntime(models.onnx_path, private_api=False)
+    assert rt._run == rt.session.run
+    assert_parity(rt.run(models.x), models.expected)
+    assert_parity(rt.run(np.asfortranarray(models.x[:5])), models.expected[:5])
+    rt.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        rt.run(models.x[:1])
+
+
+def test_litert_resolution_falls_back_to_public_calls(models: Fixture) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(models.tflite_path))
+    interp.allocate_tensors()
+    i_in = interp.get_input_details()[0]["index"]
+    i_out = interp.get_output_details()[0]["index"]
+    assert _litert_private_ok(interp, i_in, i_out, (1, 64)) is True
+    interp.allocate_tensors()  # the trial left no reference behind to trip the safety check
+
+    class NoPrivate:  # the public calls only
+        def __init__(self) -> None:
+            self.set_tensor, self.invoke = interp.set_tensor, interp.invoke
+            self.get_tensor = interp.get_tensor
+
+    assert _litert_private_ok(NoPrivate(), i_in, i_out, (1, 64)) is False
+
+
+@pytest.mark.parametrize("private_api", [True, False], ids=["private", "public"])
+def test_litert_resizes_with_either_call_set(models: Fixture, private_api: bool) -> None:
+    rt = LiteRtRuntime(models.tflite_path, private_api=private_api)
+    assert rt.private_api is private_api
+    for n in (1, 450, 7, 7, 1, 33, 1):
+        assert_parity(rt.run(models.x[:n]), models.expected[:n])
+    rt.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        rt.run(models.x[:1])
+
+
+@pytest.mark.parametrize("private_api", [True, False], ids=["private", "public"])
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_eight_threads_hammering_run(models: Fixture, fmt: str, private_api: bool) -> None:
+    rt = _make(models, fmt, private_api=private_api)
+    # Exact single-threaded answers for every row at batch 1 (the fast path), to compare
+    # bit for bit: a row answered with another thread's input or output would differ.
+    ref = [rt.run(models.x[i : i + 1]) for i in range(len(models.x))]
+    start = threading.Barrier(8)
+    errors: list[str] = []
+
+    def hammer(t: int) -> None:
+        rng = np.random.default_rng(t)
+        start.wait()
+        for k in range(300):
+            if t % 4 == 3 and k % 10 == 0:  # some threads change the batch size now and then
+                n = int(rng.integers(2, 40))
+                lo = int(rng.integers(0, len(models.x) - n))
+                got = rt.run(models.x[lo : lo + n])
+                if np.abs(got - models.expected[lo : lo + n]).max() > ATOL:
+                    errors.append(f"thread {t} call {k}: batch {lo}:{lo + n} wrong")
+                continue
+            i = int(rng.integers(0, len(models.x)))
+            got = rt.run(models.x[i : i + 1])
+            if not np.array_equal(got, ref[i]):
+                errors.append(f"thread {t} call {k}: row {i} wrong")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(hammer, range(8)))
+    assert errors == []
 
 
 # --- bad model files ------------------------------------------------------------------------
