@@ -40,6 +40,8 @@ def _open(home: Path) -> Any:
 
 
 def install(args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        raise FileNotFoundError(f"{args.file}: no such bundle file")
     agent = _open(args.home)
     version = agent.install_file(args.file)
     m = version.manifest

@@ -185,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    # One-shot commands print their own one-line result; daemons log their state changes.
+    daemon = (args.group, getattr(args, "cmd", None)) in {("agent", "run"), ("coordinator", "serve")}
+    base = logging.WARNING if daemon or args.group == "demo" else logging.ERROR
+    level = max(logging.DEBUG, base - 10 * args.verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from protocol.errors import EdgeFleetError
 

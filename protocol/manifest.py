@@ -36,7 +36,8 @@ class TensorSpec:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise DecodeError(f"tensor {self.name!r}: dtype expected one of {DTYPES}, saw {self.dtype!r}")
-        if len(self.shape) > 8 or any(d is not None and (not isinstance(d, int) or d < 0) for d in self.shape):
+        if len(self.shape) > 8 or any(d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 0)
+                                       for d in self.shape):
             raise DecodeError(f"tensor {self.name!r}: bad shape {self.shape!r:.80}")
 
     def to_dict(self) -> dict[str, Any]:
