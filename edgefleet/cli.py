@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # One-shot commands print their own one-line result; daemons log their state changes.
-    daemon = (args.group, getattr(args, "cmd", None)) in {("agent", "run"), ("coordinator", "serve")}
+    daemon = [args.group, getattr(args, "cmd", None)] in (["agent", "run"], ["coordinator", "serve"])
     base = logging.WARNING if daemon or args.group == "demo" else logging.ERROR
     level = max(logging.DEBUG, base - 10 * args.verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
