@@ -32,17 +32,29 @@ log = logging.getLogger(__name__)
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time,
-                 checkpoint: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        checkpoint: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
         home = config.home
         self.identity = DeviceIdentity.load(home / "keys")
         self.trust = TrustStore(home / "trust")
         self.store = ModelStore(home / "store", keep=config.keep, checkpoint=checkpoint)
-        self.updater = Updater(self.identity, self.trust, self.store, clock=clock,
-                               config=UpdaterConfig(max_payload=config.max_payload,
-                                                    offline_grace=config.offline_grace,
-                                                    threads=config.threads))
+        self.updater = Updater(
+            self.identity,
+            self.trust,
+            self.store,
+            clock=clock,
+            config=UpdaterConfig(
+                max_payload=config.max_payload,
+                offline_grace=config.offline_grace,
+                threads=config.threads,
+            ),
+        )
         self._clock = clock
         self._runtime: Runtime | None = None
         self._version: InstalledVersion | None = None
@@ -56,14 +68,18 @@ class Agent:
         """Load the active version; if it no longer loads, fall back to the previous one."""
         while (version := self.store.active()) is not None:
             try:
-                self._swap(version, load_runtime(version.model_path, version.manifest.format,
-                                                 self.config.threads))
+                self._swap(
+                    version,
+                    load_runtime(version.model_path, version.manifest.format, self.config.threads),
+                )
                 return
             except RuntimeLoadError as exc:
                 log.error("active model %s does not load (%s); rolling back", version.dir.name, exc)
                 if len(self.store.state.history) < 2:
-                    raise StoreError(f"active model {version.dir.name} does not load and no "
-                                     "previous version is kept") from exc
+                    raise StoreError(
+                        f"active model {version.dir.name} does not load and no "
+                        "previous version is kept"
+                    ) from exc
                 self.store.rollback()
 
     def _swap(self, version: InstalledVersion, runtime: Runtime) -> None:
@@ -88,9 +104,17 @@ class Agent:
     def install_file(self, path: Path, *, progress: Progress | None = None) -> InstalledVersion:
         return self._installing(lambda: self.updater.install_file(path, progress=progress))
 
-    def install(self, offer: Offer, envelope: Envelope, source: SegmentSource, *,
-                progress: Progress | None = None) -> InstalledVersion:
-        return self._installing(lambda: self.updater.install(offer, envelope, source, progress=progress))
+    def install(
+        self,
+        offer: Offer,
+        envelope: Envelope,
+        source: SegmentSource,
+        *,
+        progress: Progress | None = None,
+    ) -> InstalledVersion:
+        return self._installing(
+            lambda: self.updater.install(offer, envelope, source, progress=progress)
+        )
 
     def _installing(self, run: Callable[[], tuple[InstalledVersion, Runtime]]) -> InstalledVersion:
         try:
@@ -101,17 +125,30 @@ class Agent:
             raise
         self._swap(version, runtime)
         m = version.manifest
-        self.record(ok=True, code="ok", reason="", sequence=m.sequence, name=m.name,
-                     model_version=m.model_version, bundle_id=m.bundle_id)
+        self.record(
+            ok=True,
+            code="ok",
+            reason="",
+            sequence=m.sequence,
+            name=m.name,
+            model_version=m.model_version,
+            bundle_id=m.bundle_id,
+        )
         return version
 
     def rollback(self) -> InstalledVersion:
         version = self.store.rollback()
-        self._swap(version, load_runtime(version.model_path, version.manifest.format,
-                                         self.config.threads))
-        self.record(ok=True, code="rollback", reason="operator rollback",
-                     sequence=version.manifest.sequence, name=version.manifest.name,
-                     model_version=version.manifest.model_version)
+        self._swap(
+            version, load_runtime(version.model_path, version.manifest.format, self.config.threads)
+        )
+        self.record(
+            ok=True,
+            code="rollback",
+            reason="operator rollback",
+            sequence=version.manifest.sequence,
+            name=version.manifest.name,
+            model_version=version.manifest.model_version,
+        )
         return version
 
     def record(self, **result: Any) -> None:
@@ -125,15 +162,27 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         v = self._version
-        kept = [{"dir": k.dir.name, "name": k.manifest.name, "version": k.manifest.model_version,
-                 "sequence": k.manifest.sequence, "format": k.manifest.format}
-                for k in self.store.kept()]
+        kept = [
+            {
+                "dir": k.dir.name,
+                "name": k.manifest.name,
+                "version": k.manifest.model_version,
+                "sequence": k.manifest.sequence,
+                "format": k.manifest.format,
+            }
+            for k in self.store.kept()
+        ]
         return {
             "device_id": self.identity.device_id,
-            "active": None if v is None else {
-                "name": v.manifest.name, "version": v.manifest.model_version,
-                "sequence": v.manifest.sequence, "format": v.manifest.format,
-                "bundle_id": v.manifest.bundle_id},
+            "active": None
+            if v is None
+            else {
+                "name": v.manifest.name,
+                "version": v.manifest.model_version,
+                "sequence": v.manifest.sequence,
+                "format": v.manifest.format,
+                "bundle_id": v.manifest.bundle_id,
+            },
             "highest_sequence": self.store.state.highest_sequence,
             "keyring_version": self.trust.keyring.version if self.trust.keyring else None,
             "kept": kept,

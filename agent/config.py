@@ -59,5 +59,7 @@ class AgentConfig:
             value = getattr(self, f.name)
             if f.name == "home":
                 continue
-            lines.append(f"{f.name} = {value!r}" if not isinstance(value, str) else f'{f.name} = "{value}"')
+            lines.append(
+                f"{f.name} = {value!r}" if not isinstance(value, str) else f'{f.name} = "{value}"'
+            )
         return "\n".join(lines) + "\n"

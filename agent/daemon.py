@@ -34,10 +34,17 @@ ProgressFn = Callable[[str, int, int], None]  # (phase, done bytes, total bytes)
 
 
 class AgentDaemon:
-    def __init__(self, agent: Agent, mqtt: MqttConfig, *, heartbeat: float = 30.0,
-                 request_timeout: float = 10.0, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic,
-                 progress: ProgressFn | None = None) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        mqtt: MqttConfig,
+        *,
+        heartbeat: float = 30.0,
+        request_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        progress: ProgressFn | None = None,
+    ) -> None:
         self.agent = agent
         self.device_id = agent.identity.device_id
         self.heartbeat, self.request_timeout = heartbeat, request_timeout
@@ -53,7 +60,10 @@ class AgentDaemon:
         self._offer: ReleaseOffer | None = None
         self._counter = 0
         self._last_beat = 0.0
-        self._telemetry: collections.deque[bytes] = collections.deque(maxlen=agent.config.telemetry_buffer)
+        self._announce = False  # report and flush telemetry once the link is listening
+        self._telemetry: collections.deque[bytes] = collections.deque(
+            maxlen=agent.config.telemetry_buffer
+        )
         self.installed = threading.Event()  # set after every successful install (tests)
         self.dropped = 0  # messages dropped unread (oversize, queue full)
 
@@ -61,8 +71,11 @@ class AgentDaemon:
     def start(self) -> None:
         self._thread.start()
         self.link.start()
-        for topic in (topics.release(self.device_id), topics.chunk(self.device_id),
-                      topics.cmd(self.device_id)):
+        for topic in (
+            topics.release(self.device_id),
+            topics.chunk(self.device_id),
+            topics.cmd(self.device_id),
+        ):
             self.link.subscribe(topic, qos=1)
 
     def stop(self) -> None:
@@ -118,25 +131,36 @@ class AgentDaemon:
         elif kind == "connected":
             if self._download is not None:
                 self._download.resend_all()
-            self._report()
-            self._flush_telemetry()
+            # on_connect runs before the broker acknowledged our subscriptions, so
+            # ``link.connected`` is not set yet: report from _tick once it is.
+            self._announce = True
 
     def _tick(self) -> None:
         now = self.monotonic()
+        if self._announce and self.link.connected.is_set():
+            self._announce = False
+            self._report()
+            self._flush_telemetry()
         if self._download is not None and self.link.connected.is_set():
             for req in self._download.pump(now):
                 self.link.publish(topics.up(self.device_id, "chunkreq"), req.encode(), qos=1)
         if now - self._last_beat >= self.heartbeat:
             self._last_beat = now
-            self._telemetry.append(Telemetry(device_id=self.device_id, time=int(self.clock()),
-                                             metrics=self._metrics()).encode())
+            self._telemetry.append(
+                Telemetry(
+                    device_id=self.device_id, time=int(self.clock()), metrics=self._metrics()
+                ).encode()
+            )
             self._report()
             self._flush_telemetry()
 
     def _metrics(self) -> dict[str, Any]:
         d = self._download
-        return {"state": self._state, "dropped": self.dropped,
-                "download": None if d is None else vars(d.stats)}
+        return {
+            "state": self._state,
+            "dropped": self.dropped,
+            "download": None if d is None else vars(d.stats),
+        }
 
     # -- releases --------------------------------------------------------------------------------
     def _on_offer(self, payload: bytes) -> None:
@@ -168,10 +192,21 @@ class AgentDaemon:
             if old.name != keep:
                 old.unlink()
         self._offer = offer
-        self._download = Download(manifest, self.downloads_dir / keep, topics.chunk(self.device_id),
-                                  window=self.agent.config.window, timeout=self.request_timeout)
-        log.info("release %d (%s %s): fetching %d of %d chunks", manifest.sequence, manifest.name,
-                 manifest.model_version, len(self._download.missing), manifest.segments)
+        self._download = Download(
+            manifest,
+            self.downloads_dir / keep,
+            topics.chunk(self.device_id),
+            window=self.agent.config.window,
+            timeout=self.request_timeout,
+        )
+        log.info(
+            "release %d (%s %s): fetching %d of %d chunks",
+            manifest.sequence,
+            manifest.name,
+            manifest.model_version,
+            len(self._download.missing),
+            manifest.segments,
+        )
         self._state = "downloading"
         self._report()
         if self._download.done:
@@ -233,27 +268,44 @@ class AgentDaemon:
 
     @staticmethod
     def _as_offer(o: ReleaseOffer) -> Offer:
-        return Offer(keyring=o.keyring, keyring_sig=o.keyring_sig, manifest=o.manifest,
-                     signature=o.signature)
+        return Offer(
+            keyring=o.keyring, keyring_sig=o.keyring_sig, manifest=o.manifest, signature=o.signature
+        )
 
     # -- reporting -------------------------------------------------------------------------------
     def status(self) -> DeviceStatus:
         st = self.agent.status()
         d = self._download
-        progress = None if d is None else {
-            "bundle_id": d.manifest.bundle_id, "sequence": d.manifest.sequence,
-            "done": d.bytes_done, "total": d.manifest.payload_size, **vars(d.stats)}
+        progress = (
+            None
+            if d is None
+            else {
+                "bundle_id": d.manifest.bundle_id,
+                "sequence": d.manifest.sequence,
+                "done": d.bytes_done,
+                "total": d.manifest.payload_size,
+                **vars(d.stats),
+            }
+        )
         self._counter += 1
-        return DeviceStatus(device_id=self.device_id, time=int(self.clock()), state=self._state,
-                            active=st["active"], highest_sequence=st["highest_sequence"],
-                            last_result=st["last_install"], progress=progress, counter=self._counter)
+        return DeviceStatus(
+            device_id=self.device_id,
+            time=int(self.clock()),
+            state=self._state,
+            active=st["active"],
+            highest_sequence=st["highest_sequence"],
+            last_result=st["last_install"],
+            progress=progress,
+            counter=self._counter,
+        )
 
     def _report(self) -> None:
         if not self.link.connected.is_set():
             return  # re-sent on connect; retained, so only the latest matters
         try:
-            self.link.publish(topics.up(self.device_id, "status"), self.status().encode(),
-                              qos=1, retain=True)
+            self.link.publish(
+                topics.up(self.device_id, "status"), self.status().encode(), qos=1, retain=True
+            )
         except TransportError as exc:
             log.warning("status not sent: %s", exc)
 
@@ -266,13 +318,19 @@ class AgentDaemon:
             self._telemetry.popleft()
 
 
-def mqtt_config_for(agent: Agent, *, broker: str | None = None, password: str | None = None) -> MqttConfig:
+def mqtt_config_for(
+    agent: Agent, *, broker: str | None = None, password: str | None = None
+) -> MqttConfig:
     cfg = agent.config
     if password is None and cfg.password_file:
         password = Path(cfg.password_file).read_text().strip()
-    return MqttConfig(url=broker or cfg.broker, client_id=f"agent-{cfg.device_id}",
-                      username=(cfg.username or cfg.device_id) if password else None,
-                      password=password, tls_ca=Path(cfg.tls_ca) if cfg.tls_ca else None,
-                      tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
-                      tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
-                      protocol=cfg.mqtt_protocol)  # type: ignore[arg-type]
+    return MqttConfig(
+        url=broker or cfg.broker,
+        client_id=f"agent-{cfg.device_id}",
+        username=(cfg.username or cfg.device_id) if password else None,
+        password=password,
+        tls_ca=Path(cfg.tls_ca) if cfg.tls_ca else None,
+        tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
+        tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
+        protocol=cfg.mqtt_protocol,
+    )  # type: ignore[arg-type]

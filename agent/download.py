@@ -59,8 +59,12 @@ class Download:
             else:
                 self.missing.add(i)
         if self.stats.reused:
-            log.info("resuming %s: %d of %d chunks already on disk", self.manifest.bundle_id,
-                     self.stats.reused, self.manifest.segments)
+            log.info(
+                "resuming %s: %d of %d chunks already on disk",
+                self.manifest.bundle_id,
+                self.stats.reused,
+                self.manifest.segments,
+            )
 
     @property
     def done(self) -> bool:
@@ -68,19 +72,29 @@ class Download:
 
     @property
     def bytes_done(self) -> int:
-        return self.manifest.payload_size - sum(self.manifest.segment_span(i)[1] for i in self.missing)
+        return self.manifest.payload_size - sum(
+            self.manifest.segment_span(i)[1] for i in self.missing
+        )
 
     def pump(self, now: float) -> list[ChunkRequest]:
         """Requests to send now: fill the window, re-send those that timed out."""
         due = [i for i, t in self.outstanding.items() if now - t >= self.timeout]
-        fresh = sorted(self.missing - set(self.outstanding))[: max(0, self.window - len(self.outstanding) + len(due))]
+        fresh = sorted(self.missing - set(self.outstanding))[
+            : max(0, self.window - len(self.outstanding) + len(due))
+        ]
         out = []
         for i in due + fresh:
             self._attempt += 1
             self.outstanding[i] = now
             self.stats.requests += 1
-            out.append(ChunkRequest(bundle_id=self.manifest.bundle_id, indexes=(i,),
-                                    reply_to=self.reply_to, corr=f"{i}.{self._attempt}"))
+            out.append(
+                ChunkRequest(
+                    bundle_id=self.manifest.bundle_id,
+                    indexes=(i,),
+                    reply_to=self.reply_to,
+                    corr=f"{i}.{self._attempt}",
+                )
+            )
         return out
 
     def resend_all(self) -> None:
@@ -96,7 +110,9 @@ class Download:
         if reply.status != "ok":
             self._refusals += 1
             if self._refusals >= self.max_refusals:
-                raise TransportError(f"coordinator {reply.status} chunk {reply.index}: {reply.reason}")
+                raise TransportError(
+                    f"coordinator {reply.status} chunk {reply.index}: {reply.reason}"
+                )
             return False
         i = reply.index
         if i not in self.missing:
@@ -105,12 +121,16 @@ class Download:
         want = self.manifest.segment_hashes[i]
         if sha256_hex(reply.data) != want:
             self.stats.rejected += 1
-            log.warning("chunk %d of %s failed its hash check; will re-request", i, self.manifest.bundle_id)
+            log.warning(
+                "chunk %d of %s failed its hash check; will re-request", i, self.manifest.bundle_id
+            )
             self.outstanding.pop(i, None)
             return False
         off, length = self.manifest.segment_span(i)
         if len(reply.data) != length:
-            raise IntegrityError(f"chunk {i}: hash matched but length {len(reply.data)} != {length}")
+            raise IntegrityError(
+                f"chunk {i}: hash matched but length {len(reply.data)} != {length}"
+            )
         os.pwrite(self._fd, reply.data, off)
         self.missing.discard(i)
         self.outstanding.pop(i, None)

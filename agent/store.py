@@ -44,8 +44,13 @@ class StoreState:
     highest_sequence: int = 0
 
     def to_bytes(self) -> bytes:
-        return canonical_json({"active": self.active, "history": list(self.history),
-                               "highest_sequence": self.highest_sequence})
+        return canonical_json(
+            {
+                "active": self.active,
+                "history": list(self.history),
+                "highest_sequence": self.highest_sequence,
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,9 @@ def version_dirname(m: Manifest) -> str:
 class ModelStore:
     """Crash-safe version store. ``checkpoint`` is a fault-injection hook for tests."""
 
-    def __init__(self, root: Path, *, keep: int = 2,
-                 checkpoint: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, root: Path, *, keep: int = 2, checkpoint: Callable[[str], None] | None = None
+    ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root, self.keep = root, keep
@@ -144,8 +150,9 @@ class ModelStore:
         staging.model.close()
         shutil.rmtree(staging.dir, ignore_errors=True)
 
-    def commit(self, staging: Staging, manifest_raw: bytes, signature_raw: bytes,
-               manifest: Manifest) -> InstalledVersion:
+    def commit(
+        self, staging: Staging, manifest_raw: bytes, signature_raw: bytes, manifest: Manifest
+    ) -> InstalledVersion:
         """Make the staged version durable and visible under ``versions/`` (not active)."""
         staging.model.flush()
         os.fsync(staging.model.fileno())

@@ -31,7 +31,9 @@ class TrustStore:
         try:
             self.root_public = decode_public_key((directory / self.ROOT).read_bytes())
         except OSError as exc:
-            raise StoreError(f"{directory / self.ROOT}: no pinned root key ({exc.strerror})") from exc
+            raise StoreError(
+                f"{directory / self.ROOT}: no pinned root key ({exc.strerror})"
+            ) from exc
         self.keyring: Keyring | None = None
         path = directory / self.KEYRING
         if path.exists():
@@ -50,6 +52,8 @@ class TrustStore:
         if self.keyring is None or keyring.version > self.keyring.version:
             doc = {"keyring": b64e(raw), "signature": b64e(sig)}
             atomic_write(self.dir / self.KEYRING, canonical_json(doc))
-            log.info("trusted keyring is now v%d (%d release keys)", keyring.version, len(keyring.keys))
+            log.info(
+                "trusted keyring is now v%d (%d release keys)", keyring.version, len(keyring.keys)
+            )
             self.keyring = keyring
         return keyring

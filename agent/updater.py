@@ -91,13 +91,22 @@ def smoke_test(runtime: Runtime, manifest: Manifest) -> None:
             raise SmokeTestError(f"smoke vector {i}: model rejected the input ({exc})") from exc
         if got.shape != want.shape or not np.allclose(got, want, atol=vec.atol, rtol=0):
             err = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("nan")
-            raise SmokeTestError(f"smoke vector {i}: expected output within {vec.atol} "
-                                 f"(shape {want.shape}), saw shape {got.shape}, max error {err:.3g}")
+            raise SmokeTestError(
+                f"smoke vector {i}: expected output within {vec.atol} "
+                f"(shape {want.shape}), saw shape {got.shape}, max error {err:.3g}"
+            )
 
 
 class Updater:
-    def __init__(self, identity: DeviceIdentity, trust: TrustStore, store: ModelStore, *,
-                 clock: Callable[[], float], config: UpdaterConfig = UpdaterConfig()) -> None:
+    def __init__(
+        self,
+        identity: DeviceIdentity,
+        trust: TrustStore,
+        store: ModelStore,
+        *,
+        clock: Callable[[], float],
+        config: UpdaterConfig = UpdaterConfig(),
+    ) -> None:
         self.identity, self.trust, self.store = identity, trust, store
         self.clock, self.config = clock, config
         self._policy = Policy(offline_grace=config.offline_grace)
@@ -106,23 +115,41 @@ class Updater:
         """Verify keyring and manifest (no payload yet): is this release for us, and new?"""
         now = int(self.clock())
         keyring = self.trust.accept(offer.keyring, offer.keyring_sig, now=now)
-        manifest = verify_manifest(keyring, offer.manifest, offer.signature, now=now,
-                                   device_id=self.identity.device_id,
-                                   highest_sequence=self.store.state.highest_sequence,
-                                   policy=self._policy)
+        manifest = verify_manifest(
+            keyring,
+            offer.manifest,
+            offer.signature,
+            now=now,
+            device_id=self.identity.device_id,
+            highest_sequence=self.store.state.highest_sequence,
+            policy=self._policy,
+        )
         if manifest.payload_size > self.config.max_payload:
-            raise TooLargeError(f"release {manifest.sequence}: payload of {manifest.payload_size} "
-                                f"bytes exceeds this device's cap of {self.config.max_payload}")
+            raise TooLargeError(
+                f"release {manifest.sequence}: payload of {manifest.payload_size} "
+                f"bytes exceeds this device's cap of {self.config.max_payload}"
+            )
         return manifest
 
-    def install(self, offer: Offer, envelope: Envelope, source: SegmentSource, *,
-                progress: Progress | None = None) -> tuple[InstalledVersion, Runtime]:
+    def install(
+        self,
+        offer: Offer,
+        envelope: Envelope,
+        source: SegmentSource,
+        *,
+        progress: Progress | None = None,
+    ) -> tuple[InstalledVersion, Runtime]:
         """Verify and install a release; return the now active version and its loaded runtime."""
         return self._install_verified(self.check(offer), offer, envelope, source, progress)
 
-    def _install_verified(self, manifest: Manifest, offer: Offer, envelope: Envelope,
-                          source: SegmentSource, progress: Progress | None
-                          ) -> tuple[InstalledVersion, Runtime]:
+    def _install_verified(
+        self,
+        manifest: Manifest,
+        offer: Offer,
+        envelope: Envelope,
+        source: SegmentSource,
+        progress: Progress | None,
+    ) -> tuple[InstalledVersion, Runtime]:
         envelope = select_envelope(manifest, [envelope], self.identity.device_id)
         key = unwrap_key(envelope, self.identity.kem, bundle_id=manifest.bundle_id)
         version = self._write(manifest, offer, key, source, progress)
@@ -134,8 +161,14 @@ class Updater:
         self.store.activate(version)
         return version, runtime
 
-    def _write(self, m: Manifest, offer: Offer, key: bytes, source: SegmentSource,
-               progress: Progress | None) -> InstalledVersion:
+    def _write(
+        self,
+        m: Manifest,
+        offer: Offer,
+        key: bytes,
+        source: SegmentSource,
+        progress: Progress | None,
+    ) -> InstalledVersion:
         cipher = SegmentCipher(key, bytes.fromhex(m.bundle_id), m.segment_size)
         digest = hashlib.sha256()
         staging = self.store.begin(m)
@@ -144,9 +177,11 @@ class Updater:
                 offset, length = m.segment_span(i)
                 ct = source.read(offset, length)
                 if len(ct) != length or sha256_hex(ct) != m.segment_hashes[i]:
-                    raise IntegrityError(f"segment {i}: expected {length} bytes with SHA-256 "
-                                         f"{m.segment_hashes[i][:16]}…, saw {len(ct)} bytes "
-                                         f"hashing to {sha256_hex(ct)[:16]}…")
+                    raise IntegrityError(
+                        f"segment {i}: expected {length} bytes with SHA-256 "
+                        f"{m.segment_hashes[i][:16]}…, saw {len(ct)} bytes "
+                        f"hashing to {sha256_hex(ct)[:16]}…"
+                    )
                 plain = cipher.open(i, ct, final=i == m.segments - 1)
                 digest.update(plain)
                 staging.write(plain)
@@ -154,9 +189,11 @@ class Updater:
                 if progress:
                     progress(offset + length, m.payload_size)
             if staging.written != m.plaintext_size or digest.hexdigest() != m.plaintext_sha256:
-                raise IntegrityError(f"plaintext: expected {m.plaintext_size} bytes with SHA-256 "
-                                     f"{m.plaintext_sha256[:16]}…, saw {staging.written} bytes "
-                                     f"hashing to {digest.hexdigest()[:16]}…")
+                raise IntegrityError(
+                    f"plaintext: expected {m.plaintext_size} bytes with SHA-256 "
+                    f"{m.plaintext_sha256[:16]}…, saw {staging.written} bytes "
+                    f"hashing to {digest.hexdigest()[:16]}…"
+                )
             return self.store.commit(staging, offer.manifest, offer.signature, m)
         except BaseException:
             self.store.abort(staging)
@@ -174,30 +211,38 @@ class Updater:
             raise
         return runtime
 
-    def install_file(self, path: Path, *, progress: Progress | None = None
-                     ) -> tuple[InstalledVersion, Runtime]:
+    def install_file(
+        self, path: Path, *, progress: Progress | None = None
+    ) -> tuple[InstalledVersion, Runtime]:
         """Side-load an ``.efb`` file with exactly the same checks as a network release."""
         try:
             size = path.stat().st_size
             with open(path, "rb") as f:
-                layout = parse_header(f.read(HEADER_SIZE), file_size=size,
-                                      max_payload=self.config.max_payload)
+                layout = parse_header(
+                    f.read(HEADER_SIZE), file_size=size, max_payload=self.config.max_payload
+                )
 
                 def section(name: str) -> bytes:
                     off, length = layout[name]
                     f.seek(off)
                     return f.read(length)
 
-                offer = Offer(keyring=section("keyring"), keyring_sig=section("keyring_sig"),
-                              manifest=section("manifest"), signature=section("signature"))
+                offer = Offer(
+                    keyring=section("keyring"),
+                    keyring_sig=section("keyring_sig"),
+                    manifest=section("manifest"),
+                    signature=section("signature"),
+                )
                 manifest = self.check(offer)  # verify before reading anything big
                 envelopes = decode_envelopes(section("envelopes"))
         except OSError as exc:
             raise StoreError(f"{path}: cannot read bundle ({exc.strerror})") from exc
         check_envelopes(manifest, envelopes)
         if layout["payload"][1] != manifest.payload_size:
-            raise MalformedError(f"payload: manifest says {manifest.payload_size} bytes, "
-                                 f"file holds {layout['payload'][1]}")
+            raise MalformedError(
+                f"payload: manifest says {manifest.payload_size} bytes, "
+                f"file holds {layout['payload'][1]}"
+            )
         mine = select_envelope(manifest, envelopes, self.identity.device_id)
         source = FileSource(path, layout["payload"][0])
         try:

@@ -51,8 +51,14 @@ def credentials(coordinator: Coordinator) -> dict[str, str]:
     return users
 
 
-def write_broker_config(coordinator: Coordinator, out: Path, *, port: int = 1883,
-                        bind: str = "127.0.0.1", run_as: str | None = None) -> BrokerFiles:
+def write_broker_config(
+    coordinator: Coordinator,
+    out: Path,
+    *,
+    port: int = 1883,
+    bind: str = "127.0.0.1",
+    run_as: str | None = None,
+) -> BrokerFiles:
     """Write config, passwords and ACL into ``out``.
 
     The files are mode 0600 and owned by whoever runs this; mosquitto started as root drops
@@ -64,6 +70,15 @@ def write_broker_config(coordinator: Coordinator, out: Path, *, port: int = 1883
     atomic_write(acl, edgefleet_acl(coordinator.config.username).encode(), mode=0o600)
     conf = out / "mosquitto.conf"
     (out / "data").mkdir(exist_ok=True)
-    atomic_write(conf, mosquitto_config(port=port, data_dir=out / "data", password_file=Path(pw),
-                                        acl_file=acl, bind=bind, user=run_as).encode())
+    atomic_write(
+        conf,
+        mosquitto_config(
+            port=port,
+            data_dir=out / "data",
+            password_file=Path(pw),
+            acl_file=acl,
+            bind=bind,
+            user=run_as,
+        ).encode(),
+    )
     return BrokerFiles(conf, Path(pw), acl, users)

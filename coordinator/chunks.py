@@ -53,26 +53,46 @@ class ChunkServer:
     def answer(self, device_id: str, req: ChunkRequest) -> list[ChunkReply]:
         """Replies for one request (refusals included); the caller publishes them to
         ``req.reply_to``, which this has checked is the device's own chunk topic."""
+
         def refuse(reason: str) -> list[ChunkReply]:
             self.refused += 1
             log.warning("refused chunk request from %s: %s", device_id, reason)
-            return [ChunkReply(bundle_id=req.bundle_id, index=i, corr=req.corr, status="refused",
-                               reason=reason) for i in req.indexes]
+            return [
+                ChunkReply(
+                    bundle_id=req.bundle_id, index=i, corr=req.corr, status="refused", reason=reason
+                )
+                for i in req.indexes
+            ]
 
         if req.reply_to != topics.chunk(device_id):
             return []  # never publish where the requester points us; drop silently
         facts = self.facts(req.bundle_id)
         if facts is None:
-            return [ChunkReply(bundle_id=req.bundle_id, index=i, corr=req.corr, status="unknown",
-                               reason="no such release") for i in req.indexes]
+            return [
+                ChunkReply(
+                    bundle_id=req.bundle_id,
+                    index=i,
+                    corr=req.corr,
+                    status="unknown",
+                    reason="no such release",
+                )
+                for i in req.indexes
+            ]
         if device_id not in facts.targets:
             return refuse(f"{device_id} is not a target of release {facts.sequence}")
         replies = []
         for i in req.indexes:
             if not 0 <= i < facts.manifest.segments:
                 self.refused += 1
-                replies.append(ChunkReply(bundle_id=req.bundle_id, index=i, corr=req.corr,
-                                          status="refused", reason=f"index {i} out of range"))
+                replies.append(
+                    ChunkReply(
+                        bundle_id=req.bundle_id,
+                        index=i,
+                        corr=req.corr,
+                        status="refused",
+                        reason=f"index {i} out of range",
+                    )
+                )
                 continue
             off, length = facts.manifest.segment_span(i)
             data = os.pread(self._fd(facts.payload_path), length, off)

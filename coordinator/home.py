@@ -37,7 +37,9 @@ class Coordinator:
         self.config = config
         self.home = config.home
         if not (self.home / "keyring.json").exists():
-            raise FileNotFoundError(f"{self.home}: not a coordinator home (run `edgefleet coordinator init`)")
+            raise FileNotFoundError(
+                f"{self.home}: not a coordinator home (run `edgefleet coordinator init`)"
+            )
         self.keys = CoordinatorKeys.load(self.home)
         self.registry = Registry(config.database_url)
         self.blobs = BlobStore(self.home / "blobs")
@@ -62,9 +64,15 @@ class Coordinator:
         atomic_write(self.home / "coordinator.toml", self.config.to_toml().encode())
 
     # -- models ---------------------------------------------------------------------------
-    def register_model(self, name: str, path: Path, *, version: str | None = None,
-                       meta_path: Path | None = None,
-                       lineage: dict[str, Any] | None = None) -> ModelVersion:
+    def register_model(
+        self,
+        name: str,
+        path: Path,
+        *,
+        version: str | None = None,
+        meta_path: Path | None = None,
+        lineage: dict[str, Any] | None = None,
+    ) -> ModelVersion:
         """Store the model file content-addressed and record a version with its metadata.
 
         Metadata (input/output spec, smoke vectors, feature statistics, metrics) comes from
@@ -78,19 +86,38 @@ class Coordinator:
         spec = _release_meta(meta)
         blob = self.blobs.put(data)
         metrics = {k: meta[k] for k in ("accuracy",) if k in meta}
-        mv = self.registry.add_model(name=name, version=version, format=fmt, blob=blob,
-                                     size=len(data), meta=spec, metrics=metrics, lineage=lineage)
+        mv = self.registry.add_model(
+            name=name,
+            version=version,
+            format=fmt,
+            blob=blob,
+            size=len(data),
+            meta=spec,
+            metrics=metrics,
+            lineage=lineage,
+        )
         log.info("registered model %s version %s (%s, %d bytes)", name, mv.version, fmt, len(data))
         return mv
 
     # -- fleet ----------------------------------------------------------------------------
     def enroll(self, public: DevicePublic) -> Device:
-        return self.registry.enroll(device_id=public.device_id, sign_public=public.sign_public,
-                                    kem=public.kem.kem, kem_public=public.kem.raw)
+        return self.registry.enroll(
+            device_id=public.device_id,
+            sign_public=public.sign_public,
+            kem=public.kem.kem,
+            kem_public=public.kem.raw,
+        )
 
     # -- releases -------------------------------------------------------------------------
-    def build(self, name: str, version: str, selector: str, *, now: int | None = None,
-              ttl: int | None = None) -> tuple[Release, BuiltRelease]:
+    def build(
+        self,
+        name: str,
+        version: str,
+        selector: str,
+        *,
+        now: int | None = None,
+        ttl: int | None = None,
+    ) -> tuple[Release, BuiltRelease]:
         """Sign and encrypt a release of a registered model for the selected devices."""
         mv = self.registry.model(name, version)
         device_ids = self.registry.resolve(selector)
@@ -104,29 +131,48 @@ class Coordinator:
         now = int(now if now is not None else time.time())
         meta = mv.meta
         spec = ReleaseSpec(
-            name=mv.name, format=mv.format, model_version=mv.version,
+            name=mv.name,
+            format=mv.format,
+            model_version=mv.version,
             sequence=self.registry.next_sequence(),
             inputs=tuple(TensorSpec.from_dict(t) for t in meta["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in meta["outputs"]),
-            created=now, ttl=ttl or self.config.manifest_ttl, segment_size=self.config.segment_size,
+            created=now,
+            ttl=ttl or self.config.manifest_ttl,
+            segment_size=self.config.segment_size,
             smoke=tuple(SmokeVector.from_dict(v) for v in meta.get("smoke", [])),
             reference_stats=meta.get("feature_stats", {}),
             lineage={"model_id": mv.id, **mv.lineage, "metrics": mv.metrics},
         )
-        built = build_release(self.blobs.get(mv.blob), spec, release_key=self.keys.release,
-                              recipients=recipients)
+        built = build_release(
+            self.blobs.get(mv.blob), spec, release_key=self.keys.release, recipients=recipients
+        )
         release = Release(
-            sequence=spec.sequence, bundle_id=built.manifest.bundle_id, model_id=mv.id,
-            selector=selector, created=now, manifest=built.manifest_raw,
-            signature=built.signature_raw, keyring=self.keys.keyring_raw,
-            keyring_sig=self.keys.keyring_sig, payload_blob=self.blobs.put(built.payload),
+            sequence=spec.sequence,
+            bundle_id=built.manifest.bundle_id,
+            model_id=mv.id,
+            selector=selector,
+            created=now,
+            manifest=built.manifest_raw,
+            signature=built.signature_raw,
+            keyring=self.keys.keyring_raw,
+            keyring_sig=self.keys.keyring_sig,
+            payload_blob=self.blobs.put(built.payload),
             content_key=built.content_key,
-            targets=[ReleaseTarget(device_id=e.device_id, envelope=canonical_json(e.to_dict()))
-                     for e in built.envelopes],
+            targets=[
+                ReleaseTarget(device_id=e.device_id, envelope=canonical_json(e.to_dict()))
+                for e in built.envelopes
+            ],
         )
         self.registry.add_release(release)
-        log.info("built release %d: %s v%s for %d devices (%d segments)", spec.sequence, name,
-                 version, len(device_ids), built.manifest.segments)
+        log.info(
+            "built release %d: %s v%s for %d devices (%d segments)",
+            spec.sequence,
+            name,
+            version,
+            len(device_ids),
+            built.manifest.segments,
+        )
         return release, built
 
     def write_bundle(self, built: BuiltRelease, out: Path) -> None:
@@ -143,8 +189,10 @@ def _release_meta(meta: dict[str, Any]) -> dict[str, Any]:
         out[key] = [TensorSpec.from_dict(s).to_dict() for s in specs]
     smoke = meta.get("smoke", [])
     if isinstance(smoke, dict):  # the trainer's form: {"x": rows, "probabilities": rows, "atol"}
-        smoke = [{"input": [x], "expected": [p], "atol": float(smoke.get("atol", 1e-4))}
-                 for x, p in zip(smoke["x"], smoke["probabilities"], strict=True)]
+        smoke = [
+            {"input": [x], "expected": [p], "atol": float(smoke.get("atol", 1e-4))}
+            for x, p in zip(smoke["x"], smoke["probabilities"], strict=True)
+        ]
     out["smoke"] = [SmokeVector.from_dict(v).to_dict() for v in smoke]
     out["feature_stats"] = meta.get("feature_stats", {})
     return out

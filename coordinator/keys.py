@@ -58,9 +58,14 @@ class CoordinatorKeys:
         _save_key(keys / "root.json", root)
         _save_key(keys / "release.json", release)
         atomic_write(home / "root.pub", encode_public_key(root.public_raw))
-        keyring = Keyring(version=1, expires=now + lifetime, root_keyid=root.keyid,
-                          keys=(KeyEntry(keyid=release.keyid, public=release.public_raw,
-                                         expires=now + lifetime),))
+        keyring = Keyring(
+            version=1,
+            expires=now + lifetime,
+            root_keyid=root.keyid,
+            keys=(
+                KeyEntry(keyid=release.keyid, public=release.public_raw, expires=now + lifetime),
+            ),
+        )
         raw, sig = sign_keyring(root, keyring)
         cls._save_keyring(home, raw, sig)
         log.info("initialised coordinator keys: root %s, release %s", root.keyid, release.keyid)
@@ -68,22 +73,33 @@ class CoordinatorKeys:
 
     @staticmethod
     def _save_keyring(home: Path, raw: bytes, sig: bytes) -> None:
-        atomic_write(home / "keyring.json", canonical_json({"keyring": b64e(raw), "signature": b64e(sig)}))
+        atomic_write(
+            home / "keyring.json", canonical_json({"keyring": b64e(raw), "signature": b64e(sig)})
+        )
 
     @classmethod
     def load(cls, home: Path) -> CoordinatorKeys:
         d = json.loads((home / "keyring.json").read_bytes())
-        return cls(home, _load_key(home / "keys" / "release.json"),
-                   b64d(d["keyring"], what="keyring"), b64d(d["signature"], what="keyring signature"))
+        return cls(
+            home,
+            _load_key(home / "keys" / "release.json"),
+            b64d(d["keyring"], what="keyring"),
+            b64d(d["signature"], what="keyring signature"),
+        )
 
     def rotate(self, *, now: int, lifetime: int = YEAR) -> CoordinatorKeys:
         """New release key; the old one is dropped from a new keyring version (revoked)."""
         root = _load_key(self.home / "keys" / "root.json")
         release = SigningKey.generate()
         old = self.keyring
-        keyring = Keyring(version=old.version + 1, expires=now + lifetime, root_keyid=root.keyid,
-                          keys=(KeyEntry(keyid=release.keyid, public=release.public_raw,
-                                         expires=now + lifetime),))
+        keyring = Keyring(
+            version=old.version + 1,
+            expires=now + lifetime,
+            root_keyid=root.keyid,
+            keys=(
+                KeyEntry(keyid=release.keyid, public=release.public_raw, expires=now + lifetime),
+            ),
+        )
         raw, sig = sign_keyring(root, keyring)
         _save_key(self.home / "keys" / "release.json", release)
         self._save_keyring(self.home, raw, sig)

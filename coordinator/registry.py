@@ -27,6 +27,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 __all__ = ["Device", "Group", "ModelVersion", "Registry", "Release", "ReleaseTarget"]
@@ -37,7 +38,8 @@ class Base(DeclarativeBase):
 
 
 group_members = Table(
-    "group_members", Base.metadata,
+    "group_members",
+    Base.metadata,
     Column("group_name", ForeignKey("groups.name", ondelete="CASCADE"), primary_key=True),
     Column("device_id", ForeignKey("devices.device_id", ondelete="CASCADE"), primary_key=True),
 )
@@ -101,14 +103,16 @@ class Release(Base):
     payload_blob: Mapped[str] = mapped_column(String(64))
     content_key: Mapped[bytes] = mapped_column(LargeBinary)  # secret
     model: Mapped[ModelVersion] = relationship()
-    targets: Mapped[list[ReleaseTarget]] = relationship(back_populates="release",
-                                                        cascade="all, delete-orphan")
+    targets: Mapped[list[ReleaseTarget]] = relationship(
+        back_populates="release", cascade="all, delete-orphan"
+    )
 
 
 class ReleaseTarget(Base):
     __tablename__ = "release_targets"
-    sequence: Mapped[int] = mapped_column(ForeignKey("releases.sequence", ondelete="CASCADE"),
-                                          primary_key=True)
+    sequence: Mapped[int] = mapped_column(
+        ForeignKey("releases.sequence", ondelete="CASCADE"), primary_key=True
+    )
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"), primary_key=True)
     envelope: Mapped[bytes] = mapped_column(LargeBinary)  # JSON of protocol.envelope.Envelope
     release: Mapped[Release] = relationship(back_populates="targets")
@@ -135,33 +139,58 @@ class Registry:
             yield s
 
     # -- models ---------------------------------------------------------------------------
-    def add_model(self, *, name: str, version: str | None, format: str, blob: str, size: int,
-                  meta: dict[str, Any], metrics: dict[str, Any] | None = None,
-                  lineage: dict[str, Any] | None = None) -> ModelVersion:
+    def add_model(
+        self,
+        *,
+        name: str,
+        version: str | None,
+        format: str,
+        blob: str,
+        size: int,
+        meta: dict[str, Any],
+        metrics: dict[str, Any] | None = None,
+        lineage: dict[str, Any] | None = None,
+    ) -> ModelVersion:
         with self.session() as s:
             if version is None:
                 count = s.scalar(select(func.count()).where(ModelVersion.name == name)) or 0
                 version = str(count + 1)
-            if s.scalar(select(ModelVersion).where(ModelVersion.name == name,
-                                                   ModelVersion.version == version)):
+            if s.scalar(
+                select(ModelVersion).where(
+                    ModelVersion.name == name, ModelVersion.version == version
+                )
+            ):
                 raise ValueError(f"model {name} version {version} is already registered")
-            mv = ModelVersion(name=name, version=version, format=format, blob=blob, size=size,
-                              created=int(time.time()), meta=meta, metrics=metrics or {},
-                              lineage=lineage or {})
+            mv = ModelVersion(
+                name=name,
+                version=version,
+                format=format,
+                blob=blob,
+                size=size,
+                created=int(time.time()),
+                meta=meta,
+                metrics=metrics or {},
+                lineage=lineage or {},
+            )
             s.add(mv)
         return mv
 
     def model(self, name: str, version: str) -> ModelVersion:
         with self.session() as s:
-            mv = s.scalar(select(ModelVersion).where(ModelVersion.name == name,
-                                                     ModelVersion.version == version))
+            mv = s.scalar(
+                select(ModelVersion).where(
+                    ModelVersion.name == name, ModelVersion.version == version
+                )
+            )
             if mv is None:
                 raise LookupError(f"model {name} version {version} is not registered")
             return mv
 
     def models(self) -> Sequence[ModelVersion]:
         with self.session() as s:
-            return s.scalars(select(ModelVersion).order_by(ModelVersion.name, ModelVersion.id)).all()
+            return s.scalars(
+                select(ModelVersion).order_by(ModelVersion.name, ModelVersion.id)
+            ).all()
 
     # -- fleet ----------------------------------------------------------------------------
     def enroll(self, *, device_id: str, sign_public: bytes, kem: str, kem_public: bytes) -> Device:
@@ -170,8 +199,14 @@ class Registry:
             if dev is not None and (dev.sign_public, dev.kem_public) != (sign_public, kem_public):
                 raise ValueError(f"device {device_id} is enrolled with other keys; revoke it first")
             if dev is None:
-                dev = Device(device_id=device_id, sign_public=sign_public, kem=kem,
-                             kem_public=kem_public, enrolled=int(time.time()), last_result={})
+                dev = Device(
+                    device_id=device_id,
+                    sign_public=sign_public,
+                    kem=kem,
+                    kem_public=kem_public,
+                    enrolled=int(time.time()),
+                    last_result={},
+                )
                 s.add(dev)
             return dev
 
@@ -196,11 +231,13 @@ class Registry:
 
     def groups(self) -> dict[str, list[str]]:
         with self.session() as s:
-            return {g.name: sorted(d.device_id for d in g.devices)
-                    for g in s.scalars(select(Group).order_by(Group.name))}
+            return {
+                g.name: sorted(d.device_id for d in g.devices)
+                for g in s.scalars(select(Group).order_by(Group.name))
+            }
 
     def resolve(self, selector: str) -> list[str]:
-        """``all`` | ``group:G`` | ``device:ID`` | ``ID[,ID…]`` -> enrolled, unrevoked device ids."""
+        """``all`` | ``group:G`` | ``device:ID`` | ``ID[,ID…]`` -> enrolled, unrevoked ids."""
         with self.session() as s:
             if selector == "all":
                 q = select(Device.device_id)
@@ -208,7 +245,9 @@ class Registry:
                 g = s.get(Group, selector[6:])
                 if g is None:
                     raise LookupError(f"group {selector[6:]} does not exist")
-                q = select(Device.device_id).where(Device.device_id.in_([d.device_id for d in g.devices]))
+                q = select(Device.device_id).where(
+                    Device.device_id.in_([d.device_id for d in g.devices])
+                )
             else:
                 ids = [i for i in selector.removeprefix("device:").split(",") if i]
                 found = set(s.scalars(select(Device.device_id).where(Device.device_id.in_(ids))))
@@ -225,24 +264,43 @@ class Registry:
 
     # -- releases -------------------------------------------------------------------------
     def next_sequence(self) -> int:
-        """Allocate the next release sequence (monotonic, never reused)."""
-        with self.session() as s:
-            c = s.get(Counter, "release", with_for_update=True)
-            if c is None:
-                c = Counter(name="release", value=0)
-                s.add(c)
-            c.value += 1
-            return c.value
+        """Allocate the next release sequence (monotonic, never reused, also across processes).
+
+        One ``UPDATE … RETURNING`` statement, atomic on SQLite and PostgreSQL alike (a read
+        and a later write lose updates on SQLite); the counter row is created on first use.
+        """
+        bump = (
+            update(Counter)
+            .where(Counter.name == "release")
+            .values(value=Counter.value + 1)
+            .returning(Counter.value)
+        )
+        for _ in range(3):
+            with self.session() as s:
+                value = s.scalar(bump)
+            if value is not None:
+                return int(value)
+            try:
+                with self.session() as s:
+                    s.add(Counter(name="release", value=0))
+            except IntegrityError:
+                pass  # another coordinator created it first: bump again
+        raise RuntimeError("could not allocate a release sequence")
 
     def add_release(self, release: Release) -> None:
         with self.session() as s:
             s.add(release)
 
-    def release(self, *, sequence: int | None = None, bundle_id: str | None = None) -> Release | None:
+    def release(
+        self, *, sequence: int | None = None, bundle_id: str | None = None
+    ) -> Release | None:
         with self.session() as s:
             q = select(Release)
-            q = q.where(Release.sequence == sequence) if sequence is not None else q.where(
-                Release.bundle_id == bundle_id)
+            q = (
+                q.where(Release.sequence == sequence)
+                if sequence is not None
+                else q.where(Release.bundle_id == bundle_id)
+            )
             r = s.scalar(q)
             if r is not None:
                 _ = r.targets, r.model  # load while the session is open

@@ -34,10 +34,16 @@ _STOP = object()
 
 def offers(release: Release) -> dict[str, ReleaseOffer]:
     """Each target device's release offer."""
-    return {t.device_id: ReleaseOffer(keyring=release.keyring, keyring_sig=release.keyring_sig,
-                                      manifest=release.manifest, signature=release.signature,
-                                      envelope=Envelope.from_dict(_json(t.envelope)))
-            for t in release.targets}
+    return {
+        t.device_id: ReleaseOffer(
+            keyring=release.keyring,
+            keyring_sig=release.keyring_sig,
+            manifest=release.manifest,
+            signature=release.signature,
+            envelope=Envelope.from_dict(_json(t.envelope)),
+        )
+        for t in release.targets
+    }
 
 
 def _json(raw: bytes) -> object:
@@ -61,17 +67,21 @@ def publish_release(link: MqttLink, release: Release, *, timeout: float = 30.0) 
 
 
 class CoordinatorService:
-    def __init__(self, coordinator: Coordinator, mqtt: MqttConfig, *,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, coordinator: Coordinator, mqtt: MqttConfig, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.coordinator = coordinator
         self.registry = coordinator.registry
         self.clock = clock
         self.chunks = ChunkServer(self._facts)
         self.link = MqttLink(mqtt, self._on_message)
+        self._shared = mqtt.protocol == 5
         self._chunk_q: queue.Queue[object] = queue.Queue(maxsize=10_000)
         self._ingest_q: queue.Queue[object] = queue.Queue(maxsize=10_000)
-        self._threads = [threading.Thread(target=self._serve_chunks, name="chunks", daemon=True),
-                         threading.Thread(target=self._ingest, name="ingest", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._serve_chunks, name="chunks", daemon=True),
+            threading.Thread(target=self._ingest, name="ingest", daemon=True),
+        ]
         self.statuses = 0
         self.status_event = threading.Event()  # set on every ingested status (tests, demo)
 
@@ -79,15 +89,20 @@ class CoordinatorService:
         r = self.registry.release(bundle_id=bundle_id)
         if r is None:
             return None
-        return ReleaseFacts(sequence=r.sequence, targets=frozenset(t.device_id for t in r.targets),
-                            manifest=Manifest.decode(r.manifest),
-                            payload_path=self.coordinator.blobs.path(r.payload_blob))
+        return ReleaseFacts(
+            sequence=r.sequence,
+            targets=frozenset(t.device_id for t in r.targets),
+            manifest=Manifest.decode(r.manifest),
+            payload_path=self.coordinator.blobs.path(r.payload_blob),
+        )
 
     def start(self, timeout: float = 10.0) -> None:
         for t in self._threads:
             t.start()
         self.link.start()
-        self.link.subscribe(topics.chunk_requests_shared(), qos=1)
+        self.link.subscribe(
+            topics.chunk_requests_shared() if self._shared else topics.up_all("chunkreq"), qos=1
+        )
         self.link.subscribe(topics.up_all("status"), qos=1)
         self.link.subscribe(topics.up_all("telemetry"), qos=0)
         if not self.link.wait_connected(timeout):
@@ -142,7 +157,7 @@ class CoordinatorService:
                     t = Telemetry.decode(payload)
                     self.registry.update_device(device_id, last_seen=int(self.clock()))
                     log.debug("telemetry from %s: %s", t.device_id, t.metrics)
-            except DecodeError as exc:
+            except EdgeFleetError as exc:  # DecodeError, TooLargeError: the sender's fault
                 log.warning("dropped %s from %s: %s", kind, device_id, exc)
             except Exception:
                 log.exception("ingesting %s from %s failed", kind, device_id)
@@ -154,10 +169,14 @@ class CoordinatorService:
         if st.device_id != device_id:
             raise DecodeError(f"status on {device_id}'s topic names {st.device_id}")
         active = st.active or {}
-        values = dict(last_seen=int(self.clock()), state=st.state,
-                      active_name=active.get("name"), active_version=active.get("version"),
-                      active_sequence=active.get("sequence"),
-                      last_result={**(st.last_result or {}), "progress": st.progress})
+        values = dict(
+            last_seen=int(self.clock()),
+            state=st.state,
+            active_name=active.get("name"),
+            active_version=active.get("version"),
+            active_sequence=active.get("sequence"),
+            last_result={**(st.last_result or {}), "progress": st.progress},
+        )
         if self.registry.update_device(device_id, **values):
             self.statuses += 1
             self.status_event.set()
@@ -165,15 +184,25 @@ class CoordinatorService:
             log.warning("status from unenrolled device %s ignored", device_id)
 
 
-def mqtt_config_for(coordinator: Coordinator, *, client_id: str, broker: str | None = None,
-                    password: str | None = None, protocol: int | None = None) -> MqttConfig:
+def mqtt_config_for(
+    coordinator: Coordinator,
+    *,
+    client_id: str,
+    broker: str | None = None,
+    password: str | None = None,
+    protocol: int | None = None,
+) -> MqttConfig:
     """The coordinator's broker settings from its config, with overrides."""
     cfg = coordinator.config
     if password is None and cfg.password_file:
         password = Path(cfg.password_file).read_text().strip()
-    return MqttConfig(url=broker or cfg.broker, client_id=client_id,
-                      username=cfg.username if password else None, password=password,
-                      tls_ca=Path(cfg.tls_ca) if cfg.tls_ca else None,
-                      tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
-                      tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
-                      protocol=protocol or cfg.mqtt_protocol)  # type: ignore[arg-type]
+    return MqttConfig(
+        url=broker or cfg.broker,
+        client_id=client_id,
+        username=cfg.username if password else None,
+        password=password,
+        tls_ca=Path(cfg.tls_ca) if cfg.tls_ca else None,
+        tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
+        tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
+        protocol=protocol or cfg.mqtt_protocol,
+    )  # type: ignore[arg-type]

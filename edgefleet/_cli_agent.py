@@ -26,10 +26,16 @@ def init(args: argparse.Namespace) -> int:
     home.mkdir(parents=True, exist_ok=True)
     ident = DeviceIdentity.create(home / "keys", args.device_id, kem=args.kem)
     TrustStore.pin(home / "trust", root)
-    config = AgentConfig(home=home, device_id=ident.device_id, broker=args.broker,
-                         password_file=str(Path(args.password_file).resolve()) if args.password_file else "")
+    config = AgentConfig(
+        home=home,
+        device_id=ident.device_id,
+        broker=args.broker,
+        password_file=str(Path(args.password_file).resolve()) if args.password_file else "",
+    )
     atomic_write(home / "agent.toml", config.to_toml().encode())
-    print(f"device {ident.device_id}: keys made; public keys in {home / 'keys' / 'device.pub.json'}")
+    print(
+        f"device {ident.device_id}: keys made; public keys in {home / 'keys' / 'device.pub.json'}"
+    )
     return 0
 
 
@@ -56,14 +62,23 @@ def status(args: argparse.Namespace) -> int:
         return 0
     a = st["active"]
     print(f"device:   {st['device_id']}")
-    print("active:   " + ("none" if a is None else
-                          f"{a['name']} {a['version']} ({a['format']}, sequence {a['sequence']})"))
+    print(
+        "active:   "
+        + (
+            "none"
+            if a is None
+            else f"{a['name']} {a['version']} ({a['format']}, sequence {a['sequence']})"
+        )
+    )
     print(f"accepted: sequence <= {st['highest_sequence']}, keyring v{st['keyring_version']}")
     for k in st["kept"]:
         print(f"kept:     {k['name']} {k['version']} ({k['format']}, sequence {k['sequence']})")
     last = st["last_install"]
     if last:
-        print(f"last:     {'ok' if last['ok'] else 'rejected'} {last['code']} {last.get('reason', '')}")
+        print(
+            f"last:     {'ok' if last['ok'] else 'rejected'} {last['code']} "
+            f"{last.get('reason', '')}"
+        )
     return 0
 
 
@@ -104,5 +119,8 @@ def predict(args: argparse.Namespace) -> int:
 def rollback(args: argparse.Namespace) -> int:
     version = _open(args.home).rollback()
     m = version.manifest
-    print(f"rolled back: {m.name} {m.model_version} (sequence {m.sequence}) is active", file=sys.stdout)
+    print(
+        f"rolled back: {m.name} {m.model_version} (sequence {m.sequence}) is active",
+        file=sys.stdout,
+    )
     return 0

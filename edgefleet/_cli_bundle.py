@@ -21,20 +21,28 @@ def inspect(args: argparse.Namespace) -> int:
             f.seek(off)
             return f.read(length)
 
-        raw = {n: section(n) for n in ("keyring", "keyring_sig", "manifest", "signature", "envelopes")}
+        raw = {
+            n: section(n) for n in ("keyring", "keyring_sig", "manifest", "signature", "envelopes")
+        }
     verified = "not verified (pass --trust root.pub)"
     if args.trust:
         from protocol.keys import decode_public_key
         from protocol.verify import verify_keyring
 
         now = int(time.time())
-        keyring = verify_keyring(decode_public_key(args.trust.read_bytes()), raw["keyring"],
-                                 raw["keyring_sig"], now=now, current=None)
+        keyring = verify_keyring(
+            decode_public_key(args.trust.read_bytes()),
+            raw["keyring"],
+            raw["keyring_sig"],
+            now=now,
+            current=None,
+        )
         sig = Signature.decode(raw["signature"])
         from protocol.keys import verify_signature
 
-        verify_signature(keyring.release_key(sig.keyid, now).public, sig.sig, raw["manifest"],
-                         what="manifest")
+        verify_signature(
+            keyring.release_key(sig.keyid, now).public, sig.sig, raw["manifest"], what="manifest"
+        )
         verified = "verified against the given root key"
     manifest = Manifest.decode(raw["manifest"])
     envelopes = decode_envelopes(raw["envelopes"])
@@ -42,10 +50,14 @@ def inspect(args: argparse.Namespace) -> int:
     doc["segment_hashes"] = f"{len(manifest.segment_hashes)} hashes"
     doc["smoke"] = f"{len(manifest.smoke)} vectors"
     out = {
-        "file": str(args.file), "size": size, "signature": verified,
+        "file": str(args.file),
+        "size": size,
+        "signature": verified,
         "signed_by": Signature.decode(raw["signature"]).keyid,
         "keyring_version": Keyring.decode(raw["keyring"]).version,
-        "envelopes": [{"device_id": e.device_id, "kem": e.kem, "bytes": len(e.sealed)} for e in envelopes],
+        "envelopes": [
+            {"device_id": e.device_id, "kem": e.kem, "bytes": len(e.sealed)} for e in envelopes
+        ],
         "manifest": doc,
     }
     print(json.dumps(out, indent=2))

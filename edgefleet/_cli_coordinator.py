@@ -17,8 +17,10 @@ def init(args: argparse.Namespace) -> int:
     from coordinator.home import Coordinator
 
     c = Coordinator.init(args.home, database=args.database)
-    print(f"coordinator home {args.home}: root key {c.keys.keyring.root_keyid}, "
-          f"release key {c.keys.release.keyid}")
+    print(
+        f"coordinator home {args.home}: root key {c.keys.keyring.root_keyid}, "
+        f"release key {c.keys.release.keyid}"
+    )
     print(f"agents pin {args.home / 'root.pub'} (edgefleet agent init --trust …)")
     return 0
 
@@ -28,7 +30,9 @@ def enroll(args: argparse.Namespace) -> int:
 
     public = DevicePublic.decode(args.public_key.read_bytes())
     if public.device_id != args.device_id:
-        raise ValueError(f"{args.public_key} is for device {public.device_id!r}, not {args.device_id!r}")
+        raise ValueError(
+            f"{args.public_key} is for device {public.device_id!r}, not {args.device_id!r}"
+        )
     c = _open(args.home)
     c.enroll(public)
     for g in args.group:
@@ -41,25 +45,39 @@ def train(args: argparse.Namespace) -> int:
     from models.digits import write_digits_artifacts
 
     art = write_digits_artifacts(args.out, seed=args.seed, hidden=args.hidden)
-    print(f"digits: test accuracy {art.accuracy:.4f}; wrote {art.onnx_path}, {art.tflite_path}, "
-          f"{art.test_path}, {art.metadata_path}")
+    print(
+        f"digits: test accuracy {art.accuracy:.4f}; wrote {art.onnx_path}, {art.tflite_path}, "
+        f"{art.test_path}, {art.metadata_path}"
+    )
     return 0
 
 
 def register(args: argparse.Namespace) -> int:
-    mv = _open(args.home).register_model(args.name, args.file, version=args.version,
-                                         meta_path=args.meta)
+    mv = _open(args.home).register_model(
+        args.name, args.file, version=args.version, meta_path=args.meta
+    )
     print(mv.version)
     return 0
 
 
 def list_models(args: argparse.Namespace) -> int:
-    rows = [{"name": m.name, "version": m.version, "format": m.format, "size": m.size,
-             "sha256": m.blob, "metrics": m.metrics} for m in _open(args.home).registry.models()]
+    rows = [
+        {
+            "name": m.name,
+            "version": m.version,
+            "format": m.format,
+            "size": m.size,
+            "sha256": m.blob,
+            "metrics": m.metrics,
+        }
+        for m in _open(args.home).registry.models()
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
     for r in [] if args.json else rows:
-        print(f"{r['name']}\t{r['version']}\t{r['format']}\t{r['size']}\t{r['sha256'][:12]}\t{r['metrics']}")
+        print(
+            f"{r['name']}\t{r['version']}\t{r['format']}\t{r['size']}\t{r['sha256'][:12]}\t{r['metrics']}"
+        )
     return 0
 
 
@@ -67,8 +85,10 @@ def build(args: argparse.Namespace) -> int:
     c = _open(args.home)
     release, built = c.build(args.name, args.version, args.to)
     c.write_bundle(built, args.out)
-    print(f"{args.out}: release {release.sequence}, {args.name} {args.version}, "
-          f"{len(built.envelopes)} devices, {built.manifest.payload_size} bytes payload")
+    print(
+        f"{args.out}: release {release.sequence}, {args.name} {args.version}, "
+        f"{len(built.envelopes)} devices, {built.manifest.payload_size} bytes payload"
+    )
     return 0
 
 
@@ -88,12 +108,15 @@ def broker_config(args: argparse.Namespace) -> int:
     from coordinator.brokerconf import write_broker_config
 
     c = _open(args.home)
-    files = write_broker_config(c, args.out or args.home / "broker", port=args.port, bind=args.bind,
-                                run_as=args.run_as)
+    files = write_broker_config(
+        c, args.out or args.home / "broker", port=args.port, bind=args.bind, run_as=args.run_as
+    )
     print(f"wrote {files.config}, {files.passwords}, {files.acl}")
     print(f"run: mosquitto -c {files.config}")
-    print(f"device passwords: {args.home / 'secrets' / 'devices'}/<device>.password "
-          "(copy to the device, set password_file in its agent.toml)")
+    print(
+        f"device passwords: {args.home / 'secrets' / 'devices'}/<device>.password "
+        "(copy to the device, set password_file in its agent.toml)"
+    )
     return 0
 
 
@@ -106,12 +129,22 @@ def fleet_rows(home: Path) -> list[dict[str, object]]:
     rows = []
     for d in registry.devices():
         last = d.last_result or {}
-        rows.append({"device": d.device_id, "groups": [g for g, members in groups.items() if d.device_id in members],
-                     "state": d.state, "model": d.active_name, "version": d.active_version,
-                     "sequence": d.active_sequence,
-                     "last_seen_s": None if d.last_seen is None else now - d.last_seen,
-                     "last_result": None if not last else
-                     ("ok" if last.get("ok") else f"{last.get('code')}: {last.get('reason', '')[:60]}")})
+        rows.append(
+            {
+                "device": d.device_id,
+                "groups": [g for g, members in groups.items() if d.device_id in members],
+                "state": d.state,
+                "model": d.active_name,
+                "version": d.active_version,
+                "sequence": d.active_sequence,
+                "last_seen_s": None if d.last_seen is None else now - d.last_seen,
+                "last_result": None
+                if not last
+                else (
+                    "ok" if last.get("ok") else f"{last.get('code')}: {last.get('reason', '')[:60]}"
+                ),
+            }
+        )
     return rows
 
 
@@ -123,10 +156,20 @@ def fleet_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("device", "groups", "state", "model", "version", "seq", "last seen", "last result")
+    table = Table(
+        "device", "groups", "state", "model", "version", "seq", "last seen", "last result"
+    )
     for r in rows:
         seen = "never" if r["last_seen_s"] is None else f"{r['last_seen_s']} s ago"
-        table.add_row(str(r["device"]), ",".join(r["groups"]) or "-", str(r["state"]), str(r["model"] or "-"),
-                      str(r["version"] or "-"), str(r["sequence"] or "-"), seen, str(r["last_result"] or "-"))
+        table.add_row(
+            str(r["device"]),
+            ",".join(r["groups"]) or "-",
+            str(r["state"]),
+            str(r["model"] or "-"),
+            str(r["version"] or "-"),
+            str(r["sequence"] or "-"),
+            seen,
+            str(r["last_result"] or "-"),
+        )
     Console().print(table)
     return 0

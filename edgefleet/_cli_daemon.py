@@ -10,7 +10,6 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("edgefleet")
@@ -39,6 +38,7 @@ def _progress_printer() -> Any:
         bar.update(tasks["dl"], completed=done, total=total)
         if phase == "installed":
             bar.update(tasks.pop("dl"), description="installed")
+
     return update
 
 
@@ -47,8 +47,9 @@ def agent_run(args: argparse.Namespace) -> int:
     from agent.config import AgentConfig
     from agent.daemon import AgentDaemon, mqtt_config_for
 
-    config = AgentConfig.load(args.home, broker=args.broker, password_file=args.password_file,
-                              http_port=args.http_port)
+    config = AgentConfig.load(
+        args.home, broker=args.broker, password_file=args.password_file, http_port=args.http_port
+    )
     if not config.broker:
         raise ValueError("no broker: pass --broker mqtt://host:port or set broker in agent.toml")
     agent = Agent(config)
@@ -59,8 +60,9 @@ def agent_run(args: argparse.Namespace) -> int:
         server = InferenceServer(agent, home=config.home, port=config.http_port)
         server.start()
         log.warning("local inference API on %s", server.url)
-    daemon = AgentDaemon(agent, mqtt_config_for(agent), heartbeat=args.heartbeat,
-                         progress=_progress_printer())
+    daemon = AgentDaemon(
+        agent, mqtt_config_for(agent), heartbeat=args.heartbeat, progress=_progress_printer()
+    )
     stop = _stop_on_signals()
     daemon.start()
     try:
@@ -79,7 +81,9 @@ def coordinator_serve(args: argparse.Namespace) -> int:
 
     c = Coordinator.open(args.home, broker=args.broker)
     if not c.config.broker:
-        raise ValueError("no broker: pass --broker mqtt://host:port or set broker in coordinator.toml")
+        raise ValueError(
+            "no broker: pass --broker mqtt://host:port or set broker in coordinator.toml"
+        )
     client_id = args.client_id or f"coordinator-{socket.gethostname()}-{os.getpid()}"
     svc = CoordinatorService(c, mqtt_config_for(c, client_id=client_id))
     stop = _stop_on_signals()
@@ -99,19 +103,25 @@ def model_release(args: argparse.Namespace) -> int:
 
     c = Coordinator.open(args.home, broker=args.broker)
     if not c.config.broker:
-        raise ValueError("no broker: pass --broker mqtt://host:port or set broker in coordinator.toml")
+        raise ValueError(
+            "no broker: pass --broker mqtt://host:port or set broker in coordinator.toml"
+        )
     release, built = c.build(args.name, args.version, args.to)
     link = MqttLink(mqtt_config_for(c, client_id=f"release-{os.getpid()}"), lambda *a: None)
     link.start()
     try:
         if not link.wait_connected(15):
-            raise ConnectionError(f"cannot reach the broker at {c.config.broker}: {link.last_error}")
+            raise ConnectionError(
+                f"cannot reach the broker at {c.config.broker}: {link.last_error}"
+            )
         sent = publish_release(link, release)
     finally:
         link.stop()
     targets = sorted(e.device_id for e in built.envelopes)
-    print(f"release {release.sequence}: {args.name} {args.version} to {len(targets)} devices "
-          f"({sent} bytes of offers)")
+    print(
+        f"release {release.sequence}: {args.name} {args.version} to {len(targets)} devices "
+        f"({sent} bytes of offers)"
+    )
     if args.wait > 0:
         return _wait_for(c, release.sequence, targets, args.wait)
     return 0
@@ -126,5 +136,7 @@ def _wait_for(c: Any, sequence: int, targets: list[str], timeout: float) -> int:
             print(f"all {len(targets)} devices run release {sequence}")
             return 0
         time.sleep(0.5)
-    print(f"timed out: {len(done)} of {len(targets)} devices run release {sequence}", file=sys.stderr)
+    print(
+        f"timed out: {len(done)} of {len(targets)} devices run release {sequence}", file=sys.stderr
+    )
     return 3

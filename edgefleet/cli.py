@@ -22,8 +22,12 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _home(env: str) -> dict[str, object]:
     default = os.environ.get(env)
-    return {"type": Path, "default": Path(default) if default else None,
-            "required": default is None, "help": f"home directory (default: ${env})"}
+    return {
+        "type": Path,
+        "default": Path(default) if default else None,
+        "required": default is None,
+        "help": f"home directory (default: ${env})",
+    }
 
 
 def _lazy(module: str, func: str) -> Handler:
@@ -31,11 +35,14 @@ def _lazy(module: str, func: str) -> Handler:
         import importlib
 
         return int(getattr(importlib.import_module(module), func)(args) or 0)
+
     return run
 
 
 def _agent(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("agent", help="the on-device agent").add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("agent", help="the on-device agent").add_subparsers(
+        dest="cmd", required=True
+    )
     mod = "edgefleet._cli_agent"
     home = _home("EDGEFLEET_AGENT_HOME")
     c = p.add_parser("init", help="make device keys and pin the coordinator's root key")
@@ -75,7 +82,9 @@ def _agent(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _coordinator(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("coordinator", help="the ML team's coordinator").add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("coordinator", help="the ML team's coordinator").add_subparsers(
+        dest="cmd", required=True
+    )
     mod = "edgefleet._cli_coordinator"
     home = _home("EDGEFLEET_COORDINATOR_HOME")
     c = p.add_parser("init", help="make root and release keys, keyring, config, registry")
@@ -107,13 +116,18 @@ def _coordinator(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     c.add_argument("--out", type=Path, default=None, help="default: <home>/broker")
     c.add_argument("--port", type=int, default=1883)
     c.add_argument("--bind", default="127.0.0.1")
-    c.add_argument("--run-as", default=None,
-                   help="user mosquitto runs as (must be able to read the 0600 files)")
+    c.add_argument(
+        "--run-as",
+        default=None,
+        help="user mosquitto runs as (must be able to read the 0600 files)",
+    )
     c.set_defaults(run=_lazy(mod, "broker_config"))
 
 
 def _model(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("model", help="train and register models").add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("model", help="train and register models").add_subparsers(
+        dest="cmd", required=True
+    )
     mod = "edgefleet._cli_coordinator"
     c = p.add_parser("train", help="train a reference model and export ONNX + TFLite")
     c.add_argument("which", choices=["digits"])
@@ -134,8 +148,12 @@ def _model(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--version", required=True)
     c.add_argument("--to", required=True, help="group:G | device:ID[,ID…] | all")
     c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
-    c.add_argument("--wait", type=float, default=0.0,
-                   help="seconds to wait for every target to report the new version")
+    c.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        help="seconds to wait for every target to report the new version",
+    )
     c.set_defaults(run=_lazy("edgefleet._cli_daemon", "model_release"))
     c = p.add_parser("list", help="registered model versions")
     c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
@@ -144,7 +162,9 @@ def _model(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _bundle(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("bundle", help="build and inspect bundle files").add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("bundle", help="build and inspect bundle files").add_subparsers(
+        dest="cmd", required=True
+    )
     c = p.add_parser("build", help="build a signed, encrypted bundle for devices")
     c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
     c.add_argument("--name", required=True)
@@ -186,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # One-shot commands print their own one-line result; daemons log their state changes.
-    daemon = [args.group, getattr(args, "cmd", None)] in (["agent", "run"], ["coordinator", "serve"])
+    daemon = [args.group, getattr(args, "cmd", None)] in (
+        ["agent", "run"],
+        ["coordinator", "serve"],
+    )
     base = logging.WARNING if daemon or args.group == "demo" else logging.ERROR
     level = max(logging.DEBUG, base - 10 * args.verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

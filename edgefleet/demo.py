@@ -36,16 +36,25 @@ def _cli(*args: str) -> None:
 
 def _spawn(log: Path, *args: str) -> subprocess.Popen[bytes]:
     out = open(log, "wb")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen([sys.executable, "-m", "edgefleet", *args], stdout=out,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
 
 
-def _wait_release(coordinator: Any, sequence: int, targets: list[str], timeout: float,
-                  label: str) -> None:
+def _wait_release(
+    coordinator: Any, sequence: int, targets: list[str], timeout: float, label: str
+) -> None:
     """Show per-device progress from the statuses the coordinator ingests."""
     deadline = time.monotonic() + timeout
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
-                  console=console) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[state]}"),
+        console=console,
+    ) as bar:
         tasks = {t: bar.add_task(f"{label} → {t}", total=1.0, state="waiting") for t in targets}
         while time.monotonic() < deadline:
             devices = {d.device_id: d for d in coordinator.registry.devices()}
@@ -78,32 +87,87 @@ def run(workdir: Path, n_agents: int) -> int:
     _cli("coordinator", "init", "--home", str(chome))
     _cli("model", "train", "digits", "--out", str(mdir / "v1"))
     _cli("model", "train", "digits", "--out", str(mdir / "v2"), "--hidden", "64")
-    _cli("model", "register", "--home", str(chome), "--name", "digits", "--file",
-         str(mdir / "v1" / "digits.onnx"), "--version", "1")
-    _cli("model", "register", "--home", str(chome), "--name", "digits", "--file",
-         str(mdir / "v2" / "digits.tflite"), "--version", "2")
+    _cli(
+        "model",
+        "register",
+        "--home",
+        str(chome),
+        "--name",
+        "digits",
+        "--file",
+        str(mdir / "v1" / "digits.onnx"),
+        "--version",
+        "1",
+    )
+    _cli(
+        "model",
+        "register",
+        "--home",
+        str(chome),
+        "--name",
+        "digits",
+        "--file",
+        str(mdir / "v2" / "digits.tflite"),
+        "--version",
+        "2",
+    )
     for dev in devices:
         ahome = workdir / dev
-        _cli("agent", "init", "--home", str(ahome), "--device-id", dev, "--trust", str(chome / "root.pub"))
-        _cli("coordinator", "enroll", "--home", str(chome), "--device-id", dev, "--public-key",
-             str(ahome / "keys" / "device.pub.json"))
+        _cli(
+            "agent",
+            "init",
+            "--home",
+            str(ahome),
+            "--device-id",
+            dev,
+            "--trust",
+            str(chome / "root.pub"),
+        )
+        _cli(
+            "coordinator",
+            "enroll",
+            "--home",
+            str(chome),
+            "--device-id",
+            dev,
+            "--public-key",
+            str(ahome / "keys" / "device.pub.json"),
+        )
     canary = devices[-1:]
     _cli("coordinator", "group", "add", "--home", str(chome), "canary", *canary)
     coordinator = Coordinator.open(chome)
     users = credentials(coordinator)
     procs: list[subprocess.Popen[bytes]] = []
     with EmbeddedBroker(data_dir=workdir / "broker", users=users, acl=edgefleet_acl()) as broker:
-        console.print(f"broker: {broker.kind} on {broker.url} (MQTT {'5' if broker.protocol == 5 else '3.1.1'}"
-                      f"{', passwords + ACL' if broker.kind == 'mosquitto' else ', demo only: no ACL'})")
+        console.print(
+            f"broker: {broker.kind} on {broker.url} "
+            f"(MQTT {'5' if broker.protocol == 5 else '3.1.1'}"
+            f"{', passwords + ACL' if broker.kind == 'mosquitto' else ', demo only: no ACL'})"
+        )
         coordinator.update_config(broker=broker.url, mqtt_protocol=broker.protocol)
         for dev in devices:
-            _set_agent(workdir / dev, broker=broker.url, protocol=broker.protocol,
-                       password_file=str((chome / "secrets" / "devices" / f"{dev}.password").resolve()))
+            _set_agent(
+                workdir / dev,
+                broker=broker.url,
+                protocol=broker.protocol,
+                password_file=str((chome / "secrets" / "devices" / f"{dev}.password").resolve()),
+            )
         try:
-            procs.append(_spawn(workdir / "coordinator.log", "coordinator", "serve", "--home", str(chome)))
+            procs.append(
+                _spawn(workdir / "coordinator.log", "coordinator", "serve", "--home", str(chome))
+            )
             for dev in devices:
-                procs.append(_spawn(workdir / f"{dev}.log", "agent", "run", "--home",
-                                    str(workdir / dev), "--heartbeat", "1"))
+                procs.append(
+                    _spawn(
+                        workdir / f"{dev}.log",
+                        "agent",
+                        "run",
+                        "--home",
+                        str(workdir / dev),
+                        "--heartbeat",
+                        "1",
+                    )
+                )
             seq1 = _release(chome, "1", "all")
             _wait_release(Coordinator.open(chome), seq1, devices, 60, "v1")
             test = np.load(mdir / "v1" / "digits_test.npz")
@@ -138,7 +202,18 @@ def _set_agent(home: Path, **changes: Any) -> None:
 def _release(chome: Path, version: str, to: str) -> int:
     from coordinator.home import Coordinator
 
-    _cli("model", "release", "--home", str(chome), "--name", "digits", "--version", version, "--to", to)
+    _cli(
+        "model",
+        "release",
+        "--home",
+        str(chome),
+        "--name",
+        "digits",
+        "--version",
+        version,
+        "--to",
+        to,
+    )
     return max(r.sequence for r in Coordinator.open(chome).registry.releases())
 
 
@@ -157,16 +232,34 @@ def _accuracies(workdir: Path, devices: list[str], test: Any, predict: Any) -> d
     return out
 
 
-def _summary(coordinator: Any, devices: list[str], acc1: dict[str, float], acc2: dict[str, float],
-             canary: list[str]) -> None:
-    table = Table("device", "group", "version", "format", "accuracy after v1", "accuracy now",
-                  title="fleet after releasing v2 to group canary")
+def _summary(
+    coordinator: Any,
+    devices: list[str],
+    acc1: dict[str, float],
+    acc2: dict[str, float],
+    canary: list[str],
+) -> None:
+    table = Table(
+        "device",
+        "group",
+        "version",
+        "format",
+        "accuracy after v1",
+        "accuracy now",
+        title="fleet after releasing v2 to group canary",
+    )
     rows = {d.device_id: d for d in coordinator.registry.devices()}
     fmt = {m.version: m.format for m in coordinator.registry.models()}
     for dev in devices:
         d = rows[dev]
-        table.add_row(dev, "canary" if dev in canary else "-", str(d.active_version),
-                      fmt.get(d.active_version or "", "?"), f"{acc1[dev]:.4f}", f"{acc2[dev]:.4f}")
+        table.add_row(
+            dev,
+            "canary" if dev in canary else "-",
+            str(d.active_version),
+            fmt.get(d.active_version or "", "?"),
+            f"{acc1[dev]:.4f}",
+            f"{acc2[dev]:.4f}",
+        )
     console.print(table)
     switched = [d for d in devices if rows[d].active_version == "2"]
     if sorted(switched) != sorted(canary):

@@ -18,9 +18,7 @@ def field(d: dict[str, Any], key: str, kind: type[T], what: str) -> T:
         raise DecodeError(f"{what}: missing field {key!r}")
     value = d[key]
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise DecodeError(
-            f"{what}.{key}: expected {kind.__name__}, saw {type(value).__name__}"
-        )
+        raise DecodeError(f"{what}.{key}: expected {kind.__name__}, saw {type(value).__name__}")
     return value
 
 

@@ -64,15 +64,34 @@ class BuiltRelease:
     def to_file_bytes(self, keyring_raw: bytes, keyring_sig: bytes) -> bytes:
         """The ``.efb`` side-load form."""
         env = encode_envelopes(list(self.envelopes))
-        head = encode_header(keyring=len(keyring_raw), keyring_sig=len(keyring_sig),
-                             manifest=len(self.manifest_raw), signature=len(self.signature_raw),
-                             envelopes=len(env), payload=self.manifest.payload_size)
-        return b"".join([head, keyring_raw, keyring_sig, self.manifest_raw, self.signature_raw,
-                         env, self.payload])
+        head = encode_header(
+            keyring=len(keyring_raw),
+            keyring_sig=len(keyring_sig),
+            manifest=len(self.manifest_raw),
+            signature=len(self.signature_raw),
+            envelopes=len(env),
+            payload=self.manifest.payload_size,
+        )
+        return b"".join(
+            [
+                head,
+                keyring_raw,
+                keyring_sig,
+                self.manifest_raw,
+                self.signature_raw,
+                env,
+                self.payload,
+            ]
+        )
 
 
-def build_release(model: bytes, spec: ReleaseSpec, *, release_key: SigningKey,
-                  recipients: Mapping[str, KemPublicKey]) -> BuiltRelease:
+def build_release(
+    model: bytes,
+    spec: ReleaseSpec,
+    *,
+    release_key: SigningKey,
+    recipients: Mapping[str, KemPublicKey],
+) -> BuiltRelease:
     """Encrypt ``model`` once, wrap the key for each recipient, sign the manifest."""
     if not recipients:
         raise ValueError("a release needs at least one recipient device")
@@ -81,24 +100,46 @@ def build_release(model: bytes, spec: ReleaseSpec, *, release_key: SigningKey,
     cipher = SegmentCipher(content_key, bundle_id, spec.segment_size)
     segments = tuple(cipher.seal_all(model))
     bundle_hex = bundle_id.hex()
-    envelopes = tuple(wrap_key(content_key, pub, bundle_id=bundle_hex, device_id=dev)
-                      for dev, pub in sorted(recipients.items()))
+    envelopes = tuple(
+        wrap_key(content_key, pub, bundle_id=bundle_hex, device_id=dev)
+        for dev, pub in sorted(recipients.items())
+    )
     manifest = Manifest(
-        bundle_id=bundle_hex, name=spec.name, format=spec.format, sequence=spec.sequence,
-        model_version=spec.model_version, created=spec.created, expires=spec.created + spec.ttl,
-        targets={e.device_id: e.digest for e in envelopes}, inputs=spec.inputs,
-        outputs=spec.outputs, plaintext_size=len(model),
-        plaintext_sha256=hashlib.sha256(model).hexdigest(), segment_size=spec.segment_size,
+        bundle_id=bundle_hex,
+        name=spec.name,
+        format=spec.format,
+        sequence=spec.sequence,
+        model_version=spec.model_version,
+        created=spec.created,
+        expires=spec.created + spec.ttl,
+        targets={e.device_id: e.digest for e in envelopes},
+        inputs=spec.inputs,
+        outputs=spec.outputs,
+        plaintext_size=len(model),
+        plaintext_sha256=hashlib.sha256(model).hexdigest(),
+        segment_size=spec.segment_size,
         payload_size=ciphertext_size(len(model), spec.segment_size),
-        segment_hashes=tuple(sha256_hex(s) for s in segments), smoke=spec.smoke,
-        reference_stats=spec.reference_stats, lineage=spec.lineage,
+        segment_hashes=tuple(sha256_hex(s) for s in segments),
+        smoke=spec.smoke,
+        reference_stats=spec.reference_stats,
+        lineage=spec.lineage,
     )
     raw = manifest.encode()
     sig = Signature(keyid=release_key.keyid, sig=release_key.sign(raw)).encode()
-    return BuiltRelease(manifest=manifest, manifest_raw=raw, signature_raw=sig,
-                        envelopes=envelopes, segments=segments, content_key=content_key)
+    return BuiltRelease(
+        manifest=manifest,
+        manifest_raw=raw,
+        signature_raw=sig,
+        envelopes=envelopes,
+        segments=segments,
+        content_key=content_key,
+    )
 
 
-def rewrap(content_key: bytes, bundle_id: str, recipients: Sequence[tuple[str, KemPublicKey]]) -> list[Envelope]:
+def rewrap(
+    content_key: bytes, bundle_id: str, recipients: Sequence[tuple[str, KemPublicKey]]
+) -> list[Envelope]:
     """Fresh envelopes of an existing content key (e.g. to re-send a lost one)."""
-    return [wrap_key(content_key, pub, bundle_id=bundle_id, device_id=dev) for dev, pub in recipients]
+    return [
+        wrap_key(content_key, pub, bundle_id=bundle_id, device_id=dev) for dev, pub in recipients
+    ]

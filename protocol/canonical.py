@@ -49,7 +49,9 @@ def decode_json_object(data: bytes, *, max_size: int, what: str) -> dict[str, An
     except DecodeError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise DecodeError(f"{what}: expected a UTF-8 JSON object, got invalid JSON ({exc})") from exc
+        raise DecodeError(
+            f"{what}: expected a UTF-8 JSON object, got invalid JSON ({exc})"
+        ) from exc
     if not isinstance(obj, dict):
         raise DecodeError(f"{what}: expected a JSON object, saw {type(obj).__name__}")
     return obj

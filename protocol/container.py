@@ -22,7 +22,15 @@ from .errors import DecodeError, MalformedError, TooLargeError
 from .keyring import MAX_KEYRING, MAX_SIGNATURE
 from .manifest import MAX_MANIFEST
 
-__all__ = ["HEADER_SIZE", "MAGIC", "Layout", "decode_envelopes", "encode_envelopes", "encode_header", "parse_header"]
+__all__ = [
+    "HEADER_SIZE",
+    "MAGIC",
+    "Layout",
+    "decode_envelopes",
+    "encode_envelopes",
+    "encode_header",
+    "parse_header",
+]
 
 MAGIC = b"EFB1\r\n\x1a\n"
 _HEADER = struct.Struct(">IIIIIQ")
@@ -46,8 +54,9 @@ class Layout:
         return off + length
 
 
-def encode_header(*, keyring: int, keyring_sig: int, manifest: int, signature: int,
-                  envelopes: int, payload: int) -> bytes:
+def encode_header(
+    *, keyring: int, keyring_sig: int, manifest: int, signature: int, envelopes: int, payload: int
+) -> bytes:
     return MAGIC + _HEADER.pack(keyring, keyring_sig, manifest, signature, envelopes, payload)
 
 
@@ -61,7 +70,9 @@ def parse_header(head: bytes, *, file_size: int, max_payload: int) -> Layout:
     offset = HEADER_SIZE
     for name, length, cap in zip(_SECTIONS, lengths, caps, strict=True):
         if length > cap:
-            raise TooLargeError(f"bundle {name}: expected at most {cap} bytes, header says {length}")
+            raise TooLargeError(
+                f"bundle {name}: expected at most {cap} bytes, header says {length}"
+            )
         spans[name] = (offset, length)
         offset += length
     if offset != file_size:
@@ -78,5 +89,5 @@ def decode_envelopes(data: bytes) -> list[Envelope]:
     d = decode_json_object(data, max_size=MAX_ENVELOPES, what="envelopes")
     items = d.get("envelopes")
     if set(d) != {"envelopes"} or not isinstance(items, list):
-        raise DecodeError("envelopes: expected {\"envelopes\": [...]}")
+        raise DecodeError('envelopes: expected {"envelopes": [...]}')
     return [Envelope.from_dict(e) for e in items]

@@ -22,9 +22,13 @@ class DevicePublic:
     kem: KemPublicKey
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "device-public", "device_id": self.device_id,
-                "sign_public": b64e(self.sign_public), "kem": self.kem.kem,
-                "kem_public": b64e(self.kem.raw)}
+        return {
+            "type": "device-public",
+            "device_id": self.device_id,
+            "sign_public": b64e(self.sign_public),
+            "kem": self.kem.kem,
+            "kem_public": b64e(self.kem.raw),
+        }
 
     @classmethod
     def from_dict(cls, d: Any) -> DevicePublic:
@@ -33,8 +37,13 @@ class DevicePublic:
         sign = b64d(d.get("sign_public"), what="sign_public", max_len=32)
         if len(sign) != 32:
             raise DecodeError("sign_public: expected 32 bytes")
-        return cls(device_id=check_name(d.get("device_id"), "device_id"), sign_public=sign,
-                   kem=KemPublicKey(str(d.get("kem")), b64d(d.get("kem_public"), what="kem_public", max_len=4096)))
+        return cls(
+            device_id=check_name(d.get("device_id"), "device_id"),
+            sign_public=sign,
+            kem=KemPublicKey(
+                str(d.get("kem")), b64d(d.get("kem_public"), what="kem_public", max_len=4096)
+            ),
+        )
 
     def encode(self) -> bytes:
         return canonical_json(self.to_dict())

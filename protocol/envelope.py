@@ -64,7 +64,9 @@ class Envelope:
         return sha256_hex(self.sealed)
 
 
-def wrap_key(content_key: bytes, recipient: KemPublicKey, *, bundle_id: str, device_id: str) -> Envelope:
+def wrap_key(
+    content_key: bytes, recipient: KemPublicKey, *, bundle_id: str, device_id: str
+) -> Envelope:
     if len(content_key) != KEY_SIZE:
         raise ValueError(f"content key must be {KEY_SIZE} bytes")
     sealed = _suite(recipient.kem).encrypt(

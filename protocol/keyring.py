@@ -38,7 +38,9 @@ class Signature:
     def decode(cls, data: bytes) -> Signature:
         d = decode_json_object(data, max_size=MAX_SIGNATURE, what="signature")
         check_keys(d, {"keyid", "sig"}, "signature")
-        return cls(keyid=field(d, "keyid", str, "signature"), sig=b64d(d.get("sig"), what="signature.sig"))
+        return cls(
+            keyid=field(d, "keyid", str, "signature"), sig=b64d(d.get("sig"), what="signature.sig")
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,7 +100,9 @@ class Keyring:
     def decode(cls, data: bytes) -> Keyring:
         d = decode_json_object(data, max_size=MAX_KEYRING, what="keyring")
         check_header(d, "keyring", 1, "keyring")
-        check_keys(d, {"type", "schema_version", "version", "expires", "root_keyid", "keys"}, "keyring")
+        check_keys(
+            d, {"type", "schema_version", "version", "expires", "root_keyid", "keys"}, "keyring"
+        )
         keys = field(d, "keys", list, "keyring")
         if len(keys) > 64:
             raise DecodeError(f"keyring: expected at most 64 keys, saw {len(keys)}")

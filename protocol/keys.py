@@ -153,8 +153,9 @@ def encode_public_key(public_raw: bytes) -> bytes:
     """The file form of an Ed25519 public key (e.g. the root key agents pin)."""
     from .canonical import b64e, canonical_json
 
-    return canonical_json({"type": "ed25519-public", "keyid": key_id(public_raw),
-                           "public": b64e(public_raw)})
+    return canonical_json(
+        {"type": "ed25519-public", "keyid": key_id(public_raw), "public": b64e(public_raw)}
+    )
 
 
 def decode_public_key(data: bytes) -> bytes:
@@ -162,7 +163,9 @@ def decode_public_key(data: bytes) -> bytes:
 
     d = decode_json_object(data, max_size=4096, what="public key file")
     if d.get("type") != "ed25519-public":
-        raise DecodeError(f"public key file: expected type 'ed25519-public', saw {d.get('type')!r:.40}")
+        raise DecodeError(
+            f"public key file: expected type 'ed25519-public', saw {d.get('type')!r:.40}"
+        )
     raw = b64d(d.get("public"), what="public key", max_len=32)
     if len(raw) != 32 or d.get("keyid") != key_id(raw):
         raise DecodeError("public key file: key id does not match the 32-byte key")

@@ -35,9 +35,13 @@ class TensorSpec:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise DecodeError(f"tensor {self.name!r}: dtype expected one of {DTYPES}, saw {self.dtype!r}")
-        if len(self.shape) > 8 or any(d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 0)
-                                       for d in self.shape):
+            raise DecodeError(
+                f"tensor {self.name!r}: dtype expected one of {DTYPES}, saw {self.dtype!r}"
+            )
+        if len(self.shape) > 8 or any(
+            d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 0)
+            for d in self.shape
+        ):
             raise DecodeError(f"tensor {self.name!r}: bad shape {self.shape!r:.80}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,8 +53,11 @@ class TensorSpec:
             raise DecodeError("tensor spec: expected an object")
         F.check_keys(d, {"name", "dtype", "shape"}, "tensor spec")
         shape = F.field(d, "shape", list, "tensor spec")
-        return cls(name=F.field(d, "name", str, "tensor spec"),
-                   dtype=F.field(d, "dtype", str, "tensor spec"), shape=tuple(shape))
+        return cls(
+            name=F.field(d, "name", str, "tensor spec"),
+            dtype=F.field(d, "dtype", str, "tensor spec"),
+            shape=tuple(shape),
+        )
 
 
 def _matrix(value: object, what: str) -> tuple[tuple[float, ...], ...]:
@@ -75,8 +82,11 @@ class SmokeVector:
     atol: float = 1e-4
 
     def to_dict(self) -> dict[str, Any]:
-        return {"input": [list(r) for r in self.input],
-                "expected": [list(r) for r in self.expected], "atol": self.atol}
+        return {
+            "input": [list(r) for r in self.input],
+            "expected": [list(r) for r in self.expected],
+            "atol": self.atol,
+        }
 
     @classmethod
     def from_dict(cls, d: object) -> SmokeVector:
@@ -86,14 +96,34 @@ class SmokeVector:
         atol = F.field(d, "atol", float, "smoke vector")
         if not 0 <= atol <= 1:
             raise DecodeError(f"smoke vector atol: expected in [0, 1], saw {atol}")
-        return cls(input=_matrix(d.get("input"), "smoke.input"),
-                   expected=_matrix(d.get("expected"), "smoke.expected"), atol=atol)
+        return cls(
+            input=_matrix(d.get("input"), "smoke.input"),
+            expected=_matrix(d.get("expected"), "smoke.expected"),
+            atol=atol,
+        )
 
 
 _FIELDS = {
-    "type", "schema_version", "bundle_id", "name", "format", "sequence", "model_version",
-    "created", "expires", "targets", "inputs", "outputs", "plaintext_size", "plaintext_sha256",
-    "segment_size", "payload_size", "segment_hashes", "smoke", "reference_stats", "lineage",
+    "type",
+    "schema_version",
+    "bundle_id",
+    "name",
+    "format",
+    "sequence",
+    "model_version",
+    "created",
+    "expires",
+    "targets",
+    "inputs",
+    "outputs",
+    "plaintext_size",
+    "plaintext_sha256",
+    "segment_size",
+    "payload_size",
+    "segment_hashes",
+    "smoke",
+    "reference_stats",
+    "lineage",
 }
 
 
@@ -125,7 +155,9 @@ class Manifest:
         F.name(self.name, "manifest.name")
         F.name(self.model_version, "manifest.model_version")
         if self.format not in FORMATS:
-            raise DecodeError(f"manifest.format: expected one of {FORMATS}, saw {self.format!r:.20}")
+            raise DecodeError(
+                f"manifest.format: expected one of {FORMATS}, saw {self.format!r:.20}"
+            )
         if self.sequence < 1 or self.expires <= self.created:
             raise DecodeError("manifest: expected sequence >= 1 and expires > created")
         if not 0 < len(self.targets) <= MAX_TARGETS:
@@ -139,14 +171,23 @@ class Manifest:
 
     def _check_sizes(self) -> None:
         if not MIN_SEGMENT <= self.segment_size <= MAX_SEGMENT:
-            raise DecodeError(f"manifest.segment_size: expected {MIN_SEGMENT}..{MAX_SEGMENT}, saw {self.segment_size}")
+            raise DecodeError(
+                f"manifest.segment_size: expected {MIN_SEGMENT}..{MAX_SEGMENT}, "
+                f"saw {self.segment_size}"
+            )
         if not 0 < self.plaintext_size <= MAX_PLAINTEXT:
-            raise DecodeError(f"manifest.plaintext_size: expected 1..{MAX_PLAINTEXT}, saw {self.plaintext_size}")
+            raise DecodeError(
+                f"manifest.plaintext_size: expected 1..{MAX_PLAINTEXT}, saw {self.plaintext_size}"
+            )
         n = segment_count(self.plaintext_size, self.segment_size)
         if len(self.segment_hashes) != n:
-            raise DecodeError(f"manifest.segment_hashes: expected {n} hashes, saw {len(self.segment_hashes)}")
+            raise DecodeError(
+                f"manifest.segment_hashes: expected {n} hashes, saw {len(self.segment_hashes)}"
+            )
         if self.payload_size != ciphertext_size(self.plaintext_size, self.segment_size):
-            raise DecodeError("manifest.payload_size does not match plaintext_size and segment_size")
+            raise DecodeError(
+                "manifest.payload_size does not match plaintext_size and segment_size"
+            )
         hexbytes(self.plaintext_sha256, what="manifest.plaintext_sha256", length=32)
         for i, h in enumerate(self.segment_hashes):
             hexbytes(h, what=f"manifest.segment_hashes[{i}]", length=32)
@@ -165,15 +206,26 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "type": self.type, "schema_version": self.schema_version,
-            "bundle_id": self.bundle_id, "name": self.name, "format": self.format,
-            "sequence": self.sequence, "model_version": self.model_version,
-            "created": self.created, "expires": self.expires, "targets": dict(self.targets),
-            "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
-            "plaintext_size": self.plaintext_size, "plaintext_sha256": self.plaintext_sha256,
-            "segment_size": self.segment_size, "payload_size": self.payload_size,
-            "segment_hashes": list(self.segment_hashes), "smoke": [s.to_dict() for s in self.smoke],
-            "reference_stats": dict(self.reference_stats), "lineage": dict(self.lineage),
+            "type": self.type,
+            "schema_version": self.schema_version,
+            "bundle_id": self.bundle_id,
+            "name": self.name,
+            "format": self.format,
+            "sequence": self.sequence,
+            "model_version": self.model_version,
+            "created": self.created,
+            "expires": self.expires,
+            "targets": dict(self.targets),
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "plaintext_size": self.plaintext_size,
+            "plaintext_sha256": self.plaintext_sha256,
+            "segment_size": self.segment_size,
+            "payload_size": self.payload_size,
+            "segment_hashes": list(self.segment_hashes),
+            "smoke": [s.to_dict() for s in self.smoke],
+            "reference_stats": dict(self.reference_stats),
+            "lineage": dict(self.lineage),
         }
 
     def encode(self) -> bytes:
@@ -185,17 +237,24 @@ class Manifest:
         F.check_header(d, "manifest", 1, w)
         F.check_keys(d, _FIELDS, w)
         return cls(
-            bundle_id=F.field(d, "bundle_id", str, w), name=F.field(d, "name", str, w),
-            format=F.field(d, "format", str, w), sequence=F.field(d, "sequence", int, w),
-            model_version=F.field(d, "model_version", str, w), created=F.field(d, "created", int, w),
-            expires=F.field(d, "expires", int, w), targets=F.field(d, "targets", dict, w),
-            inputs=_specs(F.field(d, "inputs", list, w)), outputs=_specs(F.field(d, "outputs", list, w)),
+            bundle_id=F.field(d, "bundle_id", str, w),
+            name=F.field(d, "name", str, w),
+            format=F.field(d, "format", str, w),
+            sequence=F.field(d, "sequence", int, w),
+            model_version=F.field(d, "model_version", str, w),
+            created=F.field(d, "created", int, w),
+            expires=F.field(d, "expires", int, w),
+            targets=F.field(d, "targets", dict, w),
+            inputs=_specs(F.field(d, "inputs", list, w)),
+            outputs=_specs(F.field(d, "outputs", list, w)),
             plaintext_size=F.field(d, "plaintext_size", int, w),
             plaintext_sha256=F.field(d, "plaintext_sha256", str, w),
             segment_size=F.field(d, "segment_size", int, w),
             payload_size=F.field(d, "payload_size", int, w),
             segment_hashes=tuple(F.field(d, "segment_hashes", list, w)),
-            smoke=tuple(SmokeVector.from_dict(s) for s in F.field(d, "smoke", list, w)[: MAX_SMOKE + 1]),
+            smoke=tuple(
+                SmokeVector.from_dict(s) for s in F.field(d, "smoke", list, w)[: MAX_SMOKE + 1]
+            ),
             reference_stats=F.field(d, "reference_stats", dict, w),
             lineage=F.field(d, "lineage", dict, w),
         )

@@ -43,23 +43,42 @@ class ReleaseOffer:
     schema_version: int = 1
 
     def encode(self) -> bytes:
-        return canonical_json({
-            "type": self.type, "schema_version": self.schema_version,
-            "keyring": b64e(self.keyring), "keyring_sig": b64e(self.keyring_sig),
-            "manifest": b64e(self.manifest), "signature": b64e(self.signature),
-            "envelope": self.envelope.to_dict()})
+        return canonical_json(
+            {
+                "type": self.type,
+                "schema_version": self.schema_version,
+                "keyring": b64e(self.keyring),
+                "keyring_sig": b64e(self.keyring_sig),
+                "manifest": b64e(self.manifest),
+                "signature": b64e(self.signature),
+                "envelope": self.envelope.to_dict(),
+            }
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> ReleaseOffer:
         d = decode_json_object(data, max_size=MAX_OFFER, what="release offer")
         F.check_header(d, "release", 1, "release offer")
-        F.check_keys(d, {"type", "schema_version", "keyring", "keyring_sig", "manifest",
-                         "signature", "envelope"}, "release offer")
-        return cls(keyring=b64d(d.get("keyring"), what="offer.keyring", max_len=MAX_KEYRING),
-                   keyring_sig=b64d(d.get("keyring_sig"), what="offer.keyring_sig", max_len=MAX_SIGNATURE),
-                   manifest=b64d(d.get("manifest"), what="offer.manifest", max_len=MAX_MANIFEST),
-                   signature=b64d(d.get("signature"), what="offer.signature", max_len=MAX_SIGNATURE),
-                   envelope=Envelope.from_dict(d.get("envelope")))
+        F.check_keys(
+            d,
+            {
+                "type",
+                "schema_version",
+                "keyring",
+                "keyring_sig",
+                "manifest",
+                "signature",
+                "envelope",
+            },
+            "release offer",
+        )
+        return cls(
+            keyring=b64d(d.get("keyring"), what="offer.keyring", max_len=MAX_KEYRING),
+            keyring_sig=b64d(d.get("keyring_sig"), what="offer.keyring_sig", max_len=MAX_SIGNATURE),
+            manifest=b64d(d.get("manifest"), what="offer.manifest", max_len=MAX_MANIFEST),
+            signature=b64d(d.get("signature"), what="offer.signature", max_len=MAX_SIGNATURE),
+            envelope=Envelope.from_dict(d.get("envelope")),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,15 +92,23 @@ class ChunkRequest:
 
     def __post_init__(self) -> None:
         if not 0 < len(self.indexes) <= MAX_INDEXES or any(
-                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.indexes):
+            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.indexes
+        ):
             raise DecodeError(f"chunk request: expected 1..{MAX_INDEXES} non-negative indexes")
         if len(self.corr) > 64 or len(self.reply_to) > 256 or len(self.bundle_id) != 32:
             raise DecodeError("chunk request: corr <= 64, reply_to <= 256, bundle_id 32 chars")
 
     def encode(self) -> bytes:
-        return canonical_json({"type": self.type, "schema_version": self.schema_version,
-                               "bundle_id": self.bundle_id, "indexes": list(self.indexes),
-                               "reply_to": self.reply_to, "corr": self.corr})
+        return canonical_json(
+            {
+                "type": self.type,
+                "schema_version": self.schema_version,
+                "bundle_id": self.bundle_id,
+                "indexes": list(self.indexes),
+                "reply_to": self.reply_to,
+                "corr": self.corr,
+            }
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> ChunkRequest:
@@ -89,9 +116,12 @@ class ChunkRequest:
         d = decode_json_object(data, max_size=MAX_REQUEST, what=w)
         F.check_header(d, "chunkreq", 1, w)
         F.check_keys(d, {"type", "schema_version", "bundle_id", "indexes", "reply_to", "corr"}, w)
-        return cls(bundle_id=F.field(d, "bundle_id", str, w),
-                   indexes=tuple(F.field(d, "indexes", list, w)),
-                   reply_to=F.field(d, "reply_to", str, w), corr=F.field(d, "corr", str, w))
+        return cls(
+            bundle_id=F.field(d, "bundle_id", str, w),
+            indexes=tuple(F.field(d, "indexes", list, w)),
+            reply_to=F.field(d, "reply_to", str, w),
+            corr=F.field(d, "corr", str, w),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,8 +134,15 @@ class ChunkReply:
     reason: str = ""
 
     def encode(self) -> bytes:
-        head = canonical_json({"bundle_id": self.bundle_id, "index": self.index, "corr": self.corr,
-                               "status": self.status, "reason": self.reason[:200]})
+        head = canonical_json(
+            {
+                "bundle_id": self.bundle_id,
+                "index": self.index,
+                "corr": self.corr,
+                "status": self.status,
+                "reason": self.reason[:200],
+            }
+        )
         return _FRAME + _HLEN.pack(len(head)) + head + self.data
 
     @classmethod
@@ -116,17 +153,23 @@ class ChunkReply:
         if hlen > 1024 or 6 + hlen > len(frame):
             raise DecodeError(f"chunk reply: bad header length {hlen}")
         if len(frame) - 6 - hlen > max_data:
-            raise TooLargeError(f"chunk reply: expected at most {max_data} data bytes, "
-                                f"saw {len(frame) - 6 - hlen}")
+            raise TooLargeError(
+                f"chunk reply: expected at most {max_data} data bytes, saw {len(frame) - 6 - hlen}"
+            )
         w = "chunk reply"
         d = decode_json_object(frame[6 : 6 + hlen], max_size=1024, what=w)
         F.check_keys(d, {"bundle_id", "index", "corr", "status", "reason"}, w)
         status = F.field(d, "status", str, w)
         if status not in ("ok", "refused", "unknown"):
             raise DecodeError(f"chunk reply: unknown status {status!r:.20}")
-        return cls(bundle_id=F.field(d, "bundle_id", str, w), index=F.field(d, "index", int, w),
-                   corr=F.field(d, "corr", str, w), status=status,
-                   reason=F.field(d, "reason", str, w), data=bytes(frame[6 + hlen :]))
+        return cls(
+            bundle_id=F.field(d, "bundle_id", str, w),
+            index=F.field(d, "index", int, w),
+            corr=F.field(d, "corr", str, w),
+            status=status,
+            reason=F.field(d, "reason", str, w),
+            data=bytes(frame[6 + hlen :]),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,14 +192,23 @@ class DeviceStatus:
     def __post_init__(self) -> None:
         F.name(self.device_id, "status.device_id")
         if self.state not in self.STATES:
-            raise DecodeError(f"status.state: expected one of {self.STATES}, saw {self.state!r:.20}")
+            raise DecodeError(
+                f"status.state: expected one of {self.STATES}, saw {self.state!r:.20}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "schema_version": self.schema_version,
-                "device_id": self.device_id, "time": self.time, "state": self.state,
-                "active": self.active, "highest_sequence": self.highest_sequence,
-                "last_result": self.last_result, "progress": self.progress,
-                "counter": self.counter}
+        return {
+            "type": self.type,
+            "schema_version": self.schema_version,
+            "device_id": self.device_id,
+            "time": self.time,
+            "state": self.state,
+            "active": self.active,
+            "highest_sequence": self.highest_sequence,
+            "last_result": self.last_result,
+            "progress": self.progress,
+            "counter": self.counter,
+        }
 
     def encode(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -171,9 +223,14 @@ class DeviceStatus:
         for k, v in opt.items():
             if v is not None and not isinstance(v, dict):
                 raise DecodeError(f"status.{k}: expected an object or null")
-        return cls(device_id=F.field(d, "device_id", str, w), time=F.field(d, "time", int, w),
-                   state=F.field(d, "state", str, w), highest_sequence=F.field(d, "highest_sequence", int, w),
-                   counter=F.field(d, "counter", int, w), **opt)
+        return cls(
+            device_id=F.field(d, "device_id", str, w),
+            time=F.field(d, "time", int, w),
+            state=F.field(d, "state", str, w),
+            highest_sequence=F.field(d, "highest_sequence", int, w),
+            counter=F.field(d, "counter", int, w),
+            **opt,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,14 +242,23 @@ class Telemetry:
     schema_version: int = 1
 
     def encode(self) -> bytes:
-        return canonical_json({"type": self.type, "schema_version": self.schema_version,
-                               "device_id": self.device_id, "time": self.time,
-                               "metrics": self.metrics})
+        return canonical_json(
+            {
+                "type": self.type,
+                "schema_version": self.schema_version,
+                "device_id": self.device_id,
+                "time": self.time,
+                "metrics": self.metrics,
+            }
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Telemetry:
         w = "telemetry"
         d = decode_json_object(data, max_size=MAX_TELEMETRY, what=w)
         F.check_header(d, "telemetry", 1, w)
-        return cls(device_id=F.name(d.get("device_id"), "telemetry.device_id"),
-                   time=F.field(d, "time", int, w), metrics=F.field(d, "metrics", dict, w))
+        return cls(
+            device_id=F.name(d.get("device_id"), "telemetry.device_id"),
+            time=F.field(d, "time", int, w),
+            metrics=F.field(d, "metrics", dict, w),
+        )

@@ -69,7 +69,9 @@ class SegmentCipher:
         return nonce, aad
 
     def seal(self, index: int, plaintext: bytes, *, final: bool) -> bytes:
-        if len(plaintext) > self.segment_size or (not final and len(plaintext) != self.segment_size):
+        if len(plaintext) > self.segment_size or (
+            not final and len(plaintext) != self.segment_size
+        ):
             raise ValueError("only the final segment may be shorter than the segment size")
         nonce, aad = self._nonce_aad(index, final)
         return self._aead.encrypt(nonce, plaintext, aad)

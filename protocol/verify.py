@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .envelope import Envelope
 from .errors import (
     ExpiredError,
     IntegrityError,
@@ -24,7 +25,6 @@ from .errors import (
     TooLargeError,
     UntrustedSignerError,
 )
-from .envelope import Envelope
 from .keyring import MAX_KEYRING, Keyring, Signature
 from .keys import key_id, verify_signature
 from .manifest import MAX_MANIFEST, Manifest
@@ -37,14 +37,17 @@ class Policy:
     offline_grace: int = 0  # seconds a manifest stays acceptable past its expiry
 
 
-def verify_keyring(root_public: bytes, raw: bytes, sig_raw: bytes, *, now: int,
-                   current: Keyring | None) -> Keyring:
+def verify_keyring(
+    root_public: bytes, raw: bytes, sig_raw: bytes, *, now: int, current: Keyring | None
+) -> Keyring:
     """Return the keyring to trust: ``raw`` if newer and valid, else ``current``."""
     if len(raw) > MAX_KEYRING:
         raise TooLargeError(f"keyring: expected at most {MAX_KEYRING} bytes, saw {len(raw)}")
     sig = Signature.decode(sig_raw)
     if sig.keyid != key_id(root_public):
-        raise UntrustedSignerError(f"keyring: expected root key {key_id(root_public)}, signed by {sig.keyid!r:.40}")
+        raise UntrustedSignerError(
+            f"keyring: expected root key {key_id(root_public)}, signed by {sig.keyid!r:.40}"
+        )
     try:
         verify_signature(root_public, sig.sig, raw, what="keyring")
     except SignatureError as exc:
@@ -55,14 +58,24 @@ def verify_keyring(root_public: bytes, raw: bytes, sig_raw: bytes, *, now: int,
     if current is not None and keyring.version < current.version:
         return current  # an older, genuine keyring: keep the newer one we trust
     if current is not None and keyring.version == current.version and keyring != current:
-        raise KeyringError(f"keyring v{keyring.version}: differs from the trusted keyring of the same version")
+        raise KeyringError(
+            f"keyring v{keyring.version}: differs from the trusted keyring of the same version"
+        )
     if now >= keyring.expires:
         raise KeyringError(f"keyring v{keyring.version}: expired at {keyring.expires}, now {now}")
     return keyring
 
 
-def verify_manifest(keyring: Keyring, raw: bytes, sig_raw: bytes, *, now: int, device_id: str,
-                    highest_sequence: int, policy: Policy = Policy()) -> Manifest:
+def verify_manifest(
+    keyring: Keyring,
+    raw: bytes,
+    sig_raw: bytes,
+    *,
+    now: int,
+    device_id: str,
+    highest_sequence: int,
+    policy: Policy = Policy(),
+) -> Manifest:
     """Verify ``raw`` (manifest bytes as received) and return the decoded manifest."""
     if len(raw) > MAX_MANIFEST:
         raise TooLargeError(f"manifest: expected at most {MAX_MANIFEST} bytes, saw {len(raw)}")
@@ -90,7 +103,9 @@ def select_envelope(manifest: Manifest, envelopes: Iterable[Envelope], device_id
     for env in envelopes:
         if env.device_id == device_id:
             if env.digest != manifest.targets[device_id]:
-                raise IntegrityError(f"envelope for {device_id}: digest does not match the manifest")
+                raise IntegrityError(
+                    f"envelope for {device_id}: digest does not match the manifest"
+                )
             return env
     raise NotForMeError(f"release {manifest.sequence}: no envelope for device {device_id!r}")
 
@@ -102,4 +117,6 @@ def check_envelopes(manifest: Manifest, envelopes: Iterable[Envelope]) -> None:
         if want is None:
             raise IntegrityError(f"envelope for {env.device_id!r}: not a target of this release")
         if env.digest != want:
-            raise IntegrityError(f"envelope for {env.device_id}: digest does not match the manifest")
+            raise IntegrityError(
+                f"envelope for {env.device_id}: digest does not match the manifest"
+            )
