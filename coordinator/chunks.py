@@ -37,7 +37,7 @@ class ChunkServer:
 
     def __init__(self, lookup: Callable[[str], ReleaseFacts | None]) -> None:
         self._lookup = lookup
-        self._cache: dict[str, ReleaseFacts | None] = {}
+        self._cache: dict[str, ReleaseFacts] = {}  # only real releases: ids come from devices
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self.sent_chunks = 0
@@ -46,9 +46,12 @@ class ChunkServer:
 
     def facts(self, bundle_id: str) -> ReleaseFacts | None:
         with self._lock:
-            if bundle_id not in self._cache or self._cache[bundle_id] is None:
-                self._cache[bundle_id] = self._lookup(bundle_id)
-            return self._cache[bundle_id]
+            facts = self._cache.get(bundle_id)
+            if facts is None and len(bundle_id) == 32:
+                facts = self._lookup(bundle_id)
+                if facts is not None:
+                    self._cache[bundle_id] = facts
+            return facts
 
     def answer(self, device_id: str, req: ChunkRequest) -> list[ChunkReply]:
         """Replies for one request (refusals included); the caller publishes them to

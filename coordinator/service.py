@@ -8,6 +8,7 @@ shared subscription and are split between them.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -40,16 +41,10 @@ def offers(release: Release) -> dict[str, ReleaseOffer]:
             keyring_sig=release.keyring_sig,
             manifest=release.manifest,
             signature=release.signature,
-            envelope=Envelope.from_dict(_json(t.envelope)),
+            envelope=Envelope.from_dict(json.loads(t.envelope)),
         )
         for t in release.targets
     }
-
-
-def _json(raw: bytes) -> object:
-    import json
-
-    return json.loads(raw)
 
 
 def publish_release(link: MqttLink, release: Release, *, timeout: float = 30.0) -> int:
