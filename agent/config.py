@@ -6,10 +6,11 @@ reads the environment.
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from edgefleet.settings import load_toml_config, to_toml
 
 __all__ = ["AgentConfig"]
 
@@ -41,25 +42,14 @@ class AgentConfig:
 
     @classmethod
     def load(cls, home: Path, **overrides: Any) -> AgentConfig:
-        path = home / "agent.toml"
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{path} not found: run `edgefleet agent init` first") from exc
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
-        cfg = cls(home=home, **{k: v for k, v in data.items() if k != "home"})
-        return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        return load_toml_config(
+            cls,
+            home / "agent.toml",
+            home,
+            required=True,
+            hint="run `edgefleet agent init` first",
+            **overrides,
+        )
 
     def to_toml(self) -> str:
-        lines = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "home":
-                continue
-            lines.append(
-                f"{f.name} = {value!r}" if not isinstance(value, str) else f'{f.name} = "{value}"'
-            )
-        return "\n".join(lines) + "\n"
+        return to_toml(self)

@@ -14,10 +14,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from edgefleet.mqtt import MessageProps, MqttConfig, MqttLink
+from edgefleet.settings import mqtt_config
 from protocol import topics
 from protocol.errors import BundleError, EdgeFleetError, RollbackError, TransportError
 from protocol.manifest import Manifest
@@ -321,16 +321,12 @@ class AgentDaemon:
 def mqtt_config_for(
     agent: Agent, *, broker: str | None = None, password: str | None = None
 ) -> MqttConfig:
+    """The agent's broker settings (client id ``agent-<id>``, username = device id)."""
     cfg = agent.config
-    if password is None and cfg.password_file:
-        password = Path(cfg.password_file).read_text().strip()
-    return MqttConfig(
-        url=broker or cfg.broker,
+    return mqtt_config(
+        cfg,
         client_id=f"agent-{cfg.device_id}",
-        username=(cfg.username or cfg.device_id) if password else None,
+        username=cfg.username or cfg.device_id,
+        broker=broker,
         password=password,
-        tls_ca=Path(cfg.tls_ca) if cfg.tls_ca else None,
-        tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
-        tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
-        protocol=cfg.mqtt_protocol,
-    )  # type: ignore[arg-type]
+    )

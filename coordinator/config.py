@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from edgefleet.settings import load_toml_config, to_toml
 
 __all__ = ["CoordinatorConfig"]
 
@@ -30,18 +31,7 @@ class CoordinatorConfig:
 
     @classmethod
     def load(cls, home: Path, **overrides: Any) -> CoordinatorConfig:
-        path = home / "coordinator.toml"
-        data = tomllib.loads(path.read_text()) if path.exists() else {}
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
-        cfg = cls(home=home, **{k: v for k, v in data.items() if k != "home"})
-        return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        return load_toml_config(cls, home / "coordinator.toml", home, required=False, **overrides)
 
     def to_toml(self) -> str:
-        out = []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name != "home":
-                out.append(f'{f.name} = "{v}"' if isinstance(v, str) else f"{f.name} = {v!r}")
-        return "\n".join(out) + "\n"
+        return to_toml(self)

@@ -14,9 +14,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from edgefleet.mqtt import MessageProps, MqttConfig, MqttLink
+from edgefleet.settings import mqtt_config
 from protocol import topics
 from protocol.envelope import Envelope
 from protocol.errors import DecodeError, EdgeFleetError
@@ -189,15 +189,11 @@ def mqtt_config_for(
 ) -> MqttConfig:
     """The coordinator's broker settings from its config, with overrides."""
     cfg = coordinator.config
-    if password is None and cfg.password_file:
-        password = Path(cfg.password_file).read_text().strip()
-    return MqttConfig(
-        url=broker or cfg.broker,
+    return mqtt_config(
+        cfg,
         client_id=client_id,
-        username=cfg.username if password else None,
+        username=cfg.username,
+        broker=broker,
         password=password,
-        tls_ca=Path(cfg.tls_ca) if cfg.tls_ca else None,
-        tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
-        tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
-        protocol=protocol or cfg.mqtt_protocol,
-    )  # type: ignore[arg-type]
+        protocol=protocol,
+    )

@@ -22,6 +22,13 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def _need_broker(url: str, config_file: str) -> None:
+    if not url:
+        raise ValueError(
+            f"no broker: pass --broker mqtt://host:port or set broker in {config_file}"
+        )
+
+
 def _progress_printer() -> Any:
     """A progress bar on stderr when interactive; nothing otherwise."""
     if not sys.stderr.isatty():
@@ -50,8 +57,7 @@ def agent_run(args: argparse.Namespace) -> int:
     config = AgentConfig.load(
         args.home, broker=args.broker, password_file=args.password_file, http_port=args.http_port
     )
-    if not config.broker:
-        raise ValueError("no broker: pass --broker mqtt://host:port or set broker in agent.toml")
+    _need_broker(config.broker, "agent.toml")
     agent = Agent(config)
     server = None
     if not args.no_http:
@@ -80,10 +86,7 @@ def coordinator_serve(args: argparse.Namespace) -> int:
     from coordinator.service import CoordinatorService, mqtt_config_for
 
     c = Coordinator.open(args.home, broker=args.broker)
-    if not c.config.broker:
-        raise ValueError(
-            "no broker: pass --broker mqtt://host:port or set broker in coordinator.toml"
-        )
+    _need_broker(c.config.broker, "coordinator.toml")
     client_id = args.client_id or f"coordinator-{socket.gethostname()}-{os.getpid()}"
     svc = CoordinatorService(c, mqtt_config_for(c, client_id=client_id))
     stop = _stop_on_signals()
@@ -102,10 +105,7 @@ def model_release(args: argparse.Namespace) -> int:
     from edgefleet.mqtt import MqttLink
 
     c = Coordinator.open(args.home, broker=args.broker)
-    if not c.config.broker:
-        raise ValueError(
-            "no broker: pass --broker mqtt://host:port or set broker in coordinator.toml"
-        )
+    _need_broker(c.config.broker, "coordinator.toml")
     release, built = c.build(args.name, args.version, args.to)
     link = MqttLink(mqtt_config_for(c, client_id=f"release-{os.getpid()}"), lambda *a: None)
     link.start()

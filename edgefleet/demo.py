@@ -87,30 +87,22 @@ def run(workdir: Path, n_agents: int) -> int:
     _cli("coordinator", "init", "--home", str(chome))
     _cli("model", "train", "digits", "--out", str(mdir / "v1"))
     _cli("model", "train", "digits", "--out", str(mdir / "v2"), "--hidden", "64")
-    _cli(
-        "model",
-        "register",
-        "--home",
-        str(chome),
-        "--name",
-        "digits",
-        "--file",
-        str(mdir / "v1" / "digits.onnx"),
-        "--version",
-        "1",
-    )
-    _cli(
-        "model",
-        "register",
-        "--home",
-        str(chome),
-        "--name",
-        "digits",
-        "--file",
-        str(mdir / "v2" / "digits.tflite"),
-        "--version",
-        "2",
-    )
+    for version, model in (
+        ("1", mdir / "v1" / "digits.onnx"),
+        ("2", mdir / "v2" / "digits.tflite"),
+    ):
+        _cli(
+            "model",
+            "register",
+            "--home",
+            str(chome),
+            "--name",
+            "digits",
+            "--file",
+            str(model),
+            "--version",
+            version,
+        )
     for dev in devices:
         ahome = workdir / dev
         _cli(
