@@ -40,7 +40,7 @@ class AgentDaemon:
         mqtt: MqttConfig,
         *,
         heartbeat: float = 30.0,
-        request_timeout: float = 10.0,
+        request_timeout: float = 5.0,  # s before an unanswered chunk request is re-sent
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         progress: ProgressFn | None = None,

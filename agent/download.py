@@ -47,9 +47,11 @@ class Download:
         self._attempt = 0
         self._refusals = 0
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        if os.fstat(self._fd).st_size != self.manifest.payload_size:
+        if os.fstat(self._fd).st_size == self.manifest.payload_size:
+            self._rehash()  # a download interrupted earlier: keep what verifies
+        else:  # new (or not ours): nothing on it can verify, so skip hashing zeros
             os.ftruncate(self._fd, self.manifest.payload_size)
-        self._rehash()
+            self.missing.update(range(self.manifest.segments))
 
     def _rehash(self) -> None:
         for i in range(self.manifest.segments):

@@ -91,6 +91,8 @@ class _Handler(BaseHTTPRequestHandler):
     """Routing, the token check, body limits and JSON errors; subclasses list their routes."""
 
     protocol_version = "HTTP/1.1"  # keep-alive; every response carries Content-Length
+    # Buffered writes: headers and body leave in one send (http.server flushes per request).
+    wbufsize = -1
     server_version = "edgefleet-agent"
     sys_version = ""
     disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall

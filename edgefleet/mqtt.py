@@ -218,7 +218,7 @@ class MqttLink:
         queued and sent on reconnect; QoS 0 ones raise.
         """
         props = self._publish_props(response_topic, correlation_data)
-        size = _publish_size(topic, len(payload), qos, props)
+        size = _publish_size(topic, len(payload), qos, props, v5=self._config.protocol == 5)
         if size > self._max_packet:
             raise TransportError(
                 f"PUBLISH to {topic} is {size} bytes; the broker accepts at "
@@ -298,8 +298,8 @@ class MqttLink:
     def _publish_props(
         self, response_topic: str | None, correlation: bytes | None
     ) -> Properties | None:
-        if self._config.protocol != 5:
-            return None
+        if self._config.protocol != 5 or (response_topic is None and correlation is None):
+            return None  # nothing to send: skip building and packing empty properties
         props = Properties(PacketTypes.PUBLISH)
         if response_topic is not None:
             props.ResponseTopic = response_topic
@@ -425,11 +425,15 @@ def _set_nodelay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _publish_size(topic: str, payload_len: int, qos: int, props: Properties | None) -> int:
+def _publish_size(
+    topic: str, payload_len: int, qos: int, props: Properties | None, *, v5: bool
+) -> int:
     """Size in bytes of the PUBLISH packet paho will build (what MaximumPacketSize limits)."""
     remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + payload_len
     if props is not None:
         remaining += len(props.pack())
+    elif v5:
+        remaining += 1  # v5 always carries a property length, 0 here
     varint = 1
     while remaining >= 128**varint:
         varint += 1
