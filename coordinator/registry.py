@@ -257,6 +257,18 @@ class Registry:
                 q = select(Device.device_id).where(Device.device_id.in_(ids))
             return sorted(s.scalars(q.where(Device.revoked.is_(False))))
 
+    def update_devices(self, updates: dict[str, dict[str, Any]]) -> set[str]:
+        """Apply per-device column updates in one transaction; return the ids that exist."""
+        found = set()
+        with self.session() as s:
+            for device_id, values in updates.items():
+                res = s.execute(
+                    update(Device).where(Device.device_id == device_id).values(**values)
+                )
+                if res.rowcount:
+                    found.add(device_id)
+        return found
+
     def update_device(self, device_id: str, **values: Any) -> bool:
         with self.session() as s:
             res = s.execute(update(Device).where(Device.device_id == device_id).values(**values))

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from edgefleet.mqtt import MessageProps, MqttConfig, MqttLink
 from edgefleet.settings import mqtt_config
@@ -145,40 +146,62 @@ class CoordinatorService:
                 log.exception("chunk request from %s failed", device_id)
 
     def _ingest(self) -> None:
-        while (item := self._ingest_q.get()) is not _STOP:
-            device_id, kind, payload = item  # type: ignore[misc]
-            try:
-                if kind == "up/status":
-                    self._ingest_status(device_id, payload)
-                elif kind == "up/telemetry":
-                    t = Telemetry.decode(payload)
-                    self.registry.update_device(device_id, last_seen=int(self.clock()))
-                    log.debug("telemetry from %s: %s", t.device_id, t.metrics)
-            except EdgeFleetError as exc:  # DecodeError, TooLargeError: the sender's fault
-                log.warning("dropped %s from %s: %s", kind, device_id, exc)
-            except Exception:
-                log.exception("ingesting %s from %s failed", kind, device_id)
+        """Decode what is queued, then write it in one transaction (one commit per batch,
+        not per message: during a fan-out every agent reports several times)."""
+        stopping = False
+        while not stopping:
+            batch = [self._ingest_q.get()]
+            while len(batch) < 500 and not self._ingest_q.empty():
+                batch.append(self._ingest_q.get_nowait())
+            updates: dict[str, dict[str, Any]] = {}
+            for item in batch:
+                if item is _STOP:
+                    stopping = True
+                    continue
+                device_id, kind, payload = item  # type: ignore[misc]
+                try:
+                    values = self._decode_upstream(device_id, kind, payload)
+                except EdgeFleetError as exc:  # DecodeError, TooLargeError: the sender's fault
+                    log.warning("dropped %s from %s: %s", kind, device_id, exc)
+                    continue
+                if values is not None:
+                    updates.setdefault(device_id, {}).update(values)  # later messages win
+            if updates:
+                self._store(updates)
 
-    def _ingest_status(self, device_id: str, payload: bytes) -> None:
-        if not payload:
-            return  # a cleared retained status
+    def _store(self, updates: dict[str, dict[str, Any]]) -> None:
+        try:
+            found = self.registry.update_devices(updates)
+        except Exception:
+            log.exception("storing %d device updates failed", len(updates))
+            return
+        for device_id in set(updates) - found:
+            log.warning("status from unenrolled device %s ignored", device_id)
+        statuses = sum(1 for d in found if "state" in updates[d])
+        if statuses:
+            self.statuses += statuses
+            self.status_event.set()
+
+    def _decode_upstream(self, device_id: str, kind: str, payload: bytes) -> dict[str, Any] | None:
+        now = int(self.clock())
+        if kind == "up/telemetry":
+            t = Telemetry.decode(payload)
+            log.debug("telemetry from %s: %s", t.device_id, t.metrics)
+            return {"last_seen": now}
+        if kind != "up/status" or not payload:
+            return None  # a cleared retained status, or nothing we ingest
         st = DeviceStatus.decode(payload)
         if st.device_id != device_id:
             raise DecodeError(f"status on {device_id}'s topic names {st.device_id}")
         active = st.active or {}
-        values = dict(
-            last_seen=int(self.clock()),
+        return dict(
+            last_seen=now,
             state=st.state,
             active_name=active.get("name"),
             active_version=active.get("version"),
             active_sequence=active.get("sequence"),
             last_result={**(st.last_result or {}), "progress": st.progress},
         )
-        if self.registry.update_device(device_id, **values):
-            self.statuses += 1
-            self.status_event.set()
-        else:
-            log.warning("status from unenrolled device %s ignored", device_id)
 
 
 def mqtt_config_for(
