@@ -48,8 +48,13 @@ def _open(home: Path) -> Any:
 def install(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         raise FileNotFoundError(f"{args.file}: no such bundle file")
+    from edgefleet.progress import ProgressLine
+
     agent = _open(args.home)
-    version = agent.install_file(args.file)
+    line = ProgressLine()
+    version = agent.install_file(
+        args.file, progress=lambda done, total: line("verify", done, total)
+    )
     m = version.manifest
     print(f"installed {m.name} {m.model_version} (sequence {m.sequence}, {m.format}): active")
     return 0

@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+from edgefleet.progress import ProgressLine
+
 log = logging.getLogger("edgefleet")
 
 
@@ -27,26 +29,6 @@ def _need_broker(url: str, config_file: str) -> None:
         raise ValueError(
             f"no broker: pass --broker mqtt://host:port or set broker in {config_file}"
         )
-
-
-def _progress_printer() -> Any:
-    """A progress bar on stderr when interactive; nothing otherwise."""
-    if not sys.stderr.isatty():
-        return None
-    from rich.progress import Progress
-
-    bar = Progress(transient=False)
-    bar.start()
-    tasks: dict[str, Any] = {}
-
-    def update(phase: str, done: int, total: int) -> None:
-        if "dl" not in tasks:
-            tasks["dl"] = bar.add_task("download", total=total)
-        bar.update(tasks["dl"], completed=done, total=total)
-        if phase == "installed":
-            bar.update(tasks.pop("dl"), description="installed")
-
-    return update
 
 
 def agent_run(args: argparse.Namespace) -> int:
@@ -67,7 +49,7 @@ def agent_run(args: argparse.Namespace) -> int:
         server.start()
         log.warning("local inference API on %s", server.url)
     daemon = AgentDaemon(
-        agent, mqtt_config_for(agent), heartbeat=args.heartbeat, progress=_progress_printer()
+        agent, mqtt_config_for(agent), heartbeat=args.heartbeat, progress=ProgressLine()
     )
     stop = _stop_on_signals()
     daemon.start()
