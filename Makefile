@@ -19,6 +19,7 @@ $(VENV)/.stamp-%: pyproject.toml | $(BIN)/python
 comma := ,
 
 test: $(VENV)/.stamp-all+dev
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.stamp-all
