@@ -196,7 +196,10 @@ class Registry:
     def enroll(self, *, device_id: str, sign_public: bytes, kem: str, kem_public: bytes) -> Device:
         with self.session() as s:
             dev = s.get(Device, device_id)
-            if dev is not None and (dev.sign_public, dev.kem_public) != (sign_public, kem_public):
+            if dev is not None and dev.revoked:  # re-enrollment with fresh keys after a revoke
+                dev.sign_public, dev.kem, dev.kem_public = sign_public, kem, kem_public
+                dev.revoked, dev.enrolled = False, int(time.time())
+            elif dev is not None and (dev.sign_public, dev.kem_public) != (sign_public, kem_public):
                 raise ValueError(f"device {device_id} is enrolled with other keys; revoke it first")
             if dev is None:
                 dev = Device(
@@ -209,6 +212,11 @@ class Registry:
                 )
                 s.add(dev)
             return dev
+
+    def revoke(self, device_id: str) -> None:
+        """Exclude a device from every future release (its envelopes are no longer made)."""
+        if not self.update_device(device_id, revoked=True):
+            raise LookupError(f"device {device_id} is not enrolled")
 
     def device(self, device_id: str) -> Device | None:
         with self.session() as s:
@@ -254,6 +262,15 @@ class Registry:
                 missing = [i for i in ids if i not in found]
                 if missing:
                     raise LookupError(f"devices not enrolled: {', '.join(missing)}")
+                revoked = set(
+                    s.scalars(
+                        select(Device.device_id).where(
+                            Device.device_id.in_(ids), Device.revoked.is_(True)
+                        )
+                    )
+                )
+                if revoked:
+                    raise LookupError(f"devices revoked: {', '.join(sorted(revoked))}")
                 q = select(Device.device_id).where(Device.device_id.in_(ids))
             return sorted(s.scalars(q.where(Device.revoked.is_(False))))
 

@@ -173,3 +173,26 @@ def fleet_status(args: argparse.Namespace) -> int:
         )
     Console().print(table)
     return 0
+
+
+def revoke(args: argparse.Namespace) -> int:
+    c = _open(args.home)
+    c.registry.revoke(args.device_id)
+    secret = args.home / "secrets" / "devices" / f"{args.device_id}.password"
+    secret.unlink(missing_ok=True)
+    print(
+        f"revoked {args.device_id}: no future release includes it; re-run "
+        "`coordinator broker-config` to drop its broker password"
+    )
+    return 0
+
+
+def rotate_key(args: argparse.Namespace) -> int:
+    import time
+
+    keys = _open(args.home).keys.rotate(now=int(time.time()))
+    print(
+        f"release key {keys.release.keyid} in keyring v{keys.keyring.version}; "
+        "agents adopt it with the next release and refuse the old key from then on"
+    )
+    return 0
