@@ -223,20 +223,12 @@ class Fleet:
 
     def new_agent(self, device_id: str) -> Path:
         """An initialised agent home for ``device_id``, enrolled at the coordinator."""
-        from agent.config import AgentConfig
-        from agent.identity import DeviceIdentity
-        from agent.trust import TrustStore
-        from edgefleet.fsutil import atomic_write
+        from agent.provision import provision
         from protocol.keys import decode_public_key
 
         home = self.root / "agents" / device_id
-        home.mkdir(parents=True)
-        ident = DeviceIdentity.create(home / "keys", device_id)
-        TrustStore.pin(home / "trust",
-                       decode_public_key((self.coord.home / "root.pub").read_bytes()))
-        atomic_write(home / "agent.toml",
-                     AgentConfig(home=home, device_id=device_id).to_toml().encode())
-        self.coord.enroll(ident.public())
+        root_public = decode_public_key((self.coord.home / "root.pub").read_bytes())
+        self.coord.enroll(provision(home, device_id, root_public).public())
         return home
 
     def register(self, name: str, path: Path) -> tuple[str, str]:

@@ -10,32 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.fsutil import atomic_write
-
 
 def init(args: argparse.Namespace) -> int:
-    from agent.config import AgentConfig
-    from agent.identity import DeviceIdentity
-    from agent.trust import TrustStore
+    from agent.provision import provision
     from protocol.keys import decode_public_key
 
-    home: Path = args.home
-    if (home / "keys" / "device.json").exists():
-        raise FileExistsError(f"{home}: already initialised (keys/device.json exists)")
-    root = decode_public_key(args.trust.read_bytes())
-    home.mkdir(parents=True, exist_ok=True)
-    ident = DeviceIdentity.create(home / "keys", args.device_id, kem=args.kem)
-    TrustStore.pin(home / "trust", root)
-    config = AgentConfig(
-        home=home,
-        device_id=ident.device_id,
-        broker=args.broker,
-        password_file=str(Path(args.password_file).resolve()) if args.password_file else "",
-    )
-    atomic_write(home / "agent.toml", config.to_toml().encode())
-    print(
-        f"device {ident.device_id}: keys made; public keys in {home / 'keys' / 'device.pub.json'}"
-    )
+    password_file = str(Path(args.password_file).resolve()) if args.password_file else ""
+    ident = provision(args.home, args.device_id, decode_public_key(args.trust.read_bytes()),
+                      kem=args.kem, broker=args.broker, password_file=password_file)
+    pub = args.home / "keys" / "device.pub.json"
+    print(f"device {ident.device_id}: keys made; public keys in {pub}")
     return 0
 
 

@@ -24,7 +24,7 @@ from sklearn.neural_network import MLPClassifier
 from agent.agent import Agent
 from agent.config import AgentConfig
 from agent.identity import DeviceIdentity
-from agent.trust import TrustStore
+from agent.provision import provision
 from coordinator.home import Coordinator
 from models.digits import load_digits_split, train_digits, write_digits_artifacts
 from protocol.build import ReleaseSpec, build_release
@@ -87,12 +87,7 @@ def x_test(digits_v1: Digits) -> np.ndarray:
 def make_agent_home(home: Path, device_id: str, root_public: bytes, *,
                     kem: str = KEM_X25519, **config: Any) -> DeviceIdentity:
     """What ``edgefleet agent init`` does: device keys, pinned root key, agent.toml."""
-    home.mkdir(parents=True, exist_ok=True)
-    ident = DeviceIdentity.create(home / "keys", device_id, kem=kem)
-    TrustStore.pin(home / "trust", root_public)
-    cfg = AgentConfig(home=home, device_id=device_id, **config)
-    (home / "agent.toml").write_text(cfg.to_toml())
-    return ident
+    return provision(home, device_id, root_public, kem=kem, **config)
 
 
 def open_agent(home: Path, *, now: float = NOW, checkpoint: Callable[[str], None] | None = None,

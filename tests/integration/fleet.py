@@ -39,7 +39,7 @@ from agent.config import AgentConfig
 from agent.daemon import AgentDaemon
 from agent.daemon import mqtt_config_for as agent_mqtt_config
 from agent.identity import DeviceIdentity
-from agent.trust import TrustStore
+from agent.provision import provision
 from coordinator.brokerconf import credentials
 from coordinator.chunks import ChunkServer
 from coordinator.home import Coordinator
@@ -336,11 +336,7 @@ class FleetHarness:
 
 def make_agent_home(home: Path, device: str, root_public: bytes, **config: Any) -> DeviceIdentity:
     """What ``edgefleet agent init`` does: device keys, pinned root key, agent.toml."""
-    home.mkdir(parents=True, exist_ok=True)
-    ident = DeviceIdentity.create(home / "keys", device)
-    TrustStore.pin(home / "trust", root_public)
-    (home / "agent.toml").write_text(AgentConfig(home=home, device_id=device, **config).to_toml())
-    return ident
+    return provision(home, device, root_public, **config)
 
 
 def make_coordinator(home: Path, digits: Digits, devices: Iterable[str], agent_root: Path,
