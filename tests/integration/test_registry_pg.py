@@ -136,7 +136,8 @@ def test_groups_and_selectors(registry: Registry) -> None:
     assert registry.update_device("dev-c", revoked=True)
     assert registry.resolve("all") == ["dev-a", "dev-b"]
     assert registry.resolve("group:canary") == ["dev-a"]
-    assert registry.resolve("device:dev-c") == []
+    with pytest.raises(LookupError, match="revoked: dev-c"):  # naming one is an operator error
+        registry.resolve("device:dev-c")
 
 
 def test_next_sequence_is_monotonic_and_never_reused(registry: Registry, db_url: str) -> None:
