@@ -33,8 +33,3 @@ class BlobStore:
         if hashlib.sha256(data).hexdigest() != digest:
             raise OSError(f"blob {digest[:16]}… is corrupt on disk")
         return data
-
-    def read_range(self, digest: str, offset: int, length: int) -> bytes:
-        with open(self.path(digest), "rb") as f:
-            f.seek(offset)
-            return f.read(length)

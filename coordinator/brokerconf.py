@@ -46,6 +46,8 @@ def credentials(coordinator: Coordinator) -> dict[str, str]:
     if not coordinator.config.password_file:
         coordinator.update_config(password_file=str(own.resolve()))
     for dev in coordinator.registry.devices():
+        if dev.device_id in users:
+            raise ValueError(f"device {dev.device_id!r} collides with the coordinator's username")
         if not dev.revoked:
             users[dev.device_id] = _password(sec / "devices" / f"{dev.device_id}.password")
     return users

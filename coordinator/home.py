@@ -101,12 +101,20 @@ class Coordinator:
 
     # -- fleet ----------------------------------------------------------------------------
     def enroll(self, public: DevicePublic) -> Device:
+        if public.device_id == self.config.username:  # it would take over the broker account
+            raise ValueError(f"device id {public.device_id!r} is the coordinator's broker username")
         return self.registry.enroll(
             device_id=public.device_id,
             sign_public=public.sign_public,
             kem=public.kem.kem,
             kem_public=public.kem.raw,
         )
+
+    def revoke(self, device_id: str) -> None:
+        """No future release includes the device, and its broker password is forgotten
+        (re-run ``coordinator broker-config`` to drop it from the broker too)."""
+        self.registry.revoke(device_id)
+        (self.home / "secrets" / "devices" / f"{device_id}.password").unlink(missing_ok=True)
 
     # -- releases -------------------------------------------------------------------------
     def build(
@@ -129,6 +137,7 @@ class Coordinator:
             assert dev is not None
             recipients[dev_id] = KemPublicKey(dev.kem, dev.kem_public)
         now = int(now if now is not None else time.time())
+        self.keys.check(now=now, ttl=ttl or self.config.manifest_ttl)
         meta = mv.meta
         spec = ReleaseSpec(
             name=mv.name,

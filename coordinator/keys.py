@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edgefleet.fsutil import atomic_write
 from protocol.canonical import b64d, b64e, canonical_json
+from protocol.errors import KeyringError
 from protocol.keyring import KeyEntry, Keyring, Signature
 from protocol.keys import SigningKey, encode_public_key
 
@@ -56,7 +57,7 @@ class CoordinatorKeys:
             raise FileExistsError(f"{keys / 'root.json'} exists: this home is already initialised")
         root, release = SigningKey.generate(), SigningKey.generate()
         _save_key(keys / "root.json", root)
-        _save_key(keys / "release.json", release)
+        _save_key(keys / f"release-{release.keyid}.json", release)
         atomic_write(home / "root.pub", encode_public_key(root.public_raw))
         keyring = Keyring(
             version=1,
@@ -79,13 +80,35 @@ class CoordinatorKeys:
 
     @classmethod
     def load(cls, home: Path) -> CoordinatorKeys:
+        """The keyring on disk decides which release key signs: each key has its own file,
+        so a crash during rotation leaves the old keyring with the old key, or the new
+        keyring with the new key, never a mix."""
         d = json.loads((home / "keyring.json").read_bytes())
-        return cls(
-            home,
-            _load_key(home / "keys" / "release.json"),
-            b64d(d["keyring"], what="keyring"),
-            b64d(d["signature"], what="keyring signature"),
-        )
+        raw = b64d(d["keyring"], what="keyring")
+        for entry in Keyring.decode(raw).keys:
+            path = home / "keys" / f"release-{entry.keyid}.json"
+            if path.exists():
+                release = _load_key(path)
+                break
+        else:
+            raise FileNotFoundError(
+                f"{home / 'keys'}: no private key for any release key in the keyring"
+            )
+        return cls(home, release, raw, b64d(d["signature"], what="keyring signature"))
+
+    def check(self, *, now: int, ttl: int) -> None:
+        """Refuse to sign what agents would refuse: an expired keyring or release key."""
+        keyring = self.keyring
+        entry = keyring.release_key(self.release.keyid, now)  # UntrustedSignerError if expired
+        if now >= keyring.expires:
+            raise KeyringError(
+                f"keyring v{keyring.version} expired at {keyring.expires}: run "
+                "`edgefleet coordinator rotate-key` (needs the root key)"
+            )
+        if min(entry.expires, keyring.expires) < now + ttl:
+            log.warning(
+                "release key or keyring expires before this release does (%d s); rotate soon", ttl
+            )
 
     def rotate(self, *, now: int, lifetime: int = YEAR) -> CoordinatorKeys:
         """New release key; the old one is dropped from a new keyring version (revoked)."""
@@ -101,7 +124,8 @@ class CoordinatorKeys:
             ),
         )
         raw, sig = sign_keyring(root, keyring)
-        _save_key(self.home / "keys" / "release.json", release)
-        self._save_keyring(self.home, raw, sig)
+        _save_key(self.home / "keys" / f"release-{release.keyid}.json", release)
+        self._save_keyring(self.home, raw, sig)  # the switch: one atomic replace
+        (self.home / "keys" / f"release-{self.release.keyid}.json").unlink(missing_ok=True)
         log.info("rotated release key: keyring v%d, release %s", keyring.version, release.keyid)
         return CoordinatorKeys(self.home, release, raw, sig)

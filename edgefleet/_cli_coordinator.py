@@ -176,10 +176,7 @@ def fleet_status(args: argparse.Namespace) -> int:
 
 
 def revoke(args: argparse.Namespace) -> int:
-    c = _open(args.home)
-    c.registry.revoke(args.device_id)
-    secret = args.home / "secrets" / "devices" / f"{args.device_id}.password"
-    secret.unlink(missing_ok=True)
+    _open(args.home).revoke(args.device_id)
     print(
         f"revoked {args.device_id}: no future release includes it; re-run "
         "`coordinator broker-config` to drop its broker password"

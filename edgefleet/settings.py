@@ -60,6 +60,7 @@ def mqtt_config(
     broker: str | None = None,
     password: str | None = None,
     protocol: int | None = None,
+    **extra: Any,
 ) -> MqttConfig:
     """An ``MqttConfig`` from a component config's ``broker``, ``password_file`` and ``tls_*``."""
     from .mqtt import MqttConfig
@@ -75,4 +76,5 @@ def mqtt_config(
         tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
         tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
         protocol=protocol or cfg.mqtt_protocol,
+        **extra,
     )

@@ -25,7 +25,7 @@ MAX_OFFER = 2 * MAX_MANIFEST  # bytes, checked before parsing
 MAX_REQUEST = 4096
 MAX_STATUS = 16 * 1024
 MAX_TELEMETRY = 64 * 1024
-MAX_INDEXES = 64
+MAX_INDEXES = 16  # per request; agents ask for one at a time within their window
 _FRAME = b"EFC1"
 _HLEN = struct.Struct(">H")
 
@@ -95,6 +95,8 @@ class ChunkRequest:
             isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.indexes
         ):
             raise DecodeError(f"chunk request: expected 1..{MAX_INDEXES} non-negative indexes")
+        if len(set(self.indexes)) != len(self.indexes):
+            raise DecodeError("chunk request: duplicate indexes")
         if len(self.corr) > 64 or len(self.reply_to) > 256 or len(self.bundle_id) != 32:
             raise DecodeError("chunk request: corr <= 64, reply_to <= 256, bundle_id 32 chars")
 
@@ -172,6 +174,63 @@ class ChunkReply:
         )
 
 
+_U63 = (1 << 63) - 1
+
+
+def _u63(v: object, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _U63:
+        raise DecodeError(f"{what}: expected an integer in 0..2^63-1, saw {v!r:.40}")
+    return v
+
+
+def _text(limit: int) -> Any:
+    def check(v: object, what: str) -> str:
+        if not isinstance(v, str):
+            raise DecodeError(f"{what}: expected a string, saw {type(v).__name__}")
+        return v[:limit]  # untrusted free text is cut, not refused
+
+    return check
+
+
+def _bool(v: object, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise DecodeError(f"{what}: expected true or false, saw {v!r:.20}")
+    return v
+
+
+_ACTIVE = {
+    "name": F.name,
+    "version": F.name,
+    "sequence": _u63,
+    "format": _text(16),
+    "bundle_id": _text(64),
+}
+_RESULT = {
+    "ok": _bool,
+    "code": _text(32),
+    "reason": _text(500),
+    "sequence": _u63,
+    "name": F.name,
+    "model_version": F.name,
+    "bundle_id": _text(64),
+    "time": _u63,
+}
+_PROGRESS = {
+    k: _u63 for k in ("sequence", "done", "total", "reused", "fetched", "requests", "rejected")
+} | {"bundle_id": _text(64)}
+
+
+def _typed(obj: object, schema: dict[str, Any], what: str) -> dict[str, Any] | None:
+    """Validate the known fields of an untrusted object; unknown fields are dropped."""
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        raise DecodeError(f"{what}: expected an object or null")
+    return {
+        k: check(obj[k], f"{what}.{k}") for k, check in schema.items() if obj.get(k) is not None
+    }
+
+
 @dataclass(frozen=True, kw_only=True)
 class DeviceStatus:
     """What an agent reports: retained on its status topic, refreshed as a heartbeat."""
@@ -219,17 +278,15 @@ class DeviceStatus:
         d = decode_json_object(data, max_size=MAX_STATUS, what=w)
         F.check_header(d, "status", 1, w)
         F.check_keys(d, set(cls(device_id="x", time=0, state="idle").to_dict()), w)
-        opt = {k: d.get(k) for k in ("active", "last_result", "progress")}
-        for k, v in opt.items():
-            if v is not None and not isinstance(v, dict):
-                raise DecodeError(f"status.{k}: expected an object or null")
         return cls(
             device_id=F.field(d, "device_id", str, w),
-            time=F.field(d, "time", int, w),
+            time=_u63(d.get("time"), "status.time"),
             state=F.field(d, "state", str, w),
-            highest_sequence=F.field(d, "highest_sequence", int, w),
-            counter=F.field(d, "counter", int, w),
-            **opt,
+            highest_sequence=_u63(d.get("highest_sequence"), "status.highest_sequence"),
+            counter=_u63(d.get("counter"), "status.counter"),
+            active=_typed(d.get("active"), _ACTIVE, "status.active"),
+            last_result=_typed(d.get("last_result"), _RESULT, "status.last_result"),
+            progress=_typed(d.get("progress"), _PROGRESS, "status.progress"),
         )
 
 

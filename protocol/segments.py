@@ -11,12 +11,12 @@ index-derived nonces never repeat under one key.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import DecryptError, IntegrityError
+from .errors import DecryptError
 
 __all__ = [
     "KEY_SIZE",
@@ -91,13 +91,3 @@ class SegmentCipher:
         for i in range(n):
             chunk = plaintext[i * self.segment_size : (i + 1) * self.segment_size]
             yield self.seal(i, chunk, final=i == n - 1)
-
-
-def check_segment(index: int, ciphertext: bytes, expected_hashes: Iterable[str]) -> None:
-    """Raise ``IntegrityError`` unless ``ciphertext`` hashes to the signed value for ``index``."""
-    expected = list(expected_hashes)[index]
-    seen = sha256_hex(ciphertext)
-    if seen != expected:
-        raise IntegrityError(
-            f"segment {index}: expected SHA-256 {expected[:16]}…, saw {seen[:16]}…"
-        )

@@ -15,7 +15,7 @@ from coordinator.keys import CoordinatorKeys
 from protocol.container import HEADER_SIZE, decode_envelopes, parse_header
 from protocol.device import DevicePublic
 from protocol.envelope import Envelope, unwrap_key
-from protocol.errors import DecodeError
+from protocol.errors import DecodeError, UntrustedSignerError
 from protocol.keys import KEM_HYBRID, SigningKey, decode_public_key, generate_kem_key
 from protocol.manifest import Manifest
 from protocol.verify import check_envelopes, verify_keyring, verify_manifest
@@ -52,7 +52,7 @@ def test_init_makes_keys_and_a_root_signed_keyring(coord: Coordinator) -> None:
     keyring = verify_keyring(root, coord.keys.keyring_raw, coord.keys.keyring_sig, now=T0,
                              current=None)
     assert keyring.version == 1 and [k.keyid for k in keyring.keys] == [coord.keys.release.keyid]
-    for secret in ("root.json", "release.json"):
+    for secret in ("root.json", f"release-{coord.keys.release.keyid}.json"):
         assert (home / "keys" / secret).stat().st_mode & 0o777 == 0o600
     assert CoordinatorConfig.load(home) == coord.config
     with pytest.raises(FileExistsError):
@@ -76,6 +76,35 @@ def test_rotation_revokes_the_old_release_key(coord: Coordinator) -> None:
     trusted = verify_keyring(root, old.keyring_raw, old.keyring_sig, now=T0 + 20, current=None)
     assert verify_keyring(root, new.keyring_raw, new.keyring_sig, now=T0 + 20,
                           current=trusted).version == 2
+
+
+def test_rotation_is_crash_safe_and_drops_the_old_private_key(
+    coord: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = coord.keys
+    keys_dir = coord.home / "keys"
+
+    def crash(*_: Any, **__: Any) -> None:
+        raise OSError("power cut")
+
+    # Crash after the new key file, before the keyring switch: the old pair still signs.
+    monkeypatch.setattr(CoordinatorKeys, "_save_keyring", staticmethod(crash))
+    with pytest.raises(OSError, match="power cut"):
+        old.rotate(now=T0 + 10)
+    monkeypatch.undo()
+    survived = CoordinatorKeys.load(coord.home)
+    assert survived.release.keyid == old.release.keyid and survived.keyring.version == 1
+    new = survived.rotate(now=T0 + 20)
+    assert CoordinatorKeys.load(coord.home).release.keyid == new.release.keyid
+    assert not (keys_dir / f"release-{old.release.keyid}.json").exists()
+
+
+def test_build_refuses_an_expired_keyring(coord: Coordinator, tmp_path: Path) -> None:
+    coord.register_model("m", model_file(tmp_path))
+    coord.enroll(device("dev-a")[0])
+    expires = coord.keys.keyring.expires
+    with pytest.raises(UntrustedSignerError, match="expired"):
+        coord.build("m", "1", "all", now=expires + 1)
 
 
 def test_register_model_reads_the_sidecar_metadata(coord: Coordinator, tmp_path: Path) -> None:
@@ -196,7 +225,6 @@ def test_blobs(tmp_path: Path) -> None:
     blobs = BlobStore(tmp_path)
     digest = blobs.put(b"hello")
     assert blobs.put(b"hello") == digest and blobs.get(digest) == b"hello"
-    assert blobs.read_range(digest, 1, 3) == b"ell"
     blobs.path(digest).write_bytes(b"jello")
     with pytest.raises(OSError, match="corrupt"):
         blobs.get(digest)
@@ -214,3 +242,8 @@ def test_config(tmp_path: Path) -> None:
     (tmp_path / "coordinator.toml").write_text("bogus = 1\n")
     with pytest.raises(ValueError, match="unknown settings"):
         CoordinatorConfig.load(tmp_path)
+
+
+def test_a_device_cannot_take_the_coordinators_broker_name(coord: Coordinator) -> None:
+    with pytest.raises(ValueError, match="broker username"):
+        coord.enroll(device(coord.config.username)[0])

@@ -8,15 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import DecryptError, IntegrityError
+from protocol.errors import DecryptError
 from protocol.segments import (
     MIN_SEGMENT,
     TAG_SIZE,
     SegmentCipher,
-    check_segment,
     ciphertext_size,
     segment_count,
-    sha256_hex,
 )
 
 SEG = MIN_SEGMENT
@@ -99,14 +97,6 @@ def _duplicated_segment() -> None:
 def test_tampering_fails_to_decrypt(attack: object) -> None:
     with pytest.raises(DecryptError):
         attack()  # type: ignore[operator]
-
-
-def test_check_segment() -> None:
-    s = sealed()
-    hashes = [sha256_hex(x) for x in s]
-    check_segment(1, s[1], hashes)
-    with pytest.raises(IntegrityError, match="segment 1"):
-        check_segment(1, s[2], hashes)
 
 
 @pytest.mark.parametrize(("key", "bundle", "size", "match"), [
