@@ -1,14 +1,20 @@
 """The agent daemon: receive release offers over MQTT, pull chunks, install, report.
 
-Paho's network thread only queues messages; one worker thread owns all download and install
-state, so there are no locks around it. Inference (``Agent.predict``, the HTTP API) runs on
-other threads and keeps serving the active model throughout: the runtime is swapped only
-after a new version passed every check.
+Paho's network thread only checks sizes and queues messages (never blocking); one worker
+thread owns all download and install state, so there are no locks around it. Inference
+(``Agent.predict``, the HTTP API) runs on other threads and keeps serving the active model
+throughout: the runtime is swapped only after a new version passed every check.
+
+Memory stays bounded on a small device: the broker is told the largest packet we accept
+(``MAX_INCOMING``), each message kind has its own size cap, and the hand-over queue is capped
+in bytes. A release that failed here (bad model, disk full...) is remembered and not fetched
+again when its retained offer is re-delivered on reconnect; a restart or a new release retries.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import threading
@@ -16,21 +22,36 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edgefleet.mqtt import MessageProps, MqttConfig, MqttLink
+from edgefleet.mqtt import HEADER_ALLOWANCE, MessageProps, MqttConfig, MqttLink
 from edgefleet.settings import mqtt_config
 from protocol import topics
-from protocol.errors import BundleError, EdgeFleetError, RollbackError, TransportError
+from protocol.errors import (
+    BundleError,
+    EdgeFleetError,
+    RollbackError,
+    StoreError,
+    TransportError,
+)
 from protocol.manifest import Manifest
 from protocol.messages import MAX_OFFER, ChunkReply, DeviceStatus, ReleaseOffer, Telemetry
+from protocol.segments import MAX_SEGMENT
+from protocol.verify import select_envelope
 
 from .agent import Agent
 from .download import Download
-from .updater import FileSource, Offer
+from .updater import Offer
 
-__all__ = ["AgentDaemon"]
+__all__ = ["MAX_CHUNK_FRAME", "MAX_INCOMING", "AgentDaemon"]
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]  # (phase, done bytes, total bytes)
+
+#: bytes: a chunk reply frame (sealed segment + tag, header of at most 1 KiB, with room to spare)
+MAX_CHUNK_FRAME = MAX_SEGMENT + 16 + 2048
+MAX_COMMAND = 64 * 1024  # bytes, anything on the cmd topic
+#: bytes: the largest MQTT packet the agent accepts (CONNECT MaximumPacketSize, MQTT 5)
+MAX_INCOMING = max(MAX_OFFER, MAX_CHUNK_FRAME) + HEADER_ALLOWANCE
+_LIMITS = {"release": MAX_OFFER, "chunk": MAX_CHUNK_FRAME}
 
 
 class AgentDaemon:
@@ -44,7 +65,11 @@ class AgentDaemon:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         progress: ProgressFn | None = None,
+        max_queued_bytes: int = 64 * 1024 * 1024,  # payload bytes waiting for the worker
+        remember_failed: int = 64,  # bundle ids of failed releases kept (not fetched again)
     ) -> None:
+        if mqtt.max_incoming is None:
+            mqtt = dataclasses.replace(mqtt, max_incoming=MAX_INCOMING)
         self.agent = agent
         self.device_id = agent.identity.device_id
         self.heartbeat, self.request_timeout = heartbeat, request_timeout
@@ -53,6 +78,12 @@ class AgentDaemon:
         self.downloads_dir = agent.config.home / "downloads"
         self.downloads_dir.mkdir(exist_ok=True)
         self._q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1000)
+        self._q_lock = threading.Lock()
+        self._q_bytes = 0  # payload bytes in _q; guarded by _q_lock
+        self.max_queued_bytes = max_queued_bytes
+        self._connect_missed = threading.Event()  # a connect that found the queue full
+        self._failed: dict[str, str] = {}  # bundle id -> error code, oldest first
+        self._remember = remember_failed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agent-daemon", daemon=True)
         self._state = "idle"
@@ -93,30 +124,58 @@ class AgentDaemon:
         finally:
             self.stop()
 
-    # -- network thread: size check and hand over ---------------------------------------------
+    # -- network thread: size check and hand over (never blocks) -------------------------------
     def _on_message(self, topic: str, payload: bytes, props: MessageProps) -> None:
         kind = topic.rsplit("/", 1)[-1]
-        limit = MAX_OFFER if kind == "release" else 8 * 1024 * 1024
+        limit = _LIMITS.get(kind, MAX_COMMAND)
         if len(payload) > limit:
-            self.dropped += 1
-            log.warning("dropped %d-byte message on %s (limit %d)", len(payload), topic, limit)
+            self._drop(topic, f"{len(payload)} bytes, limit {limit}")
+            return
+        if kind == "chunk" and self._download is None:
+            log.debug("ignored chunk reply on %s: no download under way", topic)
+            return
+        with self._q_lock:
+            if self._q_bytes + len(payload) > self.max_queued_bytes:
+                full = f"{self._q_bytes} bytes queued"
+            else:
+                self._q_bytes += len(payload)
+                full = ""
+        if full:
+            self._drop(topic, full)
             return
         try:
             self._q.put_nowait((kind, payload))
         except queue.Full:
-            self.dropped += 1
-            log.warning("dropped message on %s: agent queue full", topic)
+            self._unqueued(payload)
+            self._drop(topic, "agent queue full")
+
+    def _drop(self, topic: str, why: str) -> None:
+        self.dropped += 1
+        log.warning("dropped message on %s (%s)", topic, why)
+
+    def _unqueued(self, payload: Any) -> None:
+        if isinstance(payload, bytes):
+            with self._q_lock:
+                self._q_bytes -= len(payload)
 
     def _on_connect(self, session_present: bool) -> None:
-        self._q.put(("connected", session_present))
+        try:
+            self._q.put_nowait(("connected", session_present))
+        except queue.Full:  # the worker checks this flag on every turn
+            self._connect_missed.set()
 
     # -- worker thread -------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                kind, payload = self._q.get(timeout=0.2)
-            except queue.Empty:
-                kind, payload = "tick", None
+            if self._connect_missed.is_set():
+                self._connect_missed.clear()
+                kind, payload = "connected", None
+            else:
+                try:
+                    kind, payload = self._q.get(timeout=0.2)
+                except queue.Empty:
+                    kind, payload = "tick", None
+                self._unqueued(payload)
             try:
                 self._handle(kind, payload)
                 self._tick()
@@ -159,6 +218,7 @@ class AgentDaemon:
         return {
             "state": self._state,
             "dropped": self.dropped,
+            "failed": len(self._failed),
             "download": None if d is None else vars(d.stats),
         }
 
@@ -172,6 +232,17 @@ class AgentDaemon:
             if active is not None and offer.manifest == active.manifest_raw:
                 return  # the retained offer of what we already run
             manifest = self.agent.updater.check(self._as_offer(offer))
+            code = self._failed.get(manifest.bundle_id)
+            if code is not None:  # e.g. the retained offer again, after a reconnect
+                log.info(
+                    "release %d (%s) failed here before (%s); not fetching it again",
+                    manifest.sequence,
+                    manifest.bundle_id,
+                    code,
+                )
+                return
+            # The envelope is not signed itself: its digest in the manifest is.
+            select_envelope(manifest, [offer.envelope], self.device_id)
         except RollbackError as exc:
             log.info("ignored release offer: %s", exc)
             self._reject(exc)
@@ -187,18 +258,26 @@ class AgentDaemon:
     def _begin(self, offer: ReleaseOffer, manifest: Manifest) -> None:
         if self._download is not None:
             self._download.close()
+            self._download, self._state = None, "idle"
         keep = f"{manifest.bundle_id}.part"
-        for old in self.downloads_dir.glob("*.part"):
-            if old.name != keep:
-                old.unlink()
-        self._offer = offer
-        self._download = Download(
-            manifest,
-            self.downloads_dir / keep,
-            topics.chunk(self.device_id),
-            window=self.agent.config.window,
-            timeout=self.request_timeout,
-        )
+        try:
+            for old in self.downloads_dir.glob("*.part"):
+                if old.name != keep:
+                    old.unlink()
+            download = Download(
+                manifest,
+                self.downloads_dir / keep,
+                topics.chunk(self.device_id),
+                window=self.agent.config.window,
+                timeout=self.request_timeout,
+            )
+        except OSError as exc:
+            self._reject(StoreError(f"{self.downloads_dir}: {exc.strerror or exc}"), manifest)
+            return
+        except StoreError as exc:
+            self._reject(exc, manifest)
+            return
+        self._offer, self._download = offer, download
         log.info(
             "release %d (%s %s): fetching %d of %d chunks",
             manifest.sequence,
@@ -219,7 +298,7 @@ class AgentDaemon:
         try:
             reply = ChunkReply.decode(payload, max_data=d.manifest.segment_size + 16)
             fresh = d.accept(reply)
-        except TransportError as exc:  # the coordinator refused us
+        except (TransportError, StoreError) as exc:  # the coordinator refused us; disk trouble
             self._abandon(exc)
             return
         except EdgeFleetError as exc:
@@ -235,36 +314,51 @@ class AgentDaemon:
         assert d is not None and offer is not None
         self._state = "installing"
         self._report()
-        source = FileSource(d.path)
-        try:
-            self.agent.install(self._as_offer(offer), offer.envelope, source)
+        try:  # the part file is the source: its read errors arrive as StoreError
+            self.agent.install(self._as_offer(offer), offer.envelope, d)  # records the result
             self.installed.set()
         except EdgeFleetError as exc:
             log.warning("release %d not installed: %s", d.manifest.sequence, exc)
+            self._remember_failed(d.manifest, exc)
         finally:
-            source.close()
-            d.close()
-            d.path.unlink(missing_ok=True)
-            self._download = None
-            self._state = "idle"
+            self._download, self._state = None, "idle"
+            self._discard(d)
         if self.progress:
             self.progress("installed", d.manifest.payload_size, d.manifest.payload_size)
         self._report()
 
     def _abandon(self, exc: EdgeFleetError) -> None:
         d = self._download
+        self._download, self._state = None, "idle"
         if d is not None:
-            d.close()
-            d.path.unlink(missing_ok=True)
-        self._download = None
-        self._state = "idle"
+            self._discard(d)
+        log.warning("download abandoned (%s): %s", exc.code, exc)
+        if d is not None and not isinstance(exc, TransportError):  # refusals may be retried
+            self._remember_failed(d.manifest, exc)
         self.agent.record(ok=False, code=exc.code, reason=str(exc))
         self._report()
 
-    def _reject(self, exc: EdgeFleetError) -> None:
+    @staticmethod
+    def _discard(d: Download) -> None:
+        d.close()
+        try:
+            d.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", d.path, exc.strerror or exc)
+
+    def _reject(self, exc: EdgeFleetError, manifest: Manifest | None = None) -> None:
+        """Record and report a refused offer; remember it if ``manifest`` (verified) is given."""
         log.warning("rejected release offer (%s): %s", exc.code, exc)
+        if manifest is not None:
+            self._remember_failed(manifest, exc)
         self.agent.record(ok=False, code=exc.code, reason=str(exc))
         self._report()
+
+    def _remember_failed(self, manifest: Manifest, exc: EdgeFleetError) -> None:
+        self._failed.pop(manifest.bundle_id, None)
+        self._failed[manifest.bundle_id] = exc.code
+        while len(self._failed) > self._remember:
+            del self._failed[next(iter(self._failed))]
 
     @staticmethod
     def _as_offer(o: ReleaseOffer) -> Offer:
@@ -329,4 +423,5 @@ def mqtt_config_for(
         username=cfg.username or cfg.device_id,
         broker=broker,
         password=password,
+        max_incoming=MAX_INCOMING,
     )

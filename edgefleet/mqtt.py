@@ -16,10 +16,13 @@ It handles the traps measured in ARCHITECTURE §4 so callers do not have to:
 
 Flow control choices: at most ``max_inflight`` (20) unacknowledged QoS 1 publishes, which matches
 mosquitto's default ``max_inflight_messages`` (its v5 Receive Maximum; exceeding it is a protocol
-error). paho's outgoing queue is bounded (``max_queued``, 1000 messages) rather than unbounded: a
-device offline for days must not grow without limit, and a full queue surfaces as
-``TransportError`` so the caller decides what to drop. Bulk transfers use their own request
-window, so the queue never holds more than a window of chunks.
+error). paho bounds only its QoS 1/2 queue (``max_queued``, 1000 messages; a full queue raises
+``TransportError`` so the caller decides what to drop). QoS 0 publishes bypass that limit and
+go straight into paho's unbounded packet queue, so the link counts their bytes: a bulk sender
+calls ``wait_writable(max_unsent, timeout)`` before each publish and blocks until the socket
+has taken enough (``unsent_bytes``). Incoming packets are bounded by ``max_incoming``, sent as
+the v5 CONNECT MaximumPacketSize: the broker then never sends us anything larger (it drops
+such messages for this client), so an oversize message is never read into memory.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class MqttConfig:
     max_inflight: int = 20  # unacknowledged QoS 1 publishes
     max_queued: int = 1000  # messages in paho's outgoing queue (incl. in flight); 0 = unbounded
     default_max_packet: int = 1 << 20  # bytes, assumed when CONNACK announces no maximum
+    # bytes: largest packet we accept, announced as CONNECT MaximumPacketSize (v5 only; 3.1.1
+    # has no way to say it). None = no limit (the broker's own, 256 MB for mosquitto).
+    max_incoming: int | None = None
 
     def __post_init__(self) -> None:
         _parse_url(self.url)
@@ -90,6 +96,10 @@ class MqttConfig:
             )
         if self.max_inflight < 1 or self.max_queued < 0 or self.default_max_packet <= 0:
             raise ValueError("max_inflight >= 1, max_queued >= 0, default_max_packet > 0")
+        if self.max_incoming is not None and not 0 < self.max_incoming <= 268_435_455:
+            raise ValueError(
+                f"max_incoming must be 1..268435455 bytes (paho's limit), got {self.max_incoming}"
+            )
 
     @property
     def host(self) -> str:
@@ -157,6 +167,14 @@ class MqttLink:
         self._max_packet = config.default_max_packet
         self._last_error: str | None = None
         self._started = False
+        # Bytes handed to paho and not yet published (``unsent_bytes``); all guarded by _sent.
+        self._sent = threading.Condition()
+        self._held: dict[int, list[tuple[int, int]]] = {}  # mid -> [(qos, bytes)], oldest first
+        self._unsent = 0
+        self._publishing = 0  # publish() calls inside paho right now
+        self._early: set[int] = set()  # mids paho published before publish() could record them
+        self._epoch = 0  # connections lost so far: QoS 0 packets queued on an older one are gone
+        self._stopped = False
         self._client = self._make_client()
 
     # -- public API -----------------------------------------------------------------------
@@ -170,6 +188,8 @@ class MqttLink:
         if cfg.protocol == 5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = cfg.session_expiry
+            if cfg.max_incoming is not None:
+                props.MaximumPacketSize = cfg.max_incoming
             self._client.connect_async(
                 cfg.host, cfg.port, cfg.keepalive, clean_start=cfg.clean_start, properties=props
             )
@@ -224,7 +244,18 @@ class MqttLink:
                 f"PUBLISH to {topic} is {size} bytes; the broker accepts at "
                 f"most {self._max_packet} (payload limit {self.max_payload})"
             )
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        with self._sent:
+            self._publishing += 1
+            epoch = self._epoch
+        mid = None
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            queued = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (
+                info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0
+            )
+            mid = info.mid if queued else None
+        finally:
+            self._track(mid, qos, size, epoch)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             raise TransportError(
                 f"outgoing queue full ({self._config.max_queued} messages); "
@@ -238,11 +269,38 @@ class MqttLink:
             info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         return info
 
+    def wait_writable(self, max_unsent: int, timeout: float) -> bool:
+        """Block until at most ``max_unsent`` bytes are unsent; False if still more at timeout.
+
+        Backpressure for bulk QoS 0 senders, which paho's ``max_queued`` does not limit: call
+        it before each publish. Returns False at once (if over the limit) after ``stop()``.
+        """
+        if max_unsent < 0:
+            raise ValueError(f"max_unsent must be >= 0, got {max_unsent}")
+        with self._sent:
+            self._sent.wait_for(lambda: self._unsent <= max_unsent or self._stopped, timeout)
+            return self._unsent <= max_unsent
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes of PUBLISH packets handed to paho and not yet published.
+
+        What "published" means is paho's ``on_publish``: a QoS 0 packet counts until it is
+        written to the socket, a QoS 1/2 message until the broker acknowledged it (paho keeps
+        it for a resend until then, across reconnects). QoS 0 packets still queued when the
+        connection drops are discarded by paho (never written), so they stop counting then.
+        """
+        with self._sent:
+            return self._unsent
+
     def stop(self) -> None:
         """Disconnect (the broker keeps the session) and join the network thread.
 
         Does not flush: wait on the returned MQTTMessageInfo first if delivery matters.
         """
+        with self._sent:
+            self._stopped = True
+            self._sent.notify_all()
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
@@ -292,6 +350,7 @@ class MqttLink:
         client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_subscribe = self._handle_subscribe
+        client.on_publish = self._handle_publish
         client.on_message = self._handle_message
         return client
 
@@ -306,6 +365,53 @@ class MqttLink:
         if correlation is not None:
             props.CorrelationData = correlation
         return props
+
+    def _track(self, mid: int | None, qos: int, size: int, epoch: int) -> None:
+        """Count a publish paho queued (``mid``), unless paho already reported it published."""
+        with self._sent:
+            self._publishing -= 1
+            if mid is not None:
+                if mid in self._early:
+                    self._early.discard(mid)
+                elif qos > 0 or epoch == self._epoch:  # else its connection is gone: dropped
+                    self._held.setdefault(mid, []).append((qos, size))
+                    self._unsent += size
+            if not self._publishing:
+                self._early.clear()
+
+    def _handle_publish(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        _props: Properties,
+    ) -> None:
+        # QoS 0: the packet was written to the socket. QoS 1/2: PUBACK/PUBCOMP arrived.
+        if reason.is_failure:
+            log.warning("MQTT broker refused publish (mid %d): %s", mid, reason)
+        with self._sent:
+            held = self._held.get(mid)
+            if held:
+                self._unsent -= held.pop(0)[1]
+                if not held:
+                    del self._held[mid]
+                self._sent.notify_all()
+            elif self._publishing:  # publish() of this mid has not recorded it yet
+                self._early.add(mid)
+
+    def _drop_unsent_qos0(self) -> None:
+        """The connection is gone: paho discards its queued QoS 0 packets on reconnect."""
+        with self._sent:
+            self._epoch += 1
+            for mid, entries in list(self._held.items()):
+                self._unsent -= sum(size for qos, size in entries if qos == 0)
+                kept = [(qos, size) for qos, size in entries if qos > 0]
+                if kept:
+                    self._held[mid] = kept
+                else:
+                    del self._held[mid]
+            self._sent.notify_all()
 
     def _handle_connect(
         self,
@@ -370,6 +476,7 @@ class MqttLink:
         reason: ReasonCode,
         _props: Properties | None,
     ) -> None:
+        self._drop_unsent_qos0()
         with self._lock:
             was_up, self._session_up = self._session_up, False
             for waiters in self._acks.values():  # SUBACKs that will never come

@@ -176,6 +176,142 @@ def test_full_outgoing_queue_raises(broker: EmbeddedBroker, links: LinkFactory) 
         pub.link.publish("q", b"lost", qos=0)
 
 
+@needs_mosquitto
+def test_max_incoming_is_announced_and_larger_messages_never_arrive(
+    broker: EmbeddedBroker, links: LinkFactory
+) -> None:
+    limit = 8192
+    sub = links.make(broker, "small-sub", subscribe=("in/#",), max_incoming=limit)
+    pub = links.make(broker, "big-pub", default_max_packet=1 << 22)
+    pub.link.publish("in/big", b"b" * limit).wait_for_publish(TIMEOUT)  # the broker takes it...
+    pub.link.publish("in/small", b"s" * (limit - 100)).wait_for_publish(TIMEOUT)
+    assert len(sub.inbox.wait_topic("in/small").payload) == limit - 100
+    assert sub.inbox.topics() == ["in/small"]  # ...but never sends it to us: same publisher,
+    assert sub.link.connected.is_set() and sub.events.disconnects == []  # so it was dropped
+
+
+@pytest.mark.parametrize("bad", [0, 268_435_456])
+def test_max_incoming_must_fit_mqtt(bad: int) -> None:
+    with pytest.raises(ValueError, match="max_incoming"):
+        MqttConfig(url="mqtt://h", client_id="c", max_incoming=bad)
+
+
+# -- backpressure: unsent bytes ------------------------------------------------------------
+
+
+class StalledBroker:
+    """A fake MQTT server on loopback: it accepts one CONNECT and then reads nothing until
+    ``drain()`` (a consumer that stopped), so what a client publishes piles up unsent."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"mqtt://127.0.0.1:{self._server.getsockname()[1]}"
+        self._conn: socket.socket | None = None
+        self._drain = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self._server.accept()
+        self._conn = conn
+        assert conn.recv(1) == b"\x10"  # CONNECT
+        remaining, shift = 0, 0
+        while (byte := conn.recv(1)[0]) & 0x80:
+            remaining, shift = remaining | (byte & 0x7F) << shift, shift + 7
+        remaining |= byte << shift
+        while remaining:
+            remaining -= len(conn.recv(remaining))
+        conn.sendall(b"\x20\x03\x00\x00\x00")  # CONNACK v5: accepted, no properties
+        self._drain.wait()
+        try:
+            while conn.recv(1 << 20):
+                pass
+        except OSError:
+            pass
+
+    def drain(self) -> None:
+        self._drain.set()
+
+    def drop_connection(self) -> None:
+        assert self._conn is not None
+        self._conn.shutdown(socket.SHUT_RDWR)
+        self._conn.close()
+
+    def close(self) -> None:
+        self._drain.set()
+        self._server.close()
+
+
+def test_unsent_bytes_rise_with_qos0_publishes_and_fall_as_the_socket_takes_them() -> None:
+    stalled = StalledBroker()
+    events = Events()
+    config = MqttConfig(url=stalled.url, client_id="bulk", default_max_packet=1 << 21)
+    link = MqttLink(config, Inbox(), on_disconnect=events.on_disconnect)
+    try:
+        link.start()
+        assert link.wait_connected(TIMEOUT)
+        assert link.unsent_bytes == 0 and link.wait_writable(0, timeout=0)
+        chunk = b"c" * (1 << 20)
+        for _ in range(48):  # 48 MB: far more than loopback socket buffers hold
+            link.publish("bulk/chunk", chunk, qos=0)
+        assert link.unsent_bytes > 16 << 20  # the consumer reads nothing: it stays queued
+        assert not link.wait_writable(16 << 20, timeout=0.2)  # nothing drains: times out
+        assert link.wait_writable(1 << 40, timeout=0)  # under a larger limit: at once
+
+        stalled.drain()
+        assert link.wait_writable(0, timeout=TIMEOUT)  # each write -> on_publish -> less unsent
+        assert link.unsent_bytes == 0
+    finally:
+        link.stop()
+        stalled.close()
+
+
+def test_unsent_qos0_bytes_are_forgotten_when_the_connection_drops() -> None:
+    stalled = StalledBroker()
+    events = Events()
+    config = MqttConfig(url=stalled.url, client_id="bulk", reconnect_min=5, reconnect_max=5)
+    link = MqttLink(config, Inbox(), on_disconnect=events.on_disconnect)
+    try:
+        link.start()
+        assert link.wait_connected(TIMEOUT)
+        for _ in range(48):
+            link.publish("bulk/chunk", b"c" * 1000_000, qos=0)
+        assert link.unsent_bytes > 16 << 20
+        results: list[bool] = []
+        waiter = threading.Thread(target=lambda: results.append(link.wait_writable(0, TIMEOUT)))
+        waiter.start()
+        stalled.drop_connection()  # paho discards queued QoS 0 packets: nothing will drain them
+        waiter.join(TIMEOUT)
+        assert results == [True] and link.unsent_bytes == 0
+        assert events.wait_disconnects(1)
+    finally:
+        link.stop()
+        stalled.close()
+
+
+def test_qos1_bytes_count_until_acknowledged(broker: EmbeddedBroker, links: LinkFactory) -> None:
+    pub = links.make(broker, "acked", start=False)
+    info = pub.link.publish("q1", b"x" * 1000)  # not connected: paho queues it
+    assert 1000 < pub.link.unsent_bytes < 1100
+    assert not pub.link.wait_writable(0, timeout=0)
+    pub.link.start()
+    assert pub.link.wait_writable(0, timeout=TIMEOUT)  # sent on connect, then PUBACKed
+    assert info.is_published() and pub.link.unsent_bytes == 0
+
+
+def test_wait_writable_returns_after_stop(broker: EmbeddedBroker, links: LinkFactory) -> None:
+    pub = links.make(broker, "stopping", start=False)
+    pub.link.publish("q1", b"x" * 1000)
+    results: list[bool] = []
+    waiter = threading.Thread(target=lambda: results.append(pub.link.wait_writable(0, TIMEOUT)))
+    waiter.start()
+    pub.link.stop()  # nothing will ever drain it: the waiter gets False now, not at the timeout
+    waiter.join(TIMEOUT)
+    assert results == [False]
+    with pytest.raises(ValueError, match="max_unsent"):
+        pub.link.wait_writable(-1, timeout=0)
+
+
 # -- sessions and reconnects ---------------------------------------------------------------
 
 
