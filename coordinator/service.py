@@ -20,7 +20,7 @@ from edgefleet.mqtt import MessageProps, MqttConfig, MqttLink
 from edgefleet.settings import mqtt_config
 from protocol import topics
 from protocol.envelope import Envelope
-from protocol.errors import DecodeError, EdgeFleetError
+from protocol.errors import DecodeError, EdgeFleetError, TransportError
 from protocol.manifest import Manifest
 from protocol.messages import ChunkRequest, DeviceStatus, ReleaseOffer, Telemetry
 
@@ -48,17 +48,34 @@ def offers(release: Release) -> dict[str, ReleaseOffer]:
     }
 
 
+UNSENT_LIMIT = 16 * 1024 * 1024  # bytes of chunk replies queued in paho before we wait
+PUBLISH_BATCH = 200  # offers in flight before waiting for acks (paho queues at most 1000)
+
+
 def publish_release(link: MqttLink, release: Release, *, timeout: float = 30.0) -> int:
-    """Publish (retained, QoS 1) every target's offer; return bytes sent."""
-    sent, infos = 0, []
-    for device_id, offer in offers(release).items():
-        payload = offer.encode()
-        infos.append(link.publish(topics.release(device_id), payload, qos=1, retain=True))
-        sent += len(payload)
-    deadline = time.monotonic() + timeout
-    for info in infos:
-        info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-    log.info("published release %d to %d devices (%d bytes)", release.sequence, len(infos), sent)
+    """Publish (retained, QoS 1) every target's offer, in acknowledged batches; return bytes.
+
+    Raises ``TransportError`` if the broker did not acknowledge every offer within
+    ``timeout`` seconds (per batch): publishing the same release again is harmless.
+    """
+    items = list(offers(release).items())
+    sent = 0
+    for start in range(0, len(items), PUBLISH_BATCH):
+        infos = []
+        for device_id, offer in items[start : start + PUBLISH_BATCH]:
+            payload = offer.encode()
+            infos.append(link.publish(topics.release(device_id), payload, qos=1, retain=True))
+            sent += len(payload)
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        unacked = sum(1 for info in infos if not info.is_published())
+        if unacked:
+            raise TransportError(
+                f"release {release.sequence}: {unacked} offers not acknowledged "
+                f"by the broker within {timeout:.0f} s; publish it again"
+            )
+    log.info("published release %d to %d devices (%d bytes)", release.sequence, len(items), sent)
     return sent
 
 
@@ -72,7 +89,7 @@ class CoordinatorService:
         self.chunks = ChunkServer(self._facts)
         self.link = MqttLink(mqtt, self._on_message)
         self._shared = mqtt.protocol == 5
-        self._chunk_q: queue.Queue[object] = queue.Queue(maxsize=10_000)
+        self._chunk_q: queue.Queue[object] = queue.Queue(maxsize=2_000)
         self._ingest_q: queue.Queue[object] = queue.Queue(maxsize=10_000)
         self._threads = [
             threading.Thread(target=self._serve_chunks, name="chunks", daemon=True),
@@ -137,6 +154,11 @@ class CoordinatorService:
             try:
                 req = ChunkRequest.decode(payload)
                 for reply in self.chunks.answer(device_id, req):
+                    # Backpressure: QoS 0 publishes bypass paho's queue limit, so wait until
+                    # the socket has taken what is queued (memory stays bounded).
+                    if not self.link.wait_writable(UNSENT_LIMIT, timeout=30.0):
+                        log.warning("dropped chunk replies for %s: link not draining", device_id)
+                        break
                     # QoS 0: the pull protocol is the reliability layer (hash check and
                     # re-request on timeout); QoS 1 only stalled fan-out on 20 in-flight acks.
                     self.link.publish(req.reply_to, reply.encode(), qos=0)
@@ -172,9 +194,14 @@ class CoordinatorService:
     def _store(self, updates: dict[str, dict[str, Any]]) -> None:
         try:
             found = self.registry.update_devices(updates)
-        except Exception:
-            log.exception("storing %d device updates failed", len(updates))
-            return
+        except Exception:  # one bad row must not cost the others their update
+            log.warning("batch of %d device updates failed; storing one by one", len(updates))
+            found = set()
+            for device_id, values in updates.items():
+                try:
+                    found |= self.registry.update_devices({device_id: values})
+                except Exception:
+                    log.exception("storing the update of %s failed", device_id)
         for device_id in set(updates) - found:
             log.warning("status from unenrolled device %s ignored", device_id)
         statuses = sum(1 for d in found if "state" in updates[d])
@@ -214,6 +241,9 @@ def mqtt_config_for(
 ) -> MqttConfig:
     """The coordinator's broker settings from its config, with overrides."""
     cfg = coordinator.config
+    # No persistent session: retained statuses are re-sent on subscribe and agents re-request
+    # chunks, while a restarted `serve` with a new client id would otherwise leave its old
+    # session in the shared-subscription group, receiving (and losing) half the requests.
     return mqtt_config(
         cfg,
         client_id=client_id,
@@ -221,4 +251,6 @@ def mqtt_config_for(
         broker=broker,
         password=password,
         protocol=protocol,
+        clean_start=True,
+        session_expiry=0,
     )
