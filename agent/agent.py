@@ -1,12 +1,20 @@
 """The agent facade: identity, trust, store and the active runtime, in one process.
 
 ``Agent.predict`` is the hot path: one attribute read and the runtime call, nothing else.
+``Agent.predict_versioned`` is as cheap and also says which version answered.
+
+An agent opened normally is the store's one writer: it holds the store lock until ``close``
+(or the end of a ``with`` block), and a second writer, in any process, gets ``StoreError``.
+``readonly=True`` opens it as an observer (``edgefleet agent status``/``predict`` beside the
+daemon): no lock, nothing written, ``install``/``rollback`` raise ``RuntimeError``. Changes
+made through one agent are serialized by a lock, so its in-memory store state is the truth.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,12 +46,15 @@ class Agent:
         *,
         clock: Callable[[], float] = time.time,
         checkpoint: Callable[[str], None] | None = None,
+        readonly: bool = False,
     ) -> None:
-        self.config = config
+        self.config, self.readonly = config, readonly
         home = config.home
         self.identity = DeviceIdentity.load(home / "keys")
         self.trust = TrustStore(home / "trust")
-        self.store = ModelStore(home / "store", keep=config.keep, checkpoint=checkpoint)
+        self.store = ModelStore(
+            home / "store", keep=config.keep, checkpoint=checkpoint, readonly=readonly
+        )
         self.updater = Updater(
             self.identity,
             self.trust,
@@ -56,41 +67,76 @@ class Agent:
             ),
         )
         self._clock = clock
-        self._runtime: Runtime | None = None
-        self._version: InstalledVersion | None = None
-        self._load_active()
+        self._changing = threading.Lock()  # one install or rollback at a time
+        self._runtime: Runtime | None = None  # what predict() runs
+        self._serving: tuple[InstalledVersion, Runtime] | None = None  # the same, labelled
+        try:
+            self._load_active()
+        except BaseException:
+            self.store.close()
+            raise
 
     @classmethod
     def open(cls, home: Path, **kwargs: Any) -> Agent:
         return cls(AgentConfig.load(home), **kwargs)
 
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _load_active(self) -> None:
-        """Load the active version; if it no longer loads, fall back to the previous one."""
-        while (version := self.store.active()) is not None:
+        """Serve the newest kept version that loads, deleting nothing.
+
+        If the active version does not load (a broken runtime package, bit rot) but an older
+        kept one does, that one is made active by moving the pointer only: both stay kept, so
+        the newer one is still there once the cause is fixed. A read-only agent serves it
+        without moving the pointer. If none loads: ``StoreError``, and the store is unchanged.
+        """
+        failures = []
+        for name in self.store.state.history:
             try:
-                self._swap(
-                    version,
-                    load_runtime(version.model_path, version.manifest.format, self.config.threads),
+                version = self.store.version(name)
+                runtime = load_runtime(
+                    version.model_path, version.manifest.format, self.config.threads
                 )
-                return
-            except RuntimeLoadError as exc:
-                log.error("active model %s does not load (%s); rolling back", version.dir.name, exc)
-                if len(self.store.state.history) < 2:
-                    raise StoreError(
-                        f"active model {version.dir.name} does not load and no "
-                        "previous version is kept"
-                    ) from exc
-                self.store.rollback()
+            except (RuntimeLoadError, EdgeFleetError) as exc:  # incl. StoreError, DecodeError
+                log.error("kept model %s does not load: %s", name, exc)
+                failures.append(f"{name}: {exc}")
+                continue
+            if name != self.store.state.active:
+                self._fall_back(version)
+            self._swap(version, runtime)
+            return
+        if failures:
+            raise StoreError(
+                f"active model {self.store.state.active} does not load, nor does any other "
+                f"kept version ({'; '.join(failures)}); the store was left unchanged"
+            )
+
+    def _fall_back(self, version: InstalledVersion) -> None:
+        active, name = self.store.state.active, version.dir.name
+        if self.readonly:
+            log.error("active model %s does not load; serving %s in this process", active, name)
+            return
+        log.error("active model %s does not load; falling back to %s (both kept)", active, name)
+        try:
+            self.store.activate(version)
+        except StoreError as exc:  # serve it anyway; the next start tries the newest again
+            log.error("cannot make %s active: %s", name, exc)
 
     def _swap(self, version: InstalledVersion, runtime: Runtime) -> None:
         # The old runtime is not closed here: a predict() on another thread may still hold
         # it; it is released when the last reference goes (CPython refcounting).
-        self._version, self._runtime = version, runtime
+        self._serving = (version, runtime)
+        self._runtime = runtime
 
     @property
     def active(self) -> InstalledVersion | None:
         """The version being served (cheap: no disk access)."""
-        return self._version
+        serving = self._serving
+        return None if serving is None else serving[0]
 
     # -- inference (hot path) -------------------------------------------------------------
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -100,7 +146,20 @@ class Agent:
             raise RuntimeError("no model is active: install a bundle first")
         return rt.run(x)
 
+    def predict_versioned(self, x: np.ndarray) -> tuple[InstalledVersion, np.ndarray]:
+        """Like ``predict``, with the version that produced the output (one snapshot: a
+        concurrent swap cannot pair one model's output with another's name)."""
+        serving = self._serving
+        if serving is None:
+            raise RuntimeError("no model is active: install a bundle first")
+        version, rt = serving
+        return version, rt.run(x)
+
     # -- changes --------------------------------------------------------------------------
+    def _writer(self, what: str) -> None:
+        if self.readonly:
+            raise RuntimeError(f"{what}: this agent was opened read-only")
+
     def install_file(self, path: Path, *, progress: Progress | None = None) -> InstalledVersion:
         return self._installing(lambda: self.updater.install_file(path, progress=progress))
 
@@ -117,43 +176,53 @@ class Agent:
         )
 
     def _installing(self, run: Callable[[], tuple[InstalledVersion, Runtime]]) -> InstalledVersion:
-        try:
-            version, runtime = run()
-        except EdgeFleetError as exc:
-            self.record(ok=False, code=exc.code, reason=str(exc))
-            log.warning("install rejected (%s): %s", exc.code, exc)
-            raise
-        self._swap(version, runtime)
-        m = version.manifest
-        self.record(
-            ok=True,
-            code="ok",
-            reason="",
-            sequence=m.sequence,
-            name=m.name,
-            model_version=m.model_version,
-            bundle_id=m.bundle_id,
-        )
+        self._writer("install")
+        with self._changing:
+            try:
+                version, runtime = run()
+            except EdgeFleetError as exc:
+                self.record(ok=False, code=exc.code, reason=str(exc))
+                log.warning("install rejected (%s): %s", exc.code, exc)
+                raise
+            self._swap(version, runtime)
+            m = version.manifest
+            self.record(
+                ok=True,
+                code="ok",
+                reason="",
+                sequence=m.sequence,
+                name=m.name,
+                model_version=m.model_version,
+                bundle_id=m.bundle_id,
+            )
         return version
 
     def rollback(self) -> InstalledVersion:
-        version = self.store.rollback()
-        self._swap(
-            version, load_runtime(version.model_path, version.manifest.format, self.config.threads)
-        )
-        self.record(
-            ok=True,
-            code="rollback",
-            reason="operator rollback",
-            sequence=version.manifest.sequence,
-            name=version.manifest.name,
-            model_version=version.manifest.model_version,
-        )
+        self._writer("rollback")
+        with self._changing:
+            version = self.store.rollback()
+            self._swap(
+                version,
+                load_runtime(version.model_path, version.manifest.format, self.config.threads),
+            )
+            self.record(
+                ok=True,
+                code="rollback",
+                reason="operator rollback",
+                sequence=version.manifest.sequence,
+                name=version.manifest.name,
+                model_version=version.manifest.model_version,
+            )
         return version
 
     def record(self, **result: Any) -> None:
+        """Write ``last_install.json``: a report only, so a failure to write it is logged."""
+        self._writer("record")
         result["time"] = int(self._clock())
-        atomic_write(self.config.home / "last_install.json", canonical_json(result))
+        try:
+            atomic_write(self.config.home / "last_install.json", canonical_json(result))
+        except OSError as exc:
+            log.error("cannot record the install result %s: %s", result.get("code"), exc)
 
     # -- reporting ------------------------------------------------------------------------
     def last_result(self) -> dict[str, Any] | None:
@@ -161,7 +230,7 @@ class Agent:
         return json.loads(path.read_bytes()) if path.exists() else None
 
     def status(self) -> dict[str, Any]:
-        v = self._version
+        v = self.active
         kept = [
             {
                 "dir": k.dir.name,
@@ -190,6 +259,8 @@ class Agent:
         }
 
     def close(self) -> None:
-        if self._runtime is not None:
-            self._runtime.close()
-            self._runtime = None
+        """Release the runtime and the store lock (idempotent)."""
+        serving, self._serving, self._runtime = self._serving, None, None
+        if serving is not None:
+            serving[1].close()
+        self.store.close()

@@ -196,15 +196,11 @@ def _parse_inputs(body: bytes) -> np.ndarray:
 class _InferenceHandler(_Handler):
     def _predict(self) -> bytes:
         x = _parse_inputs(self._read_body())
-        agent = self.server.agent
-        version = agent.active  # read with the runtime: the model that answers
-        if version is None:
-            raise _Reject(503, "no model is active: install a bundle first")
-        try:
-            out = agent.predict(x)
+        try:  # version and output from one snapshot: the label names the model that answered
+            version, out = self.server.agent.predict_versioned(x)
         except (ValueError, TypeError) as exc:
             raise _Reject(400, str(exc)) from exc
-        except RuntimeError as exc:  # closed by a concurrent swap or rollback
+        except RuntimeError as exc:  # no model active, or closed by a concurrent swap
             raise _Reject(503, str(exc)) from exc
         m = version.manifest
         return _json(

@@ -3,6 +3,7 @@
 Layout under ``root``::
 
     ACTIVE.json              {"active": dir, "history": [dirs, newest first], "highest_sequence": n}
+    LOCK                     held (``flock``, exclusive) by the one process that may write
     versions/<dir>/          model.<fmt>, manifest.json (bytes as signed), manifest.sig
     staging/<tmp>/           an install in progress (deleted on open)
     trash/                   pruned versions being deleted (deleted on open)
@@ -12,16 +13,32 @@ Crash safety: a version directory is fully written and fsynced in ``staging/`` b
 only thing that says what is active, so after a crash at any point either the old or the
 new version is active and complete. Directories the pointer does not name are leftovers and
 are removed on open. The anti-rollback sequence is bumped in the same write as the switch.
+
+One writer: a writing ``ModelStore`` takes ``LOCK`` (non-blocking) before it reads the
+pointer and holds it until ``close``, so no other process can change the store meanwhile.
+That is why ``state`` is read once, at open, and never re-read before a check or a switch:
+with a single writer the copy in memory is the truth (and its one process serializes its
+own changes; see ``Agent``). Leftovers are only removed under the lock, so an open can never
+delete another process's install in progress. A read-only store (``readonly=True``: the CLI's
+``status`` and ``predict`` beside a running daemon) takes no lock, removes nothing and writes
+nothing; its ``state`` is a snapshot, and a version pruned after it was taken is skipped by
+``kept``.
+
+Operating-system errors (disk full, I/O errors) leave the methods as ``StoreError``, after
+undoing what was half done; the active version is unchanged unless the pointer was replaced.
+Pruning after a switch only logs a failure: the leftover goes on the next open.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -31,10 +48,19 @@ from protocol.canonical import canonical_json
 from protocol.errors import StoreError
 from protocol.manifest import Manifest
 
-__all__ = ["InstalledVersion", "ModelStore", "Staging", "StoreState"]
+__all__ = ["InstalledVersion", "ModelStore", "Staging", "StoreBusyError", "StoreState"]
 
 log = logging.getLogger(__name__)
 POINTER = "ACTIVE.json"
+LOCK = "LOCK"
+
+
+class StoreBusyError(StoreError):
+    """Another process (normally ``edgefleet agent run``) holds the store's writer lock."""
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 @dataclass(frozen=True)
@@ -74,7 +100,12 @@ class Staging:
     extra: dict[str, bytes] = field(default_factory=dict)
 
     def write(self, data: bytes) -> None:
-        self.model.write(data)
+        try:
+            self.model.write(data)
+        except OSError as exc:
+            raise StoreError(
+                f"staging {self.dir.name}: cannot write the model ({_why(exc)})"
+            ) from exc
         self.written += len(data)
 
 
@@ -86,49 +117,114 @@ class ModelStore:
     """Crash-safe version store. ``checkpoint`` is a fault-injection hook for tests."""
 
     def __init__(
-        self, root: Path, *, keep: int = 2, checkpoint: Callable[[str], None] | None = None
+        self,
+        root: Path,
+        *,
+        keep: int = 2,
+        checkpoint: Callable[[str], None] | None = None,
+        readonly: bool = False,
     ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.root, self.keep = root, keep
+        self.root, self.keep, self.readonly = root, keep, readonly
         self._cp = checkpoint or (lambda label: None)
-        for sub in ("versions", "staging", "trash"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        self.state = self._load_state()
-        self._recover()
+        self._lock_fd: int | None = None
+        if readonly:
+            self.state = self._load_state()
+            return
+        try:
+            for sub in ("versions", "staging", "trash"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{root}: cannot create the model store ({_why(exc)})") from exc
+        self._lock_fd = _lock(root / LOCK)
+        try:
+            self.state = self._load_state()
+            self._recover()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the writer lock (idempotent); the store can then no longer change."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+    def __del__(self) -> None:  # a writer dropped unclosed still lets go of the lock
+        if getattr(self, "_lock_fd", None) is not None:
+            self.close()
+
+    def __enter__(self) -> ModelStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise RuntimeError(f"{self.root}: the model store was opened read-only")
+        if self._lock_fd is None:
+            raise RuntimeError(f"{self.root}: the model store is closed")
 
     # -- state -----------------------------------------------------------------------------
     def _load_state(self) -> StoreState:
         path = self.root / POINTER
-        if not path.exists():
-            return StoreState()
         try:
-            d = json.loads(path.read_bytes())
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return StoreState()
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot read the store pointer ({_why(exc)})") from exc
+        try:
+            d = json.loads(raw)
             return StoreState(d["active"], tuple(d["history"]), int(d["highest_sequence"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"{path}: unreadable store pointer ({exc})") from exc
 
     def _write_state(self, state: StoreState) -> None:
-        self._cp("pointer:before")
-        atomic_write(self.root / POINTER, state.to_bytes())
+        try:
+            self._cp("pointer:before")
+            atomic_write(self.root / POINTER, state.to_bytes())
+        except OSError as exc:
+            try:
+                switched = self._load_state() == state
+            except StoreError:
+                switched = False
+            if not switched:
+                raise StoreError(
+                    f"{POINTER}: cannot switch to {state.active} ({_why(exc)})"
+                ) from exc
+            # Replaced, but syncing its directory failed: the switch is what every reader
+            # sees now, so this process must act on it too.
+            log.error("%s now names %s, but syncing it failed: %s", POINTER, state.active, exc)
         self.state = state
         self._cp("pointer:after")
 
     def _recover(self) -> None:
-        """Remove leftovers of interrupted installs and prunes."""
-        for sub in ("staging", "trash"):
-            for p in (self.root / sub).iterdir():
-                shutil.rmtree(p, ignore_errors=True)
-        keep = set(self.state.history)
-        for p in (self.root / "versions").iterdir():
-            if p.name not in keep:
-                log.info("removing unreferenced version %s", p.name)
-                shutil.rmtree(p, ignore_errors=True)
+        """Remove leftovers of interrupted installs and prunes (only ever under the lock)."""
+        try:
+            for sub in ("staging", "trash"):
+                for p in (self.root / sub).iterdir():
+                    shutil.rmtree(p, ignore_errors=True)
+            keep = set(self.state.history)
+            for p in (self.root / "versions").iterdir():
+                if p.name not in keep:
+                    log.info("removing unreferenced version %s", p.name)
+                    shutil.rmtree(p, ignore_errors=True)
+        except OSError as exc:
+            raise StoreError(f"{self.root}: cannot clean up the store ({_why(exc)})") from exc
         if self.state.active and not (self.root / "versions" / self.state.active).is_dir():
             raise StoreError(f"active version {self.state.active} is missing from {self.root}")
 
     # -- reading ---------------------------------------------------------------------------
     def version(self, dirname: str) -> InstalledVersion:
+        try:
+            return self._read_version(dirname)
+        except OSError as exc:
+            raise StoreError(f"version {dirname}: cannot read its manifest ({_why(exc)})") from exc
+
+    def _read_version(self, dirname: str) -> InstalledVersion:
         d = self.root / "versions" / dirname
         raw = (d / "manifest.json").read_bytes()
         return InstalledVersion(d, Manifest.decode(raw), raw)
@@ -137,68 +233,112 @@ class ModelStore:
         return self.version(self.state.active) if self.state.active else None
 
     def kept(self) -> list[InstalledVersion]:
-        return [self.version(name) for name in self.state.history]
+        """The kept versions, newest first; one pruned by a writer while we read is skipped."""
+        kept = []
+        for name in self.state.history:
+            try:
+                kept.append(self._read_version(name))
+            except FileNotFoundError:
+                log.debug("kept version %s is gone (pruned by the writer)", name)
+            except OSError as exc:
+                raise StoreError(f"version {name}: cannot read its manifest ({_why(exc)})") from exc
+        return kept
 
     # -- installing ------------------------------------------------------------------------
     def begin(self, manifest: Manifest) -> Staging:
+        self._writable()
         d = self.root / "staging" / uuid.uuid4().hex
-        d.mkdir()
-        self._cp("staging:created")
-        return Staging(d, open(d / f"model.{manifest.format}", "wb"))  # noqa: SIM115
+        try:
+            d.mkdir()
+            self._cp("staging:created")
+            return Staging(d, open(d / f"model.{manifest.format}", "wb"))  # noqa: SIM115
+        except OSError as exc:
+            shutil.rmtree(d, ignore_errors=True)
+            raise StoreError(f"cannot start staging a version ({_why(exc)})") from exc
 
     def abort(self, staging: Staging) -> None:
-        staging.model.close()
+        with contextlib.suppress(OSError):  # e.g. flushing onto a full disk: it goes anyway
+            staging.model.close()
         shutil.rmtree(staging.dir, ignore_errors=True)
 
     def commit(
         self, staging: Staging, manifest_raw: bytes, signature_raw: bytes, manifest: Manifest
     ) -> InstalledVersion:
-        """Make the staged version durable and visible under ``versions/`` (not active)."""
-        staging.model.flush()
-        os.fsync(staging.model.fileno())
-        staging.model.close()
-        self._cp("model:synced")
-        for fname, data in (("manifest.json", manifest_raw), ("manifest.sig", signature_raw)):
-            with open(staging.dir / fname, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            self._cp(f"{fname}:synced")
-        fsync_dir(staging.dir)
+        """Make the staged version durable and visible under ``versions/`` (not active).
+
+        On failure (``StoreError``) nothing of it is under ``versions/``; the caller aborts
+        the staging.
+        """
+        self._writable()
         target = self.root / "versions" / version_dirname(manifest)
-        if target.exists():  # same release installed before (e.g. replayed after a crash)
-            shutil.rmtree(target)
-        os.rename(staging.dir, target)
-        self._cp("version:renamed")
-        fsync_dir(target.parent)
-        self._cp("version:synced")
+        renamed = False
+        try:
+            staging.model.flush()
+            os.fsync(staging.model.fileno())
+            staging.model.close()
+            self._cp("model:synced")
+            for fname, data in (("manifest.json", manifest_raw), ("manifest.sig", signature_raw)):
+                with open(staging.dir / fname, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._cp(f"{fname}:synced")
+            fsync_dir(staging.dir)
+            if target.exists():  # same release installed before (e.g. replayed after a crash)
+                shutil.rmtree(target)
+            os.rename(staging.dir, target)
+            renamed = True
+            self._cp("version:renamed")
+            fsync_dir(target.parent)
+            self._cp("version:synced")
+        except OSError as exc:
+            if renamed and target.name not in self.state.history:  # never activated: drop it
+                shutil.rmtree(target, ignore_errors=True)
+            raise StoreError(f"cannot commit {target.name} ({_why(exc)})") from exc
         return InstalledVersion(target, manifest, manifest_raw)
 
     def discard(self, version: InstalledVersion) -> None:
         """Remove a committed but never activated version (e.g. it failed its smoke test)."""
+        self._writable()
         if version.dir.name in self.state.history:
             raise RuntimeError(f"{version.dir.name} is kept; use rollback instead")
-        self._trash(version.dir.name)
+        try:
+            self._trash(version.dir.name)
+        except OSError as exc:
+            raise StoreError(f"cannot discard {version.dir.name} ({_why(exc)})") from exc
 
     def activate(self, version: InstalledVersion) -> None:
-        """Atomically make ``version`` active and raise the accepted sequence to its own."""
+        """Atomically make ``version`` active and raise the accepted sequence to its own.
+
+        A version already kept just moves to the front (nothing is pruned); a new one may push
+        the oldest out of the ``keep`` newest.
+        """
+        self._writable()
         name = version.dir.name
         history = (name, *(h for h in self.state.history if h != name))
         seq = max(self.state.highest_sequence, version.manifest.sequence)
         self._write_state(StoreState(name, history[: self.keep], seq))
         log.info("active model is now %s (sequence %d)", name, version.manifest.sequence)
-        for old in history[self.keep :]:
-            self._trash(old)
+        self._prune(history[self.keep :])
 
     def rollback(self) -> InstalledVersion:
         """Return to the previous kept version; the one left is removed."""
+        self._writable()
         if len(self.state.history) < 2:
             raise StoreError("rollback: no previous version is kept")
         bad, *rest = self.state.history
         self._write_state(StoreState(rest[0], tuple(rest), self.state.highest_sequence))
         log.info("rolled back from %s to %s", bad, rest[0])
-        self._trash(bad)
+        self._prune([bad])
         return self.version(rest[0])
+
+    def _prune(self, dirnames: Iterable[str]) -> None:
+        """Remove versions the pointer no longer names; a failure only leaves a leftover."""
+        for dirname in dirnames:
+            try:
+                self._trash(dirname)
+            except OSError as exc:
+                log.warning("cannot prune %s (%s); it goes on the next open", dirname, exc)
 
     def _trash(self, dirname: str) -> None:
         src = self.root / "versions" / dirname
@@ -207,3 +347,33 @@ class ModelStore:
             os.rename(src, dst)
             self._cp("trash:renamed")
             shutil.rmtree(dst, ignore_errors=True)
+
+
+def _lock(path: Path) -> int:
+    """An open descriptor on ``path`` holding its exclusive ``flock``; else ``StoreError``."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot open the store lock ({_why(exc)})") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        holder = _holder(fd)
+        os.close(fd)
+        raise StoreBusyError(
+            "model store is in use by another process (is `edgefleet agent run` running?): "
+            f"{path.parent} is locked{holder}"
+        ) from exc
+    except OSError as exc:
+        os.close(fd)
+        raise StoreError(f"{path}: cannot lock the model store ({_why(exc)})") from exc
+    with contextlib.suppress(OSError):  # who holds it, for the message above; not essential
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _holder(fd: int) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        return f" by pid {int(os.pread(fd, 32, 0))}"
+    return ""

@@ -3,8 +3,9 @@
 This is the I/O shell around ``protocol.verify``: it reads segments from a ``SegmentSource``
 (a side-loaded ``.efb`` file or a downloaded ``.part`` file), writes plaintext into the
 store's staging area, and activates only a version whose model loads and reproduces the
-signed smoke vectors. Any failure raises a ``BundleError`` (or ``StoreError``) and leaves
-the previously active version active.
+signed smoke vectors. Any failure raises a ``BundleError`` (or ``StoreError``, which is also
+what operating-system errors such as a full disk become) and leaves the previously active
+version active, with nothing of the new one left behind.
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ class FileSource:
         self._base = base
 
     def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self._fd, length, self._base + offset)
+        try:
+            return os.pread(self._fd, length, self._base + offset)
+        except OSError as exc:
+            raise StoreError(f"cannot read the bundle at {offset} ({exc.strerror or exc})") from exc
 
     def close(self) -> None:
         os.close(self._fd)
@@ -83,8 +87,11 @@ class FileSource:
 def smoke_test(runtime: Runtime, manifest: Manifest) -> None:
     """Run the signed smoke vectors; raise ``SmokeTestError`` on any mismatch."""
     for i, vec in enumerate(manifest.smoke):
-        x = np.asarray(vec.input, dtype=np.float32)
-        want = np.asarray(vec.expected, dtype=np.float32)
+        try:
+            x = np.asarray(vec.input, dtype=np.float32)
+            want = np.asarray(vec.expected, dtype=np.float32)
+        except (ValueError, TypeError) as exc:  # ragged rows: decoding refuses them too
+            raise SmokeTestError(f"smoke vector {i}: expected a matrix of numbers ({exc})") from exc
         try:
             got = runtime.run(x)
         except (ValueError, RuntimeError) as exc:
@@ -156,10 +163,22 @@ class Updater:
         try:
             runtime = self._load_and_smoke(version)
         except BundleError:
-            self.store.discard(version)
+            self._discard(version)
             raise
-        self.store.activate(version)
+        try:
+            self.store.activate(version)
+        except StoreError:
+            runtime.close()
+            if version.dir.name not in self.store.state.history:  # the pointer did not move
+                self._discard(version)
+            raise
         return version, runtime
+
+    def _discard(self, version: InstalledVersion) -> None:
+        try:
+            self.store.discard(version)
+        except StoreError as exc:  # the error being raised matters more; this is a leftover
+            log.warning("%s; it goes on the next open", exc)
 
     def _write(
         self,
@@ -195,6 +214,11 @@ class Updater:
                     f"hashing to {digest.hexdigest()[:16]}…"
                 )
             return self.store.commit(staging, offer.manifest, offer.signature, m)
+        except OSError as exc:  # what the store did not map already (the segment checkpoint)
+            self.store.abort(staging)
+            raise StoreError(
+                f"release {m.sequence}: cannot stage it ({exc.strerror or exc})"
+            ) from exc
         except BaseException:
             self.store.abort(staging)
             raise

@@ -16,17 +16,40 @@ def init(args: argparse.Namespace) -> int:
     from protocol.keys import decode_public_key
 
     password_file = str(Path(args.password_file).resolve()) if args.password_file else ""
-    ident = provision(args.home, args.device_id, decode_public_key(args.trust.read_bytes()),
-                      kem=args.kem, broker=args.broker, password_file=password_file)
+    ident = provision(
+        args.home,
+        args.device_id,
+        decode_public_key(args.trust.read_bytes()),
+        kem=args.kem,
+        broker=args.broker,
+        password_file=password_file,
+    )
     pub = args.home / "keys" / "device.pub.json"
     print(f"device {ident.device_id}: keys made; public keys in {pub}")
     return 0
 
 
 def _open(home: Path) -> Any:
+    """A read-only agent: it takes no lock, so it works, and disturbs nothing, beside the
+    running daemon."""
     from agent.agent import Agent
 
-    return Agent.open(home)
+    return Agent.open(home, readonly=True)
+
+
+def _open_writer(home: Path, doing: str, instead: str = "") -> Any:
+    """The store's one writer, or None (after one line on stderr) while the daemon is it."""
+    from agent.agent import Agent
+    from agent.store import StoreBusyError
+
+    try:
+        return Agent.open(home)
+    except StoreBusyError as exc:
+        print(
+            f"edgefleet: cannot {doing}: {exc}; stop `edgefleet agent run` first{instead}",
+            file=sys.stderr,
+        )
+        return None
 
 
 def install(args: argparse.Namespace) -> int:
@@ -34,18 +57,22 @@ def install(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.file}: no such bundle file")
     from edgefleet.progress import ProgressLine
 
-    agent = _open(args.home)
+    agent = _open_writer(args.home, "install", ", or release through the coordinator")
+    if agent is None:
+        return 1
     line = ProgressLine()
-    version = agent.install_file(
-        args.file, progress=lambda done, total: line("verify", done, total)
-    )
+    with agent:
+        version = agent.install_file(
+            args.file, progress=lambda done, total: line("verify", done, total)
+        )
     m = version.manifest
     print(f"installed {m.name} {m.model_version} (sequence {m.sequence}, {m.format}): active")
     return 0
 
 
 def status(args: argparse.Namespace) -> int:
-    st = _open(args.home).status()
+    with _open(args.home) as agent:
+        st = agent.status()
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -91,7 +118,11 @@ def _outputs(home: Path, x: np.ndarray) -> np.ndarray:
     except TransportError as exc:
         print(f"edgefleet: {exc}; running the model in-process", file=sys.stderr)
         out = None
-    return _open(home).predict(x) if out is None else out
+    if out is not None:
+        return out
+    with _open(home) as agent:
+        result: np.ndarray = agent.predict(x)
+    return result
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -106,7 +137,11 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def rollback(args: argparse.Namespace) -> int:
-    version = _open(args.home).rollback()
+    agent = _open_writer(args.home, "roll back")
+    if agent is None:
+        return 1
+    with agent:
+        version = agent.rollback()
     m = version.manifest
     print(
         f"rolled back: {m.name} {m.model_version} (sequence {m.sequence}) is active",

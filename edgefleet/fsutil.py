@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 __all__ = ["atomic_write", "fsync_dir"]
@@ -19,11 +20,17 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file.
+
+    The temporary next to ``path`` has a unique name, so threads or processes writing the
+    same file never share one (the last ``os.replace`` wins, whole). The file gets ``mode``
+    less the umask, as ``os.open`` would give it, before any data is written.
+    """
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -33,3 +40,14 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells (``/proc``)."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)  # elsewhere: set and restore (briefly racy with other threads)
+    os.umask(mask)
+    return mask

@@ -66,6 +66,9 @@ def _matrix(value: object, what: str) -> tuple[tuple[float, ...], ...]:
     rows = tuple(tuple(r) for r in value)
     if sum(len(r) for r in rows) > MAX_SMOKE_VALUES:
         raise DecodeError(f"{what}: more than {MAX_SMOKE_VALUES} values")
+    widths = sorted({len(r) for r in rows})
+    if len(widths) > 1:  # a matrix, as the runtime will take it: [batch, features]
+        raise DecodeError(f"{what}: expected rows of equal length, saw lengths {widths[:8]}")
     for r in rows:
         for x in r:
             if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import agent.agent as agent_module
+from agent.agent import Agent
+from agent.runtime import Runtime, RuntimeLoadError
 from agent.updater import Offer
 from protocol.container import HEADER_SIZE, decode_envelopes, parse_header
 from protocol.errors import RollbackError, StoreError
@@ -98,3 +102,73 @@ def test_start_up_without_a_loadable_version_is_a_store_error(fleet: Fleet,
     active.model_path.write_bytes(b"bit rot")
     with pytest.raises(StoreError, match="does not load"):
         open_agent(home)
+
+
+def _store_files(home: Path) -> dict[str, bytes | None]:
+    store = home / "store"
+    return {str(p.relative_to(store)): p.read_bytes() if p.is_file() else None
+            for p in sorted(store.rglob("*"))}
+
+
+def test_start_up_falls_back_by_moving_the_pointer_only(
+        fleet: Fleet, tmp_path: Path, x_test: np.ndarray, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The runtime of the active model will not load (LiteRT broken): serve the older ONNX
+    version, keep both; restarting used to delete the newest version for good."""
+    home = fleet.agent_home(tmp_path / "home", installed=["v2", "v3"])  # v3: TFLite, active
+    real = agent_module.load_runtime
+
+    def no_litert(path: Path, fmt: str | None = None, threads: int = 1) -> Runtime:
+        if fmt == "tflite":
+            raise RuntimeLoadError("cannot load TFLite models: ai_edge_litert is broken")
+        return real(path, fmt, threads)
+
+    monkeypatch.setattr(agent_module, "load_runtime", no_litert)
+    before = _store_files(home)
+    with Agent.open(home, readonly=True) as observer:  # serves v2, changes nothing
+        assert observer.status()["active"]["version"] == "2"
+    assert _store_files(home) == before
+
+    with caplog.at_level(logging.ERROR, logger="agent.agent"):
+        agent = open_agent(home)
+    assert any("does not load" in r.getMessage() for r in caplog.records)
+    status = agent.status()
+    assert status["active"]["version"] == "2" and status["highest_sequence"] == 5
+    assert [k["version"] for k in status["kept"]] == ["2", "1-tflite"]  # both still kept
+    np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v2", x_test), atol=1e-5)
+    agent.close()
+
+
+def test_start_up_with_no_loadable_version_changes_nothing(
+        fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = fleet.agent_home(tmp_path / "home", installed=["v1", "v2"])
+    real = agent_module.load_runtime
+
+    def no_runtime(path: Path, fmt: str | None = None, threads: int = 1) -> Runtime:
+        raise RuntimeLoadError("cannot load ONNX models: onnxruntime is not installed")
+
+    before = _store_files(home)
+    with monkeypatch.context() as mp:
+        mp.setattr(agent_module, "load_runtime", no_runtime)
+        with pytest.raises(StoreError, match="does not load"):
+            open_agent(home)
+    assert _store_files(home) == before  # not one version trashed
+    assert agent_module.load_runtime is real
+    with open_agent(home) as agent:  # the runtime is back: so is the newest model
+        assert agent.status()["active"]["version"] == "2"
+
+
+def test_predict_versioned_reads_one_snapshot(fleet: Fleet, tmp_path: Path,
+                                              x_test: np.ndarray) -> None:
+    home = fleet.agent_home(tmp_path / "home", installed=["v1", "v2"])
+    with open_agent(home) as agent:
+        version, out = agent.predict_versioned(x_test)
+        assert version is agent.active and version.manifest.model_version == "2"
+        np.testing.assert_array_equal(out, agent.predict(x_test))
+        older = agent.store.kept()[1]
+        agent._swap(older, agent_module.load_runtime(older.model_path, "onnx"))
+        version, out = agent.predict_versioned(x_test)
+        assert version.manifest.model_version == "1"
+        np.testing.assert_allclose(out, fleet.expected("v1", x_test), atol=1e-5)
+    with pytest.raises(RuntimeError, match="no model is active"):
+        agent.predict_versioned(x_test)

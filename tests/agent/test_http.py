@@ -20,12 +20,15 @@ from agent.agent import Agent
 from agent.config import AgentConfig
 from agent.http import MAX_BODY, EchoServer, InferenceServer, load_token, predict_via_http
 from agent.identity import DeviceIdentity
+from agent.runtime import Runtime, load_runtime
+from agent.store import InstalledVersion
 from agent.trust import TrustStore
 from coordinator.home import Coordinator
 from edgefleet import _cli_agent
 from edgefleet.cli import main
 from models.digits import write_digits_artifacts
 from protocol.keys import decode_public_key
+from tests.conftest import NOW, Fleet
 
 Response = tuple[int, dict[str, str], Any]
 
@@ -361,3 +364,35 @@ def test_echo_server(homes: Homes, tmp_path: Path) -> None:
         assert call(s.port, "POST", "/v1/echo", body)[0] == 401
         assert call(s.port, "GET", "/healthz", headers=auth(tmp_path))[0] == 404
     assert [p.name for p in tmp_path.iterdir()] == ["http.token"]  # no run file: not the API
+
+
+# --- a swap during a request ----------------------------------------------------------------
+
+
+class SwapAfterLook(Agent):
+    """An agent whose model is swapped right after anyone asks which one is active."""
+
+    pending: tuple[InstalledVersion, Runtime] | None = None
+
+    @property
+    def active(self) -> InstalledVersion | None:
+        seen = super().active
+        if self.pending is not None:
+            swap, self.pending = self.pending, None
+            self._swap(*swap)
+        return seen
+
+
+def test_predict_is_labelled_with_the_model_that_answered(
+    fleet: Fleet, tmp_path: Path, x_test: np.ndarray
+) -> None:
+    home = fleet.agent_home(tmp_path / "home", installed=["v1", "v2"])
+    agent = SwapAfterLook(AgentConfig.load(home), clock=lambda: NOW)
+    older = agent.store.kept()[1]
+    agent.pending = (older, load_runtime(older.model_path, "onnx"))
+    with InferenceServer(agent, home=home) as s:
+        status, _, doc = post_predict(s, {"inputs": x_test[:20].tolist()})
+    agent.close()
+    assert status == 200
+    bundle = {"1": "v1", "2": "v2"}[doc["model"]["version"]]
+    np.testing.assert_allclose(doc["outputs"], fleet.expected(bundle, x_test[:20]), atol=1e-5)

@@ -54,6 +54,7 @@ def test_keeps_the_newest_n_versions(tmp_path: Path, keep: int) -> None:
     active = store.active()
     assert active is not None and active.model_path.read_bytes() == b"model bytes of release 5"
     assert (active.dir / "manifest.sig").read_bytes() == b"signature"
+    store.close()  # one writer at a time
     assert ModelStore(tmp_path, keep=keep).state == store.state  # persisted
 
 
@@ -66,6 +67,7 @@ def test_rollback_returns_to_the_previous_version_and_keeps_the_sequence(tmp_pat
     assert store.rollback().dir == v1.dir
     with pytest.raises(StoreError, match="no previous version"):
         store.rollback()
+    store.close()  # one writer at a time
     reopened = ModelStore(tmp_path, keep=3)
     assert reopened.state == StoreState(v1.dir.name, (v1.dir.name,), 3)
 
@@ -78,6 +80,7 @@ def test_open_removes_unreferenced_leftovers(tmp_path: Path) -> None:
     (tmp_path / "staging" / "half").mkdir()
     (tmp_path / "staging" / "half" / "model.onnx").write_bytes(b"partial")
     (tmp_path / "trash" / "old.1234").mkdir()
+    store.close()  # one writer at a time
     ModelStore(tmp_path)
     assert on_disk(tmp_path) == [v1.dir.name]
     assert not uncommitted.dir.exists()

@@ -32,8 +32,9 @@ JSONISH = st.recursive(
     max_leaves=10)
 SPECS = st.builds(TensorSpec, name=st.text(max_size=10), dtype=st.sampled_from(DTYPES),
                   shape=st.lists(st.none() | st.integers(0, 4096), max_size=4).map(tuple))
-ROWS = st.lists(st.lists(FLOATS, min_size=1, max_size=4).map(tuple), min_size=1,
-                max_size=3).map(tuple)
+ROWS = st.integers(1, 4).flatmap(  # a matrix: rows of one width
+    lambda width: st.lists(st.lists(FLOATS, min_size=width, max_size=width).map(tuple),
+                           min_size=1, max_size=3).map(tuple))
 SMOKE = st.builds(SmokeVector, input=ROWS, expected=ROWS,
                   atol=st.floats(0, 1, allow_nan=False))
 
@@ -132,6 +133,8 @@ BAD = [
     ("smoke-atol-range", _smoke(atol=2.0), "atol"),
     ("smoke-atol-int", _smoke(atol=0), "expected float"),
     ("smoke-empty", _smoke(input=[]), "non-empty"),
+    ("smoke-ragged-input", _smoke(input=[[0.0] * 64, [0.0] * 63]), "rows of equal length"),
+    ("smoke-ragged-expected", _smoke(expected=[[0.1] * 10, [0.1]]), "rows of equal length"),
     ("smoke-bool", _smoke(expected=[[True]]), "finite numbers"),
     ("smoke-string", _smoke(expected=[["0.1"]]), "finite numbers"),
     ("smoke-unknown", _smoke(note="x"), "unexpected fields"),

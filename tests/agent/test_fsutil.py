@@ -1,0 +1,77 @@
+"""edgefleet.fsutil.atomic_write: unique temporaries, so concurrent writers never collide.
+
+(It lives here because the agent is its main user: the store pointer, last_install.json.)
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from edgefleet.fsutil import atomic_write
+
+
+def test_two_threads_writing_one_file_do_not_share_a_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thread A is held inside its write while thread B writes the same file start to end."""
+    path = tmp_path / "last_install.json"
+    real_fsync = os.fsync
+    a_inside, b_done = threading.Event(), threading.Event()
+
+    def fsync(fd: int) -> None:
+        if threading.current_thread().name == "A" and not a_inside.is_set():
+            a_inside.set()
+            assert b_done.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    errors: list[BaseException] = []
+
+    def write(data: bytes) -> None:
+        try:
+            atomic_write(path, data)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    a = threading.Thread(target=write, args=(b"A" * 4096,), name="A")
+    a.start()
+    assert a_inside.wait(10)
+    b = threading.Thread(target=write, args=(b"B",), name="B")
+    b.start()
+    b.join(10)
+    b_done.set()
+    a.join(10)
+    assert errors == []
+    assert path.read_bytes() == b"A" * 4096  # A replaced the file last, with all of its data
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o644])
+def test_mode(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "f"
+    atomic_write(path, b"x", mode=mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == mode & ~umask
+    atomic_write(path, b"y", mode=mode)  # replacing keeps it
+    assert stat.S_IMODE(path.stat().st_mode) == mode & ~umask and path.read_bytes() == b"y"
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "f"
+    atomic_write(path, b"old")
+
+    def fail(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(path, b"new")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f"]
