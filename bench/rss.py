@@ -104,7 +104,7 @@ def run(quick: bool) -> list[Row]:
     cases: dict[str, tuple[str, str]] = {"numpy": (_NUMPY, ""), "imports": (_IMPORTS, "")}
     for fmt in fl.FORMATS:
         home = fl.installed_agent(fmt, f"bench-rss-{fmt}")
-        version = ModelStore(home / "store").active()
+        version = ModelStore(home / "store", readonly=True).active()
         assert version is not None
         model = version.model_path
         cases[f"agent:{fmt}"] = (_AGENT, str(home))

@@ -17,6 +17,7 @@
     ├── DecodeError            a protocol message could not be decoded (also a BundleError)
     ├── TransportError         the broker or the network failed us: not the sender's fault
     └── StoreError             the local model store is unusable (disk full, corrupt state)
+        └── (agent.store.StoreBusyError: another process holds the store's write lock)
 
 Wrong arguments raise ``ValueError``/``TypeError``; wrong call order raises ``RuntimeError``.
 Every message says what was expected and what was seen. Foreign exceptions are mapped at
