@@ -20,6 +20,7 @@ comma := ,
 
 test: $(VENV)/.stamp-all+dev
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.stamp-all

@@ -104,7 +104,7 @@ class Download:
     def pump(self, now: float) -> list[ChunkRequest]:
         """Requests to send now: re-send those that timed out, fill the window."""
         due = [i for i, t in self.outstanding.items() if now - t >= self.timeout]
-        fresh = []
+        fresh: list[int] = []
         while self._queue and len(self.outstanding) + len(fresh) < self.window:
             i = self._queue.popleft()
             if i in self.missing and i not in self.outstanding:  # else answered meanwhile

@@ -244,7 +244,8 @@ class _HttpServer(ThreadingHTTPServer):
 
     def server_bind(self) -> None:  # HTTPServer's would do a reverse DNS lookup of the host
         socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection from %s failed", client_address, exc_info=True)  # not stderr

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -26,7 +26,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
@@ -282,14 +282,14 @@ class Registry:
                 res = s.execute(
                     update(Device).where(Device.device_id == device_id).values(**values)
                 )
-                if res.rowcount:
+                if cast(CursorResult[Any], res).rowcount:
                     found.add(device_id)
         return found
 
     def update_device(self, device_id: str, **values: Any) -> bool:
         with self.session() as s:
             res = s.execute(update(Device).where(Device.device_id == device_id).values(**values))
-            return bool(res.rowcount)
+            return bool(cast(CursorResult[Any], res).rowcount)
 
     # -- releases -------------------------------------------------------------------------
     def next_sequence(self) -> int:

@@ -31,7 +31,8 @@ from .registry import Release
 __all__ = ["CoordinatorService", "publish_release"]
 
 log = logging.getLogger(__name__)
-_STOP = object()
+
+Work = tuple[str, str, bytes] | None  # (device id, topic kind, payload)
 
 
 def offers(release: Release) -> dict[str, ReleaseOffer]:
@@ -89,8 +90,8 @@ class CoordinatorService:
         self.chunks = ChunkServer(self._facts)
         self.link = MqttLink(mqtt, self._on_message)
         self._shared = mqtt.protocol == 5
-        self._chunk_q: queue.Queue[object] = queue.Queue(maxsize=2_000)
-        self._ingest_q: queue.Queue[object] = queue.Queue(maxsize=10_000)
+        self._chunk_q: queue.Queue[Work] = queue.Queue(maxsize=2_000)
+        self._ingest_q: queue.Queue[Work] = queue.Queue(maxsize=10_000)
         self._threads = [
             threading.Thread(target=self._serve_chunks, name="chunks", daemon=True),
             threading.Thread(target=self._ingest, name="ingest", daemon=True),
@@ -122,8 +123,8 @@ class CoordinatorService:
             log.warning("coordinator not connected to the broker yet (%s)", self.link.last_error)
 
     def stop(self) -> None:
-        self._chunk_q.put(_STOP)
-        self._ingest_q.put(_STOP)
+        self._chunk_q.put(None)  # stop
+        self._ingest_q.put(None)
         for t in self._threads:
             t.join(timeout=5)
         self.link.stop()
@@ -149,8 +150,8 @@ class CoordinatorService:
 
     # -- workers ---------------------------------------------------------------------------
     def _serve_chunks(self) -> None:
-        while (item := self._chunk_q.get()) is not _STOP:
-            device_id, _, payload = item  # type: ignore[misc]
+        while (item := self._chunk_q.get()) is not None:
+            device_id, _, payload = item
             try:
                 req = ChunkRequest.decode(payload)
                 for reply in self.chunks.answer(device_id, req):
@@ -177,10 +178,10 @@ class CoordinatorService:
                 batch.append(self._ingest_q.get_nowait())
             updates: dict[str, dict[str, Any]] = {}
             for item in batch:
-                if item is _STOP:
+                if item is None:
                     stopping = True
                     continue
-                device_id, kind, payload = item  # type: ignore[misc]
+                device_id, kind, payload = item
                 try:
                     values = self._decode_upstream(device_id, kind, payload)
                 except EdgeFleetError as exc:  # DecodeError, TooLargeError: the sender's fault

@@ -163,7 +163,7 @@ def fleet_status(args: argparse.Namespace) -> int:
         seen = "never" if r["last_seen_s"] is None else f"{r['last_seen_s']} s ago"
         table.add_row(
             str(r["device"]),
-            ",".join(r["groups"]) or "-",
+            ",".join(map(str, r["groups"])) or "-",  # type: ignore[call-overload]
             str(r["state"]),
             str(r["model"] or "-"),
             str(r["version"] or "-"),

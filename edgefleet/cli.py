@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from protocol.errors import EdgeFleetError
 
     try:
-        return args.run(args)
+        return int(args.run(args))
     except EdgeFleetError as exc:
         print(f"edgefleet: rejected ({exc.code}): {exc}", file=sys.stderr)
         return 2

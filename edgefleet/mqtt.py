@@ -215,7 +215,7 @@ class MqttLink:
                 if self._session_up
                 else (MQTTErrorCode.MQTT_ERR_NO_CONN, 0)
             )
-            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 self._acks.setdefault(mid, []).append(acked)
             else:  # the re-subscribe on the next connect covers it
                 self._next_connect.append(acked)
@@ -346,7 +346,7 @@ class MqttLink:
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(cfg.max_queued)
         client.on_socket_open = _set_nodelay
-        client.on_connect = self._handle_connect
+        client.on_connect = self._handle_connect  # type: ignore[assignment]  # paho's union
         client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_subscribe = self._handle_subscribe
@@ -447,7 +447,7 @@ class MqttLink:
             waiters, self._next_connect = self._next_connect, []
             if self._subs:
                 rc, mid = client.subscribe(list(self._subs.items()))
-                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                     self._acks.setdefault(mid, []).extend([self.connected, *waiters])
                     waiters = []
             else:
@@ -515,7 +515,7 @@ class MqttLink:
             correlation_data=getattr(props, "CorrelationData", None),
         )
         try:
-            self._on_message(msg.topic, msg.payload, meta)
+            self._on_message(msg.topic, bytes(msg.payload), meta)
         except Exception:
             log.warning("dropped MQTT message on %s: handler failed", msg.topic, exc_info=True)
 

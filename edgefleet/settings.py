@@ -10,7 +10,7 @@ import json
 import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 if TYPE_CHECKING:  # imported lazily: reading a config file must not pull in paho
     from .mqtt import MqttConfig
@@ -75,6 +75,6 @@ def mqtt_config(
         tls_ca=Path(cfg.tls_ca) if cfg.tls_ca else None,
         tls_cert=Path(cfg.tls_cert) if cfg.tls_cert else None,
         tls_key=Path(cfg.tls_key) if cfg.tls_key else None,
-        protocol=protocol or cfg.mqtt_protocol,
+        protocol=cast(Literal[5, 311], protocol or cfg.mqtt_protocol),
         **extra,
     )
