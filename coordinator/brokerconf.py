@@ -67,6 +67,9 @@ def write_broker_config(
     to its ``mosquitto`` user unless ``run_as`` names the owner (e.g. ``root``)."""
     out.mkdir(parents=True, exist_ok=True)
     users = credentials(coordinator)
+    if not coordinator.config.broker:  # `serve` and `model release` then need no --broker
+        host = "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
+        coordinator.update_config(broker=f"mqtt://{host}:{port}")
     pw = mosquitto_password_file(out / "passwd", users)
     acl = out / "acl"
     atomic_write(acl, edgefleet_acl(coordinator.config.username).encode(), mode=0o600)

@@ -91,10 +91,8 @@ def status(args: argparse.Namespace) -> int:
         print(f"kept:     {k['name']} {k['version']} ({k['format']}, sequence {k['sequence']})")
     last = st["last_install"]
     if last:
-        print(
-            f"last:     {'ok' if last['ok'] else 'rejected'} {last['code']} "
-            f"{last.get('reason', '')}"
-        )
+        outcome = last["code"] if last["ok"] else f"rejected ({last['code']}): {last['reason']}"
+        print(f"last:     {outcome}")
     return 0
 
 
