@@ -247,3 +247,16 @@ def test_config(tmp_path: Path) -> None:
 def test_a_device_cannot_take_the_coordinators_broker_name(coord: Coordinator) -> None:
     with pytest.raises(ValueError, match="broker username"):
         coord.enroll(device(coord.config.username)[0])
+
+
+def test_broker_config_points_the_coordinator_at_its_broker(coord: Coordinator,
+                                                            tmp_path: Path) -> None:
+    from coordinator.brokerconf import write_broker_config
+
+    files = write_broker_config(coord, tmp_path / "broker", port=18999, bind="0.0.0.0")
+    reloaded = CoordinatorConfig.load(coord.home)
+    assert reloaded.broker == "mqtt://127.0.0.1:18999"
+    assert Path(reloaded.password_file).read_text() == files.users[coord.config.username]
+    coord.update_config(broker="mqtt://elsewhere:1883")
+    write_broker_config(coord, tmp_path / "broker", port=18998)
+    assert CoordinatorConfig.load(coord.home).broker == "mqtt://elsewhere:1883"  # never overridden
