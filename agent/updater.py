@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from protocol.container import HEADER_SIZE, decode_envelopes, parse_header
+from protocol.container import BundleReader, decode_envelopes
 from protocol.envelope import Envelope, unwrap_key
 from protocol.errors import (
     BundleError,
@@ -240,25 +240,21 @@ class Updater:
     ) -> tuple[InstalledVersion, Runtime]:
         """Side-load an ``.efb`` file with exactly the same checks as a network release."""
         try:
-            size = path.stat().st_size
             with open(path, "rb") as f:
-                layout = parse_header(
-                    f.read(HEADER_SIZE), file_size=size, max_payload=self.config.max_payload
+                bundle = BundleReader(
+                    lambda off, n: os.pread(f.fileno(), n, off),
+                    file_size=os.fstat(f.fileno()).st_size,
+                    max_payload=self.config.max_payload,
                 )
-
-                def section(name: str) -> bytes:
-                    off, length = layout[name]
-                    f.seek(off)
-                    return f.read(length)
-
                 offer = Offer(
-                    keyring=section("keyring"),
-                    keyring_sig=section("keyring_sig"),
-                    manifest=section("manifest"),
-                    signature=section("signature"),
+                    keyring=bundle.section("keyring"),
+                    keyring_sig=bundle.section("keyring_sig"),
+                    manifest=bundle.section("manifest"),
+                    signature=bundle.section("signature"),
                 )
                 manifest = self.check(offer)  # verify before reading anything big
-                envelopes = decode_envelopes(section("envelopes"))
+                envelopes = decode_envelopes(bundle.section("envelopes"))
+            layout = bundle.layout
         except OSError as exc:
             raise StoreError(f"{path}: cannot read bundle ({exc.strerror})") from exc
         check_envelopes(manifest, envelopes)

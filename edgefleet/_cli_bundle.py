@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
-from protocol.container import HEADER_SIZE, decode_envelopes, parse_header
+from protocol.container import BundleReader, decode_envelopes
 from protocol.keyring import Keyring, Signature
 from protocol.manifest import Manifest
 
 
 def inspect(args: argparse.Namespace) -> int:
-    size = args.file.stat().st_size
     with open(args.file, "rb") as f:
-        layout = parse_header(f.read(HEADER_SIZE), file_size=size, max_payload=1 << 40)
-
-        def section(name: str) -> bytes:
-            off, length = layout[name]
-            f.seek(off)
-            return f.read(length)
-
+        bundle = BundleReader(
+            lambda off, n: os.pread(f.fileno(), n, off),
+            file_size=os.fstat(f.fileno()).st_size,
+            max_payload=1 << 40,
+        )
         raw = {
-            n: section(n) for n in ("keyring", "keyring_sig", "manifest", "signature", "envelopes")
+            n: bundle.section(n)
+            for n in ("keyring", "keyring_sig", "manifest", "signature", "envelopes")
         }
+    size = bundle.layout.total
     verified = "not verified (pass --trust root.pub)"
     if args.trust:
         from protocol.keys import decode_public_key

@@ -14,6 +14,7 @@ section is read. The same sections travel separately over MQTT.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .canonical import canonical_json, decode_json_object
@@ -24,6 +25,7 @@ from .manifest import MAX_MANIFEST
 
 __all__ = [
     "HEADER_SIZE",
+    "BundleReader",
     "MAGIC",
     "Layout",
     "decode_envelopes",
@@ -79,6 +81,30 @@ def parse_header(head: bytes, *, file_size: int, max_payload: int) -> Layout:
         kind = "truncated" if file_size < offset else "has trailing bytes"
         raise MalformedError(f"bundle {kind}: header says {offset} bytes, file has {file_size}")
     return Layout(spans)
+
+
+ReadAt = Callable[[int, int], bytes]  # (offset, length) -> bytes, e.g. a pread on the file
+
+
+class BundleReader:
+    """Sections of a bundle file read on demand, after the header and caps were checked.
+
+    Pure: the caller supplies ``read_at``; callers read the small signed sections first and
+    verify them before asking for anything big.
+    """
+
+    def __init__(self, read_at: ReadAt, *, file_size: int, max_payload: int) -> None:
+        self._read_at = read_at
+        self.layout = parse_header(
+            read_at(0, HEADER_SIZE), file_size=file_size, max_payload=max_payload
+        )
+
+    def section(self, name: str) -> bytes:
+        off, length = self.layout[name]
+        data = self._read_at(off, length)
+        if len(data) != length:
+            raise MalformedError(f"bundle {name}: expected {length} bytes, read {len(data)}")
+        return data
 
 
 def encode_envelopes(envelopes: list[Envelope]) -> bytes:
