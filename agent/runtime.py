@@ -29,6 +29,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from protocol.manifest import FORMATS
+
 __all__ = [
     "FORMATS",
     "LiteRtRuntime",
@@ -41,7 +43,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "tflite")
 _SUFFIX_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 _ORT_DTYPES = {"tensor(float)": "float32"}
 # The fast-path tests ``type(x) is _NDARRAY and x.dtype is _F32`` (module globals: one lookup

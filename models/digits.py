@@ -19,8 +19,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
+from edgefleet.fsutil import atomic_write
 from models.onnx_export import mlp_to_onnx
 from models.tflite_export import mlp_to_tflite
 
@@ -140,14 +139,14 @@ def write_digits_artifacts(
         accuracy=accuracy,
     )
     metadata = _metadata(clf, split, seed=seed, accuracy=accuracy)
-    _atomic_write(
+    atomic_write(
         artifacts.onnx_path, mlp_to_onnx(clf, input_name=INPUT_NAME, output_name=OUTPUT_NAME)
     )
-    _atomic_write(
+    atomic_write(
         artifacts.tflite_path, mlp_to_tflite(clf, input_name=INPUT_NAME, output_name=OUTPUT_NAME)
     )
-    _atomic_write(artifacts.test_path, _npz_bytes(x=split.X_test, y=split.y_test))
-    _atomic_write(artifacts.metadata_path, _json_bytes(metadata))
+    atomic_write(artifacts.test_path, _npz_bytes(x=split.X_test, y=split.y_test))
+    atomic_write(artifacts.metadata_path, _json_bytes(metadata))
     logger.info(
         "wrote digits artifacts to %s (hidden=%d, seed=%d, accuracy=%.4f)",
         out_dir,
@@ -196,18 +195,3 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
 
 def _json_bytes(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, fsync it, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

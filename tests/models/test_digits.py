@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from sklearn.neural_network import MLPClassifier
 
+from edgefleet.fsutil import atomic_write
 from models.digits import (
     DigitsArtifacts,
     DigitsSplit,
-    _atomic_write,
     load_digits_split,
     train_digits,
     write_digits_artifacts,
@@ -130,10 +130,10 @@ def test_second_version_differs(tmp_path: Path, artifacts: DigitsArtifacts) -> N
 
 def test_atomic_write_replaces_and_cleans_up_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "f.bin"
-    _atomic_write(target, b"old")
-    _atomic_write(target, b"new")
+    atomic_write(target, b"old")
+    atomic_write(target, b"new")
     assert target.read_bytes() == b"new"
     with pytest.raises(TypeError):
-        _atomic_write(target, "not bytes")  # type: ignore[arg-type]
+        atomic_write(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
