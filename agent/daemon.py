@@ -228,7 +228,7 @@ class AgentDaemon:
             return  # a cleared retained release
         try:
             offer = ReleaseOffer.decode(payload)
-            active = self.agent.store.active()
+            active = self.agent.active  # in memory: no disk read per offer
             if active is not None and offer.manifest == active.manifest_raw:
                 return  # the retained offer of what we already run
             manifest = self.agent.updater.check(self._as_offer(offer))
