@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 
 def _open(home: Path):  # type: ignore[no-untyped-def]
@@ -120,7 +121,7 @@ def broker_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def fleet_rows(home: Path) -> list[dict[str, object]]:
+def fleet_rows(home: Path) -> list[dict[str, Any]]:
     import time
 
     now = int(time.time())
@@ -163,7 +164,7 @@ def fleet_status(args: argparse.Namespace) -> int:
         seen = "never" if r["last_seen_s"] is None else f"{r['last_seen_s']} s ago"
         table.add_row(
             str(r["device"]),
-            ",".join(map(str, r["groups"])) or "-",  # type: ignore[call-overload]
+            ",".join(r["groups"]) or "-",
             str(r["state"]),
             str(r["model"] or "-"),
             str(r["version"] or "-"),
