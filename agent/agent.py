@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from edgefleet.fsutil import atomic_write
-from protocol.canonical import canonical_json
-from protocol.envelope import Envelope
-from protocol.errors import EdgeFleetError, StoreError
+from edgefleet.infra.fsutil import atomic_write
+from edgefleet.protocol.canonical import canonical_json
+from edgefleet.protocol.envelope import Envelope
+from edgefleet.protocol.errors import EdgeFleetError, StoreError
 
 from .config import AgentConfig
 from .identity import DeviceIdentity

@@ -22,20 +22,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edgefleet.mqtt import HEADER_ALLOWANCE, MessageProps, MqttConfig, MqttLink
-from edgefleet.settings import mqtt_config
-from protocol import topics
-from protocol.errors import (
+from edgefleet.infra.link.mqtt import HEADER_ALLOWANCE, MessageProps, MqttConfig, MqttLink
+from edgefleet.infra.settings import mqtt_config
+from edgefleet.protocol import topics
+from edgefleet.protocol.errors import (
     BundleError,
     EdgeFleetError,
     RollbackError,
     StoreError,
     TransportError,
 )
-from protocol.manifest import Manifest
-from protocol.messages import MAX_OFFER, ChunkReply, DeviceStatus, ReleaseOffer, Telemetry
-from protocol.segments import MAX_SEGMENT
-from protocol.verify import select_envelope
+from edgefleet.protocol.manifest import Manifest
+from edgefleet.protocol.messages import MAX_OFFER, ChunkReply, DeviceStatus, ReleaseOffer, Telemetry
+from edgefleet.protocol.segments import MAX_SEGMENT
+from edgefleet.protocol.verify import select_envelope
 
 from .agent import Agent
 from .download import Download

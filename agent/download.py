@@ -19,10 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.errors import StoreError, TransportError
-from protocol.manifest import Manifest
-from protocol.messages import ChunkReply, ChunkRequest
-from protocol.segments import sha256_hex
+from edgefleet.protocol.errors import StoreError, TransportError
+from edgefleet.protocol.manifest import Manifest
+from edgefleet.protocol.messages import ChunkReply, ChunkRequest
+from edgefleet.protocol.segments import sha256_hex
 
 __all__ = ["Download", "DownloadStats"]
 

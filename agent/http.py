@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-
-from edgefleet.fsutil import atomic_write
-from protocol.errors import TransportError
+from edgefleet.infra.fsutil import atomic_write
+from edgefleet.protocol.errors import TransportError
 
 if TYPE_CHECKING:
     from .agent import Agent

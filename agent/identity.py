@@ -10,11 +10,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefleet.fsutil import atomic_write
-from protocol._fields import name as check_name
-from protocol.canonical import b64d, b64e, canonical_json
-from protocol.device import DevicePublic
-from protocol.keys import KEM_X25519, KemPrivateKey, SigningKey, generate_kem_key
+from edgefleet.infra.fsutil import atomic_write
+from edgefleet.protocol._fields import name as check_name
+from edgefleet.protocol.canonical import b64d, b64e, canonical_json
+from edgefleet.protocol.device import DevicePublic
+from edgefleet.protocol.keys import KEM_X25519, KemPrivateKey, SigningKey, generate_kem_key
 
 __all__ = ["DeviceIdentity", "DevicePublic"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgefleet.fsutil import atomic_write
-from protocol.keys import KEM_X25519
+from edgefleet.infra.fsutil import atomic_write
+from edgefleet.protocol.keys import KEM_X25519
 
 from .config import AgentConfig
 from .identity import DeviceIdentity

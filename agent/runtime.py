@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-from protocol.manifest import FORMATS
+from edgefleet.protocol.manifest import FORMATS
 
 __all__ = [
     "FORMATS",

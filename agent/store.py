@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from edgefleet.fsutil import atomic_write, fsync_dir
-from protocol.canonical import canonical_json
-from protocol.errors import StoreError
-from protocol.manifest import Manifest
+from edgefleet.infra.fsutil import atomic_write, fsync_dir
+from edgefleet.protocol.canonical import canonical_json
+from edgefleet.protocol.errors import StoreError
+from edgefleet.protocol.manifest import Manifest
 
 __all__ = ["InstalledVersion", "ModelStore", "Staging", "StoreBusyError", "StoreState"]
 

@@ -10,12 +10,12 @@ import json
 import logging
 from pathlib import Path
 
-from edgefleet.fsutil import atomic_write
-from protocol.canonical import b64d, b64e, canonical_json
-from protocol.errors import StoreError
-from protocol.keyring import Keyring
-from protocol.keys import decode_public_key, encode_public_key
-from protocol.verify import verify_keyring
+from edgefleet.infra.fsutil import atomic_write
+from edgefleet.protocol.canonical import b64d, b64e, canonical_json
+from edgefleet.protocol.errors import StoreError
+from edgefleet.protocol.keyring import Keyring
+from edgefleet.protocol.keys import decode_public_key, encode_public_key
+from edgefleet.protocol.verify import verify_keyring
 
 __all__ = ["TrustStore"]
 

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-
-from protocol.container import BundleReader, decode_envelopes
-from protocol.envelope import Envelope, unwrap_key
-from protocol.errors import (
+from edgefleet.protocol.container import BundleReader, decode_envelopes
+from edgefleet.protocol.envelope import Envelope, unwrap_key
+from edgefleet.protocol.errors import (
     BundleError,
     IntegrityError,
     MalformedError,
@@ -31,9 +30,9 @@ from protocol.errors import (
     StoreError,
     TooLargeError,
 )
-from protocol.manifest import Manifest
-from protocol.segments import SegmentCipher, sha256_hex
-from protocol.verify import Policy, check_envelopes, select_envelope, verify_manifest
+from edgefleet.protocol.manifest import Manifest
+from edgefleet.protocol.segments import SegmentCipher, sha256_hex
+from edgefleet.protocol.verify import Policy, check_envelopes, select_envelope, verify_manifest
 
 from .identity import DeviceIdentity
 from .runtime import Runtime, RuntimeLoadError, load_runtime

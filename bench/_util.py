@@ -200,8 +200,8 @@ class Fleet:
     FORMATS = ("onnx", "tflite")
 
     def __init__(self, root: Path) -> None:
-        from coordinator.home import Coordinator
-        from models.digits import write_digits_artifacts
+        from edgefleet.coordinator.home import Coordinator
+        from edgefleet.models.digits import write_digits_artifacts
 
         self.root = root
         self.artifacts = write_digits_artifacts(root / "models")
@@ -223,8 +223,8 @@ class Fleet:
 
     def new_agent(self, device_id: str) -> Path:
         """An initialised agent home for ``device_id``, enrolled at the coordinator."""
-        from agent.provision import provision
-        from protocol.keys import decode_public_key
+        from edgefleet.agent.provision import provision
+        from edgefleet.protocol.keys import decode_public_key
 
         home = self.root / "agents" / device_id
         root_public = decode_public_key((self.coord.home / "root.pub").read_bytes())
@@ -247,7 +247,7 @@ class Fleet:
 
     def installed_agent(self, fmt: str, device_id: str | None = None) -> Path:
         """A fresh agent home with the digits ``fmt`` model installed and active."""
-        from agent.agent import Agent
+        from edgefleet.agent.agent import Agent
 
         device_id = device_id or f"bench-{fmt}-{self._count}"
         home = self.new_agent(device_id)

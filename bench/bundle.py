@@ -41,10 +41,10 @@ def notes() -> list[str]:
 
 def _open_bundle(updater: Any, path: Path) -> Any:
     """``Updater.install_file`` up to and including ``_write``; returns the staged version."""
-    from agent.updater import FileSource, Offer
-    from protocol.container import HEADER_SIZE, decode_envelopes, parse_header
-    from protocol.envelope import unwrap_key
-    from protocol.verify import check_envelopes, select_envelope
+    from edgefleet.agent.updater import FileSource, Offer
+    from edgefleet.protocol.container import HEADER_SIZE, decode_envelopes, parse_header
+    from edgefleet.protocol.envelope import unwrap_key
+    from edgefleet.protocol.verify import check_envelopes, select_envelope
 
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -113,9 +113,8 @@ def _profile(updater: Any, path: Path) -> list[tuple[str, float]]:
 def _open_bench(quick: bool) -> list[Row]:
     import numpy as np
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    from agent.agent import Agent
-    from protocol.segments import SegmentCipher, sha256_hex
+    from edgefleet.agent.agent import Agent
+    from edgefleet.protocol.segments import SegmentCipher, sha256_hex
 
     size = (2 if quick else 32) * 1024 * 1024
     reps = 5 if quick else 15
@@ -206,8 +205,7 @@ def _open_bench(quick: bool) -> list[Row]:
 def _install_bench(quick: bool) -> list[Row]:
     """Full ``Agent.install_file`` of the digits model vs the raw runtime loading it."""
     import numpy as np
-
-    from agent.agent import Agent
+    from edgefleet.agent.agent import Agent
 
     reps = 3 if quick else 7
     fl = fleet()

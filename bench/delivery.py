@@ -69,12 +69,11 @@ def _big_mlp(out: Path, hidden: tuple[int, ...], seed: int = 0) -> Path:
 
     import numpy as np
     import onnxruntime as ort
+    from edgefleet.models.digits import INPUT_NAME, N_FEATURES, OUTPUT_NAME, load_digits_split
+    from edgefleet.models.onnx_export import mlp_to_onnx
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
     from threadpoolctl import threadpool_limits
-
-    from models.digits import INPUT_NAME, N_FEATURES, OUTPUT_NAME, load_digits_split
-    from models.onnx_export import mlp_to_onnx
 
     split = load_digits_split(seed)
     clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=20, random_state=seed)
@@ -142,14 +141,14 @@ def _rig(root: Path, devices: list[str], raw_users: list[str]) -> _Rig:
     import dataclasses
     import secrets
 
-    from agent.config import AgentConfig
-    from agent.identity import DeviceIdentity
-    from agent.trust import TrustStore
-    from coordinator.brokerconf import credentials
-    from coordinator.home import Coordinator
-    from coordinator.service import CoordinatorService, mqtt_config_for
-    from edgefleet.broker import EmbeddedBroker, edgefleet_acl
-    from protocol.keys import decode_public_key
+    from edgefleet.agent.config import AgentConfig
+    from edgefleet.agent.identity import DeviceIdentity
+    from edgefleet.agent.trust import TrustStore
+    from edgefleet.coordinator.brokerconf import credentials
+    from edgefleet.coordinator.home import Coordinator
+    from edgefleet.coordinator.service import CoordinatorService, mqtt_config_for
+    from edgefleet.infra.broker import EmbeddedBroker, edgefleet_acl
+    from edgefleet.protocol.keys import decode_public_key
 
     coord = Coordinator.init(root / "coordinator")
     root_public = decode_public_key((coord.home / "root.pub").read_bytes())
@@ -205,8 +204,8 @@ class _Agents:
     def __init__(
         self, homes: list[Path], progress: Callable[[str, int, int], None] | None = None
     ) -> None:
-        from agent.agent import Agent
-        from agent.daemon import AgentDaemon, mqtt_config_for
+        from edgefleet.agent.agent import Agent
+        from edgefleet.agent.daemon import AgentDaemon, mqtt_config_for
 
         self.agents = [Agent.open(h) for h in homes]
         self.daemons = [AgentDaemon(a, mqtt_config_for(a), progress=progress) for a in self.agents]
@@ -727,7 +726,7 @@ def _single_run(
 
 
 def run(quick: bool) -> list[Row]:
-    from edgefleet.broker import EmbeddedBroker
+    from edgefleet.infra.broker import EmbeddedBroker
 
     _NOTES.clear()
     try:  # raises at once, before touching the disk, when there is no mosquitto binary

@@ -71,9 +71,8 @@ def _loop_call(fn: Any, x: Any, out: list[int], n: int) -> None:
 
 def run(quick: bool) -> list[Row]:
     import numpy as np
-
-    from agent.agent import Agent
-    from agent.http import EchoServer, InferenceServer, load_token
+    from edgefleet.agent.agent import Agent
+    from edgefleet.agent.http import EchoServer, InferenceServer, load_token
 
     _NOTES.clear()
     calls, block, warmup = (300, 50, 50) if quick else (2000, 100, 200)

@@ -94,8 +94,7 @@ def _raw(fmt: str, path: Any, x: Any) -> tuple[Any, Any]:
 
 def _bench_format(fmt: str, calls: int, warmup: int, block: int) -> list[Row]:
     import numpy as np
-
-    from agent.agent import Agent
+    from edgefleet.agent.agent import Agent
 
     fl = fleet()
     home = fl.installed_agent(fmt, f"bench-predict-{fmt}")

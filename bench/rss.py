@@ -40,7 +40,7 @@ _AGENT = """
 import sys
 from pathlib import Path
 import numpy as np
-from agent.agent import Agent
+from edgefleet.agent.agent import Agent
 agent = Agent.open(Path(sys.argv[1]))
 out = agent.predict(np.asarray(X, dtype=np.float32))
 """
@@ -70,7 +70,7 @@ out = interp.get_tensor(interp.get_output_details()[0]["index"])
 
 _IMPORTS = """
 import numpy as np
-import agent.agent
+import edgefleet.agent.agent
 out = np.asarray(X, dtype=np.float32)
 """
 
@@ -95,7 +95,7 @@ def _measure(body: str, arg: str, x: list[list[float]]) -> dict[str, Any]:
 
 
 def run(quick: bool) -> list[Row]:
-    from agent.store import ModelStore
+    from edgefleet.agent.store import ModelStore
 
     _NOTES.clear()
     rounds = 1 if quick else 5

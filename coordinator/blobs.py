@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from edgefleet.fsutil import atomic_write
+from edgefleet.infra.fsutil import atomic_write
 
 __all__ = ["BlobStore"]
 

@@ -12,8 +12,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefleet.broker import edgefleet_acl, mosquitto_config, mosquitto_password_file
-from edgefleet.fsutil import atomic_write
+from edgefleet.infra.broker import edgefleet_acl, mosquitto_config, mosquitto_password_file
+from edgefleet.infra.fsutil import atomic_write
 
 from .home import Coordinator
 

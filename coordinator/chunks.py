@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import topics
-from protocol.manifest import Manifest
-from protocol.messages import ChunkReply, ChunkRequest
+from edgefleet.protocol import topics
+from edgefleet.protocol.manifest import Manifest
+from edgefleet.protocol.messages import ChunkReply, ChunkRequest
 
 __all__ = ["ChunkServer", "ReleaseFacts"]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgefleet.settings import load_toml_config, to_toml
+from edgefleet.infra.settings import load_toml_config, to_toml
 
 __all__ = ["CoordinatorConfig"]
 

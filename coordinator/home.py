@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgefleet.fsutil import atomic_write
-from protocol.build import BuiltRelease, ReleaseSpec, build_release
-from protocol.canonical import canonical_json
-from protocol.device import DevicePublic
-from protocol.keys import KemPublicKey
-from protocol.manifest import FORMATS, SmokeVector, TensorSpec
+from edgefleet.infra.fsutil import atomic_write
+from edgefleet.protocol.build import BuiltRelease, ReleaseSpec, build_release
+from edgefleet.protocol.canonical import canonical_json
+from edgefleet.protocol.device import DevicePublic
+from edgefleet.protocol.keys import KemPublicKey
+from edgefleet.protocol.manifest import FORMATS, SmokeVector, TensorSpec
 
 from .blobs import BlobStore
 from .config import CoordinatorConfig

@@ -13,11 +13,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefleet.fsutil import atomic_write
-from protocol.canonical import b64d, b64e, canonical_json
-from protocol.errors import KeyringError
-from protocol.keyring import KeyEntry, Keyring, Signature
-from protocol.keys import SigningKey, encode_public_key
+from edgefleet.infra.fsutil import atomic_write
+from edgefleet.protocol.canonical import b64d, b64e, canonical_json
+from edgefleet.protocol.errors import KeyringError
+from edgefleet.protocol.keyring import KeyEntry, Keyring, Signature
+from edgefleet.protocol.keys import SigningKey, encode_public_key
 
 __all__ = ["CoordinatorKeys", "sign_keyring"]
 

@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edgefleet.mqtt import MessageProps, MqttConfig, MqttLink
-from edgefleet.settings import mqtt_config
-from protocol import topics
-from protocol.envelope import Envelope
-from protocol.errors import DecodeError, EdgeFleetError, TransportError
-from protocol.manifest import Manifest
-from protocol.messages import ChunkRequest, DeviceStatus, ReleaseOffer, Telemetry
+from edgefleet.infra.link.mqtt import MessageProps, MqttConfig, MqttLink
+from edgefleet.infra.settings import mqtt_config
+from edgefleet.protocol import topics
+from edgefleet.protocol.envelope import Envelope
+from edgefleet.protocol.errors import DecodeError, EdgeFleetError, TransportError
+from edgefleet.protocol.manifest import Manifest
+from edgefleet.protocol.messages import ChunkRequest, DeviceStatus, ReleaseOffer, Telemetry
 
 from .chunks import ChunkServer, ReleaseFacts
 from .home import Coordinator
@@ -69,8 +69,8 @@ def publish_release(link: MqttLink, release: Release, *, timeout: float = 30.0) 
             sent += len(payload)
         deadline = time.monotonic() + timeout
         for info in infos:
-            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-        unacked = sum(1 for info in infos if not info.is_published())
+            info.wait(max(0.0, deadline - time.monotonic()))
+        unacked = sum(1 for info in infos if not info.published)
         if unacked:
             raise TransportError(
                 f"release {release.sequence}: {unacked} offers not acknowledged "

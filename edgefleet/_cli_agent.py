@@ -12,8 +12,8 @@ import numpy as np
 
 
 def init(args: argparse.Namespace) -> int:
-    from agent.provision import provision
-    from protocol.keys import decode_public_key
+    from edgefleet.agent.provision import provision
+    from edgefleet.protocol.keys import decode_public_key
 
     password_file = str(Path(args.password_file).resolve()) if args.password_file else ""
     ident = provision(
@@ -32,15 +32,15 @@ def init(args: argparse.Namespace) -> int:
 def _open(home: Path) -> Any:
     """A read-only agent: it takes no lock, so it works, and disturbs nothing, beside the
     running daemon."""
-    from agent.agent import Agent
+    from edgefleet.agent.agent import Agent
 
     return Agent.open(home, readonly=True)
 
 
 def _open_writer(home: Path, doing: str, instead: str = "") -> Any:
     """The store's one writer, or None (after one line on stderr) while the daemon is it."""
-    from agent.agent import Agent
-    from agent.store import StoreBusyError
+    from edgefleet.agent.agent import Agent
+    from edgefleet.agent.store import StoreBusyError
 
     try:
         return Agent.open(home)
@@ -108,8 +108,8 @@ def _read_input(args: argparse.Namespace) -> np.ndarray:
 
 def _outputs(home: Path, x: np.ndarray) -> np.ndarray:
     """Ask the running daemon over its loopback API; without one, load the model here."""
-    from agent.http import predict_via_http
-    from protocol.errors import TransportError
+    from edgefleet.agent.http import predict_via_http
+    from edgefleet.protocol.errors import TransportError
 
     try:
         out = predict_via_http(home, x)

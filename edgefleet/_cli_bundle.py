@@ -7,9 +7,9 @@ import json
 import os
 import time
 
-from protocol.container import BundleReader, decode_envelopes
-from protocol.keyring import Keyring, Signature
-from protocol.manifest import Manifest
+from edgefleet.protocol.container import BundleReader, decode_envelopes
+from edgefleet.protocol.keyring import Keyring, Signature
+from edgefleet.protocol.manifest import Manifest
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -26,8 +26,8 @@ def inspect(args: argparse.Namespace) -> int:
     size = bundle.layout.total
     verified = "not verified (pass --trust root.pub)"
     if args.trust:
-        from protocol.keys import decode_public_key
-        from protocol.verify import verify_keyring
+        from edgefleet.protocol.keys import decode_public_key
+        from edgefleet.protocol.verify import verify_keyring
 
         now = int(time.time())
         keyring = verify_keyring(
@@ -38,7 +38,7 @@ def inspect(args: argparse.Namespace) -> int:
             current=None,
         )
         sig = Signature.decode(raw["signature"])
-        from protocol.keys import verify_signature
+        from edgefleet.protocol.keys import verify_signature
 
         verify_signature(
             keyring.release_key(sig.keyid, now).public, sig.sig, raw["manifest"], what="manifest"

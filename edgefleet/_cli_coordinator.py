@@ -9,13 +9,13 @@ from typing import Any
 
 
 def _open(home: Path):  # type: ignore[no-untyped-def]
-    from coordinator.home import Coordinator
+    from edgefleet.coordinator.home import Coordinator
 
     return Coordinator.open(home)
 
 
 def init(args: argparse.Namespace) -> int:
-    from coordinator.home import Coordinator
+    from edgefleet.coordinator.home import Coordinator
 
     c = Coordinator.init(args.home, database=args.database)
     print(
@@ -27,7 +27,7 @@ def init(args: argparse.Namespace) -> int:
 
 
 def enroll(args: argparse.Namespace) -> int:
-    from protocol.device import DevicePublic
+    from edgefleet.protocol.device import DevicePublic
 
     public = DevicePublic.decode(args.public_key.read_bytes())
     if public.device_id != args.device_id:
@@ -43,7 +43,7 @@ def enroll(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from models.digits import write_digits_artifacts
+    from edgefleet.models.digits import write_digits_artifacts
 
     art = write_digits_artifacts(args.out, seed=args.seed, hidden=args.hidden)
     print(
@@ -106,7 +106,7 @@ def group_list(args: argparse.Namespace) -> int:
 
 
 def broker_config(args: argparse.Namespace) -> int:
-    from coordinator.brokerconf import write_broker_config
+    from edgefleet.coordinator.brokerconf import write_broker_config
 
     c = _open(args.home)
     files = write_broker_config(

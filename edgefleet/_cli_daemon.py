@@ -32,9 +32,9 @@ def _need_broker(url: str, config_file: str) -> None:
 
 
 def agent_run(args: argparse.Namespace) -> int:
-    from agent.agent import Agent
-    from agent.config import AgentConfig
-    from agent.daemon import AgentDaemon, mqtt_config_for
+    from edgefleet.agent.agent import Agent
+    from edgefleet.agent.config import AgentConfig
+    from edgefleet.agent.daemon import AgentDaemon, mqtt_config_for
 
     config = AgentConfig.load(
         args.home, broker=args.broker, password_file=args.password_file, http_port=args.http_port
@@ -43,7 +43,7 @@ def agent_run(args: argparse.Namespace) -> int:
     agent = Agent(config)
     server = None
     if not args.no_http:
-        from agent.http import InferenceServer
+        from edgefleet.agent.http import InferenceServer
 
         server = InferenceServer(agent, home=config.home, port=config.http_port)
         server.start()
@@ -64,8 +64,8 @@ def agent_run(args: argparse.Namespace) -> int:
 
 
 def coordinator_serve(args: argparse.Namespace) -> int:
-    from coordinator.home import Coordinator
-    from coordinator.service import CoordinatorService, mqtt_config_for
+    from edgefleet.coordinator.home import Coordinator
+    from edgefleet.coordinator.service import CoordinatorService, mqtt_config_for
 
     c = Coordinator.open(args.home, broker=args.broker)
     _need_broker(c.config.broker, "coordinator.toml")
@@ -82,9 +82,9 @@ def coordinator_serve(args: argparse.Namespace) -> int:
 
 
 def model_release(args: argparse.Namespace) -> int:
-    from coordinator.home import Coordinator
-    from coordinator.service import mqtt_config_for, publish_release
-    from edgefleet.mqtt import MqttLink
+    from edgefleet.coordinator.home import Coordinator
+    from edgefleet.coordinator.service import mqtt_config_for, publish_release
+    from edgefleet.infra.link.mqtt import MqttLink
 
     c = Coordinator.open(args.home, broker=args.broker)
     _need_broker(c.config.broker, "coordinator.toml")

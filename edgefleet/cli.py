@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = logging.WARNING if daemon or args.group == "demo" else logging.ERROR
     level = max(logging.DEBUG, base - 10 * args.verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from protocol.errors import EdgeFleetError
+    from edgefleet.protocol.errors import EdgeFleetError
 
     try:
         return int(args.run(args))

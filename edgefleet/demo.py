@@ -74,10 +74,10 @@ def _wait_release(
 
 
 def run(workdir: Path, n_agents: int) -> int:
-    from agent.http import predict_via_http
-    from coordinator.brokerconf import credentials
-    from coordinator.home import Coordinator
-    from edgefleet.broker import EmbeddedBroker, edgefleet_acl
+    from edgefleet.agent.http import predict_via_http
+    from edgefleet.coordinator.brokerconf import credentials
+    from edgefleet.coordinator.home import Coordinator
+    from edgefleet.infra.broker import EmbeddedBroker, edgefleet_acl
 
     t0 = time.monotonic()
     chome, mdir = workdir / "coordinator", workdir / "models"
@@ -183,8 +183,8 @@ def run(workdir: Path, n_agents: int) -> int:
 def _set_agent(home: Path, **changes: Any) -> None:
     from dataclasses import replace
 
-    from agent.config import AgentConfig
-    from edgefleet.fsutil import atomic_write
+    from edgefleet.agent.config import AgentConfig
+    from edgefleet.infra.fsutil import atomic_write
 
     cfg = AgentConfig.load(home)
     changes["mqtt_protocol"] = changes.pop("protocol")
@@ -192,7 +192,7 @@ def _set_agent(home: Path, **changes: Any) -> None:
 
 
 def _release(chome: Path, version: str, to: str) -> int:
-    from coordinator.home import Coordinator
+    from edgefleet.coordinator.home import Coordinator
 
     _cli(
         "model",

@@ -25,15 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgefleet.infra.fsutil import atomic_write
+from edgefleet.models.onnx_export import mlp_to_onnx
+from edgefleet.models.tflite_export import mlp_to_tflite
 from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
-
-from edgefleet.fsutil import atomic_write
-from models.onnx_export import mlp_to_onnx
-from models.tflite_export import mlp_to_tflite
 
 __all__ = [
     "DigitsArtifacts",

@@ -12,9 +12,8 @@ from __future__ import annotations
 import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as tfl
+from edgefleet.models.onnx_export import DenseLayer, dense_layers
 from sklearn.neural_network import MLPClassifier
-
-from models.onnx_export import DenseLayer, dense_layers
 
 __all__ = ["mlp_to_tflite"]
 

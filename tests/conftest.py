@@ -19,18 +19,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.identity import DeviceIdentity
+from edgefleet.agent.provision import provision
+from edgefleet.coordinator.home import Coordinator
+from edgefleet.models.digits import load_digits_split, train_digits, write_digits_artifacts
+from edgefleet.protocol.build import ReleaseSpec, build_release
+from edgefleet.protocol.canonical import b64d
+from edgefleet.protocol.keys import KEM_HYBRID, KEM_X25519, SigningKey, decode_public_key
+from edgefleet.protocol.manifest import SmokeVector, TensorSpec
 from sklearn.neural_network import MLPClassifier
-
-from agent.agent import Agent
-from agent.config import AgentConfig
-from agent.identity import DeviceIdentity
-from agent.provision import provision
-from coordinator.home import Coordinator
-from models.digits import load_digits_split, train_digits, write_digits_artifacts
-from protocol.build import ReleaseSpec, build_release
-from protocol.canonical import b64d
-from protocol.keys import KEM_HYBRID, KEM_X25519, SigningKey, decode_public_key
-from protocol.manifest import SmokeVector, TensorSpec
 
 T0 = 1_700_000_000  # unix seconds: when the fixture coordinator made its keys and releases
 NOW = T0 + 60  # the agents' clock

@@ -9,16 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from coordinator.home import Coordinator
+from edgefleet.coordinator.home import Coordinator
 
 from .conftest import Digits
 
 BLOCKER = """
 import importlib.abc, sys
-BLOCKED = {"sklearn", "scipy", "sqlalchemy", "rich", "flwr", "coordinator", "models", "onnx"}
+BLOCKED = {"sklearn", "scipy", "sqlalchemy", "rich", "flwr", "onnx",
+           "edgefleet.coordinator", "edgefleet.models"}
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
+        if name.split(".")[0] in BLOCKED or ".".join(name.split(".")[:2]) in BLOCKED:
             raise ImportError(f"{name} is not part of the agent extra")
 sys.meta_path.insert(0, Block())
 from edgefleet.cli import main
@@ -49,7 +50,7 @@ def test_agent_commands_work_without_coordinator_dependencies(
         str(tmp_path / "coord" / "root.pub"),
     )
     assert init.returncode == 0, init.stderr
-    from protocol.device import DevicePublic
+    from edgefleet.protocol.device import DevicePublic
 
     c.enroll(DevicePublic.decode((home / "keys" / "device.pub.json").read_bytes()))
     _, built = c.build("digits", "1", "dev-x")

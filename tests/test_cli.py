@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from edgefleet.protocol.canonical import b64e
+from edgefleet.protocol.container import HEADER_SIZE, decode_envelopes, parse_header
 
 from edgefleet.cli import main
-from protocol.canonical import b64e
-from protocol.container import HEADER_SIZE, decode_envelopes, parse_header
 from tests.conftest import Digits
 
 
@@ -190,7 +190,7 @@ def test_bundle_inspect_shows_the_manifest_but_no_secrets(
     assert set(doc["manifest"]["targets"]) == {"dev-a", "dev-b"}
     assert [e["device_id"] for e in doc["envelopes"]] == ["dev-a", "dev-b"]
 
-    from coordinator.home import Coordinator
+    from edgefleet.coordinator.home import Coordinator
 
     release = Coordinator.open(world.coordinator).registry.release(sequence=2)
     assert release is not None

@@ -1,9 +1,18 @@
 """Package layering, checked on the source (AST), including imports inside functions.
 
-    protocol   pure: imports no other EdgeFleet package and no network, file, clock,
-               runtime, Flower or database module
-    agent      never imports coordinator (nor models/scikit-learn/SQLAlchemy: devices lack them)
-    coordinator never imports agent
+Every folder installs as ``edgefleet.<folder>``; imports may only point down these layers:
+
+    cli          edgefleet/*.py — composition root: CLI, demo, progress (may import anything)
+    simulations  fleets of agents and coordinators          -> agent, coordinator, models, infra
+    agent        the device                                 -> infra, protocol (no models/SQL)
+    coordinator  the ML team's side                         -> models, infra, protocol
+    models       reference models, trainers, exporters      -> infra, protocol
+    infra        shared I/O adapters: link, broker, files   -> protocol
+    protocol     pure: no other EdgeFleet layer and no network, file, clock, runtime,
+                 Flower or database module
+
+``edgefleet/__init__.py`` imports nothing: importing ``edgefleet.protocol`` runs it first.
+A bare ``import agent`` (the pre-namespace spelling) is an error everywhere.
 """
 
 from __future__ import annotations
@@ -15,22 +24,27 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("agent", "coordinator", "protocol", "models", "simulations")
-PROJECT = {"agent", "coordinator", "protocol", "models", "simulations", "edgefleet"}
-
+SUBPACKAGES = ("protocol", "infra", "models", "agent", "coordinator", "simulations")
+ALLOWED: dict[str, set[str]] = {
+    "protocol": set(),
+    "infra": {"protocol"},
+    "models": {"protocol", "infra"},
+    "agent": {"protocol", "infra"},
+    "coordinator": {"protocol", "infra", "models"},
+    "simulations": {"protocol", "infra", "models", "agent", "coordinator"},
+    "cli": {"protocol", "infra", "models", "agent", "coordinator", "simulations"},
+}
 PROTOCOL_FORBIDDEN = {
-    # other EdgeFleet packages
-    "agent", "coordinator", "edgefleet", "models", "simulations",
     # network, files, processes, wall clock
     "socket", "ssl", "http", "urllib", "requests", "httpx", "aiohttp", "paho", "amqtt",
     "os", "shutil", "pathlib", "tempfile", "glob", "io", "subprocess", "time",
     # runtimes, Flower, databases
     "onnxruntime", "ai_edge_litert", "tflite_runtime", "tensorflow", "flwr", "sqlalchemy",
 }
-FORBIDDEN = {
+THIRD_PARTY_FORBIDDEN = {
     "protocol": PROTOCOL_FORBIDDEN,
-    "agent": {"coordinator", "models", "sklearn", "sqlalchemy"},
-    "coordinator": {"agent"},
+    "infra": {"sklearn", "sqlalchemy", "onnxruntime", "ai_edge_litert", "flwr"},
+    "agent": {"sklearn", "sqlalchemy"},  # devices have neither
 }
 
 
@@ -57,76 +71,111 @@ def imported_modules(tree: ast.AST, module: str) -> Iterator[tuple[int, str]]:
 
 
 def sources() -> list[Path]:
-    return sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py"))
+    folders = [*SUBPACKAGES, "edgefleet"]
+    return sorted(p for pkg in folders for p in (REPO / pkg).rglob("*.py"))
 
 
 def module_name(path: Path) -> str:
+    """The installed name: ``agent/daemon.py`` -> ``edgefleet.agent.daemon``."""
     parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[0] != "edgefleet":
+        parts.insert(0, "edgefleet")
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> str | None:
+    """The layer a dotted name belongs to, or None for a module outside EdgeFleet."""
+    parts = module.split(".")
+    if parts[0] != "edgefleet":
+        return None
+    return parts[1] if len(parts) > 1 and parts[1] in SUBPACKAGES else "cli"
 
 
 def violations(path: Path, source: str | None = None) -> list[str]:
     module = module_name(path)
     if path.name == "__init__.py":
         module += ".__init__"  # so relative imports resolve against the package itself
-    layer = module.split(".")[0]
-    forbidden = FORBIDDEN.get(layer, set())
+    layer = layer_of(module)
+    assert layer is not None
     tree = ast.parse(source if source is not None else path.read_text(), str(path))
+    where = path.relative_to(REPO)
     found = []
+    if module == "edgefleet.__init__" and any(
+        isinstance(n, ast.Import | ast.ImportFrom) for n in ast.walk(tree)
+    ):
+        found.append(f"{where}: edgefleet/__init__.py must import nothing")
     for line, name in imported_modules(tree, module):
         top = name.split(".")[0]
-        if top in forbidden and top != layer:
-            found.append(f"{path.relative_to(REPO)}:{line}: {layer} imports {name}")
+        target = layer_of(name)
+        if top in SUBPACKAGES:
+            found.append(f"{where}:{line}: {name} is not namespaced (edgefleet.{name})")
+        elif target is not None and target != layer and target not in ALLOWED[layer]:
+            found.append(f"{where}:{line}: {layer} imports {name} ({target} is above it)")
+        elif top in THIRD_PARTY_FORBIDDEN.get(layer, set()):
+            found.append(f"{where}:{line}: {layer} imports {name}")
     if layer == "protocol":
         for node in ast.walk(tree):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                     and node.func.id in ("open", "print", "input")):
-                found.append(f"{path.relative_to(REPO)}:{node.lineno}: protocol calls "
-                             f"{node.func.id}()")
+                found.append(f"{where}:{node.lineno}: protocol calls {node.func.id}()")
     return found
 
 
 def test_sources_are_found() -> None:
     names = {module_name(p) for p in sources()}
-    assert {"protocol.verify", "agent.updater", "coordinator.home", "models.digits"} <= names
+    assert {
+        "edgefleet.protocol.verify", "edgefleet.agent.updater", "edgefleet.coordinator.home",
+        "edgefleet.models.digits", "edgefleet.infra.link.mqtt", "edgefleet.cli",
+        "edgefleet.simulations",
+    } <= names
 
 
-@pytest.mark.parametrize("layer", ["protocol", "agent", "coordinator"])
+@pytest.mark.parametrize("layer", [*SUBPACKAGES, "cli"])
 def test_layer_imports(layer: str) -> None:
-    files = [p for p in sources() if p.relative_to(REPO).parts[0] == layer]
+    files = [p for p in sources() if layer_of(module_name(p)) == layer]
     assert files
     problems = [v for p in files for v in violations(p)]
     assert problems == [], "\n".join(problems)
 
 
-def test_models_and_simulations_parse() -> None:
-    for path in sources():
-        ast.parse(path.read_text(), str(path))
-
-
 @pytest.mark.parametrize(("path", "source"), [
-    ("agent/x.py", "import coordinator.home"),
-    ("agent/x.py", "def f():\n    from coordinator import home"),
+    ("agent/x.py", "import edgefleet.coordinator.home"),
+    ("agent/x.py", "def f():\n    from edgefleet.coordinator import home"),
     ("agent/sub/x.py", "from ...coordinator import home"),
-    ("agent/x.py", "import importlib\nimportlib.import_module('coordinator.home')"),
-    ("coordinator/x.py", "from agent.store import ModelStore"),
+    ("agent/x.py", "import importlib\nimportlib.import_module('edgefleet.coordinator.home')"),
+    ("agent/x.py", "from edgefleet.models.digits import train_digits"),
+    ("agent/x.py", "from edgefleet.cli import main"),
+    ("agent/x.py", "import sklearn"),
+    ("agent/x.py", "from protocol.errors import StoreError"),  # not namespaced
+    ("coordinator/x.py", "from edgefleet.agent.store import ModelStore"),
     ("coordinator/x.py", "from .. import agent"),
+    ("coordinator/x.py", "from edgefleet import demo"),
+    ("coordinator/x.py", "from edgefleet.simulations import fleet"),
+    ("infra/x.py", "from edgefleet.agent.store import ModelStore"),
+    ("infra/link/x.py", "from ...coordinator import registry"),
+    ("models/x.py", "from edgefleet.coordinator.home import Coordinator"),
+    ("simulations/x.py", "from edgefleet.cli import main"),
     ("protocol/x.py", "import os"),
     ("protocol/x.py", "from os import urandom"),
     ("protocol/x.py", "import paho.mqtt.client"),
     ("protocol/x.py", "from pathlib import Path"),
-    ("protocol/x.py", "from edgefleet.fsutil import atomic_write"),
+    ("protocol/x.py", "from edgefleet.infra.fsutil import atomic_write"),
     ("protocol/x.py", "def f():\n    import onnxruntime"),
     ("protocol/x.py", "def f(p):\n    return open(p).read()"),
+    ("edgefleet/__init__.py", "from edgefleet.cli import main"),
 ])
 def test_the_checker_catches_violations(path: str, source: str) -> None:
     assert violations(REPO / path, source)
 
 
 @pytest.mark.parametrize(("path", "source"), [
-    ("agent/x.py", "from .store import ModelStore\nfrom protocol.errors import StoreError"),
-    ("agent/x.py", "from edgefleet.fsutil import atomic_write"),
-    ("coordinator/x.py", "from .home import Coordinator\nfrom models.digits import train_digits"),
+    ("agent/x.py", "from .store import Store\nfrom edgefleet.protocol.errors import StoreError"),
+    ("agent/x.py", "from edgefleet.infra.fsutil import atomic_write"),
+    ("coordinator/x.py", "from .home import Coordinator\nfrom edgefleet.models import digits"),
+    ("infra/link/x.py", "from ...protocol import topics\nfrom .port import Link"),
+    ("simulations/x.py", "from edgefleet.agent.agent import Agent\n"
+                         "from edgefleet.coordinator.home import Coordinator"),
+    ("edgefleet/x.py", "from edgefleet.simulations import fleet\nfrom . import progress"),
     ("protocol/x.py", "import secrets, hashlib, json\nfrom . import _fields\nfrom .keys import x"),
     ("protocol/x.py", "from cryptography.hazmat.primitives import hpke"),
 ])

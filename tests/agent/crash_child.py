@@ -14,8 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from agent.agent import Agent
-from agent.config import AgentConfig
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.config import AgentConfig
 
 
 def main(argv: list[str]) -> int:

@@ -6,15 +6,15 @@ import json
 import logging
 from pathlib import Path
 
+import edgefleet.agent.agent as agent_module
 import numpy as np
 import pytest
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.runtime import Runtime, RuntimeLoadError
+from edgefleet.agent.updater import Offer
+from edgefleet.protocol.container import HEADER_SIZE, decode_envelopes, parse_header
+from edgefleet.protocol.errors import RollbackError, StoreError
 
-import agent.agent as agent_module
-from agent.agent import Agent
-from agent.runtime import Runtime, RuntimeLoadError
-from agent.updater import Offer
-from protocol.container import HEADER_SIZE, decode_envelopes, parse_header
-from protocol.errors import RollbackError, StoreError
 from tests.conftest import Fleet, open_agent
 
 
@@ -129,7 +129,7 @@ def test_start_up_falls_back_by_moving_the_pointer_only(
         assert observer.status()["active"]["version"] == "2"
     assert _store_files(home) == before
 
-    with caplog.at_level(logging.ERROR, logger="agent.agent"):
+    with caplog.at_level(logging.ERROR, logger="edgefleet.agent.agent"):
         agent = open_agent(home)
     assert any("does not load" in r.getMessage() for r in caplog.records)
     status = agent.status()

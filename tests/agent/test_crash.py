@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgefleet.protocol.errors import RollbackError, StoreError
 
-from protocol.errors import RollbackError, StoreError
 from tests.conftest import NOW, Fleet, open_agent
 
 CHILD = Path(__file__).with_name("crash_child.py")

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.daemon import MAX_CHUNK_FRAME, MAX_INCOMING, AgentDaemon, mqtt_config_for
+from edgefleet.infra.link.mqtt import HEADER_ALLOWANCE, MessageProps, MqttConfig
+from edgefleet.protocol.container import HEADER_SIZE, decode_envelopes, parse_header
+from edgefleet.protocol.envelope import Envelope
+from edgefleet.protocol.manifest import Manifest
+from edgefleet.protocol.messages import MAX_OFFER, ChunkReply, ReleaseOffer
+from edgefleet.protocol.segments import MAX_SEGMENT
 
-from agent.agent import Agent
-from agent.daemon import MAX_CHUNK_FRAME, MAX_INCOMING, AgentDaemon, mqtt_config_for
-from edgefleet.mqtt import HEADER_ALLOWANCE, MessageProps, MqttConfig
-from protocol.container import HEADER_SIZE, decode_envelopes, parse_header
-from protocol.envelope import Envelope
-from protocol.manifest import Manifest
-from protocol.messages import MAX_OFFER, ChunkReply, ReleaseOffer
-from protocol.segments import MAX_SEGMENT
 from tests.conftest import Fleet, open_agent
 
 DEVICE = "dev-a"
@@ -169,7 +169,7 @@ def test_offer_whose_envelope_does_not_match_the_manifest_is_rejected_before_dow
 def test_failed_install_is_not_fetched_again_on_redelivery(
     fleet: Fleet, agent: Agent, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="agent.daemon")
+    caplog.set_level(logging.INFO, logger="edgefleet.agent.daemon")
     bad = Release(fleet.release(b"this is not an ONNX model", sequence=10))
     d = daemon_for(agent)
     recorded = Recorded(agent)

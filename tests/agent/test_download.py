@@ -13,12 +13,11 @@ import secrets
 from pathlib import Path
 
 import pytest
-
-from agent.download import Download
-from protocol.errors import StoreError, TransportError
-from protocol.manifest import Manifest
-from protocol.messages import ChunkReply
-from protocol.segments import TAG_SIZE
+from edgefleet.agent.download import Download
+from edgefleet.protocol.errors import StoreError, TransportError
+from edgefleet.protocol.manifest import Manifest
+from edgefleet.protocol.messages import ChunkReply
+from edgefleet.protocol.segments import TAG_SIZE
 
 BUNDLE = "ab" * 16
 REPLY_TO = "ef/v1/dev/dev-a/chunk"

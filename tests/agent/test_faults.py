@@ -15,13 +15,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import edgefleet.agent.store as store_module
 import numpy as np
 import pytest
+from edgefleet.agent.agent import Agent
+from edgefleet.protocol.errors import StoreError
 
-import agent.store as store_module
-from agent.agent import Agent
 from edgefleet.cli import main
-from protocol.errors import StoreError
 from tests.conftest import NOW, Fleet, open_agent
 
 BEFORE_SWITCH = [
@@ -96,7 +96,7 @@ def test_failing_fsync_is_a_store_error_even_when_it_cannot_be_recorded(
     before = snapshot(home, agent, x_test)
     monkeypatch.setattr(os, "fsync", io_error)  # last_install.json cannot be written either
     with (
-        caplog.at_level(logging.ERROR, logger="agent.agent"),
+        caplog.at_level(logging.ERROR, logger="edgefleet.agent.agent"),
         pytest.raises(StoreError, match="Input/output error"),
     ):
         agent.install_file(fleet.bundles["v2"])
@@ -111,7 +111,7 @@ def test_failure_to_prune_after_the_switch_does_not_fail_the_install(
 ) -> None:
     home = fleet.agent_home(tmp_path / "home", installed=["v1", "v2"])
     agent = open_agent(home, checkpoint=lambda at: disk_full() if at == "trash:renamed" else None)
-    with caplog.at_level(logging.WARNING, logger="agent.store"):
+    with caplog.at_level(logging.WARNING, logger="edgefleet.agent.store"):
         agent.install_file(fleet.bundles["v3"])  # keep = 2: v1 is pruned
     assert any("prune" in r.getMessage() for r in caplog.records)
     assert agent.status()["active"]["version"] == "1-tflite"

@@ -1,4 +1,4 @@
-"""edgefleet.fsutil.atomic_write: unique temporaries, so concurrent writers never collide.
+"""edgefleet.infra.fsutil.atomic_write: unique temporaries, so concurrent writers never collide.
 
 (It lives here because the agent is its main user: the store pointer, last_install.json.)
 """
@@ -11,8 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from edgefleet.fsutil import atomic_write
+from edgefleet.infra.fsutil import atomic_write
 
 
 def test_two_threads_writing_one_file_do_not_share_a_temporary(

@@ -15,19 +15,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.http import MAX_BODY, EchoServer, InferenceServer, load_token, predict_via_http
+from edgefleet.agent.identity import DeviceIdentity
+from edgefleet.agent.runtime import Runtime, load_runtime
+from edgefleet.agent.store import InstalledVersion
+from edgefleet.agent.trust import TrustStore
+from edgefleet.coordinator.home import Coordinator
+from edgefleet.models.digits import write_digits_artifacts
+from edgefleet.protocol.keys import decode_public_key
 
-from agent.agent import Agent
-from agent.config import AgentConfig
-from agent.http import MAX_BODY, EchoServer, InferenceServer, load_token, predict_via_http
-from agent.identity import DeviceIdentity
-from agent.runtime import Runtime, load_runtime
-from agent.store import InstalledVersion
-from agent.trust import TrustStore
-from coordinator.home import Coordinator
 from edgefleet import _cli_agent
 from edgefleet.cli import main
-from models.digits import write_digits_artifacts
-from protocol.keys import decode_public_key
 from tests.conftest import NOW, Fleet
 
 Response = tuple[int, dict[str, str], Any]

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.store import ModelStore
+from edgefleet.protocol.errors import StoreError
 
-from agent.agent import Agent
-from agent.config import AgentConfig
-from agent.store import ModelStore
 from edgefleet.cli import main
-from protocol.errors import StoreError
 from tests.agent.test_store import install, manifest, stage
 from tests.conftest import NOW, Fleet, open_agent
 

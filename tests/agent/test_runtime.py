@@ -10,15 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import edgefleet.agent.runtime as runtime_mod
 import numpy as np
 import onnx
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from onnx import TensorProto, helper
-
-import agent.runtime as runtime_mod
-from agent.runtime import (
+from edgefleet.agent.runtime import (
     LiteRtRuntime,
     OrtRuntime,
     Runtime,
@@ -29,9 +25,12 @@ from agent.runtime import (
     _resolve_ort_run,
     load_runtime,
 )
-from models.digits import load_digits_split, train_digits
-from models.onnx_export import mlp_to_onnx
-from models.tflite_export import mlp_to_tflite
+from edgefleet.models.digits import load_digits_split, train_digits
+from edgefleet.models.onnx_export import mlp_to_onnx
+from edgefleet.models.tflite_export import mlp_to_tflite
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
 
 ATOL = 1e-5
 REPO = Path(__file__).resolve().parents[2]

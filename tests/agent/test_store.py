@@ -6,11 +6,10 @@ import secrets
 from pathlib import Path
 
 import pytest
-
-from agent.store import POINTER, InstalledVersion, ModelStore, StoreState, version_dirname
-from protocol.errors import StoreError
-from protocol.manifest import Manifest, TensorSpec
-from protocol.segments import ciphertext_size, sha256_hex
+from edgefleet.agent.store import POINTER, InstalledVersion, ModelStore, StoreState, version_dirname
+from edgefleet.protocol.errors import StoreError
+from edgefleet.protocol.manifest import Manifest, TensorSpec
+from edgefleet.protocol.segments import ciphertext_size, sha256_hex
 
 T0 = 1_700_000_000
 

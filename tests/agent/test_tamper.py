@@ -15,15 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from agent.agent import Agent
-from agent.updater import Offer
-from coordinator.keys import YEAR, sign_keyring
-from protocol.canonical import canonical_json
-from protocol.container import HEADER_SIZE, MAGIC, encode_header, parse_header
-from protocol.errors import (
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.updater import Offer
+from edgefleet.coordinator.keys import YEAR, sign_keyring
+from edgefleet.protocol.canonical import canonical_json
+from edgefleet.protocol.container import HEADER_SIZE, MAGIC, encode_header, parse_header
+from edgefleet.protocol.errors import (
     BundleError,
     DecodeError,
     ExpiredError,
@@ -38,9 +35,12 @@ from protocol.errors import (
     TooLargeError,
     UntrustedSignerError,
 )
-from protocol.keyring import KeyEntry, Keyring, Signature
-from protocol.keys import SigningKey
-from protocol.manifest import MAX_MANIFEST, Manifest, SmokeVector
+from edgefleet.protocol.keyring import KeyEntry, Keyring, Signature
+from edgefleet.protocol.keys import SigningKey
+from edgefleet.protocol.manifest import MAX_MANIFEST, Manifest, SmokeVector
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from tests.conftest import NOW, T0, Fleet, open_agent
 
 SECTIONS = ("keyring", "keyring_sig", "manifest", "signature", "envelopes", "payload")

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from agent.config import AgentConfig
-from agent.identity import DeviceIdentity
-from agent.trust import TrustStore
-from protocol.device import DevicePublic
-from protocol.errors import DecodeError, KeyringError, StoreError, UntrustedSignerError
-from protocol.keyring import KeyEntry, Keyring, Signature
-from protocol.keys import KEM_HYBRID, KEM_X25519, SigningKey
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.identity import DeviceIdentity
+from edgefleet.agent.trust import TrustStore
+from edgefleet.protocol.device import DevicePublic
+from edgefleet.protocol.errors import DecodeError, KeyringError, StoreError, UntrustedSignerError
+from edgefleet.protocol.keyring import KeyEntry, Keyring, Signature
+from edgefleet.protocol.keys import KEM_HYBRID, KEM_X25519, SigningKey
 
 T0 = 1_700_000_000
 

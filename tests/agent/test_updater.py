@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgefleet.agent.updater import smoke_test
+from edgefleet.protocol.errors import BundleError, SmokeTestError
+from edgefleet.protocol.manifest import SmokeVector
 
-from agent.updater import smoke_test
-from protocol.errors import BundleError, SmokeTestError
-from protocol.manifest import SmokeVector
 from tests.agent.test_store import manifest
 from tests.conftest import Fleet, open_agent
 

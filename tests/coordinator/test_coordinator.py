@@ -7,18 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from edgefleet.coordinator.blobs import BlobStore
+from edgefleet.coordinator.config import CoordinatorConfig
+from edgefleet.coordinator.home import Coordinator
+from edgefleet.coordinator.keys import CoordinatorKeys
+from edgefleet.protocol.container import HEADER_SIZE, decode_envelopes, parse_header
+from edgefleet.protocol.device import DevicePublic
+from edgefleet.protocol.envelope import Envelope, unwrap_key
+from edgefleet.protocol.errors import DecodeError, UntrustedSignerError
+from edgefleet.protocol.keys import KEM_HYBRID, SigningKey, decode_public_key, generate_kem_key
+from edgefleet.protocol.manifest import Manifest
+from edgefleet.protocol.verify import check_envelopes, verify_keyring, verify_manifest
 
-from coordinator.blobs import BlobStore
-from coordinator.config import CoordinatorConfig
-from coordinator.home import Coordinator
-from coordinator.keys import CoordinatorKeys
-from protocol.container import HEADER_SIZE, decode_envelopes, parse_header
-from protocol.device import DevicePublic
-from protocol.envelope import Envelope, unwrap_key
-from protocol.errors import DecodeError, UntrustedSignerError
-from protocol.keys import KEM_HYBRID, SigningKey, decode_public_key, generate_kem_key
-from protocol.manifest import Manifest
-from protocol.verify import check_envelopes, verify_keyring, verify_manifest
 from tests.conftest import T0, Digits
 
 META = {"input": {"name": "x", "dtype": "float32", "shape": [None, 4]},
@@ -251,7 +251,7 @@ def test_a_device_cannot_take_the_coordinators_broker_name(coord: Coordinator) -
 
 def test_broker_config_points_the_coordinator_at_its_broker(coord: Coordinator,
                                                             tmp_path: Path) -> None:
-    from coordinator.brokerconf import write_broker_config
+    from edgefleet.coordinator.brokerconf import write_broker_config
 
     files = write_broker_config(coord, tmp_path / "broker", port=18999, bind="0.0.0.0")
     reloaded = CoordinatorConfig.load(coord.home)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgefleet.broker import EmbeddedBroker, TlsFiles, _which
-from edgefleet.mqtt import MessageProps, MqttConfig, MqttLink
+from edgefleet.infra.broker import EmbeddedBroker, TlsFiles, _which
+from edgefleet.infra.link.mqtt import MessageProps, MqttConfig, MqttLink
 
 TIMEOUT = 10.0  # s, generous upper bound for any single wait; passing tests never reach it
 HAVE_MOSQUITTO = _which("mosquitto") is not None

@@ -6,8 +6,7 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
-
-from edgefleet.broker import EmbeddedBroker, edgefleet_acl
+from edgefleet.infra.broker import EmbeddedBroker, edgefleet_acl
 
 from .brokers import HAVE_MOSQUITTO, NEED_MOSQUITTO, LinkFactory, SecureBroker
 

@@ -33,23 +33,30 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.daemon import AgentDaemon
+from edgefleet.agent.daemon import mqtt_config_for as agent_mqtt_config
+from edgefleet.agent.identity import DeviceIdentity
+from edgefleet.agent.provision import provision
+from edgefleet.coordinator.brokerconf import credentials
+from edgefleet.coordinator.chunks import ChunkServer
+from edgefleet.coordinator.home import Coordinator
+from edgefleet.coordinator.registry import Device, Release
+from edgefleet.coordinator.service import CoordinatorService, offers
+from edgefleet.coordinator.service import mqtt_config_for as coordinator_mqtt_config
+from edgefleet.infra.broker import (
+    BrokerKind,
+    EmbeddedBroker,
+    _accepts,
+    _free_port,
+    _which,
+    edgefleet_acl,
+)
+from edgefleet.infra.link.mqtt import MqttConfig, MqttLink
+from edgefleet.protocol.keys import decode_public_key
+from edgefleet.protocol.messages import ChunkReply, ChunkRequest, DeviceStatus, ReleaseOffer
 
-from agent.agent import Agent
-from agent.config import AgentConfig
-from agent.daemon import AgentDaemon
-from agent.daemon import mqtt_config_for as agent_mqtt_config
-from agent.identity import DeviceIdentity
-from agent.provision import provision
-from coordinator.brokerconf import credentials
-from coordinator.chunks import ChunkServer
-from coordinator.home import Coordinator
-from coordinator.registry import Device, Release
-from coordinator.service import CoordinatorService, offers
-from coordinator.service import mqtt_config_for as coordinator_mqtt_config
-from edgefleet.broker import BrokerKind, EmbeddedBroker, _accepts, _free_port, _which, edgefleet_acl
-from edgefleet.mqtt import MqttConfig, MqttLink
-from protocol.keys import decode_public_key
-from protocol.messages import ChunkReply, ChunkRequest, DeviceStatus, ReleaseOffer
 from tests.conftest import Digits
 
 from .brokers import Inbox

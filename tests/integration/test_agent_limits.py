@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from edgefleet.agent.daemon import MAX_INCOMING
+from edgefleet.infra.broker import EmbeddedBroker
+from edgefleet.infra.link.mqtt import MqttConfig
+from edgefleet.protocol.messages import MAX_OFFER
 
-from agent.daemon import MAX_INCOMING
-from edgefleet.broker import EmbeddedBroker
-from edgefleet.mqtt import MqttConfig
-from protocol.messages import MAX_OFFER
 from tests.conftest import Fleet, open_agent
 
 from .brokers import HAVE_MOSQUITTO, NEED_MOSQUITTO, LinkFactory
@@ -50,13 +50,13 @@ def test_message_over_the_announced_maximum_never_reaches_the_agent(
     pub = links.make(broker, "coordinator", default_max_packet=2 * MAX_INCOMING)
 
     # Larger than the agent accepts: the broker takes it, but does not forward it to dev-a.
-    pub.link.publish(RELEASE, b"{" + b" " * MAX_INCOMING + b"}").wait_for_publish(TIMEOUT)
-    pub.link.publish(RELEASE, b"sentinel").wait_for_publish(TIMEOUT)
+    pub.link.publish(RELEASE, b"{" + b" " * MAX_INCOMING + b"}").wait(TIMEOUT)
+    pub.link.publish(RELEASE, b"sentinel").wait(TIMEOUT)
     daemon.wait_handled("release", 1)  # same publisher and topic: in order, so it is final
     assert daemon.dropped == 0, "the oversize message was delivered and read"
 
     # Under the packet limit but over the offer cap: delivered, then dropped unparsed.
-    pub.link.publish(RELEASE, b"{" + b" " * MAX_OFFER + b"}").wait_for_publish(TIMEOUT)
+    pub.link.publish(RELEASE, b"{" + b" " * MAX_OFFER + b"}").wait(TIMEOUT)
     wait_until(lambda: daemon.dropped == 1, "the over-cap offer to arrive and be dropped")
     assert daemon.handled["release"] == 1
     assert daemon.link.connected.is_set() and daemon.link.last_error is None

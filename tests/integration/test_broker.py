@@ -1,4 +1,4 @@
-"""edgefleet.broker: password files, ACL and config text, the embedded broker's lifecycle."""
+"""edgefleet.infra.broker: password files, ACL and config text, the embedded broker's lifecycle."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
-
-from edgefleet import broker as broker_mod
-from edgefleet.broker import (
+from edgefleet.infra import broker as broker_mod
+from edgefleet.infra.broker import (
     EmbeddedBroker,
     TlsFiles,
     edgefleet_acl,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgefleet.agent.agent import Agent
+from edgefleet.agent.config import AgentConfig
+from edgefleet.protocol.manifest import Manifest
 
-from agent.agent import Agent
-from agent.config import AgentConfig
-from protocol.manifest import Manifest
 from tests.conftest import Digits
 
 from .brokers import HAVE_MOSQUITTO, NEED_MOSQUITTO

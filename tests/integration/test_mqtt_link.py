@@ -7,9 +7,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from edgefleet.broker import EmbeddedBroker
-from edgefleet.mqtt import HEADER_ALLOWANCE, MqttConfig, MqttLink, TransportError
+from edgefleet.infra.broker import EmbeddedBroker
+from edgefleet.infra.link.mqtt import HEADER_ALLOWANCE, MqttConfig, MqttLink, TransportError
 
 from .brokers import (
     HAVE_MOSQUITTO,
@@ -85,7 +84,7 @@ def test_round_trip_qos1(broker: EmbeddedBroker, links: LinkFactory, protocol: i
     info = pub.link.publish(
         "ef/v1/dev/d1/chunk", b"\x00payload\xff", response_topic="r/t", correlation_data=b"id-1"
     )
-    info.wait_for_publish(TIMEOUT)
+    info.wait(TIMEOUT)
     got = sub.inbox.wait_topic("ef/v1/dev/d1/chunk")
     assert got.payload == b"\x00payload\xff"
     assert got.props.qos == 1
@@ -147,7 +146,7 @@ def test_oversize_publish_raises_and_link_stays_connected(
         # A packet of exactly the limit is accepted: our size arithmetic matches paho's framing.
         topic = "big/2"
         exact = limit - (1 + 2 + 2 + len(topic) + 2 + 1)  # fixed hdr, topic len, id, props
-        pub.link.publish(topic, b"y" * exact).wait_for_publish(TIMEOUT)
+        pub.link.publish(topic, b"y" * exact).wait(TIMEOUT)
         with pytest.raises(TransportError):
             pub.link.publish(topic, b"y" * (exact + 1))
         assert len(sub.inbox.wait_topic(topic).payload) == exact
@@ -183,8 +182,8 @@ def test_max_incoming_is_announced_and_larger_messages_never_arrive(
     limit = 8192
     sub = links.make(broker, "small-sub", subscribe=("in/#",), max_incoming=limit)
     pub = links.make(broker, "big-pub", default_max_packet=1 << 22)
-    pub.link.publish("in/big", b"b" * limit).wait_for_publish(TIMEOUT)  # the broker takes it...
-    pub.link.publish("in/small", b"s" * (limit - 100)).wait_for_publish(TIMEOUT)
+    pub.link.publish("in/big", b"b" * limit).wait(TIMEOUT)  # the broker takes it...
+    pub.link.publish("in/small", b"s" * (limit - 100)).wait(TIMEOUT)
     assert len(sub.inbox.wait_topic("in/small").payload) == limit - 100
     assert sub.inbox.topics() == ["in/small"]  # ...but never sends it to us: same publisher,
     assert sub.link.connected.is_set() and sub.events.disconnects == []  # so it was dropped
@@ -296,7 +295,7 @@ def test_qos1_bytes_count_until_acknowledged(broker: EmbeddedBroker, links: Link
     assert not pub.link.wait_writable(0, timeout=0)
     pub.link.start()
     assert pub.link.wait_writable(0, timeout=TIMEOUT)  # sent on connect, then PUBACKed
-    assert info.is_published() and pub.link.unsent_bytes == 0
+    assert info.published and pub.link.unsent_bytes == 0
 
 
 def test_wait_writable_returns_after_stop(broker: EmbeddedBroker, links: LinkFactory) -> None:
@@ -324,7 +323,7 @@ def test_session_survives_broker_restart(
     sub = links.make(broker, "d1", subscribe=(topic,), protocol=protocol)
     sub.link.stop()  # offline; the broker keeps the session and queues for it
     pub = links.make(broker, "coord", protocol=protocol)
-    pub.link.publish(topic, b"while-offline").wait_for_publish(TIMEOUT)
+    pub.link.publish(topic, b"while-offline").wait(TIMEOUT)
     broker.restart()  # persistence must carry the session and the queued message
     again = links.make(broker, "d1", protocol=protocol)  # same client id, no subscribe call
     assert again.events.connects == [True]  # session present
@@ -342,7 +341,7 @@ def test_publish_during_broker_outage_is_delivered(
     assert sub.events.wait_disconnects(1) and pub.events.wait_disconnects(1)
     info = pub.link.publish(topic, b"during-outage")  # queued by paho until reconnect
     broker.start()
-    info.wait_for_publish(TIMEOUT)
+    info.wait(TIMEOUT)
     assert sub.inbox.wait_topic(topic).payload == b"during-outage"
     assert sub.events.connects == [False, True]
 

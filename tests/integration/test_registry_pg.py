@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from edgefleet.coordinator.home import Coordinator
+from edgefleet.coordinator.registry import Base, Registry, Release, ReleaseTarget
+from edgefleet.protocol.manifest import Manifest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from coordinator.home import Coordinator
-from coordinator.registry import Base, Registry, Release, ReleaseTarget
-from protocol.manifest import Manifest
 from tests.conftest import Digits
 
 from .fleet import make_agent_home
@@ -234,7 +234,7 @@ def test_coordinator_builds_a_release(db_url: str, tmp_path: Path, digits_v1: Di
     assert reopened.config.database_url == db_url
     mv = c.register_model("digits", digits_v1.onnx)
     root = (c.home / "root.pub").read_bytes()
-    from protocol.keys import decode_public_key
+    from edgefleet.protocol.keys import decode_public_key
 
     for dev in ("dev-a", "dev-b"):
         c.enroll(make_agent_home(tmp_path / dev, dev, decode_public_key(root)).public())

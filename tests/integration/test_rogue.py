@@ -22,14 +22,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgefleet.infra.link.mqtt import MqttConfig, MqttLink
+from edgefleet.protocol.canonical import canonical_json
+from edgefleet.protocol.keyring import Signature
+from edgefleet.protocol.keys import SigningKey
+from edgefleet.protocol.manifest import MAX_MANIFEST, Manifest
+from edgefleet.protocol.messages import (
+    MAX_OFFER,
+    ChunkReply,
+    ChunkRequest,
+    DeviceStatus,
+    ReleaseOffer,
+)
 
 from edgefleet.cli import main
-from edgefleet.mqtt import MqttConfig, MqttLink
-from protocol.canonical import canonical_json
-from protocol.keyring import Signature
-from protocol.keys import SigningKey
-from protocol.manifest import MAX_MANIFEST, Manifest
-from protocol.messages import MAX_OFFER, ChunkReply, ChunkRequest, DeviceStatus, ReleaseOffer
 from tests.conftest import Digits
 
 from .brokers import HAVE_MOSQUITTO, NEED_MOSQUITTO

@@ -9,16 +9,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sklearn.neural_network import MLPClassifier
-
-from edgefleet.fsutil import atomic_write
-from models.digits import (
+from edgefleet.infra.fsutil import atomic_write
+from edgefleet.models.digits import (
     DigitsArtifacts,
     DigitsSplit,
     load_digits_split,
     train_digits,
     write_digits_artifacts,
 )
+from sklearn.neural_network import MLPClassifier
 
 ARTIFACT_NAMES = {"digits.onnx", "digits.tflite", "digits_test.npz", "digits.json"}
 

@@ -11,12 +11,11 @@ import onnxruntime as ort
 import pytest
 from ai_edge_litert import schema_py_generated as tfl
 from ai_edge_litert.interpreter import Interpreter
+from edgefleet.models.digits import DigitsSplit, load_digits_split, train_digits
+from edgefleet.models.onnx_export import dense_layers, mlp_to_onnx
+from edgefleet.models.tflite_export import mlp_to_tflite
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier, MLPRegressor
-
-from models.digits import DigitsSplit, load_digits_split, train_digits
-from models.onnx_export import dense_layers, mlp_to_onnx
-from models.tflite_export import mlp_to_tflite
 
 ATOL = 1e-5
 

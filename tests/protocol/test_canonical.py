@@ -6,11 +6,10 @@ import math
 from typing import Any
 
 import pytest
+from edgefleet.protocol.canonical import b64d, b64e, canonical_json, decode_json_object, hexbytes
+from edgefleet.protocol.errors import DecodeError, TooLargeError
 from hypothesis import given
 from hypothesis import strategies as st
-
-from protocol.canonical import b64d, b64e, canonical_json, decode_json_object, hexbytes
-from protocol.errors import DecodeError, TooLargeError
 
 text = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
 json_values = st.recursive(

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from protocol.container import (
+from edgefleet.protocol.container import (
     HEADER_SIZE,
     MAGIC,
     MAX_ENVELOPES,
@@ -13,10 +12,10 @@ from protocol.container import (
     encode_header,
     parse_header,
 )
-from protocol.envelope import Envelope
-from protocol.errors import BundleError, DecodeError, MalformedError, TooLargeError
-from protocol.keyring import MAX_KEYRING, MAX_SIGNATURE
-from protocol.manifest import MAX_MANIFEST
+from edgefleet.protocol.envelope import Envelope
+from edgefleet.protocol.errors import BundleError, DecodeError, MalformedError, TooLargeError
+from edgefleet.protocol.keyring import MAX_KEYRING, MAX_SIGNATURE
+from edgefleet.protocol.manifest import MAX_MANIFEST
 
 SIZES = {"keyring": 10, "keyring_sig": 20, "manifest": 30, "signature": 40, "envelopes": 50,
          "payload": 60}

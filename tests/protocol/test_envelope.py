@@ -5,11 +5,10 @@ from __future__ import annotations
 import secrets
 
 import pytest
-
-from protocol.device import DevicePublic
-from protocol.envelope import MAX_ENVELOPE, Envelope, unwrap_key, wrap_key
-from protocol.errors import DecodeError, DecryptError, SignatureError
-from protocol.keys import (
+from edgefleet.protocol.device import DevicePublic
+from edgefleet.protocol.envelope import MAX_ENVELOPE, Envelope, unwrap_key, wrap_key
+from edgefleet.protocol.errors import DecodeError, DecryptError, SignatureError
+from edgefleet.protocol.keys import (
     KEM_HYBRID,
     KEM_X25519,
     KemPrivateKey,

@@ -6,12 +6,9 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
-from protocol.canonical import canonical_json
-from protocol.errors import DecodeError, TooLargeError
-from protocol.manifest import (
+from edgefleet.protocol.canonical import canonical_json
+from edgefleet.protocol.errors import DecodeError, TooLargeError
+from edgefleet.protocol.manifest import (
     DTYPES,
     FORMATS,
     MAX_MANIFEST,
@@ -20,7 +17,9 @@ from protocol.manifest import (
     SmokeVector,
     TensorSpec,
 )
-from protocol.segments import MAX_SEGMENT, MIN_SEGMENT, ciphertext_size, segment_count
+from edgefleet.protocol.segments import MAX_SEGMENT, MIN_SEGMENT, ciphertext_size, segment_count
+from hypothesis import given
+from hypothesis import strategies as st
 
 NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}", fullmatch=True)
 HEX32 = st.binary(min_size=32, max_size=32).map(bytes.hex)

@@ -5,17 +5,16 @@ from __future__ import annotations
 import secrets
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from protocol.errors import DecryptError
-from protocol.segments import (
+from edgefleet.protocol.errors import DecryptError
+from edgefleet.protocol.segments import (
     MIN_SEGMENT,
     TAG_SIZE,
     SegmentCipher,
     ciphertext_size,
     segment_count,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 SEG = MIN_SEGMENT
 KEY = bytes(range(32))

@@ -6,9 +6,8 @@ import json
 from typing import Any
 
 import pytest
-
-from protocol.errors import DecodeError
-from protocol.messages import DeviceStatus
+from edgefleet.protocol.errors import DecodeError
+from edgefleet.protocol.messages import DeviceStatus
 
 GOOD: dict[str, Any] = {
     "type": "status", "schema_version": 1, "device_id": "dev-a", "time": 1, "state": "idle",

@@ -10,11 +10,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
-
-from protocol.build import BuiltRelease, ReleaseSpec, build_release, rewrap
-from protocol.canonical import canonical_json
-from protocol.envelope import Envelope, unwrap_key
-from protocol.errors import (
+from edgefleet.protocol.build import BuiltRelease, ReleaseSpec, build_release, rewrap
+from edgefleet.protocol.canonical import canonical_json
+from edgefleet.protocol.envelope import Envelope, unwrap_key
+from edgefleet.protocol.errors import (
     BundleError,
     DecodeError,
     ExpiredError,
@@ -26,11 +25,11 @@ from protocol.errors import (
     TooLargeError,
     UntrustedSignerError,
 )
-from protocol.keyring import MAX_KEYRING, KeyEntry, Keyring, Signature
-from protocol.keys import KemPrivateKey, SigningKey, generate_kem_key
-from protocol.manifest import MAX_MANIFEST, Manifest, TensorSpec
-from protocol.segments import SegmentCipher
-from protocol.verify import (
+from edgefleet.protocol.keyring import MAX_KEYRING, KeyEntry, Keyring, Signature
+from edgefleet.protocol.keys import KemPrivateKey, SigningKey, generate_kem_key
+from edgefleet.protocol.manifest import MAX_MANIFEST, Manifest, TensorSpec
+from edgefleet.protocol.segments import SegmentCipher
+from edgefleet.protocol.verify import (
     Policy,
     check_envelopes,
     select_envelope,

@@ -37,12 +37,13 @@ from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
+from edgefleet.protocol.errors import TransportError
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from protocol.errors import TransportError
+from .port import Delivery, MessageProps, OnMessage
 
 __all__ = ["MessageProps", "MqttConfig", "MqttLink", "TransportError"]
 
@@ -127,15 +128,24 @@ def _parse_url(url: str) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme]
 
 
-@dataclass(frozen=True, kw_only=True)
-class MessageProps:
-    qos: int
-    retain: bool
-    response_topic: str | None = None  # v5 only
-    correlation_data: bytes | None = None  # v5 only
+class _PahoDelivery:
+    """The port's ``Delivery`` over paho's ``MQTTMessageInfo`` (which never leaves this module)."""
 
+    __slots__ = ("_info",)
 
-OnMessage = Callable[[str, bytes, MessageProps], None]
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+
+    def wait(self, timeout: float | None = None) -> bool:
+        try:
+            self._info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):  # paho: not queued, or the queue was dropped
+            return False
+        return self._info.is_published()
+
+    @property
+    def published(self) -> bool:
+        return self._info.is_published()
 
 
 class MqttLink:
@@ -230,7 +240,7 @@ class MqttLink:
         retain: bool = False,
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
-    ) -> paho.MQTTMessageInfo:
+    ) -> Delivery:
         """Queue a message; raise TransportError if it cannot be sent as asked.
 
         On 3.1.1 ``response_topic`` and ``correlation_data`` are not sent (the wire protocol
@@ -267,7 +277,7 @@ class MqttLink:
             # Queued: paho sends it after reconnecting. Its NO_CONN rc would make
             # wait_for_publish() raise at once instead of waiting for that PUBACK.
             info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-        return info
+        return _PahoDelivery(info)
 
     def wait_writable(self, max_unsent: int, timeout: float) -> bool:
         """Block until at most ``max_unsent`` bytes are unsent; False if still more at timeout.
@@ -296,7 +306,7 @@ class MqttLink:
     def stop(self) -> None:
         """Disconnect (the broker keeps the session) and join the network thread.
 
-        Does not flush: wait on the returned MQTTMessageInfo first if delivery matters.
+        Does not flush: wait on the returned ``Delivery`` first if delivery matters.
         """
         with self._sent:
             self._stopped = True

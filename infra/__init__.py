@@ -1,0 +1,1 @@
+"""EdgeFleet: shared I/O adapters below agent and coordinator (imports only protocol)."""
