@@ -8,9 +8,11 @@ so the protocol also works on MQTT 3.1.1 brokers.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from . import _fields as F
 from .canonical import b64d, b64e, canonical_json, decode_json_object
@@ -19,7 +21,17 @@ from .errors import DecodeError, TooLargeError
 from .keyring import MAX_KEYRING, MAX_SIGNATURE
 from .manifest import MAX_MANIFEST
 
-__all__ = ["ChunkReply", "ChunkRequest", "DeviceStatus", "ReleaseOffer", "Telemetry"]
+__all__ = [
+    "ActiveModel",
+    "ChunkReply",
+    "ChunkRequest",
+    "DeviceStatus",
+    "DownloadProgress",
+    "InstallResult",
+    "ReleaseOffer",
+    "Telemetry",
+]
+_T = TypeVar("_T")
 
 MAX_OFFER = 2 * MAX_MANIFEST  # bytes, checked before parsing
 MAX_REQUEST = 4096
@@ -198,37 +210,97 @@ def _bool(v: object, what: str) -> bool:
     return v
 
 
-_ACTIVE = {
-    "name": F.name,
-    "version": F.name,
-    "sequence": _u63,
-    "format": _text(16),
-    "bundle_id": _text(64),
-}
-_RESULT = {
-    "ok": _bool,
-    "code": _text(32),
-    "reason": _text(500),
-    "sequence": _u63,
-    "name": F.name,
-    "model_version": F.name,
-    "bundle_id": _text(64),
-    "time": _u63,
-}
-_PROGRESS = {
-    k: _u63 for k in ("sequence", "done", "total", "reused", "fetched", "requests", "rejected")
-} | {"bundle_id": _text(64)}
+def _opt(check: Any) -> Any:
+    def opt(v: object, what: str) -> Any:
+        return None if v is None else check(v, what)
+
+    return opt
 
 
-def _typed(obj: object, schema: dict[str, Any], what: str) -> dict[str, Any] | None:
-    """Validate the known fields of an untrusted object; unknown fields are dropped."""
+def _typed(cls: type[_T], obj: object, schema: dict[str, Any], what: str) -> _T | None:
+    """Validate the known fields of an untrusted object into ``cls``; unknown fields are
+    dropped (newer agents may report more), missing required ones are refused."""
     if obj is None:
         return None
     if not isinstance(obj, dict):
         raise DecodeError(f"{what}: expected an object or null")
-    return {
-        k: check(obj[k], f"{what}.{k}") for k, check in schema.items() if obj.get(k) is not None
+    values = {k: check(obj.get(k), f"{what}.{k}") for k, check in schema.items() if k in obj}
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        raise DecodeError(f"{what}: expected fields {sorted(schema)}, saw {sorted(obj)}") from exc
+
+
+def _plain(obj: Any) -> dict[str, Any] | None:
+    return None if obj is None else dataclasses.asdict(obj)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActiveModel:
+    """The version a device serves."""
+
+    name: str
+    version: str
+    sequence: int
+    format: str
+    bundle_id: str
+
+    SCHEMA: ClassVar[dict[str, Any]] = {
+        "name": F.name,
+        "version": F.name,
+        "sequence": _u63,
+        "format": _text(16),
+        "bundle_id": _text(64),
     }
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstallResult:
+    """The outcome of the last install, rollback or refused offer on a device."""
+
+    ok: bool
+    code: str  # "ok", "rollback", or the BundleError/StoreError code
+    reason: str = ""
+    time: int = 0  # unix seconds
+    sequence: int | None = None
+    name: str | None = None
+    model_version: str | None = None
+    bundle_id: str | None = None
+
+    SCHEMA: ClassVar[dict[str, Any]] = {
+        "ok": _bool,
+        "code": _text(32),
+        "reason": _opt(_text(500)),
+        "time": _opt(_u63),
+        "sequence": _opt(_u63),
+        "name": _opt(F.name),
+        "model_version": _opt(F.name),
+        "bundle_id": _opt(_text(64)),
+    }
+
+    def __post_init__(self) -> None:  # decoded text may be cut; absent optional text is ""
+        if self.reason is None:
+            object.__setattr__(self, "reason", "")
+        if self.time is None:
+            object.__setattr__(self, "time", 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownloadProgress:
+    """A download under way: bytes done of total, and how the chunks were obtained."""
+
+    bundle_id: str
+    sequence: int
+    done: int  # bytes
+    total: int  # bytes
+    reused: int = 0  # chunks found valid on disk after a restart
+    fetched: int = 0
+    requests: int = 0
+    rejected: int = 0
+
+    SCHEMA: ClassVar[dict[str, Any]] = {
+        k: _u63 for k in ("sequence", "done", "total", "reused", "fetched", "requests", "rejected")
+    } | {"bundle_id": _text(64)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,10 +310,10 @@ class DeviceStatus:
     device_id: str
     time: int  # unix seconds
     state: str  # "idle" | "downloading" | "installing" | "error"
-    active: dict[str, Any] | None = None  # name, version, sequence, format, bundle_id
+    active: ActiveModel | None = None
     highest_sequence: int = 0
-    last_result: dict[str, Any] | None = None  # ok, code, reason, sequence
-    progress: dict[str, Any] | None = None  # bundle_id, sequence, done, total (bytes)
+    last_result: InstallResult | None = None
+    progress: DownloadProgress | None = None
     counter: int = 0  # increases with every report from one agent process
     type: str = "status"
     schema_version: int = 1
@@ -262,10 +334,10 @@ class DeviceStatus:
             "device_id": self.device_id,
             "time": self.time,
             "state": self.state,
-            "active": self.active,
+            "active": _plain(self.active),
             "highest_sequence": self.highest_sequence,
-            "last_result": self.last_result,
-            "progress": self.progress,
+            "last_result": _plain(self.last_result),
+            "progress": _plain(self.progress),
             "counter": self.counter,
         }
 
@@ -284,19 +356,63 @@ class DeviceStatus:
             state=F.field(d, "state", str, w),
             highest_sequence=_u63(d.get("highest_sequence"), "status.highest_sequence"),
             counter=_u63(d.get("counter"), "status.counter"),
-            active=_typed(d.get("active"), _ACTIVE, "status.active"),
-            last_result=_typed(d.get("last_result"), _RESULT, "status.last_result"),
-            progress=_typed(d.get("progress"), _PROGRESS, "status.progress"),
+            active=_typed(ActiveModel, d.get("active"), ActiveModel.SCHEMA, "status.active"),
+            last_result=_typed(
+                InstallResult, d.get("last_result"), InstallResult.SCHEMA, "status.last_result"
+            ),
+            progress=_typed(
+                DownloadProgress, d.get("progress"), DownloadProgress.SCHEMA, "status.progress"
+            ),
         )
+
+
+MAX_METRIC_DEPTH = 4  # nesting of objects/lists in telemetry metrics
+MAX_METRIC_ITEMS = 1024  # keys and list items in one telemetry message, all levels
+
+
+def _check_metrics(value: object, what: str) -> None:
+    """Telemetry metrics: JSON values of bounded depth and size; numbers finite."""
+    budget = [MAX_METRIC_ITEMS]
+
+    def walk(v: object, where: str, depth: int) -> None:
+        if v is None or isinstance(v, bool | str) or isinstance(v, int):
+            if isinstance(v, str) and len(v) > 500:
+                raise DecodeError(f"{where}: text of {len(v)} characters, at most 500")
+            return
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise DecodeError(f"{where}: expected a finite number, saw {v}")
+            return
+        if depth >= MAX_METRIC_DEPTH or not isinstance(v, dict | list):
+            raise DecodeError(f"{where}: expected a JSON value nested at most {MAX_METRIC_DEPTH}")
+        budget[0] -= len(v)
+        if budget[0] < 0:
+            raise DecodeError(f"{what}: more than {MAX_METRIC_ITEMS} keys and items")
+        items = v.items() if isinstance(v, dict) else enumerate(v)
+        for k, item in items:
+            if isinstance(k, str) and len(k) > 64:
+                raise DecodeError(f"{where}: key of {len(k)} characters, at most 64")
+            walk(item, f"{where}.{k}", depth + 1)
+
+    if not isinstance(value, dict):
+        raise DecodeError(f"{what}: expected an object, saw {type(value).__name__}")
+    walk(value, what, 0)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Telemetry:
+    """Periodic metrics from a device (buffered while offline). Validated like the others."""
+
     device_id: str
-    time: int
+    time: int  # unix seconds
     metrics: dict[str, Any] = field(default_factory=dict)
     type: str = "telemetry"
     schema_version: int = 1
+
+    def __post_init__(self) -> None:
+        F.name(self.device_id, "telemetry.device_id")
+        _u63(self.time, "telemetry.time")
+        _check_metrics(self.metrics, "telemetry.metrics")
 
     def encode(self) -> bytes:
         return canonical_json(
@@ -314,8 +430,9 @@ class Telemetry:
         w = "telemetry"
         d = decode_json_object(data, max_size=MAX_TELEMETRY, what=w)
         F.check_header(d, "telemetry", 1, w)
+        F.check_keys(d, {"type", "schema_version", "device_id", "time", "metrics"}, w)
         return cls(
-            device_id=F.name(d.get("device_id"), "telemetry.device_id"),
-            time=F.field(d, "time", int, w),
+            device_id=F.field(d, "device_id", str, w),
+            time=_u63(d.get("time"), "telemetry.time"),
             metrics=F.field(d, "metrics", dict, w),
         )
