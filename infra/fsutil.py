@@ -1,13 +1,43 @@
-"""Crash-safe file helpers shared by the agent and the coordinator."""
+"""Crash-safe file helpers shared by the agent and the coordinator, and the one OS-error edge.
+
+``os_errors(what)`` is where an ``OSError`` (disk full, I/O error, permission denied, a file
+missing) becomes our ``StoreError``: every adapter that touches the disk wraps its I/O in it
+instead of writing its own ``try/except OSError``::
+
+    with os_errors(f"{path}: cannot read the device keys"):
+        raw = path.read_bytes()
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir"]
+from edgefleet.protocol.errors import StoreError
+
+__all__ = ["atomic_write", "fsync_dir", "os_errors", "strerror"]
+
+
+def strerror(exc: OSError) -> str:
+    """The operating system's short reason (``No space left on device``), else the message."""
+    return exc.strerror or str(exc)
+
+
+@contextlib.contextmanager
+def os_errors(what: str) -> Iterator[None]:
+    """Raise ``StoreError(f"{what}: {reason}")`` from any ``OSError`` leaving the block.
+
+    ``what`` names the file or object and the operation ("<path>: cannot read the keyring").
+    Handle the ``OSError`` subclasses that are not failures (``FileNotFoundError`` for an
+    optional file) inside the block; other exceptions pass through unchanged.
+    """
+    try:
+        yield
+    except OSError as exc:
+        raise StoreError(f"{what}: {strerror(exc)}") from exc
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,7 +1,5 @@
-"""edgefleet.infra.fsutil.atomic_write: unique temporaries, so concurrent writers never collide.
-
-(It lives here because the agent is its main user: the store pointer, last_install.json.)
-"""
+"""edgefleet.infra.fsutil: atomic_write (unique temporaries, so concurrent writers never
+collide) and os_errors, the one place an OSError becomes a StoreError."""
 
 from __future__ import annotations
 
@@ -9,9 +7,11 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
-from edgefleet.infra.fsutil import atomic_write
+from edgefleet.infra.fsutil import atomic_write, os_errors
+from edgefleet.protocol.errors import StoreError
 
 
 def test_two_threads_writing_one_file_do_not_share_a_temporary(
@@ -74,3 +74,25 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(
     with pytest.raises(OSError, match="No space"):
         atomic_write(path, b"new")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (lambda p: (p / "missing").read_bytes(), "No such file or directory"),
+    (lambda p: (p / "missing" / "f").write_bytes(b"x"), "No such file or directory"),
+    (lambda p: p.read_bytes(), "Is a directory"),
+    (lambda p: atomic_write(p / "f", b"x", mode=0o400) or atomic_write(p / "f" / "g", b""),
+     "Not a directory"),
+])
+def test_os_errors_become_one_store_error(tmp_path: Path, make: Any, reason: str) -> None:
+    with pytest.raises(StoreError) as info, os_errors(f"{tmp_path}: cannot do it"):
+        make(tmp_path)
+    assert str(info.value) == f"{tmp_path}: cannot do it: {reason}"
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_os_errors_passes_other_exceptions_and_success_through(tmp_path: Path) -> None:
+    with os_errors("x"):
+        atomic_write(tmp_path / "f", b"ok")
+    assert (tmp_path / "f").read_bytes() == b"ok"
+    with pytest.raises(KeyError), os_errors("x"):
+        raise KeyError("not an OS error")
