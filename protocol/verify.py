@@ -29,7 +29,14 @@ from .keyring import MAX_KEYRING, Keyring, Signature
 from .keys import key_id, verify_signature
 from .manifest import MAX_MANIFEST, Manifest
 
-__all__ = ["Policy", "check_envelopes", "select_envelope", "verify_keyring", "verify_manifest"]
+__all__ = [
+    "Policy",
+    "check_envelopes",
+    "select_envelope",
+    "verify_keyring",
+    "verify_keyring_signature",
+    "verify_manifest",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +48,22 @@ def verify_keyring(
     root_public: bytes, raw: bytes, sig_raw: bytes, *, now: int, current: Keyring | None
 ) -> Keyring:
     """Return the keyring to trust: ``raw`` if newer and valid, else ``current``."""
+    keyring = verify_keyring_signature(root_public, raw, sig_raw)
+    if current is not None and keyring.version < current.version:
+        return current  # an older, genuine keyring: keep the newer one we trust
+    if current is not None and keyring.version == current.version and keyring != current:
+        raise KeyringError(
+            f"keyring v{keyring.version}: differs from the trusted keyring of the same version"
+        )
+    if now >= keyring.expires:
+        raise KeyringError(f"keyring v{keyring.version}: expired at {keyring.expires}, now {now}")
+    return keyring
+
+
+def verify_keyring_signature(root_public: bytes, raw: bytes, sig_raw: bytes) -> Keyring:
+    """The keyring in ``raw`` if the pinned root signed exactly these bytes (no clock, no
+    version rules: ``verify_keyring`` adds those). Trusted state read back from disk is
+    re-verified with this, as python-tuf re-verifies the metadata it loads."""
     if len(raw) > MAX_KEYRING:
         raise TooLargeError(f"keyring: expected at most {MAX_KEYRING} bytes, saw {len(raw)}")
     sig = Signature.decode(sig_raw)
@@ -55,14 +78,6 @@ def verify_keyring(
     keyring = Keyring.decode(raw)
     if keyring.root_keyid != sig.keyid:
         raise KeyringError(f"keyring: names root {keyring.root_keyid!r:.40}, signed by {sig.keyid}")
-    if current is not None and keyring.version < current.version:
-        return current  # an older, genuine keyring: keep the newer one we trust
-    if current is not None and keyring.version == current.version and keyring != current:
-        raise KeyringError(
-            f"keyring v{keyring.version}: differs from the trusted keyring of the same version"
-        )
-    if now >= keyring.expires:
-        raise KeyringError(f"keyring v{keyring.version}: expired at {keyring.expires}, now {now}")
     return keyring
 
 
