@@ -2,24 +2,35 @@
 
 The highest accepted release sequence lives in the model store's pointer file, so that the
 switch to a new version and the anti-rollback bump are one atomic write.
+
+Nothing read back from disk is trusted for having been written by us (python-tuf re-verifies
+everything it loads): the stored keyring is re-verified against the pinned root on every
+load, with the checks it passed when it was accepted that do not depend on the clock (size,
+root key id, signature over the bytes as stored, shape, names that root). Expiry is checked
+where the keyring is used (``verify_manifest``), so an expired stored keyring still serves as
+the newest trusted version that offers are compared against. A stored keyring that fails is
+not trusted: ``problem`` says why (logged as a warning), and the store works from the pinned
+root alone, so a valid keyring arriving with the next offer is accepted and replaces it. Bad
+trust state on disk never bricks the device; only an unreadable pinned root key is fatal.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from edgefleet.infra.fsutil import atomic_write
-from edgefleet.protocol.canonical import b64d, b64e, canonical_json
-from edgefleet.protocol.errors import StoreError
-from edgefleet.protocol.keyring import Keyring
+from edgefleet.infra.fsutil import atomic_write, os_errors
+from edgefleet.protocol._fields import check_keys, field
+from edgefleet.protocol.canonical import b64d, b64e, canonical_json, decode_json_object
+from edgefleet.protocol.errors import BundleError, CorruptStateError, StoreError
+from edgefleet.protocol.keyring import MAX_KEYRING, MAX_SIGNATURE, Keyring
 from edgefleet.protocol.keys import decode_public_key, encode_public_key
-from edgefleet.protocol.verify import verify_keyring
+from edgefleet.protocol.verify import verify_keyring, verify_keyring_signature
 
 __all__ = ["TrustStore"]
 
 log = logging.getLogger(__name__)
+MAX_STORED = 2 * (MAX_KEYRING + MAX_SIGNATURE)  # both, base64-encoded, in one JSON object
 
 
 class TrustStore:
@@ -27,23 +38,23 @@ class TrustStore:
     KEYRING = "keyring.json"
 
     def __init__(self, directory: Path) -> None:
+        """Load the pinned root (``StoreError``/``CorruptStateError`` if unreadable: fatal)
+        and the stored keyring, re-verified (if that fails: not trusted, see ``problem``)."""
         self.dir = directory
-        try:
-            self.root_public = decode_public_key((directory / self.ROOT).read_bytes())
-        except OSError as exc:
-            raise StoreError(
-                f"{directory / self.ROOT}: no pinned root key ({exc.strerror})"
-            ) from exc
+        self.root_public = _read_root(directory / self.ROOT)
         self.keyring: Keyring | None = None
-        path = directory / self.KEYRING
-        if path.exists():
-            d = json.loads(path.read_bytes())
-            self.keyring = Keyring.decode(b64d(d["keyring"], what="stored keyring"))
+        self.problem: StoreError | None = None  # why the stored keyring is not trusted
+        try:
+            self.keyring = self._load_keyring(directory / self.KEYRING)
+        except StoreError as exc:
+            self.problem = exc
+            log.warning("%s; trusting only the pinned root until a valid keyring arrives", exc)
 
     @classmethod
     def pin(cls, directory: Path, root_public: bytes) -> TrustStore:
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / cls.ROOT, encode_public_key(root_public))
+        with os_errors(f"{directory / cls.ROOT}: cannot pin the root key"):
+            directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(directory / cls.ROOT, encode_public_key(root_public))
         return cls(directory)
 
     def accept(self, raw: bytes, sig: bytes, *, now: int) -> Keyring:
@@ -51,9 +62,37 @@ class TrustStore:
         keyring = verify_keyring(self.root_public, raw, sig, now=now, current=self.keyring)
         if self.keyring is None or keyring.version > self.keyring.version:
             doc = {"keyring": b64e(raw), "signature": b64e(sig)}
-            atomic_write(self.dir / self.KEYRING, canonical_json(doc))
+            path = self.dir / self.KEYRING
+            with os_errors(f"{path}: cannot save keyring v{keyring.version}"):
+                atomic_write(path, canonical_json(doc))
             log.info(
                 "trusted keyring is now v%d (%d release keys)", keyring.version, len(keyring.keys)
             )
-            self.keyring = keyring
+            self.keyring, self.problem = keyring, None
         return keyring
+
+    def _load_keyring(self, path: Path) -> Keyring | None:
+        with os_errors(f"{path}: cannot read the stored keyring"):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                return None  # none accepted yet
+        try:
+            doc = decode_json_object(data, max_size=MAX_STORED, what="stored keyring")
+            check_keys(doc, {"keyring", "signature"}, "stored keyring")
+            raw = b64d(field(doc, "keyring", str, "stored keyring"), what="stored keyring")
+            sig = b64d(field(doc, "signature", str, "stored keyring"), what="stored signature")
+            return verify_keyring_signature(self.root_public, raw, sig)
+        except BundleError as exc:
+            raise CorruptStateError(
+                f"{path}: the stored keyring does not verify against the pinned root ({exc})"
+            ) from exc
+
+
+def _read_root(path: Path) -> bytes:
+    with os_errors(f"{path}: no pinned root key"):
+        data = path.read_bytes()
+    try:
+        return decode_public_key(data)
+    except BundleError as exc:
+        raise CorruptStateError(f"{path}: the pinned root key is unreadable ({exc})") from exc
