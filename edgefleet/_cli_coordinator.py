@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgefleet.coordinator.fleet import FleetRow
+    from edgefleet.coordinator.home import Coordinator
 
 
-def _open(home: Path):  # type: ignore[no-untyped-def]
+def _open(home: Path) -> Coordinator:
     from edgefleet.coordinator.home import Coordinator
 
     return Coordinator.open(home)
@@ -62,7 +66,7 @@ def register(args: argparse.Namespace) -> int:
 
 
 def list_models(args: argparse.Namespace) -> int:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": m.name,
             "version": m.version,
@@ -121,59 +125,45 @@ def broker_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def fleet_rows(home: Path) -> list[dict[str, Any]]:
+def fleet_status(args: argparse.Namespace) -> int:
     import time
 
-    now = int(time.time())
-    registry = _open(home).registry
-    groups = registry.groups()
-    rows = []
-    for d in registry.devices():
-        last = d.last_result or {}
-        rows.append(
-            {
-                "device": d.device_id,
-                "groups": [g for g, members in groups.items() if d.device_id in members],
-                "state": d.state,
-                "model": d.active_name,
-                "version": d.active_version,
-                "sequence": d.active_sequence,
-                "last_seen_s": None if d.last_seen is None else now - d.last_seen,
-                "last_result": None
-                if not last
-                else (
-                    "ok" if last.get("ok") else f"{last.get('code')}: {last.get('reason', '')[:60]}"
-                ),
-            }
-        )
-    return rows
+    from edgefleet.coordinator import fleet
 
-
-def fleet_status(args: argparse.Namespace) -> int:
-    rows = fleet_rows(args.home)
+    rows = fleet.rows(_open(args.home).registry, int(time.time()))
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
 
     table = Table(
-        "device", "groups", "state", "model", "version", "seq", "last seen", "last result"
-    )
+        "device", "groups", "state", "model", "version", "seq", "last seen", "last result",
+        "desired",
+    )  # fmt: skip
     for r in rows:
-        seen = "never" if r["last_seen_s"] is None else f"{r['last_seen_s']} s ago"
+        seen = "never" if r.last_seen_s is None else f"{r.last_seen_s} s ago"
         table.add_row(
-            str(r["device"]),
-            ",".join(r["groups"]) or "-",
-            str(r["state"]),
-            str(r["model"] or "-"),
-            str(r["version"] or "-"),
-            str(r["sequence"] or "-"),
+            r.device,
+            ",".join(r.groups) or "-",
+            r.state,
+            r.model or "-",
+            r.version or "-",
+            str(r.sequence or "-"),
             seen,
-            str(r["last_result"] or "-"),
+            r.last_result or "-",
+            _desired(r),
         )
     Console().print(table)
     return 0
+
+
+def _desired(row: FleetRow) -> str:
+    """The newest release for the device, and whether the device was revoked."""
+    want = (
+        "-" if row.desired_sequence is None else f"{row.desired_sequence} (v{row.desired_version})"
+    )
+    return f"{want}, revoked" if row.revoked else want
 
 
 def revoke(args: argparse.Namespace) -> int:

@@ -9,8 +9,6 @@ import signal
 import socket
 import sys
 import threading
-import time
-from typing import Any
 
 from edgefleet.progress import ProgressLine
 
@@ -82,43 +80,27 @@ def coordinator_serve(args: argparse.Namespace) -> int:
 
 
 def model_release(args: argparse.Namespace) -> int:
+    from edgefleet.coordinator import fleet, release
     from edgefleet.coordinator.home import Coordinator
-    from edgefleet.coordinator.service import mqtt_config_for, publish_release
-    from edgefleet.infra.link.mqtt import MqttLink
+    from edgefleet.coordinator.service import mqtt_config_for
 
     c = Coordinator.open(args.home, broker=args.broker)
     _need_broker(c.config.broker, "coordinator.toml")
-    release, built = c.build(args.name, args.version, args.to)
-    link = MqttLink(mqtt_config_for(c, client_id=f"release-{os.getpid()}"), lambda *a: None)
-    link.start()
-    try:
-        if not link.wait_connected(15):
-            raise ConnectionError(
-                f"cannot reach the broker at {c.config.broker}: {link.last_error}"
-            )
-        sent = publish_release(link, release)
-    finally:
-        link.stop()
-    targets = sorted(e.device_id for e in built.envelopes)
+    with release.connect(mqtt_config_for(c, client_id=f"release-{os.getpid()}")) as link:
+        done = release.release(c, link, args.name, args.version, args.to)
     print(
-        f"release {release.sequence}: {args.name} {args.version} to {len(targets)} devices "
-        f"({sent} bytes of offers)"
+        f"release {done.sequence}: {args.name} {args.version} to {len(done.targets)} devices "
+        f"({done.report.bytes} bytes of offers)"
     )
-    if args.wait > 0:
-        return _wait_for(c, release.sequence, targets, args.wait)
-    return 0
-
-
-def _wait_for(c: Any, sequence: int, targets: list[str], timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        devices = {d.device_id: d for d in c.registry.devices()}
-        done = [t for t in targets if (devices[t].active_sequence or 0) >= sequence]
-        if len(done) == len(targets):
-            print(f"all {len(targets)} devices run release {sequence}")
-            return 0
-        time.sleep(0.5)
+    if args.wait <= 0:
+        return 0
+    waited = fleet.wait_for(c.registry, done.sequence, done.targets, args.wait)
+    if waited.ok:
+        print(f"all {len(done.targets)} devices run release {done.sequence}")
+        return 0
     print(
-        f"timed out: {len(done)} of {len(targets)} devices run release {sequence}", file=sys.stderr
+        f"timed out: {len(waited.arrived)} of {len(done.targets)} devices run release "
+        f"{done.sequence}",
+        file=sys.stderr,
     )
     return 3

@@ -1,0 +1,200 @@
+"""Fleet views over the registry: one row per device, and "wait until these devices run N".
+
+``rows`` is what ``edgefleet fleet status`` prints (and the HTTP API will serve): what each
+device reports running (*actual*) beside the newest release that targets it (*desired*).
+``wait_for`` polls the registry (which the service's ingest keeps current) until every
+target reports a sequence at least N; clock and sleep are injected, so tests need no time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+
+from .registry import Device, ModelVersion, Registry, Release, ReleaseTarget
+
+__all__ = [
+    "FleetRow",
+    "TargetState",
+    "WaitResult",
+    "latest_targets",
+    "rows",
+    "targets_state",
+    "wait_for",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FleetRow:
+    device: str
+    groups: tuple[str, ...]
+    state: str
+    model: str | None  # actual: what the device reports running
+    version: str | None
+    sequence: int | None
+    last_seen_s: int | None  # seconds since the last status or telemetry; None = never
+    last_result: str | None  # "ok" or "<code>: <reason>"
+    desired_sequence: int | None  # desired: the newest release that targets the device
+    desired_version: str | None
+    revoked: bool
+
+    @property
+    def in_sync(self) -> bool:
+        """The device runs its newest release (or no release targets it yet)."""
+        return self.desired_sequence is None or self.sequence == self.desired_sequence
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``fleet status --json`` form (the original keys first, in their order)."""
+        return {
+            "device": self.device,
+            "groups": list(self.groups),
+            "state": self.state,
+            "model": self.model,
+            "version": self.version,
+            "sequence": self.sequence,
+            "last_seen_s": self.last_seen_s,
+            "last_result": self.last_result,
+            "desired_sequence": self.desired_sequence,
+            "desired_version": self.desired_version,
+            "revoked": self.revoked,
+        }
+
+
+def _result_text(last: dict[str, Any]) -> str | None:
+    if not last:
+        return None
+    return "ok" if last.get("ok") else f"{last.get('code')}: {last.get('reason', '')[:60]}"
+
+
+def latest_targets(registry: Registry) -> dict[str, tuple[int, str]]:
+    """Each device's newest release: ``device id -> (sequence, model version)``."""
+    newest = (
+        select(ReleaseTarget.device_id, func.max(ReleaseTarget.sequence).label("seq"))
+        .group_by(ReleaseTarget.device_id)
+        .subquery()
+    )
+    q = (
+        select(newest.c.device_id, newest.c.seq, ModelVersion.version)
+        .join(Release, Release.sequence == newest.c.seq)
+        .join(ModelVersion, ModelVersion.id == Release.model_id)
+    )
+    with registry.session() as s:
+        return {d: (int(seq), version) for d, seq, version in s.execute(q)}
+
+
+def rows(registry: Registry, now: int) -> list[FleetRow]:
+    """Every enrolled device, by id; ``now`` in unix seconds."""
+    groups = registry.groups()
+    desired = latest_targets(registry)
+    out = []
+    for d in registry.devices():
+        want = desired.get(d.device_id)
+        out.append(
+            FleetRow(
+                device=d.device_id,
+                groups=tuple(g for g, members in groups.items() if d.device_id in members),
+                state=d.state,
+                model=d.active_name,
+                version=d.active_version,
+                sequence=d.active_sequence,
+                last_seen_s=None if d.last_seen is None else now - d.last_seen,
+                last_result=_result_text(d.last_result or {}),
+                desired_sequence=None if want is None else want[0],
+                desired_version=None if want is None else want[1],
+                revoked=d.revoked,
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetState:
+    """One target of a wait, as the registry last heard from it."""
+
+    device_id: str
+    state: str  # "unknown" if the device is not enrolled
+    sequence: int | None  # what it runs
+    version: str | None
+    done: int | None  # download progress (bytes) of what it fetches now, if it reported any
+    total: int | None
+    arrived: bool  # runs the awaited sequence or a newer one
+
+
+@dataclass(frozen=True, kw_only=True)
+class WaitResult:
+    sequence: int
+    arrived: tuple[str, ...]
+    pending: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.pending
+
+
+def _state(device_id: str, d: Device | None, sequence: int) -> TargetState:
+    if d is None:
+        return TargetState(
+            device_id=device_id,
+            state="unknown",
+            sequence=None,
+            version=None,
+            done=None,
+            total=None,
+            arrived=False,
+        )
+    progress = (d.last_result or {}).get("progress") or {}
+    return TargetState(
+        device_id=device_id,
+        state=d.state,
+        sequence=d.active_sequence,
+        version=d.active_version,
+        done=progress.get("done"),
+        total=progress.get("total"),
+        arrived=(d.active_sequence or 0) >= sequence,
+    )
+
+
+def targets_state(registry: Registry, sequence: int, targets: Iterable[str]) -> list[TargetState]:
+    devices = {d.device_id: d for d in registry.devices()}
+    return [_state(t, devices.get(t), sequence) for t in targets]
+
+
+def wait_for(
+    registry: Registry,
+    sequence: int,
+    targets: Iterable[str],
+    timeout: float,
+    *,
+    poll: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    on_progress: Callable[[list[TargetState]], None] | None = None,
+) -> WaitResult:
+    """Poll every ``poll`` seconds until each target runs ``sequence`` (or newer) or
+    ``timeout`` seconds passed; ``on_progress`` sees every poll's states."""
+    wanted = list(targets)
+    deadline = clock() + timeout
+    while True:
+        states = targets_state(registry, sequence, wanted)
+        if on_progress is not None:
+            on_progress(states)
+        result = WaitResult(
+            sequence=sequence,
+            arrived=tuple(s.device_id for s in states if s.arrived),
+            pending=tuple(s.device_id for s in states if not s.arrived),
+        )
+        left = deadline - clock()
+        if result.ok or left <= 0:
+            if not result.ok:
+                log.info(
+                    "release %d: %d targets pending at the timeout", sequence, len(result.pending)
+                )
+            return result
+        sleep(min(poll, left))

@@ -1,0 +1,181 @@
+"""The one release path (CLI, service, demo, HTTP API): build, then publish the offers.
+
+``build`` signs a new sequence and wraps the content key per target (the bundler is
+``Coordinator.build``); ``publish`` puts every target's offer, retained at QoS 1, on its
+release topic through any ``Link`` and waits for the broker's acknowledgements in batches;
+``release`` does both. Publishing the same release twice is harmless: the offer is retained
+and agents ignore a sequence they already run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from edgefleet.infra.link.mqtt import MqttConfig, MqttLink
+from edgefleet.infra.link.port import Delivery, Link, LinkFactory, MessageProps
+from edgefleet.protocol import topics
+from edgefleet.protocol.build import BuiltRelease
+from edgefleet.protocol.envelope import Envelope
+from edgefleet.protocol.errors import TransportError
+from edgefleet.protocol.messages import ReleaseOffer
+
+from .home import Coordinator
+from .registry import Registry, Release
+
+__all__ = [
+    "PUBLISH_BATCH",
+    "PublishReport",
+    "Released",
+    "build",
+    "connect",
+    "offers",
+    "publish",
+    "publish_sequence",
+    "release",
+]
+
+log = logging.getLogger(__name__)
+
+PUBLISH_BATCH = 200  # offers in flight before waiting for acks (paho queues at most 1000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PublishReport:
+    """What ``publish`` put on the broker: every offer here was acknowledged."""
+
+    sequence: int
+    devices: tuple[str, ...]  # sorted target ids
+    bytes: int  # offer payload bytes
+    batches: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Released:
+    """A release built and published."""
+
+    release: Release
+    built: BuiltRelease
+    report: PublishReport
+
+    @property
+    def sequence(self) -> int:
+        return self.release.sequence
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.report.devices
+
+
+def build(
+    coordinator: Coordinator,
+    name: str,
+    version: str,
+    selector: str,
+    *,
+    now: int | None = None,
+    ttl: int | None = None,
+) -> tuple[Release, BuiltRelease]:
+    """Sign a new sequence of a registered model for the selected devices and record it."""
+    return coordinator.build(name, version, selector, now=now, ttl=ttl)
+
+
+def offers(release: Release) -> dict[str, ReleaseOffer]:
+    """Each target device's release offer: the signed parts and its own key envelope."""
+    return {
+        t.device_id: ReleaseOffer(
+            keyring=release.keyring,
+            keyring_sig=release.keyring_sig,
+            manifest=release.manifest,
+            signature=release.signature,
+            envelope=Envelope.from_dict(json.loads(t.envelope)),
+        )
+        for t in release.targets
+    }
+
+
+def publish(link: Link, release: Release, *, timeout: float = 30.0) -> PublishReport:
+    """Publish (retained, QoS 1) every target's offer, in acknowledged batches.
+
+    Raises ``TransportError`` if the broker did not acknowledge every offer of a batch
+    within ``timeout`` seconds: publishing the same release again is harmless.
+    """
+    items = sorted(offers(release).items())
+    sent = batches = 0
+    for start in range(0, len(items), PUBLISH_BATCH):
+        pending: list[Delivery] = []
+        for device_id, offer in items[start : start + PUBLISH_BATCH]:
+            payload = offer.encode()
+            pending.append(link.publish(topics.release(device_id), payload, qos=1, retain=True))
+            sent += len(payload)
+        batches += 1
+        _await(pending, release.sequence, timeout)
+    log.info("published release %d to %d devices (%d bytes)", release.sequence, len(items), sent)
+    return PublishReport(
+        sequence=release.sequence,
+        devices=tuple(d for d, _ in items),
+        bytes=sent,
+        batches=batches,
+    )
+
+
+def _await(pending: list[Delivery], sequence: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for delivery in pending:
+        delivery.wait(max(0.0, deadline - time.monotonic()))
+    unacked = sum(1 for d in pending if not d.published)
+    if unacked:
+        raise TransportError(
+            f"release {sequence}: {unacked} offers not acknowledged "
+            f"by the broker within {timeout:.0f} s; publish it again"
+        )
+
+
+def publish_sequence(
+    registry: Registry, link: Link, sequence: int, *, timeout: float = 30.0
+) -> PublishReport:
+    """Publish a release built earlier; ``LookupError`` if there is no such sequence."""
+    r = registry.release(sequence=sequence)
+    if r is None:
+        raise LookupError(f"release {sequence} does not exist")
+    return publish(link, r, timeout=timeout)
+
+
+def release(
+    coordinator: Coordinator,
+    link: Link,
+    name: str,
+    version: str,
+    selector: str,
+    *,
+    timeout: float = 30.0,
+    now: int | None = None,
+    ttl: int | None = None,
+) -> Released:
+    """Build a release of ``name`` ``version`` for ``selector`` and publish it on ``link``."""
+    r, built = build(coordinator, name, version, selector, now=now, ttl=ttl)
+    return Released(release=r, built=built, report=publish(link, r, timeout=timeout))
+
+
+def _ignore(topic: str, payload: bytes, props: MessageProps) -> None:
+    """A publisher subscribes to nothing."""
+
+
+@contextmanager
+def connect(
+    config: MqttConfig, *, link_factory: LinkFactory = MqttLink, timeout: float = 15.0
+) -> Iterator[Link]:
+    """A started, connected publishing link, stopped on exit (``ConnectionError`` if the
+    broker is not reachable within ``timeout`` seconds)."""
+    link = link_factory(config, _ignore)
+    link.start()
+    try:
+        if not link.wait_connected(timeout):
+            raise ConnectionError(f"cannot reach the broker at {config.url}: {link.last_error}")
+        yield link
+    finally:
+        link.stop()
