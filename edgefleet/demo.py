@@ -48,7 +48,8 @@ def _wait_release(
     coordinator: Any, sequence: int, targets: list[str], timeout: float, label: str
 ) -> None:
     """Show per-device progress from the statuses the coordinator ingests."""
-    deadline = time.monotonic() + timeout
+    from edgefleet.coordinator.fleet import TargetState, wait_for
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -56,21 +57,21 @@ def _wait_release(
         console=console,
     ) as bar:
         tasks = {t: bar.add_task(f"{label} → {t}", total=1.0, state="waiting") for t in targets}
-        while time.monotonic() < deadline:
-            devices = {d.device_id: d for d in coordinator.registry.devices()}
-            done = 0
-            for t in targets:
-                d = devices[t]
-                prog = (d.last_result or {}).get("progress") or {}
-                if (d.active_sequence or 0) >= sequence:
-                    bar.update(tasks[t], completed=1.0, state=f"v{d.active_version} active")
-                    done += 1
-                elif prog.get("total"):
-                    bar.update(tasks[t], completed=prog["done"] / prog["total"], state=d.state)
-            if done == len(targets):
-                return
-            time.sleep(0.2)
-    raise TimeoutError(f"{label}: not every device reported release {sequence} in {timeout:.0f} s")
+
+        def show(states: list[TargetState]) -> None:
+            for s in states:
+                if s.arrived:
+                    bar.update(tasks[s.device_id], completed=1.0, state=f"v{s.version} active")
+                elif s.total and s.done is not None:
+                    bar.update(tasks[s.device_id], completed=s.done / s.total, state=s.state)
+
+        result = wait_for(
+            coordinator.registry, sequence, targets, timeout, poll=0.2, on_progress=show
+        )
+    if not result.ok:
+        raise TimeoutError(
+            f"{label}: not every device reported release {sequence} in {timeout:.0f} s"
+        )
 
 
 def run(workdir: Path, n_agents: int) -> int:
