@@ -27,7 +27,7 @@ from edgefleet.protocol.messages import ChunkRequest
 from . import release as releases
 from .chunks import ChunkServer, ReleaseFacts
 from .home import Coordinator
-from .ingest import Ingest
+from .ingest import STATUS, TELEMETRY, Ingest
 from .release import offers
 
 __all__ = ["CoordinatorService", "mqtt_config_for", "offers"]
@@ -38,6 +38,8 @@ Work = tuple[str, str, bytes] | None  # (device id, topic kind, payload); None s
 
 UNSENT_LIMIT = 16 * 1024 * 1024  # bytes of chunk replies queued in the link before we wait
 INGEST_BATCH = 500  # upstream messages per registry transaction, at most
+CHUNKREQ = "up/chunkreq"  # topic kinds (protocol.topics.route) the service subscribes to
+_UPSTREAM = (CHUNKREQ, STATUS, TELEMETRY)
 
 
 class CoordinatorService:
@@ -110,17 +112,16 @@ class CoordinatorService:
 
     # -- the link's thread: route only -----------------------------------------------------
     def _on_message(self, topic: str, payload: bytes, props: MessageProps) -> None:
-        where = _route(topic)
-        if where is None:
+        where = topics.route(topic)
+        if where is None or where.kind not in _UPSTREAM:
             log.warning("dropped message on unexpected topic %s", topic)
             return
-        device_id, kind = where
-        target = self._chunk_q if kind == "up/chunkreq" else self._ingest_q
+        target = self._chunk_q if where.kind == CHUNKREQ else self._ingest_q
         try:
-            target.put_nowait((device_id, kind, payload))
+            target.put_nowait((where.device_id, where.kind, payload))
         except queue.Full:
             self.queue_drops += 1
-            log.warning("dropped %s from %s: work queue full", kind, device_id)
+            log.warning("dropped %s from %s: work queue full", where.kind, where.device_id)
 
     # -- workers ---------------------------------------------------------------------------
     def _serve_chunks(self) -> None:
@@ -162,11 +163,6 @@ class CoordinatorService:
                     self.status_event.set()
             except Exception:
                 log.exception("ingesting a batch of %d messages failed", len(batch))
-
-
-def _route(topic: str) -> tuple[str, str] | None:
-    """``(device id, kind)`` of an upstream topic, else None."""
-    return topics.device_of(topic)
 
 
 def mqtt_config_for(
