@@ -14,7 +14,7 @@ from edgefleet.coordinator.keys import CoordinatorKeys
 from edgefleet.protocol.container import HEADER_SIZE, decode_envelopes, parse_header
 from edgefleet.protocol.device import DevicePublic
 from edgefleet.protocol.envelope import Envelope, unwrap_key
-from edgefleet.protocol.errors import DecodeError, UntrustedSignerError
+from edgefleet.protocol.errors import DecodeError, KeyExpiredError
 from edgefleet.protocol.keys import KEM_HYBRID, SigningKey, decode_public_key, generate_kem_key
 from edgefleet.protocol.manifest import Manifest
 from edgefleet.protocol.verify import check_envelopes, verify_keyring, verify_manifest
@@ -103,7 +103,7 @@ def test_build_refuses_an_expired_keyring(coord: Coordinator, tmp_path: Path) ->
     coord.register_model("m", model_file(tmp_path))
     coord.enroll(device("dev-a")[0])
     expires = coord.keys.keyring.expires
-    with pytest.raises(UntrustedSignerError, match="expired"):
+    with pytest.raises(KeyExpiredError, match="expired"):
         coord.build("m", "1", "all", now=expires + 1)
 
 
