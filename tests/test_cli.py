@@ -171,6 +171,8 @@ def test_rejection_is_one_line_on_stderr(world: World, capsys: pytest.CaptureFix
      "--to", "dev-x", "-o", "{root}/x.efb"],
     ["coordinator", "enroll", "--home", "{root}/coordinator", "--device-id", "dev-z",
      "--public-key", "{root}/dev-a/keys/device.pub.json"],
+    ["model", "release", "--home", "{root}/coordinator", "--name", "digits", "--version", "1",
+     "--to", "all"],  # no broker configured
 ])
 def test_operator_errors_exit_1_with_one_line(world: World, capsys: pytest.CaptureFixture[str],
                                               argv: list[str]) -> None:
@@ -223,6 +225,26 @@ def test_model_list(world: World, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert [(m["name"], m["version"], m["format"]) for m in json.loads(out)] == [
         ("digits", "1", "onnx"), ("digits", "2", "onnx")]
+
+
+def test_fleet_status(world: World, capsys: pytest.CaptureFixture[str],
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Actual (what devices report: nothing yet) beside desired (the newest release for each)."""
+    monkeypatch.setenv("COLUMNS", "160")  # the table's width, so that no cell is cut
+    code, out, _ = run(capsys, "fleet", "status", "--home", world.coordinator, "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["device"] for r in rows] == ["dev-a", "dev-b"]
+    for r in rows:
+        assert r == {"device": r["device"], "groups": ["lab"], "state": "enrolled",
+                     "model": None, "version": None, "sequence": None, "last_seen_s": None,
+                     "last_result": None, "desired_sequence": 2, "desired_version": "2",
+                     "revoked": False}
+    code, out, _ = run(capsys, "fleet", "status", "--home", world.coordinator)
+    assert code == 0
+    lines = [line for line in out.splitlines() if "dev-" in line]
+    assert len(lines) == 2 and all("lab" in line and "2 (v2)" in line for line in lines), out
+    assert "never" in lines[0] and "enrolled" in lines[0]
 
 
 def test_home_from_the_environment(world: World, capsys: pytest.CaptureFixture[str],
