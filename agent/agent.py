@@ -12,6 +12,7 @@ made through one agent are serialized by a lock, so its in-memory store state is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -23,15 +24,16 @@ from typing import Any
 import numpy as np
 from edgefleet.infra.fsutil import atomic_write
 from edgefleet.protocol.canonical import canonical_json
-from edgefleet.protocol.envelope import Envelope
 from edgefleet.protocol.errors import EdgeFleetError, StoreError
+from edgefleet.protocol.manifest import Manifest
+from edgefleet.protocol.messages import InstallResult, ReleaseOffer
 
 from .config import AgentConfig
 from .identity import DeviceIdentity
 from .runtime import Runtime, RuntimeLoadError, load_runtime
 from .store import InstalledVersion, ModelStore
 from .trust import TrustStore
-from .updater import Offer, Progress, SegmentSource, Updater, UpdaterConfig
+from .updater import Progress, SegmentSource, Updater, UpdaterConfig
 
 __all__ = ["Agent"]
 
@@ -67,8 +69,10 @@ class Agent:
         )
         self._clock = clock
         self._changing = threading.Lock()  # one install or rollback at a time
+        self._recording = threading.Lock()  # the last result and its file change together
         self._runtime: Runtime | None = None  # what predict() runs
         self._serving: tuple[InstalledVersion, Runtime] | None = None  # the same, labelled
+        self._last: InstallResult | None = self._read_last()  # the file is only the report
         try:
             self._load_active()
         except BaseException:
@@ -164,14 +168,15 @@ class Agent:
 
     def install(
         self,
-        offer: Offer,
-        envelope: Envelope,
+        offer: ReleaseOffer,
         source: SegmentSource,
         *,
+        manifest: Manifest | None = None,
         progress: Progress | None = None,
     ) -> InstalledVersion:
+        """Install a network release (see ``Updater.install`` for ``manifest``)."""
         return self._installing(
-            lambda: self.updater.install(offer, envelope, source, progress=progress)
+            lambda: self.updater.install(offer, source, manifest=manifest, progress=progress)
         )
 
     def _installing(self, run: Callable[[], tuple[InstalledVersion, Runtime]]) -> InstalledVersion:
@@ -215,18 +220,42 @@ class Agent:
         return version
 
     def record(self, **result: Any) -> None:
-        """Write ``last_install.json``: a report only, so a failure to write it is logged."""
+        """Keep ``InstallResult(**result)`` as the last result (time: now) and write it to
+        ``last_install.json``: a report only, so a failure to write it is logged."""
         self._writer("record")
-        result["time"] = int(self._clock())
-        try:
-            atomic_write(self.config.home / "last_install.json", canonical_json(result))
-        except OSError as exc:
-            log.error("cannot record the install result %s: %s", result.get("code"), exc)
+        last = InstallResult(**{**result, "time": int(self._clock())})
+        with self._recording:
+            self._last = last
+            try:
+                atomic_write(self.config.home / "last_install.json", canonical_json(_plain(last)))
+            except OSError as exc:
+                log.error("cannot record the install result %s: %s", last.code, exc)
+
+    def record_failure(self, error: EdgeFleetError) -> None:
+        self.record(ok=False, code=error.code, reason=str(error))
 
     # -- reporting ------------------------------------------------------------------------
+    @property
+    def last_install(self) -> InstallResult | None:
+        """The last install, rollback or refused offer (in memory: no disk read)."""
+        return self._last
+
     def last_result(self) -> dict[str, Any] | None:
+        """``last_install`` as the JSON object ``last_install.json`` holds."""
+        last = self._last
+        return None if last is None else _plain(last)
+
+    def _read_last(self) -> InstallResult | None:
         path = self.config.home / "last_install.json"
-        return json.loads(path.read_bytes()) if path.exists() else None
+        try:
+            d = json.loads(path.read_bytes())
+            known = {f.name for f in dataclasses.fields(InstallResult)}
+            return InstallResult(**{k: v for k, v in d.items() if k in known})
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, AttributeError) as exc:  # a report: not fatal
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return None
 
     def status(self) -> dict[str, Any]:
         v = self.active
@@ -263,3 +292,8 @@ class Agent:
         if serving is not None:
             serving[1].close()
         self.store.close()
+
+
+def _plain(result: InstallResult) -> dict[str, Any]:
+    """As written before results were typed: fields that are None are left out."""
+    return {k: v for k, v in dataclasses.asdict(result).items() if v is not None}

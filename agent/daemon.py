@@ -1,19 +1,27 @@
-"""The agent daemon: receive release offers over MQTT, pull chunks, install, report.
+"""The agent daemon: a thin shell that runs the release flow over a link.
 
-Paho's network thread only checks sizes and queues messages (never blocking); one worker
-thread owns all download and install state, so there are no locks around it. Inference
-(``Agent.predict``, the HTTP API) runs on other threads and keeps serving the active model
-throughout: the runtime is swapped only after a new version passed every check.
+Three threads, each with one job:
+
+- the link's network thread (``_route``) only checks sizes and hands messages over through a
+  queue bounded in bytes; it never blocks;
+- the worker (``_run``) owns the ``ReleaseFlow`` and the ``Reporter``: it feeds them events
+  (offers, chunk replies, connects, ticks, finished installs) and carries out the actions
+  the flow returns;
+- the installer (``_install_loop``) runs one install at a time, so while a model is being
+  decrypted, loaded and smoke-tested the worker keeps answering offers (a newer one is
+  started after the install), reporting status and buffering telemetry.
+
+Inference (``Agent.predict``, the HTTP API) runs on other threads and keeps serving the active
+model throughout: the runtime is swapped only after a new version passed every check.
 
 Memory stays bounded on a small device: the broker is told the largest packet we accept
 (``MAX_INCOMING``), each message kind has its own size cap, and the hand-over queue is capped
-in bytes. A release that failed here (bad model, disk full...) is remembered and not fetched
-again when its retained offer is re-delivered on reconnect; a restart or a new release retries.
+in bytes. The link is built by an injected ``LinkFactory`` (default ``MqttLink``), so tests and
+simulations run the same daemon over an ``InMemoryBroker``.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import queue
@@ -22,29 +30,26 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edgefleet.infra.link.mqtt import HEADER_ALLOWANCE, MessageProps, MqttConfig, MqttLink
+from edgefleet.infra.fsutil import os_errors
+from edgefleet.infra.link.mqtt import HEADER_ALLOWANCE, MqttConfig, MqttLink
+from edgefleet.infra.link.port import LinkFactory, MessageProps
 from edgefleet.infra.settings import mqtt_config
 from edgefleet.protocol import topics
-from edgefleet.protocol.errors import (
-    BundleError,
-    EdgeFleetError,
-    RollbackError,
-    StoreError,
-    TransportError,
-)
+from edgefleet.protocol.errors import EdgeFleetError, StoreError
 from edgefleet.protocol.manifest import Manifest
-from edgefleet.protocol.messages import MAX_OFFER, ChunkReply, DeviceStatus, ReleaseOffer, Telemetry
+from edgefleet.protocol.messages import MAX_OFFER, DeviceStatus, DownloadProgress
 from edgefleet.protocol.segments import MAX_SEGMENT
-from edgefleet.protocol.verify import select_envelope
 
+from . import flow as F
 from .agent import Agent
 from .download import Download
-from .updater import Offer
+from .reporter import Facts, Reporter, active_model
 
-__all__ = ["MAX_CHUNK_FRAME", "MAX_INCOMING", "AgentDaemon"]
+__all__ = ["MAX_CHUNK_FRAME", "MAX_INCOMING", "AgentDaemon", "mqtt_config_for"]
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]  # (phase, done bytes, total bytes)
+EventFn = Callable[[str], None]  # the kind of event the worker has just handled
 
 #: bytes: a chunk reply frame (sealed segment + tag, header of at most 1 KiB, with room to spare)
 MAX_CHUNK_FRAME = MAX_SEGMENT + 16 + 2048
@@ -67,33 +72,46 @@ class AgentDaemon:
         progress: ProgressFn | None = None,
         max_queued_bytes: int = 64 * 1024 * 1024,  # payload bytes waiting for the worker
         remember_failed: int = 64,  # bundle ids of failed releases kept (not fetched again)
+        link_factory: LinkFactory = MqttLink,
+        on_event: EventFn | None = None,  # observer, called on the worker thread
     ) -> None:
         if mqtt.max_incoming is None:
             mqtt = dataclasses.replace(mqtt, max_incoming=MAX_INCOMING)
         self.agent = agent
         self.device_id = agent.identity.device_id
-        self.heartbeat, self.request_timeout = heartbeat, request_timeout
-        self.clock, self.monotonic, self.progress = clock, monotonic, progress
-        self.link = MqttLink(mqtt, self._on_message, on_connect=self._on_connect)
+        self.request_timeout = request_timeout
+        self.monotonic, self.progress, self.on_event = monotonic, progress, on_event
+        self.link = link_factory(mqtt, self._route, on_connect=self._on_connect)
         self.downloads_dir = agent.config.home / "downloads"
         self.downloads_dir.mkdir(exist_ok=True)
+        self.flow = F.ReleaseFlow(
+            device_id=self.device_id,
+            check=agent.updater.check,
+            served=self._served,
+            new_download=self._new_download,
+            remember=remember_failed,
+        )
+        self.reporter = Reporter(
+            self.link,
+            device_id=self.device_id,
+            facts=self._facts,
+            metrics=self._metrics,
+            clock=clock,
+            monotonic=monotonic,
+            heartbeat=heartbeat,
+            buffer=agent.config.telemetry_buffer,
+        )
         self._q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1000)
         self._q_lock = threading.Lock()
         self._q_bytes = 0  # payload bytes in _q; guarded by _q_lock
         self.max_queued_bytes = max_queued_bytes
         self._connect_missed = threading.Event()  # a connect that found the queue full
-        self._failed: dict[str, str] = {}  # bundle id -> error code, oldest first
-        self._remember = remember_failed
+        self._finished: queue.SimpleQueue[EdgeFleetError | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[F.StartInstall | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agent-daemon", daemon=True)
-        self._state = "idle"
-        self._download: Download | None = None
-        self._offer: ReleaseOffer | None = None
-        self._counter = 0
-        self._last_beat = 0.0
-        self._announce = False  # report and flush telemetry once the link is listening
-        self._telemetry: collections.deque[bytes] = collections.deque(
-            maxlen=agent.config.telemetry_buffer
+        self._installer = threading.Thread(
+            target=self._install_loop, name="agent-installer", daemon=True
         )
         self.installed = threading.Event()  # set after every successful install (tests)
         self.dropped = 0  # messages dropped unread (oversize, queue full)
@@ -101,6 +119,7 @@ class AgentDaemon:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        self._installer.start()
         self.link.start()
         for topic in (
             topics.release(self.device_id),
@@ -111,9 +130,11 @@ class AgentDaemon:
 
     def stop(self) -> None:
         self._stop.set()
+        self._jobs.put(None)
         self._thread.join(timeout=10)
-        if self._download is not None:
-            self._download.close()
+        self._installer.join(timeout=60)  # an install under way finishes first
+        if self.flow.download is not None:
+            self.flow.download.close()
         self.link.stop()
 
     def serve_forever(self) -> None:
@@ -124,14 +145,18 @@ class AgentDaemon:
         finally:
             self.stop()
 
+    def status(self) -> DeviceStatus:
+        return self.reporter.status()
+
     # -- network thread: size check and hand over (never blocks) -------------------------------
-    def _on_message(self, topic: str, payload: bytes, props: MessageProps) -> None:
-        kind = topic.rsplit("/", 1)[-1]
+    def _route(self, topic: str, payload: bytes, props: MessageProps) -> None:
+        route = topics.route(topic)
+        kind = "other" if route is None or route.device_id != self.device_id else route.kind
         limit = _LIMITS.get(kind, MAX_COMMAND)
         if len(payload) > limit:
             self._drop(topic, f"{len(payload)} bytes, limit {limit}")
             return
-        if kind == "chunk" and self._download is None:
+        if kind == "chunk" and not self.flow.downloading:
             log.debug("ignored chunk reply on %s: no download under way", topic)
             return
         with self._q_lock:
@@ -167,249 +192,134 @@ class AgentDaemon:
     # -- worker thread -------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self._connect_missed.is_set():
-                self._connect_missed.clear()
-                kind, payload = "connected", None
-            else:
-                try:
-                    kind, payload = self._q.get(timeout=0.2)
-                except queue.Empty:
-                    kind, payload = "tick", None
-                self._unqueued(payload)
+            kind, payload = self._next_event()
             try:
-                self._handle(kind, payload)
-                self._tick()
+                self._carry_out(self._feed(kind, payload))
+                if self.link.connected.is_set():
+                    self._carry_out(self.flow.tick(self.monotonic()))
+                self.reporter.tick()
             except Exception:  # never let one bad message kill the daemon
                 log.exception("agent daemon: unexpected error handling %s", kind)
+            if kind == "installed" and payload is None:
+                self.installed.set()  # after the part file is gone and the status reported
+            if self.on_event is not None:
+                self.on_event(kind)
 
-    def _handle(self, kind: str, payload: Any) -> None:
+    def _next_event(self) -> tuple[str, Any]:
+        if self._connect_missed.is_set():
+            self._connect_missed.clear()
+            return "connected", None
+        try:
+            return "installed", self._finished.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            kind, payload = self._q.get(timeout=0.2)
+        except queue.Empty:
+            return "tick", None
+        self._unqueued(payload)
+        return kind, payload
+
+    def _feed(self, kind: str, payload: Any) -> list[F.Action]:
         if kind == "release":
-            self._on_offer(payload)
-        elif kind == "chunk":
-            self._on_chunk(payload)
-        elif kind == "connected":
-            if self._download is not None:
-                self._download.resend_all()
-            # on_connect runs before the broker acknowledged our subscriptions, so
-            # ``link.connected`` is not set yet: report from _tick once it is.
-            self._announce = True
+            return self.flow.offer(payload)
+        if kind == "chunk":
+            return self.flow.chunk(payload)
+        if kind == "installed":
+            return self.flow.install_finished(payload)
+        if kind == "connected":
+            self.reporter.connected()
+            return self.flow.connected()
+        return []  # "tick", a wake-up, commands (none yet)
 
-    def _tick(self) -> None:
-        now = self.monotonic()
-        if self._announce and self.link.connected.is_set():
-            self._announce = False
-            self._report()
-            self._flush_telemetry()
-        if self._download is not None and self.link.connected.is_set():
-            for req in self._download.pump(now):
-                self.link.publish(topics.up(self.device_id, "chunkreq"), req.encode(), qos=1)
-        if now - self._last_beat >= self.heartbeat:
-            self._last_beat = now
-            self._telemetry.append(
-                Telemetry(
-                    device_id=self.device_id, time=int(self.clock()), metrics=self._metrics()
-                ).encode()
-            )
-            self._report()
-            self._flush_telemetry()
+    def _carry_out(self, actions: list[F.Action]) -> None:
+        for a in actions:
+            if isinstance(a, F.SendRequests):
+                for req in a.requests:
+                    self.link.publish(topics.up(self.device_id, "chunkreq"), req.encode(), qos=1)
+            elif isinstance(a, F.StartInstall):
+                self._jobs.put(a)
+            elif isinstance(a, F.Report):
+                self.reporter.report()
+            elif isinstance(a, F.Reject):
+                self.agent.record_failure(a.error)
+            elif isinstance(a, F.Discard):
+                _discard(a.download)
+            elif isinstance(a, F.Progress) and self.progress is not None:
+                self.progress(a.phase, a.done, a.total)
 
-    def _metrics(self) -> dict[str, Any]:
-        d = self._download
-        return {
-            "state": self._state,
-            "dropped": self.dropped,
-            "failed": len(self._failed),
-            "download": None if d is None else vars(d.stats),
-        }
+    # -- installer thread ------------------------------------------------------------------------
+    def _install_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            error: EdgeFleetError | None = None
+            try:  # the part file is the source: its read errors arrive as StoreError
+                self.agent.install(job.offer, job.download, manifest=job.manifest)  # records
+            except EdgeFleetError as exc:
+                error = exc
+            except Exception as exc:  # a bug: report it as a failed install, keep running
+                log.exception("install of release %d failed", job.manifest.sequence)
+                error = StoreError(f"install failed unexpectedly: {exc}")
+            self._finished.put(error)
+            try:
+                self._q.put_nowait(("wake", None))  # the worker picks the result up now
+            except queue.Full:
+                pass  # it will within one turn anyway
 
-    # -- releases --------------------------------------------------------------------------------
-    def _on_offer(self, payload: bytes) -> None:
-        if not payload:
-            return  # a cleared retained release
-        try:
-            offer = ReleaseOffer.decode(payload)
-            active = self.agent.active  # in memory: no disk read per offer
-            if active is not None and offer.manifest == active.manifest_raw:
-                return  # the retained offer of what we already run
-            manifest = self.agent.updater.check(self._as_offer(offer))
-            code = self._failed.get(manifest.bundle_id)
-            if code is not None:  # e.g. the retained offer again, after a reconnect
-                log.info(
-                    "release %d (%s) failed here before (%s); not fetching it again",
-                    manifest.sequence,
-                    manifest.bundle_id,
-                    code,
-                )
-                return
-            # The envelope is not signed itself: its digest in the manifest is.
-            select_envelope(manifest, [offer.envelope], self.device_id)
-        except RollbackError as exc:
-            log.info("ignored release offer: %s", exc)
-            self._reject(exc)
-            return
-        except BundleError as exc:
-            self._reject(exc)
-            return
-        current = self._download
-        if current is not None and current.manifest.sequence >= manifest.sequence:
-            return  # same or newer download already under way
-        self._begin(offer, manifest)
+    # -- what the flow and the reporter are given ----------------------------------------------
+    def _served(self) -> bytes | None:
+        active = self.agent.active  # in memory: no disk read per offer
+        return None if active is None else active.manifest_raw
 
-    def _begin(self, offer: ReleaseOffer, manifest: Manifest) -> None:
-        if self._download is not None:
-            self._download.close()
-            self._download, self._state = None, "idle"
+    def _new_download(self, manifest: Manifest) -> Download:
         keep = f"{manifest.bundle_id}.part"
-        try:
+        with os_errors(str(self.downloads_dir)):
             for old in self.downloads_dir.glob("*.part"):
                 if old.name != keep:
                     old.unlink()
-            download = Download(
+            return Download(
                 manifest,
                 self.downloads_dir / keep,
                 topics.chunk(self.device_id),
                 window=self.agent.config.window,
                 timeout=self.request_timeout,
             )
-        except OSError as exc:
-            self._reject(StoreError(f"{self.downloads_dir}: {exc.strerror or exc}"), manifest)
-            return
-        except StoreError as exc:
-            self._reject(exc, manifest)
-            return
-        self._offer, self._download = offer, download
-        log.info(
-            "release %d (%s %s): fetching %d of %d chunks",
-            manifest.sequence,
-            manifest.name,
-            manifest.model_version,
-            len(self._download.missing),
-            manifest.segments,
-        )
-        self._state = "downloading"
-        self._report()
-        if self._download.done:
-            self._install()
 
-    def _on_chunk(self, payload: bytes) -> None:
-        d = self._download
-        if d is None:
-            return
-        try:
-            reply = ChunkReply.decode(payload, max_data=d.manifest.segment_size + 16)
-            fresh = d.accept(reply)
-        except (TransportError, StoreError) as exc:  # the coordinator refused us; disk trouble
-            self._abandon(exc)
-            return
-        except EdgeFleetError as exc:
-            log.warning("dropped chunk reply: %s", exc)
-            return
-        if fresh and self.progress:
-            self.progress("download", d.bytes_done, d.manifest.payload_size)
-        if d.done:
-            self._install()
-
-    def _install(self) -> None:
-        d, offer = self._download, self._offer
-        assert d is not None and offer is not None
-        self._state = "installing"
-        self._report()
-        try:  # the part file is the source: its read errors arrive as StoreError
-            self.agent.install(self._as_offer(offer), offer.envelope, d)  # records the result
-            self.installed.set()
-        except EdgeFleetError as exc:
-            log.warning("release %d not installed: %s", d.manifest.sequence, exc)
-            self._remember_failed(d.manifest, exc)
-        finally:
-            self._download, self._state = None, "idle"
-            self._discard(d)
-        if self.progress:
-            self.progress("installed", d.manifest.payload_size, d.manifest.payload_size)
-        self._report()
-
-    def _abandon(self, exc: EdgeFleetError) -> None:
-        d = self._download
-        self._download, self._state = None, "idle"
+    def _facts(self) -> Facts:
+        d = self.flow.download
+        progress = None
         if d is not None:
-            self._discard(d)
-        log.warning("download abandoned (%s): %s", exc.code, exc)
-        if d is not None and not isinstance(exc, TransportError):  # refusals may be retried
-            self._remember_failed(d.manifest, exc)
-        self.agent.record(ok=False, code=exc.code, reason=str(exc))
-        self._report()
-
-    @staticmethod
-    def _discard(d: Download) -> None:
-        d.close()
-        try:
-            d.path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", d.path, exc.strerror or exc)
-
-    def _reject(self, exc: EdgeFleetError, manifest: Manifest | None = None) -> None:
-        """Record and report a refused offer; remember it if ``manifest`` (verified) is given."""
-        log.warning("rejected release offer (%s): %s", exc.code, exc)
-        if manifest is not None:
-            self._remember_failed(manifest, exc)
-        self.agent.record(ok=False, code=exc.code, reason=str(exc))
-        self._report()
-
-    def _remember_failed(self, manifest: Manifest, exc: EdgeFleetError) -> None:
-        self._failed.pop(manifest.bundle_id, None)
-        self._failed[manifest.bundle_id] = exc.code
-        while len(self._failed) > self._remember:
-            del self._failed[next(iter(self._failed))]
-
-    @staticmethod
-    def _as_offer(o: ReleaseOffer) -> Offer:
-        return Offer(
-            keyring=o.keyring, keyring_sig=o.keyring_sig, manifest=o.manifest, signature=o.signature
-        )
-
-    # -- reporting -------------------------------------------------------------------------------
-    def status(self) -> DeviceStatus:
-        st = self.agent.status()
-        d = self._download
-        progress = (
-            None
-            if d is None
-            else {
-                "bundle_id": d.manifest.bundle_id,
-                "sequence": d.manifest.sequence,
-                "done": d.bytes_done,
-                "total": d.manifest.payload_size,
+            m = d.manifest
+            progress = DownloadProgress(
+                bundle_id=m.bundle_id,
+                sequence=m.sequence,
+                done=d.bytes_done,
+                total=m.payload_size,
                 **vars(d.stats),
-            }
-        )
-        self._counter += 1
-        return DeviceStatus(
-            device_id=self.device_id,
-            time=int(self.clock()),
-            state=self._state,
-            active=st["active"],
-            highest_sequence=st["highest_sequence"],
-            last_result=st["last_install"],
-            progress=progress,
-            counter=self._counter,
-        )
-
-    def _report(self) -> None:
-        if not self.link.connected.is_set():
-            return  # re-sent on connect; retained, so only the latest matters
-        try:
-            self.link.publish(
-                topics.up(self.device_id, "status"), self.status().encode(), qos=1, retain=True
             )
-        except TransportError as exc:
-            log.warning("status not sent: %s", exc)
+        return Facts(
+            state=self.flow.state,
+            active=active_model(self.agent.active),
+            highest_sequence=self.agent.store.state.highest_sequence,
+            last_result=self.agent.last_install,
+            progress=progress,
+        )
 
-    def _flush_telemetry(self) -> None:
-        while self._telemetry and self.link.connected.is_set():
-            try:
-                self.link.publish(topics.up(self.device_id, "telemetry"), self._telemetry[0], qos=1)
-            except TransportError:
-                return
-            self._telemetry.popleft()
+    def _metrics(self) -> dict[str, Any]:
+        d = self.flow.download
+        return {
+            "state": self.flow.state,
+            "dropped": self.dropped,
+            "failed": len(self.flow.failed),
+            "download": None if d is None else vars(d.stats),
+        }
+
+
+def _discard(d: F.DownloadLike) -> None:
+    d.close()
+    try:
+        d.path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", d.path, exc.strerror or exc)
 
 
 def mqtt_config_for(

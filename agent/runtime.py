@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from edgefleet.protocol.manifest import FORMATS
+from edgefleet.protocol.errors import DecodeError
+from edgefleet.protocol.manifest import FORMATS, TensorSpec
 
 __all__ = [
     "FORMATS",
@@ -43,7 +43,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SUFFIX_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
-_ORT_DTYPES = {"tensor(float)": "float32"}
+# ONNX Runtime's type names -> the manifest's dtype names (``protocol.manifest.DTYPES``).
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+}
 # The fast-path tests ``type(x) is _NDARRAY and x.dtype is _F32`` (module globals: one lookup
 # each). A subclass, or a byte-swapped or metadata-carrying float32 dtype (another object),
 # takes the validating path.
@@ -53,15 +61,6 @@ _F32 = np.dtype(np.float32)
 
 class RuntimeLoadError(Exception):
     """A model file could not be loaded into an inference runtime."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, numpy dtype name (``"float32"``) and shape of a tensor; ``None`` = dynamic dim."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | None, ...]
 
 
 @runtime_checkable
@@ -311,7 +310,13 @@ def _import_interpreter() -> Any:
 def _ort_spec(args: list[Any], kind: str, path: Path) -> TensorSpec:
     _check_single(len(args), kind, path)
     shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in args[0].shape)
-    return TensorSpec(args[0].name, _ORT_DTYPES.get(args[0].type, args[0].type), shape)
+    dtype = _ORT_DTYPES.get(args[0].type)
+    if dtype is None:
+        raise RuntimeLoadError(
+            f"model {path}: {kind} {args[0].name!r} has type {args[0].type}, "
+            f"expected one of {sorted(_ORT_DTYPES)}"
+        )
+    return _spec(str(args[0].name), dtype, shape, kind, path)
 
 
 def _litert_spec(details: list[dict[str, Any]], kind: str, path: Path) -> TensorSpec:
@@ -319,7 +324,17 @@ def _litert_spec(details: list[dict[str, Any]], kind: str, path: Path) -> Tensor
     d = details[0]
     signature = d.get("shape_signature", d["shape"])
     shape = tuple(int(n) if n >= 0 else None for n in signature)
-    return TensorSpec(str(d["name"]), np.dtype(d["dtype"]).name, shape)
+    return _spec(str(d["name"]), np.dtype(d["dtype"]).name, shape, kind, path)
+
+
+def _spec(
+    name: str, dtype: str, shape: tuple[int | None, ...], kind: str, path: Path
+) -> TensorSpec:
+    """The manifest's ``TensorSpec``; a dtype or shape it cannot describe: RuntimeLoadError."""
+    try:
+        return TensorSpec(name=name, dtype=dtype, shape=shape)
+    except DecodeError as exc:
+        raise RuntimeLoadError(f"model {path}: {kind} {name!r}: {exc}") from exc
 
 
 def _check_single(count: int, kind: str, path: Path) -> None:

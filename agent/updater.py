@@ -3,9 +3,10 @@
 This is the I/O shell around ``protocol.verify``: it reads segments from a ``SegmentSource``
 (a side-loaded ``.efb`` file or a downloaded ``.part`` file), writes plaintext into the
 store's staging area, and activates only a version whose model loads and reproduces the
-signed smoke vectors. Any failure raises a ``BundleError`` (or ``StoreError``, which is also
-what operating-system errors such as a full disk become) and leaves the previously active
-version active, with nothing of the new one left behind.
+signed smoke vectors, and whose loaded input/output tensors have the signed dtypes and shapes
+(a symbolic batch dimension matches any size). Any failure raises a ``BundleError`` (or
+``StoreError``, which is also what operating-system errors such as a full disk become) and
+leaves the previously active version active, with nothing of the new one left behind.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 from edgefleet.protocol.container import BundleReader, decode_envelopes
-from edgefleet.protocol.envelope import Envelope, unwrap_key
+from edgefleet.protocol.envelope import unwrap_key
 from edgefleet.protocol.errors import (
     BundleError,
     IntegrityError,
@@ -30,7 +31,8 @@ from edgefleet.protocol.errors import (
     StoreError,
     TooLargeError,
 )
-from edgefleet.protocol.manifest import Manifest
+from edgefleet.protocol.manifest import Manifest, TensorSpec
+from edgefleet.protocol.messages import ReleaseOffer
 from edgefleet.protocol.segments import SegmentCipher, sha256_hex
 from edgefleet.protocol.verify import Policy, check_envelopes, select_envelope, verify_manifest
 
@@ -39,7 +41,14 @@ from .runtime import Runtime, RuntimeLoadError, load_runtime
 from .store import InstalledVersion, ModelStore
 from .trust import TrustStore
 
-__all__ = ["FileSource", "Offer", "SegmentSource", "Updater", "UpdaterConfig", "smoke_test"]
+__all__ = [
+    "FileSource",
+    "SegmentSource",
+    "Updater",
+    "UpdaterConfig",
+    "check_specs",
+    "smoke_test",
+]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -50,16 +59,6 @@ class UpdaterConfig:
     max_payload: int = 512 * 1024 * 1024  # bytes; larger releases are refused before download
     offline_grace: int = 0  # seconds a manifest is still accepted past its expiry
     threads: int = 1  # runtime intra-op threads
-
-
-@dataclass(frozen=True, kw_only=True)
-class Offer:
-    """The small, signed part of a release, as received (bytes are verified, not trusted)."""
-
-    keyring: bytes
-    keyring_sig: bytes
-    manifest: bytes
-    signature: bytes
 
 
 class SegmentSource(Protocol):
@@ -81,6 +80,31 @@ class FileSource:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def check_specs(runtime: Runtime, manifest: Manifest) -> None:
+    """The loaded model's input and output are the signed ones; raise ``ModelLoadError``."""
+    for kind, signed, seen in (
+        ("input", manifest.inputs, runtime.input_spec),
+        ("output", manifest.outputs, runtime.output_spec),
+    ):
+        if len(signed) != 1 or not _same_tensor(signed[0], seen):
+            want = ", ".join(_describe(t) for t in signed) or "none"
+            raise ModelLoadError(f"model {kind}: expected {want} as signed, saw {_describe(seen)}")
+
+
+def _same_tensor(signed: TensorSpec, seen: TensorSpec) -> bool:
+    """Same dtype and shape; names are not compared (each runtime names tensors its own way)."""
+    if signed.dtype != seen.dtype or len(signed.shape) != len(seen.shape):
+        return False
+    # A symbolic dimension (None) on either side matches any size: the batch dimension.
+    pairs = zip(signed.shape, seen.shape, strict=True)
+    return all(a is None or b is None or a == b for a, b in pairs)
+
+
+def _describe(t: TensorSpec) -> str:
+    dims = ", ".join("?" if d is None else str(d) for d in t.shape)
+    return f"{t.name!r} {t.dtype} ({dims})"
 
 
 def smoke_test(runtime: Runtime, manifest: Manifest) -> None:
@@ -117,14 +141,20 @@ class Updater:
         self.clock, self.config = clock, config
         self._policy = Policy(offline_grace=config.offline_grace)
 
-    def check(self, offer: Offer) -> Manifest:
-        """Verify keyring and manifest (no payload yet): is this release for us, and new?"""
+    def check(self, offer: ReleaseOffer) -> Manifest:
+        """Verify keyring and manifest (no payload yet): is this release for us, and new?
+
+        The offer's envelope is not looked at: check it with ``select_envelope`` (the
+        release flow does, once, before the download)."""
+        return self._verify(offer.keyring, offer.keyring_sig, offer.manifest, offer.signature)
+
+    def _verify(self, keyring_raw: bytes, keyring_sig: bytes, raw: bytes, sig: bytes) -> Manifest:
         now = int(self.clock())
-        keyring = self.trust.accept(offer.keyring, offer.keyring_sig, now=now)
+        keyring = self.trust.accept(keyring_raw, keyring_sig, now=now)
         manifest = verify_manifest(
             keyring,
-            offer.manifest,
-            offer.signature,
+            raw,
+            sig,
             now=now,
             device_id=self.identity.device_id,
             highest_sequence=self.store.state.highest_sequence,
@@ -139,25 +169,35 @@ class Updater:
 
     def install(
         self,
-        offer: Offer,
-        envelope: Envelope,
+        offer: ReleaseOffer,
         source: SegmentSource,
         *,
+        manifest: Manifest | None = None,
         progress: Progress | None = None,
     ) -> tuple[InstalledVersion, Runtime]:
-        """Verify and install a release; return the now active version and its loaded runtime."""
-        return self._install_verified(self.check(offer), offer, envelope, source, progress)
+        """Verify and install a release; return the now active version and its loaded runtime.
+
+        ``manifest``: what ``check`` returned for this offer once its envelope was checked
+        with ``select_envelope`` (the release flow). The signed parts are verified again
+        (time and the accepted sequence may have moved during the download), the envelope
+        is not. Without it, both are checked here.
+        """
+        verified = self.check(offer)
+        if manifest is None:
+            select_envelope(verified, [offer.envelope], self.identity.device_id)
+        elif verified != manifest:
+            raise ValueError("install: the manifest is not the one this offer signs")
+        return self._install_verified(verified, offer, source, progress)
 
     def _install_verified(
         self,
         manifest: Manifest,
-        offer: Offer,
-        envelope: Envelope,
+        offer: ReleaseOffer,
         source: SegmentSource,
         progress: Progress | None,
     ) -> tuple[InstalledVersion, Runtime]:
-        envelope = select_envelope(manifest, [envelope], self.identity.device_id)
-        key = unwrap_key(envelope, self.identity.kem, bundle_id=manifest.bundle_id)
+        """Install a verified release; ``offer.envelope`` is this device's, already checked."""
+        key = unwrap_key(offer.envelope, self.identity.kem, bundle_id=manifest.bundle_id)
         version = self._write(manifest, offer, key, source, progress)
         try:
             runtime = self._load_and_smoke(version)
@@ -182,7 +222,7 @@ class Updater:
     def _write(
         self,
         m: Manifest,
-        offer: Offer,
+        offer: ReleaseOffer,
         key: bytes,
         source: SegmentSource,
         progress: Progress | None,
@@ -228,6 +268,7 @@ class Updater:
         except RuntimeLoadError as exc:
             raise ModelLoadError(f"{version.manifest.format} model does not load: {exc}") from exc
         try:
+            check_specs(runtime, version.manifest)
             smoke_test(runtime, version.manifest)
         except BundleError:
             runtime.close()
@@ -245,13 +286,9 @@ class Updater:
                     file_size=os.fstat(f.fileno()).st_size,
                     max_payload=self.config.max_payload,
                 )
-                offer = Offer(
-                    keyring=bundle.section("keyring"),
-                    keyring_sig=bundle.section("keyring_sig"),
-                    manifest=bundle.section("manifest"),
-                    signature=bundle.section("signature"),
-                )
-                manifest = self.check(offer)  # verify before reading anything big
+                signed = [bundle.section(s) for s in ("keyring", "keyring_sig", "manifest")]
+                signed.append(bundle.section("signature"))
+                manifest = self._verify(*signed)  # verify before reading anything big
                 envelopes = decode_envelopes(bundle.section("envelopes"))
             layout = bundle.layout
         except OSError as exc:
@@ -263,8 +300,12 @@ class Updater:
                 f"file holds {layout['payload'][1]}"
             )
         mine = select_envelope(manifest, envelopes, self.identity.device_id)
+        keyring, keyring_sig, raw, sig = signed
+        offer = ReleaseOffer(
+            keyring=keyring, keyring_sig=keyring_sig, manifest=raw, signature=sig, envelope=mine
+        )
         source = FileSource(path, layout["payload"][0])
         try:
-            return self._install_verified(manifest, offer, mine, source, progress)
+            return self._install_verified(manifest, offer, source, progress)
         finally:
             source.close()

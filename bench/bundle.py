@@ -41,9 +41,10 @@ def notes() -> list[str]:
 
 def _open_bundle(updater: Any, path: Path) -> Any:
     """``Updater.install_file`` up to and including ``_write``; returns the staged version."""
-    from edgefleet.agent.updater import FileSource, Offer
+    from edgefleet.agent.updater import FileSource
     from edgefleet.protocol.container import HEADER_SIZE, decode_envelopes, parse_header
     from edgefleet.protocol.envelope import unwrap_key
+    from edgefleet.protocol.messages import ReleaseOffer
     from edgefleet.protocol.verify import check_envelopes, select_envelope
 
     size = path.stat().st_size
@@ -56,12 +57,14 @@ def _open_bundle(updater: Any, path: Path) -> Any:
             f.seek(off)
             return f.read(length)
 
-        offer = Offer(keyring=section("keyring"), keyring_sig=section("keyring_sig"),
-                      manifest=section("manifest"), signature=section("signature"))
-        manifest = updater.check(offer)
         envelopes = decode_envelopes(section("envelopes"))
+        device = updater.identity.device_id
+        offer = ReleaseOffer(keyring=section("keyring"), keyring_sig=section("keyring_sig"),
+                             manifest=section("manifest"), signature=section("signature"),
+                             envelope=next(e for e in envelopes if e.device_id == device))
+        manifest = updater.check(offer)
     check_envelopes(manifest, envelopes)
-    mine = select_envelope(manifest, envelopes, updater.identity.device_id)
+    mine = select_envelope(manifest, envelopes, device)
     key = unwrap_key(mine, updater.identity.kem, bundle_id=manifest.bundle_id)
     source = FileSource(path, layout["payload"][0])
     try:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.runtime import Runtime, RuntimeLoadError
-from edgefleet.agent.updater import Offer
 from edgefleet.protocol.container import HEADER_SIZE, decode_envelopes, parse_header
 from edgefleet.protocol.errors import RollbackError, StoreError
+from edgefleet.protocol.messages import ReleaseOffer
 
 from tests.conftest import Fleet, open_agent
 
@@ -62,14 +62,14 @@ def test_install_rollback_and_status(fleet: Fleet, tmp_path: Path, x_test: np.nd
 def test_network_install_through_a_segment_source(fleet: Fleet, tmp_path: Path,
                                                   x_test: np.ndarray) -> None:
     parts = offer_parts(fleet.bundle_bytes("v2"))
-    offer = Offer(keyring=parts["keyring"], keyring_sig=parts["keyring_sig"],
-                  manifest=parts["manifest"], signature=parts["signature"])
     mine = next(e for e in decode_envelopes(parts["envelopes"]) if e.device_id == "dev-a")
+    offer = ReleaseOffer(keyring=parts["keyring"], keyring_sig=parts["keyring_sig"],
+                         manifest=parts["manifest"], signature=parts["signature"], envelope=mine)
     source = BytesSource(parts["payload"])
     progress: list[tuple[int, int]] = []
     agent = open_agent(fleet.agent_home(tmp_path / "home", installed=["v1"]))
     manifest = agent.updater.check(offer)
-    agent.install(offer, mine, source, progress=lambda done, total: progress.append((done, total)))
+    agent.install(offer, source, progress=lambda done, total: progress.append((done, total)))
     assert agent.status()["active"]["sequence"] == manifest.sequence == 3
     np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v2", x_test), atol=1e-5)
     assert len(source.reads) == manifest.segments

@@ -78,8 +78,8 @@ def assert_parity(probs: np.ndarray, expected: np.ndarray) -> None:
 def test_specs_and_protocol(runtime: Runtime) -> None:
     assert isinstance(runtime, Runtime)
     assert runtime.format in ("onnx", "tflite")
-    assert runtime.input_spec == TensorSpec("input", "float32", (None, 64))
-    assert runtime.output_spec == TensorSpec("probabilities", "float32", (None, 10))
+    assert runtime.input_spec == TensorSpec(name="input", dtype="float32", shape=(None, 64))
+    assert runtime.output_spec == TensorSpec(name="probabilities", dtype="float32", shape=(None, 10))
 
 
 def test_format_by_suffix_and_override(models: Fixture, tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_formats_agree_on_random_inputs(
 
 
 def test_input_is_cast_only_when_needed(models: Fixture) -> None:
-    spec = TensorSpec("input", "float32", (None, 64))
+    spec = TensorSpec(name="input", dtype="float32", shape=(None, 64))
     x = np.ascontiguousarray(models.x[:5])
     assert _as_batch(x, spec) is x
     fortran = np.asfortranarray(models.x[:5])

@@ -16,10 +16,15 @@ from typing import Any
 import numpy as np
 import pytest
 from edgefleet.agent.agent import Agent
-from edgefleet.agent.updater import Offer
 from edgefleet.coordinator.keys import YEAR, sign_keyring
 from edgefleet.protocol.canonical import canonical_json
-from edgefleet.protocol.container import HEADER_SIZE, MAGIC, encode_header, parse_header
+from edgefleet.protocol.container import (
+    HEADER_SIZE,
+    MAGIC,
+    decode_envelopes,
+    encode_header,
+    parse_header,
+)
 from edgefleet.protocol.errors import (
     BundleError,
     DecodeError,
@@ -38,6 +43,7 @@ from edgefleet.protocol.errors import (
 from edgefleet.protocol.keyring import KeyEntry, Keyring, Signature
 from edgefleet.protocol.keys import SigningKey
 from edgefleet.protocol.manifest import MAX_MANIFEST, Manifest, SmokeVector
+from edgefleet.protocol.messages import ReleaseOffer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -399,8 +405,9 @@ def test_network_offer_over_device_cap_is_too_large(fleet: Fleet, tmp_path: Path
     home = fleet.agent_home(tmp_path / "home", installed=["v1"])
     agent = open_agent(home, max_payload=4096)
     parts = split_sections(fleet.bundle_bytes("v2"))
-    offer = Offer(keyring=parts["keyring"], keyring_sig=parts["keyring_sig"],
-                  manifest=parts["manifest"], signature=parts["signature"])
+    mine = next(e for e in decode_envelopes(parts["envelopes"]) if e.device_id == "dev-a")
+    offer = ReleaseOffer(keyring=parts["keyring"], keyring_sig=parts["keyring_sig"],
+                         manifest=parts["manifest"], signature=parts["signature"], envelope=mine)
     with pytest.raises(TooLargeError, match="cap of 4096"):
         agent.updater.check(offer)
     agent.close()

@@ -104,17 +104,14 @@ class ObservedDaemon(AgentDaemon):
     """An ``AgentDaemon`` that counts the messages its worker thread has finished handling."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self.handled: collections.Counter[str] = collections.Counter()
         self._handled_cond = threading.Condition()
+        super().__init__(*args, on_event=self._count, **kwargs)
 
-    def _handle(self, kind: str, payload: Any) -> None:
-        try:
-            super()._handle(kind, payload)
-        finally:
-            with self._handled_cond:
-                self.handled[kind] += 1
-                self._handled_cond.notify_all()
+    def _count(self, kind: str) -> None:
+        with self._handled_cond:
+            self.handled[kind] += 1
+            self._handled_cond.notify_all()
 
     def wait_handled(self, kind: str, count: int, timeout: float = TIMEOUT) -> None:
         with self._handled_cond:

@@ -205,7 +205,7 @@ def test_agent_serves_and_buffers_telemetry_while_the_broker_is_down(
             wait_until(lambda: wall.calls > before, "a heartbeat while disconnected")  # noqa: B023
             made.append(wall.base + wall.calls)
             np.testing.assert_array_equal(a.agent.predict(x), baseline)  # still serving
-        assert len(a.daemon._telemetry) == buffer  # bounded: the oldest were dropped
+        assert a.daemon.reporter.buffered == buffer  # bounded: the oldest were dropped
 
         fleet.broker.start()
         wait_until(lambda: made[-1] in times(), "the buffered telemetry after reconnect")
