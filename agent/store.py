@@ -24,8 +24,9 @@ delete another process's install in progress. A read-only store (``readonly=True
 nothing; its ``state`` is a snapshot, and a version pruned after it was taken is skipped by
 ``kept``.
 
-Operating-system errors (disk full, I/O errors) leave the methods as ``StoreError``, after
-undoing what was half done; the active version is unchanged unless the pointer was replaced.
+Operating-system errors (disk full, I/O errors) leave the methods as ``StoreError`` (mapped at
+one edge, ``edgefleet.infra.fsutil.os_errors``), after undoing what was half done; the active
+version is unchanged unless the pointer was replaced.
 Pruning after a switch only logs a failure: the leftover goes on the next open.
 """
 
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from edgefleet.infra.fsutil import atomic_write, fsync_dir
+from edgefleet.infra.fsutil import atomic_write, fsync_dir, os_errors, strerror
 from edgefleet.protocol.canonical import canonical_json
 from edgefleet.protocol.errors import StoreError
 from edgefleet.protocol.manifest import Manifest
@@ -57,10 +58,6 @@ LOCK = "LOCK"
 
 class StoreBusyError(StoreError):
     """Another process (normally ``edgefleet agent run``) holds the store's writer lock."""
-
-
-def _why(exc: OSError) -> str:
-    return exc.strerror or str(exc)
 
 
 @dataclass(frozen=True)
@@ -100,12 +97,8 @@ class Staging:
     extra: dict[str, bytes] = field(default_factory=dict)
 
     def write(self, data: bytes) -> None:
-        try:
+        with os_errors(f"staging {self.dir.name}: cannot write the model"):
             self.model.write(data)
-        except OSError as exc:
-            raise StoreError(
-                f"staging {self.dir.name}: cannot write the model ({_why(exc)})"
-            ) from exc
         self.written += len(data)
 
 
@@ -132,11 +125,9 @@ class ModelStore:
         if readonly:
             self.state = self._load_state()
             return
-        try:
+        with os_errors(f"{root}: cannot create the model store"):
             for sub in ("versions", "staging", "trash"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"{root}: cannot create the model store ({_why(exc)})") from exc
         self._lock_fd = _lock(root / LOCK)
         try:
             self.state = self._load_state()
@@ -170,12 +161,11 @@ class ModelStore:
     # -- state -----------------------------------------------------------------------------
     def _load_state(self) -> StoreState:
         path = self.root / POINTER
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return StoreState()
-        except OSError as exc:
-            raise StoreError(f"{path}: cannot read the store pointer ({_why(exc)})") from exc
+        with os_errors(f"{path}: cannot read the store pointer"):
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                return StoreState()
         try:
             d = json.loads(raw)
             return StoreState(d["active"], tuple(d["history"]), int(d["highest_sequence"]))
@@ -193,7 +183,7 @@ class ModelStore:
                 switched = False
             if not switched:
                 raise StoreError(
-                    f"{POINTER}: cannot switch to {state.active} ({_why(exc)})"
+                    f"{POINTER}: cannot switch to {state.active}: {strerror(exc)}"
                 ) from exc
             # Replaced, but syncing its directory failed: the switch is what every reader
             # sees now, so this process must act on it too.
@@ -203,7 +193,7 @@ class ModelStore:
 
     def _recover(self) -> None:
         """Remove leftovers of interrupted installs and prunes (only ever under the lock)."""
-        try:
+        with os_errors(f"{self.root}: cannot clean up the store"):
             for sub in ("staging", "trash"):
                 for p in (self.root / sub).iterdir():
                     shutil.rmtree(p, ignore_errors=True)
@@ -212,17 +202,13 @@ class ModelStore:
                 if p.name not in keep:
                     log.info("removing unreferenced version %s", p.name)
                     shutil.rmtree(p, ignore_errors=True)
-        except OSError as exc:
-            raise StoreError(f"{self.root}: cannot clean up the store ({_why(exc)})") from exc
         if self.state.active and not (self.root / "versions" / self.state.active).is_dir():
             raise StoreError(f"active version {self.state.active} is missing from {self.root}")
 
     # -- reading ---------------------------------------------------------------------------
     def version(self, dirname: str) -> InstalledVersion:
-        try:
+        with os_errors(f"version {dirname}: cannot read its manifest"):
             return self._read_version(dirname)
-        except OSError as exc:
-            raise StoreError(f"version {dirname}: cannot read its manifest ({_why(exc)})") from exc
 
     def _read_version(self, dirname: str) -> InstalledVersion:
         d = self.root / "versions" / dirname
@@ -236,12 +222,11 @@ class ModelStore:
         """The kept versions, newest first; one pruned by a writer while we read is skipped."""
         kept = []
         for name in self.state.history:
-            try:
-                kept.append(self._read_version(name))
-            except FileNotFoundError:
-                log.debug("kept version %s is gone (pruned by the writer)", name)
-            except OSError as exc:
-                raise StoreError(f"version {name}: cannot read its manifest ({_why(exc)})") from exc
+            with os_errors(f"version {name}: cannot read its manifest"):
+                try:
+                    kept.append(self._read_version(name))
+                except FileNotFoundError:
+                    log.debug("kept version %s is gone (pruned by the writer)", name)
         return kept
 
     # -- installing ------------------------------------------------------------------------
@@ -249,12 +234,13 @@ class ModelStore:
         self._writable()
         d = self.root / "staging" / uuid.uuid4().hex
         try:
-            d.mkdir()
-            self._cp("staging:created")
-            return Staging(d, open(d / f"model.{manifest.format}", "wb"))  # noqa: SIM115
-        except OSError as exc:
+            with os_errors("cannot start staging a version"):
+                d.mkdir()
+                self._cp("staging:created")
+                return Staging(d, open(d / f"model.{manifest.format}", "wb"))  # noqa: SIM115
+        except StoreError:
             shutil.rmtree(d, ignore_errors=True)
-            raise StoreError(f"cannot start staging a version ({_why(exc)})") from exc
+            raise
 
     def abort(self, staging: Staging) -> None:
         with contextlib.suppress(OSError):  # e.g. flushing onto a full disk: it goes anyway
@@ -273,39 +259,44 @@ class ModelStore:
         target = self.root / "versions" / version_dirname(manifest)
         renamed = False
         try:
-            staging.model.flush()
-            os.fsync(staging.model.fileno())
-            staging.model.close()
-            self._cp("model:synced")
-            for fname, data in (("manifest.json", manifest_raw), ("manifest.sig", signature_raw)):
-                with open(staging.dir / fname, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                self._cp(f"{fname}:synced")
-            fsync_dir(staging.dir)
-            if target.exists():  # same release installed before (e.g. replayed after a crash)
-                shutil.rmtree(target)
-            os.rename(staging.dir, target)
-            renamed = True
-            self._cp("version:renamed")
-            fsync_dir(target.parent)
-            self._cp("version:synced")
-        except OSError as exc:
+            with os_errors(f"cannot commit {target.name}"):
+                self._write_version(staging, target, manifest_raw, signature_raw)
+                renamed = True
+                self._cp("version:renamed")
+                fsync_dir(target.parent)
+                self._cp("version:synced")
+        except StoreError:
             if renamed and target.name not in self.state.history:  # never activated: drop it
                 shutil.rmtree(target, ignore_errors=True)
-            raise StoreError(f"cannot commit {target.name} ({_why(exc)})") from exc
+            raise
         return InstalledVersion(target, manifest, manifest_raw)
+
+    def _write_version(
+        self, staging: Staging, target: Path, manifest_raw: bytes, signature_raw: bytes
+    ) -> None:
+        """Sync the staged files and rename the directory to ``target`` (OSError on failure)."""
+        staging.model.flush()
+        os.fsync(staging.model.fileno())
+        staging.model.close()
+        self._cp("model:synced")
+        for fname, data in (("manifest.json", manifest_raw), ("manifest.sig", signature_raw)):
+            with open(staging.dir / fname, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._cp(f"{fname}:synced")
+        fsync_dir(staging.dir)
+        if target.exists():  # same release installed before (e.g. replayed after a crash)
+            shutil.rmtree(target)
+        os.rename(staging.dir, target)
 
     def discard(self, version: InstalledVersion) -> None:
         """Remove a committed but never activated version (e.g. it failed its smoke test)."""
         self._writable()
         if version.dir.name in self.state.history:
             raise RuntimeError(f"{version.dir.name} is kept; use rollback instead")
-        try:
+        with os_errors(f"cannot discard {version.dir.name}"):
             self._trash(version.dir.name)
-        except OSError as exc:
-            raise StoreError(f"cannot discard {version.dir.name} ({_why(exc)})") from exc
 
     def activate(self, version: InstalledVersion) -> None:
         """Atomically make ``version`` active and raise the accepted sequence to its own.
@@ -351,22 +342,20 @@ class ModelStore:
 
 def _lock(path: Path) -> int:
     """An open descriptor on ``path`` holding its exclusive ``flock``; else ``StoreError``."""
-    try:
+    with os_errors(f"{path}: cannot open the store lock"):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot open the store lock ({_why(exc)})") from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        holder = _holder(fd)
+        with os_errors(f"{path}: cannot lock the model store"):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise StoreBusyError(
+                    "model store is in use by another process (is `edgefleet agent run` "
+                    f"running?): {path.parent} is locked{_holder(fd)}"
+                ) from exc
+    except BaseException:
         os.close(fd)
-        raise StoreBusyError(
-            "model store is in use by another process (is `edgefleet agent run` running?): "
-            f"{path.parent} is locked{holder}"
-        ) from exc
-    except OSError as exc:
-        os.close(fd)
-        raise StoreError(f"{path}: cannot lock the model store ({_why(exc)})") from exc
+        raise
     with contextlib.suppress(OSError):  # who holds it, for the message above; not essential
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

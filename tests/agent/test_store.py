@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Any
 
 import pytest
 from edgefleet.agent.store import POINTER, InstalledVersion, ModelStore, StoreState, version_dirname
@@ -146,3 +147,47 @@ def test_checkpoints_name_every_filesystem_step(tmp_path: Path) -> None:
     labels.clear()
     install(store, 2)  # keep=1: the previous version is pruned after the switch
     assert labels[-3:] == ["pointer:before", "pointer:after", "trash:renamed"]
+
+
+def _replace_by_dir(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _replace_by_file(path: Path) -> None:
+    path.rmdir()
+    path.write_bytes(b"")
+
+
+# (case, break the store on disk, then do this, the message: "<what>: <OS reason>")
+OS_ERROR_CASES = [
+    ("root-is-a-file", lambda root: None,
+     lambda root: ((root / "f").write_bytes(b""), ModelStore(root / "f" / "store")),
+     "cannot create the model store: Not a directory"),
+    ("pointer-is-a-directory", lambda root: _replace_by_dir(root / POINTER),
+     lambda root: ModelStore(root), "cannot read the store pointer: Is a directory"),
+    ("manifest-is-a-directory",
+     lambda root: _replace_by_dir(next((root / "versions").iterdir()) / "manifest.json"),
+     lambda root: ModelStore(root).active(), "cannot read its manifest: Is a directory"),
+    ("staging-is-a-file", lambda root: None,
+     lambda root: _begin_without_staging(root), "cannot start staging a version: Not a directory"),
+]
+
+
+def _begin_without_staging(root: Path) -> object:
+    store = ModelStore(root)
+    _replace_by_file(root / "staging")
+    return store.begin(manifest(2)[0])
+
+
+@pytest.mark.parametrize(("case", "damage", "act", "match"), OS_ERROR_CASES,
+                         ids=[c[0] for c in OS_ERROR_CASES])
+def test_os_errors_leave_as_one_store_error(
+    tmp_path: Path, case: str, damage: Any, act: Any, match: str
+) -> None:
+    with ModelStore(tmp_path) as store:
+        install(store, 1)
+    damage(tmp_path)
+    with pytest.raises(StoreError) as info:
+        act(tmp_path)
+    assert match in str(info.value) and isinstance(info.value.__cause__, OSError)
