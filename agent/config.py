@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgefleet.infra.fsutil import os_errors
 from edgefleet.infra.settings import load_toml_config, to_toml
 
 __all__ = ["AgentConfig"]
@@ -42,14 +43,13 @@ class AgentConfig:
 
     @classmethod
     def load(cls, home: Path, **overrides: Any) -> AgentConfig:
-        return load_toml_config(
-            cls,
-            home / "agent.toml",
-            home,
-            required=True,
-            hint="run `edgefleet agent init` first",
-            **overrides,
-        )
+        """``FileNotFoundError`` (saying how to make one) if there is none; ``StoreError`` if it
+        cannot be read; ``ValueError``/``TypeError`` for bad settings."""
+        path = home / "agent.toml"
+        with os_errors(f"{path}: cannot read the config", passthrough=(FileNotFoundError,)):
+            return load_toml_config(
+                cls, path, home, required=True, hint="run `edgefleet agent init` first", **overrides
+            )
 
     def to_toml(self) -> str:
         return to_toml(self)

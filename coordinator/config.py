@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgefleet.infra.fsutil import os_errors
 from edgefleet.infra.settings import load_toml_config, to_toml
 
 __all__ = ["CoordinatorConfig"]
@@ -31,7 +32,11 @@ class CoordinatorConfig:
 
     @classmethod
     def load(cls, home: Path, **overrides: Any) -> CoordinatorConfig:
-        return load_toml_config(cls, home / "coordinator.toml", home, required=False, **overrides)
+        """Defaults if there is no file; ``StoreError`` if it cannot be read; ``ValueError``/
+        ``TypeError`` for bad settings."""
+        path = home / "coordinator.toml"
+        with os_errors(f"{path}: cannot read the config", passthrough=(FileNotFoundError,)):
+            return load_toml_config(cls, path, home, required=False, **overrides)
 
     def to_toml(self) -> str:
         return to_toml(self)

@@ -27,15 +27,18 @@ def strerror(exc: OSError) -> str:
 
 
 @contextlib.contextmanager
-def os_errors(what: str) -> Iterator[None]:
+def os_errors(what: str, *, passthrough: tuple[type[OSError], ...] = ()) -> Iterator[None]:
     """Raise ``StoreError(f"{what}: {reason}")`` from any ``OSError`` leaving the block.
 
     ``what`` names the file or object and the operation ("<path>: cannot read the keyring").
     Handle the ``OSError`` subclasses that are not failures (``FileNotFoundError`` for an
-    optional file) inside the block; other exceptions pass through unchanged.
+    optional file) inside the block, or name those that must leave unchanged in
+    ``passthrough``; other exceptions pass through unchanged.
     """
     try:
         yield
+    except passthrough:
+        raise
     except OSError as exc:
         raise StoreError(f"{what}: {strerror(exc)}") from exc
 

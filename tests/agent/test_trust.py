@@ -355,3 +355,9 @@ def test_unreadable_identity_gives_one_clear_error(
         DeviceIdentity.load(tmp_path / "keys")
     assert type(info.value) is error and type(info.value.__cause__) is cause
     assert str(path) in str(info.value) and match in str(info.value)
+
+
+def test_unreadable_config_is_a_store_error_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "agent.toml").mkdir()
+    with pytest.raises(StoreError, match="agent.toml: cannot read the config: Is a directory"):
+        AgentConfig.load(tmp_path)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from edgefleet.coordinator.config import CoordinatorConfig
 from edgefleet.coordinator.keys import CoordinatorKeys, sign_keyring
 from edgefleet.protocol.canonical import b64d, b64e, canonical_json
 from edgefleet.protocol.errors import (
@@ -194,3 +195,10 @@ def test_a_release_key_the_keyring_does_not_name_is_a_config_error(
     with pytest.raises(ConfigError, match="not in keyring v1") as info:
         stray.check(now=T0, ttl=0)
     assert type(info.value) is ConfigError
+
+
+def test_unreadable_coordinator_config_is_a_store_error(tmp_path: Path) -> None:
+    assert CoordinatorConfig.load(tmp_path) == CoordinatorConfig(home=tmp_path)  # none: defaults
+    (tmp_path / "coordinator.toml").mkdir()
+    with pytest.raises(StoreError, match="coordinator.toml: cannot read the config: Is a dir"):
+        CoordinatorConfig.load(tmp_path)

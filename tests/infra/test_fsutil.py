@@ -96,3 +96,12 @@ def test_os_errors_passes_other_exceptions_and_success_through(tmp_path: Path) -
     assert (tmp_path / "f").read_bytes() == b"ok"
     with pytest.raises(KeyError), os_errors("x"):
         raise KeyError("not an OS error")
+
+
+def test_os_errors_lets_the_named_kinds_through(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError), os_errors("x", passthrough=(FileNotFoundError,)):
+        (tmp_path / "missing").read_bytes()
+    with pytest.raises(StoreError, match="x: Is a directory"), os_errors(
+        "x", passthrough=(FileNotFoundError,)
+    ):
+        tmp_path.read_bytes()
