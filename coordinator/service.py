@@ -106,9 +106,11 @@ class CoordinatorService:
         """Publish the offers of release ``sequence`` (built earlier); return their bytes."""
         return releases.publish_sequence(self.registry, self.link, sequence).bytes
 
-    def release_model(self, name: str, version: str, selector: str) -> releases.Released:
-        """Build a release and publish it on this service's link."""
-        return releases.release(self.coordinator, self.link, name, version, selector)
+    def release_model(
+        self, name: str, version: str, selector: str, *, now: int | None = None
+    ) -> releases.Released:
+        """Build a release (signed at ``now``, unix seconds) and publish it on this link."""
+        return releases.release(self.coordinator, self.link, name, version, selector, now=now)
 
     # -- the link's thread: route only -----------------------------------------------------
     def _on_message(self, topic: str, payload: bytes, props: MessageProps) -> None:

@@ -21,6 +21,7 @@ META = {"input": {"name": "x", "dtype": "float32", "shape": [None, 4]},
         "output": {"name": "y", "dtype": "float32", "shape": [None, 2]},
         "smoke": [], "feature_stats": {}}
 DEVICES = ("dev-a", "dev-b", "dev-c")
+SEGMENT = 1024  # bytes: each model is a few segments
 
 
 @dataclass
@@ -35,7 +36,8 @@ class Home:
 
 def make_home(tmp: Path, devices: tuple[str, ...] = DEVICES) -> Home:
     coord = Coordinator.init(tmp / "coordinator", now=T0)
-    for version, content in (("1", b"model one" * 100), ("2", b"model two" * 100)):
+    coord.update_config(segment_size=SEGMENT)
+    for version, content in (("1", b"model one" * 400), ("2", b"model two" * 400)):
         path = tmp / f"m{version}.onnx"
         path.write_bytes(content)
         path.with_suffix(".json").write_text(json.dumps(META))
