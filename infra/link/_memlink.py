@@ -175,9 +175,7 @@ class InMemoryLink:
 
     def stop(self) -> None:
         """Disconnect (the broker keeps a persistent session) and join the link's thread."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
+        self._halt()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
@@ -276,6 +274,11 @@ class InMemoryLink:
         self.stop()
 
     # -- called by the broker, holding its lock ------------------------------------------------
+
+    def _halt(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
 
     def _push(self, conn: Conn[Any], item: Queued, *, limit: int) -> bool:
         with self._cond:

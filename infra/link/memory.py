@@ -232,6 +232,8 @@ class InMemoryBroker:
         with self._lock:
             self._closed = True
             links, self._links = self._links, []
+            for link in links:  # no reconnect attempt between the close and the join
+                link._halt()
             for session in list(self._sessions.values()):
                 if session.conn is not None:
                     self._close(session.conn, "Server shutting down")
