@@ -82,6 +82,9 @@ class TrustStore:
             check_keys(doc, {"keyring", "signature"}, "stored keyring")
             raw = b64d(field(doc, "keyring", str, "stored keyring"), what="stored keyring")
             sig = b64d(field(doc, "signature", str, "stored keyring"), what="stored signature")
+        except BundleError as exc:
+            raise CorruptStateError(f"{path}: not a stored keyring file ({exc})") from exc
+        try:
             return verify_keyring_signature(self.root_public, raw, sig)
         except BundleError as exc:
             raise CorruptStateError(

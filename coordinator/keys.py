@@ -72,6 +72,9 @@ def _load_keyring(home: Path) -> tuple[bytes, bytes]:
         check_keys(d, {"keyring", "signature"}, "keyring file")
         raw = b64d(field(d, "keyring", str, "keyring file"), what="keyring")
         sig = b64d(field(d, "signature", str, "keyring file"), what="keyring signature")
+    except BundleError as exc:
+        raise CorruptStateError(f"{path}: not a keyring file ({exc})") from exc
+    try:
         verify_keyring_signature(root_public, raw, sig)
     except BundleError as exc:
         raise CorruptStateError(f"{path}: does not verify against {root_path} ({exc})") from exc

@@ -160,7 +160,7 @@ def make_dir(path: Path, root: Root) -> None:
 
 # (case, what happens to keyring.json, the error in ``problem``, its cause, message fragment)
 STORED_KEYRING_CASES = [
-    ("truncated", truncate, CorruptStateError, DecodeError, "invalid JSON"),
+    ("truncated", truncate, CorruptStateError, DecodeError, "not a stored keyring file"),
     ("empty", write(b""), CorruptStateError, DecodeError, "invalid JSON"),
     ("not-utf8", write(b"\xff\xfe"), CorruptStateError, DecodeError, "UTF-8"),
     ("a-list", write(b"[]"), CorruptStateError, DecodeError, "expected a JSON object"),
@@ -173,12 +173,14 @@ STORED_KEYRING_CASES = [
      DecodeError, "base64"),
     ("signature-garbage", edit_stored(lambda d: d.update(signature=b64e(b"{}"))),
      CorruptStateError, DecodeError, "signature"),
+    ("signature-garbage-sig", edit_stored(lambda d: d.update(signature=b64e(b'{"keyid":"x"}'))),
+     CorruptStateError, DecodeError, "does not verify against the pinned root"),
     ("signature-tampered", edit_stored(flip_signature), CorruptStateError, KeyringError,
-     "signature"),
+     "does not verify against the pinned root (keyring: signature"),
     ("keyring-tampered", edit_stored(raise_version), CorruptStateError, KeyringError,
-     "signature"),
+     "does not verify against the pinned root (keyring: signature"),
     ("signed-by-another-root", signed_by_another_root, CorruptStateError, UntrustedSignerError,
-     "expected root key"),
+     "does not verify against the pinned root (keyring: expected root key"),
     ("a-directory", make_dir, StoreError, IsADirectoryError, "Is a directory"),
 ]
 

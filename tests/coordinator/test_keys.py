@@ -94,7 +94,8 @@ ROOT_PUB = lambda h, k: h / "root.pub"  # noqa: E731
 LOAD_CASES: list[tuple[str, Mutate, type[Exception], type[Exception] | None, str]] = [
     ("keyring-missing", lambda h, k: (h / "keyring.json").unlink(), StoreError,
      FileNotFoundError, "keyring.json: cannot read the keyring: No such file"),
-    ("keyring-truncated", truncate(KEYRING), CorruptStateError, DecodeError, "invalid JSON"),
+    ("keyring-truncated", truncate(KEYRING), CorruptStateError, DecodeError,
+     "keyring.json: not a keyring file"),
     ("keyring-empty", lambda h, k: (h / "keyring.json").write_bytes(b""), CorruptStateError,
      DecodeError, "invalid JSON"),
     ("keyring-no-signature", edit_keyring_file(lambda d: d.pop("signature")), CorruptStateError,
