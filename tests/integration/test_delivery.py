@@ -120,8 +120,8 @@ def test_killed_agent_resumes_and_fetches_only_missing_chunks(
         assert svc.chunks.sent_chunks == segments
         # ... and the agent said so: its first report after the restart shows k chunks reused.
         resumed = [s.progress for s in statuses(observer, dev)
-                   if s.progress and s.progress["reused"]]
-        assert resumed and resumed[0]["reused"] == k and resumed[0]["fetched"] == 0
+                   if s.progress and s.progress.reused]
+        assert resumed and resumed[0].reused == k and resumed[0].fetched == 0
         assert not part.exists()
         last = json.loads((fleet.homes[dev] / "last_install.json").read_bytes())
         assert (last["ok"], last["sequence"]) == (True, release.sequence)
