@@ -2,6 +2,8 @@
 
 Tables: model versions (with lineage and metrics), devices (public keys, state, last seen),
 groups, releases (signed manifest, per-device envelopes) and a monotonic release counter.
+Opening a Registry migrates its database to the newest schema (``migrations``); a change to
+these models needs a new revision there.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from .migrations import upgrade
 
 __all__ = ["Device", "Group", "ModelVersion", "Registry", "Release", "ReleaseTarget"]
 
@@ -131,7 +135,7 @@ class Registry:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = engine_for(url)
-        Base.metadata.create_all(self.engine)
+        upgrade(self.engine)  # create, adopt or upgrade the schema (Alembic), never create_all
 
     @contextmanager
     def session(self) -> Iterator[Session]:

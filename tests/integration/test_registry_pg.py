@@ -2,7 +2,8 @@
 
 Every test runs twice, once per backend. PostgreSQL gets a fresh database per module run
 (``CREATE DATABASE`` through the ``postgres`` maintenance database) and a fresh schema per
-test (``drop_all`` afterwards); the module skips PostgreSQL only if none is reachable.
+test (``drop_all`` and Alembic's version table afterwards); the module skips PostgreSQL only if
+none is reachable. The schema migrations run here on both, too.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from alembic import command
+from edgefleet.coordinator import migrations
 from edgefleet.coordinator.home import Coordinator
-from edgefleet.coordinator.registry import Base, Registry, Release, ReleaseTarget
+from edgefleet.coordinator.registry import Base, Registry, Release, ReleaseTarget, engine_for
 from edgefleet.protocol.manifest import Manifest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from tests.conftest import Digits
+from tests.coordinator.legacy_registry import assert_old_rows, make_old_registry
 
 from .fleet import make_agent_home
 
@@ -55,6 +59,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield url
     engine = create_engine(url)
     Base.metadata.drop_all(engine)  # the next test starts from an empty schema
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()
 
 
@@ -246,3 +252,49 @@ def test_coordinator_builds_a_release(db_url: str, tmp_path: Path, digits_v1: Di
     assert c.blobs.path(stored.payload_blob).stat().st_size == built.manifest.payload_size
     c.registry.engine.dispose()
     reopened.registry.engine.dispose()
+
+
+def _versions(url: str) -> list[str]:
+    engine = engine_for(url)
+    with engine.connect() as conn:
+        found = [r for (r,) in conn.execute(text("SELECT version_num FROM alembic_version"))]
+    engine.dispose()
+    return found
+
+
+def test_a_database_made_before_migrations_keeps_its_rows(db_url: str) -> None:
+    """Today's tables, made as ``create_all`` made them, are stamped, upgraded and kept."""
+    engine = engine_for(db_url)
+    make_old_registry(engine)
+    engine.dispose()
+    reg = Registry(db_url)
+    assert _versions(db_url) == [migrations.head()]
+    assert_old_rows(reg)
+    reg.engine.dispose()
+
+
+def test_concurrent_opens_migrate_once(db_url: str) -> None:
+    """Coordinators starting together on an empty database: one of them creates the tables."""
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def open_registry() -> None:
+        barrier.wait()
+        try:
+            Registry(db_url).engine.dispose()
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_registry) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert _versions(db_url) == [migrations.head()]
+
+
+def test_the_models_and_the_revisions_agree(registry: Registry) -> None:
+    """``alembic check`` on this backend: the revisions make exactly the models' schema."""
+    with registry.engine.connect() as conn:
+        command.check(migrations.alembic_config(conn))
