@@ -247,6 +247,36 @@ def test_fleet_status(world: World, capsys: pytest.CaptureFixture[str],
     assert "never" in lines[0] and "enrolled" in lines[0]
 
 
+def test_model_release_publishes_and_waits(world: World, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Over a real broker with no agent running: the offers are retained for each target, and
+    ``--wait`` gives up with exit 3 saying how many devices got there."""
+    from edgefleet.infra.broker import EmbeddedBroker
+    from edgefleet.infra.link.mqtt import MqttConfig, MqttLink
+
+    from tests.integration.brokers import TIMEOUT, Inbox
+
+    home = tmp_path / "coordinator"  # a copy: the release must not change the module's world
+    shutil.copytree(world.coordinator, home)
+    with EmbeddedBroker(data_dir=tmp_path / "broker") as broker:
+        code, out, err = run(capsys, "model", "release", "--home", home, "--broker", broker.url,
+                             "--name", "digits", "--version", "1", "--to", "group:lab",
+                             "--wait", "0.2")
+        assert code == 3, err
+        assert out.splitlines()[0].startswith("release 3: digits 1 to 2 devices (")
+        assert err.strip().splitlines()[-1] == "timed out: 0 of 2 devices run release 3"
+        inbox = Inbox()
+        link = MqttLink(MqttConfig(url=broker.url, client_id="dev-a", protocol=broker.protocol),
+                        inbox)
+        link.start()
+        try:
+            link.subscribe("ef/v1/dev/dev-a/release")
+            offer = json.loads(inbox.wait_topic("ef/v1/dev/dev-a/release", TIMEOUT).payload)
+        finally:
+            link.stop()
+    assert offer["type"] == "release" and offer["envelope"]["device_id"] == "dev-a"
+
+
 def test_home_from_the_environment(world: World, capsys: pytest.CaptureFixture[str],
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEFLEET_AGENT_HOME", str(world.agents["dev-b"]))
