@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 if TYPE_CHECKING:  # imported lazily: reading a config file must not pull in paho
-    from .link.mqtt import MqttConfig
+    from .link.config import MqttConfig
 
 __all__ = ["load_toml_config", "mqtt_config", "to_toml"]
 
@@ -63,7 +63,7 @@ def mqtt_config(
     **extra: Any,
 ) -> MqttConfig:
     """An ``MqttConfig`` from a component config's ``broker``, ``password_file`` and ``tls_*``."""
-    from .link.mqtt import MqttConfig
+    from .link.config import MqttConfig
 
     if password is None and cfg.password_file:
         password = Path(cfg.password_file).read_text().strip()

@@ -6,11 +6,13 @@ Importing this package does not import paho: unit tests and simulations run on
 
 from __future__ import annotations
 
+from .config import HEADER_ALLOWANCE, MqttConfig
 from .memory import DROP_REASONS, DropRule, InMemoryBroker, InMemoryLink
 from .port import Delivery, Link, LinkFactory, MessageProps, OnMessage
 
 __all__ = [
     "DROP_REASONS",
+    "HEADER_ALLOWANCE",
     "Delivery",
     "DropRule",
     "InMemoryBroker",
@@ -18,5 +20,6 @@ __all__ = [
     "Link",
     "LinkFactory",
     "MessageProps",
+    "MqttConfig",
     "OnMessage",
 ]

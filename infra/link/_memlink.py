@@ -21,17 +21,15 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from edgefleet.protocol.errors import TransportError
 from edgefleet.protocol.topics import Filter, Topic
 
+from .config import HEADER_ALLOWANCE
 from .port import MessageProps, OnMessage
 
 if TYPE_CHECKING:
+    from .config import MqttConfig
     from .memory import InMemoryBroker
-    from .mqtt import MqttConfig
 
 log = logging.getLogger(__name__)
 
-#: bytes kept free in ``max_payload`` for fixed header, topic, packet id and v5 properties
-#: (the same allowance as ``MqttLink``)
-HEADER_ALLOWANCE = 1024
 
 S = TypeVar("S")
 

@@ -64,7 +64,7 @@ from ._memlink import Conn, InMemoryLink, Message, Queued, Refused, packet_size
 from .port import OnMessage
 
 if TYPE_CHECKING:
-    from .mqtt import MqttConfig
+    from .config import MqttConfig
     from .port import LinkFactory
 
 __all__ = ["DROP_REASONS", "DropRule", "InMemoryBroker", "InMemoryLink"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .mqtt import MqttConfig
+    from .config import MqttConfig
 
 __all__ = ["Delivery", "Link", "LinkFactory", "MessageProps", "OnMessage"]
 
