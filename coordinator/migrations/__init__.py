@@ -26,7 +26,6 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 
@@ -83,7 +82,8 @@ def upgrade(engine: Engine, *, revision: str = "head", scripts: Path = SCRIPTS) 
         if not current and _predates_migrations(conn):
             log.info("registry predates migrations: stamping it at revision %s", BASELINE)
             command.stamp(cfg, BASELINE)
-        log.info("upgrading the registry schema from %s to %s", sorted(current) or "empty", target)
+        log.info("upgrading the registry schema from %s to %s",
+                 ", ".join(sorted(current)) or "empty", target)
         command.upgrade(cfg, target)
         conn.commit()
 
@@ -105,7 +105,10 @@ def _lock(conn: Connection) -> None:
 
 
 def _current(conn: Connection) -> set[str]:
-    return set(MigrationContext.configure(conn).get_current_heads())
+    """The revisions the database is at (empty: never migrated), read without Alembic's logs."""
+    if not inspect(conn).has_table("alembic_version"):
+        return set()
+    return {rev for (rev,) in conn.execute(text("SELECT version_num FROM alembic_version"))}
 
 
 def _check_known(current: set[str], scripts: Path) -> None:
