@@ -11,8 +11,7 @@ from pathlib import Path
 
 from edgefleet.coordinator.home import Coordinator
 from edgefleet.coordinator.registry import Release
-from edgefleet.infra.link.mqtt import MqttConfig
-from edgefleet.infra.link.port import MessageProps
+from edgefleet.infra.link import MessageProps, MqttConfig
 from edgefleet.protocol.device import DevicePublic
 from edgefleet.protocol.keys import KemPrivateKey, SigningKey, generate_kem_key
 

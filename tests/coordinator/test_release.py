@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from edgefleet.coordinator import release as releases
-from edgefleet.infra.link.memory import InMemoryBroker
+from edgefleet.infra.link import InMemoryBroker
 from edgefleet.infra.link.port import Link
 from edgefleet.protocol import topics
 from edgefleet.protocol.envelope import unwrap_key
