@@ -29,6 +29,7 @@ from edgefleet.protocol.keys import SigningKey
 from edgefleet.protocol.manifest import MAX_MANIFEST, Manifest
 from edgefleet.protocol.messages import (
     MAX_OFFER,
+    ActiveModel,
     ChunkReply,
     ChunkRequest,
     DeviceStatus,
@@ -103,7 +104,8 @@ def test_rogue_device_is_confined_by_the_acl_and_cannot_hurt_the_fleet(
                               signature=Signature(keyid="0" * 64,
                                                   sig=bytes(64)).encode())
         status_b = DeviceStatus(device_id="dev-b", time=0, state="idle",
-                                active={"name": "digits", "version": "666", "sequence": 666})
+                                active=ActiveModel(name="digits", version="666", sequence=666,
+                                                   format="onnx", bundle_id="0" * 32))
         refused = {
             "ef/v1/dev/dev-a/release": forged.encode(),
             "ef/v1/dev/dev-b/release": offer_b.encode(),  # even a genuine one
