@@ -120,13 +120,13 @@ class AgentDaemon:
     def start(self) -> None:
         self._thread.start()
         self._installer.start()
-        self.link.start()
-        for topic in (
+        for topic in (  # before connecting: ``link.connected`` then means "listening"
             topics.release(self.device_id),
             topics.chunk(self.device_id),
             topics.cmd(self.device_id),
         ):
             self.link.subscribe(topic, qos=1)
+        self.link.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -203,7 +203,10 @@ class AgentDaemon:
             if kind == "installed" and payload is None:
                 self.installed.set()  # after the part file is gone and the status reported
             if self.on_event is not None:
-                self.on_event(kind)
+                try:
+                    self.on_event(kind)
+                except Exception:  # an observer's bug must not stop the daemon either
+                    log.exception("agent daemon: on_event(%r) failed", kind)
 
     def _next_event(self) -> tuple[str, Any]:
         if self._connect_missed.is_set():

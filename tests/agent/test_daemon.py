@@ -1,8 +1,9 @@
-"""AgentDaemon decisions without a broker: the worker's handlers are driven directly.
+"""AgentDaemon run for real over the in-memory broker: no private method is called.
 
-The daemon is built but not started, so its MQTT link never connects (reports are skipped
-while disconnected) and each test feeds offers and chunk replies to ``_handle`` as the worker
-thread would, or to ``_on_message`` / ``_on_connect`` as paho's network thread would.
+A test-side ``Coordinator`` link on the same broker publishes offers, answers chunk requests
+from a ``Release`` (when told to) and collects the statuses the daemon reports. The daemon's
+``on_event`` hook says what its worker has handled, so tests wait on that (with a timeout),
+and can hold the worker still by blocking in it.
 """
 
 from __future__ import annotations
@@ -12,56 +13,128 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.daemon import MAX_CHUNK_FRAME, MAX_INCOMING, AgentDaemon, mqtt_config_for
-from edgefleet.infra.link.mqtt import HEADER_ALLOWANCE, MessageProps, MqttConfig
-from edgefleet.protocol.container import HEADER_SIZE, decode_envelopes, parse_header
+from edgefleet.infra.link.memory import InMemoryBroker
+from edgefleet.infra.link.mqtt import HEADER_ALLOWANCE, MqttConfig
+from edgefleet.infra.link.port import Link, MessageProps, OnMessage
+from edgefleet.protocol import topics
 from edgefleet.protocol.envelope import Envelope
-from edgefleet.protocol.manifest import Manifest
-from edgefleet.protocol.messages import MAX_OFFER, ChunkReply, ReleaseOffer
+from edgefleet.protocol.messages import MAX_OFFER, ChunkRequest, DeviceStatus, ReleaseOffer
 from edgefleet.protocol.segments import MAX_SEGMENT
 
+from tests.agent.releases import DEVICE, Release
 from tests.conftest import Fleet, open_agent
 
-DEVICE = "dev-a"
-PROPS = MessageProps(qos=1, retain=False)
-TOPIC = f"ef/v1/dev/{DEVICE}"
+TIMEOUT = 10.0
 
 
-class Release:
-    """An ``.efb`` split into what the coordinator sends: the offer and the chunk replies."""
+def config(client_id: str, **changes: Any) -> MqttConfig:
+    return MqttConfig(url="mqtt://in-memory.invalid:1883", client_id=client_id, **changes)
 
-    def __init__(self, efb: bytes, device: str = DEVICE) -> None:
-        layout = parse_header(efb[:HEADER_SIZE], file_size=len(efb), max_payload=1 << 30)
 
-        def section(name: str) -> bytes:
-            off, length = layout[name]
-            return efb[off : off + length]
+class Coordinator:
+    """The other end of dev-a's topics: offers out, chunk replies (if ``serving``), statuses in."""
 
-        self.offer = ReleaseOffer(
-            keyring=section("keyring"),
-            keyring_sig=section("keyring_sig"),
-            manifest=section("manifest"),
-            signature=section("signature"),
-            envelope=next(
-                e for e in decode_envelopes(section("envelopes")) if e.device_id == device
-            ),
+    def __init__(self, broker: InMemoryBroker) -> None:
+        self.releases: dict[str, Release] = {}
+        self.serving = True
+        self.statuses: list[DeviceStatus] = []
+        self.requested: collections.Counter[str] = collections.Counter()  # bundle id -> count
+        self._cond = threading.Condition()
+        self.link = broker.link(config("coordinator", max_queued=0), self._on_message)
+        self.link.start()
+        assert self.link.subscribe(f"{topics.PREFIX}/dev/{DEVICE}/up/#").wait(TIMEOUT)
+
+    def offer(self, payload: bytes) -> None:
+        self.link.publish(topics.release(DEVICE), payload, qos=1).wait(TIMEOUT)
+
+    def send(self, release: Release) -> None:
+        self.releases[release.manifest.bundle_id] = release
+        self.offer(release.offer.encode())
+
+    def _on_message(self, topic: str, payload: bytes, props: MessageProps) -> None:
+        if topic.endswith("/up/status"):
+            with self._cond:
+                self.statuses.append(DeviceStatus.decode(payload))
+                self._cond.notify_all()
+        elif topic.endswith("/up/chunkreq"):
+            req = ChunkRequest.decode(payload)
+            with self._cond:
+                self.requested[req.bundle_id] += 1
+                self._cond.notify_all()
+            release = self.releases.get(req.bundle_id)
+            if self.serving and release is not None:
+                for i in req.indexes:
+                    self.link.publish(req.reply_to, release.chunk(i), qos=1)
+
+    def wait(self, what: str, predicate: Callable[[], bool]) -> None:
+        with self._cond:
+            assert self._cond.wait_for(predicate, TIMEOUT), what
+
+
+class Running:
+    """A started daemon and what its worker has handled."""
+
+    def __init__(self, agent: Agent, broker: InMemoryBroker, **kwargs: Any) -> None:
+        self.handled: collections.Counter[str] = collections.Counter()
+        self._cond = threading.Condition()
+        self.hold = threading.Event()  # set: the worker blocks in on_event until released
+        self.held = threading.Event()  # the worker is blocked
+        self.release_hold = threading.Event()
+        self.configs: list[MqttConfig] = []
+
+        def factory(cfg: MqttConfig, on_message: OnMessage, **kw: Any) -> Link:
+            self.configs.append(cfg)
+            return broker.link(cfg, on_message, **kw)
+
+        kwargs.setdefault("request_timeout", 60.0)  # no re-sends unless a test wants them
+        self.daemon = AgentDaemon(
+            agent,
+            config("agent-dev-a", reconnect_min=0.05, reconnect_max=0.2),
+            link_factory=factory,
+            on_event=self._seen,
+            **kwargs,
         )
-        self.manifest = Manifest.decode(self.offer.manifest)
-        self.payload = section("payload")
+        self.daemon.start()
+        assert self.daemon.link.wait_connected(TIMEOUT), self.daemon.link.last_error
 
-    def chunk(self, i: int) -> bytes:
-        off, length = self.manifest.segment_span(i)
-        return ChunkReply(
-            bundle_id=self.manifest.bundle_id,
-            index=i,
-            corr=f"{i}.1",
-            data=self.payload[off : off + length],
-        ).encode()
+    def _seen(self, kind: str) -> None:
+        with self._cond:
+            self.handled[kind] += 1
+            self._cond.notify_all()
+        if self.hold.is_set():
+            self.held.set()
+            self.release_hold.wait(6 * TIMEOUT)
+
+    def wait(self, kind: str, count: int) -> None:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self.handled[kind] >= count, TIMEOUT)
+        assert ok, f"handled {dict(self.handled)}, wanted {count} {kind}"
+
+    def block_worker(self) -> None:
+        self.release_hold.clear()
+        self.hold.set()
+        assert self.held.wait(TIMEOUT)
+
+    def unblock_worker(self) -> None:
+        self.hold.clear()
+        self.held.clear()
+        self.release_hold.set()
+
+    @property
+    def state(self) -> str:
+        return self.daemon.flow.state
+
+    def stop(self) -> None:
+        self.unblock_worker()
+        self.daemon.stop()
 
 
 class Recorded:
@@ -82,68 +155,95 @@ class Recorded:
 
 
 @pytest.fixture
-def agent(fleet: Fleet, tmp_path: Path) -> Agent:
-    a = open_agent(fleet.agent_home(tmp_path / "home", DEVICE, installed=("v1",)))
-    yield a  # type: ignore[misc]
+def broker() -> Iterator[InMemoryBroker]:
+    with InMemoryBroker(max_packet=2 * MAX_INCOMING) as b:  # the caps tested are the agent's
+        yield b
+
+
+@pytest.fixture
+def coordinator(broker: InMemoryBroker) -> Iterator[Coordinator]:
+    c = Coordinator(broker)
+    yield c
+    c.link.stop()
+
+
+@pytest.fixture
+def home(fleet: Fleet, tmp_path: Path) -> Path:
+    return fleet.agent_home(tmp_path / "home", DEVICE, installed=("v1",))
+
+
+@pytest.fixture
+def agent(home: Path) -> Iterator[Agent]:
+    a = open_agent(home)
+    yield a
     a.close()
 
 
-class Observed(AgentDaemon):
-    """Counts what the worker thread has finished handling, so a test can wait for it."""
+@pytest.fixture
+def run(agent: Agent, broker: InMemoryBroker) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.handled: collections.Counter[str] = collections.Counter()
-        self._cond = threading.Condition()
+    def start(**kwargs: Any) -> Running:
+        r = Running(agent, broker, **kwargs)
+        started.append(r)
+        return r
 
-    def _handle(self, kind: str, payload: Any) -> None:
-        try:
-            super()._handle(kind, payload)
-        finally:
-            with self._cond:
-                self.handled[kind] += 1
-                self._cond.notify_all()
-
-    def run_until_handled(self, kind: str, count: int) -> None:
-        """Run the worker thread alone (no link) until it handled ``count`` ``kind`` items."""
-        self._thread.start()
-        try:
-            with self._cond:
-                assert self._cond.wait_for(lambda: self.handled[kind] >= count, 10.0), self.handled
-        finally:
-            self._stop.set()
-            self._thread.join(10)
-
-
-def daemon_for(agent: Agent, **kwargs: Any) -> Observed:
-    return Observed(agent, MqttConfig(url="mqtt://127.0.0.1:1", client_id="agent-dev-a"), **kwargs)
-
-
-def deliver(d: AgentDaemon, release: Release) -> None:
-    """Every chunk reply, as the worker thread would handle them."""
-    for i in range(release.manifest.segments):
-        d._handle("chunk", release.chunk(i))
+    yield start
+    for r in started:
+        r.stop()
 
 
 def parts(agent: Agent) -> list[str]:
     return sorted(p.name for p in (agent.config.home / "downloads").glob("*.part"))
 
 
+def installed(r: Running) -> None:
+    assert r.daemon.installed.wait(TIMEOUT)
+
+
 # -- offers ------------------------------------------------------------------------------------
 
 
-def test_genuine_release_downloads_and_installs(fleet: Fleet, agent: Agent) -> None:
-    d = daemon_for(agent)
+def test_genuine_release_downloads_and_installs(
+    fleet: Fleet,
+    agent: Agent,
+    broker: InMemoryBroker,
+    run: Callable[..., Running],
+    coordinator: Coordinator,
+) -> None:
+    d = run()
     v2 = Release(fleet.bundle_bytes("v2"))
-    d._handle("release", v2.offer.encode())
-    assert d._download is not None and parts(agent) == [f"{v2.manifest.bundle_id}.part"]
-    deliver(d, v2)
-    assert d.installed.is_set() and d._download is None and parts(agent) == []
+    coordinator.serving = False
+    coordinator.send(v2)
+    d.wait("release", 1)
+    assert d.state == "downloading" and parts(agent) == [f"{v2.manifest.bundle_id}.part"]
+    coordinator.serving = True
+    assert broker.disconnect("agent-dev-a")  # on reconnect the requests are sent again
+    installed(d)
+    assert d.state == "idle" and d.daemon.flow.download is None and parts(agent) == []
     assert agent.status()["active"]["sequence"] == v2.manifest.sequence
 
 
+def test_release_is_fetched_installed_and_reported(
+    fleet: Fleet, agent: Agent, run: Callable[..., Running], coordinator: Coordinator
+) -> None:
+    d = run()
+    v2 = Release(fleet.bundle_bytes("v2"))
+    coordinator.send(v2)
+    installed(d)
+    assert d.state == "idle" and parts(agent) == []
+    assert agent.status()["active"]["sequence"] == v2.manifest.sequence
+    coordinator.wait(
+        "a status with the new version",
+        lambda: any(
+            s.active is not None and s.active.sequence == v2.manifest.sequence
+            for s in coordinator.statuses
+        ),
+    )
+
+
 def test_offer_whose_envelope_does_not_match_the_manifest_is_rejected_before_download(
-    fleet: Fleet, agent: Agent
+    fleet: Fleet, agent: Agent, run: Callable[..., Running], coordinator: Coordinator
 ) -> None:
     v2 = Release(fleet.bundle_bytes("v2"))
     other = Release(fleet.bundle_bytes("v2"), device="dev-b").offer.envelope
@@ -151,56 +251,67 @@ def test_offer_whose_envelope_does_not_match_the_manifest_is_rejected_before_dow
         Envelope(device_id=DEVICE, kem=other.kem, sealed=other.sealed),  # dev-b's, relabelled
         Envelope(device_id=DEVICE, kem=v2.offer.envelope.kem, sealed=b"\x01" * 64),
     ]
-    d = daemon_for(agent)
+    d = run()
     recorded = Recorded(agent)
-    for envelope in forged:
-        offer = ReleaseOffer(**{**vars(v2.offer), "envelope": envelope})
-        d._handle("release", offer.encode())
-        assert d._download is None and parts(agent) == []
+    for n, envelope in enumerate(forged, 1):
+        coordinator.offer(ReleaseOffer(**{**vars(v2.offer), "envelope": envelope}).encode())
+        d.wait("release", n)
+        assert d.state == "idle" and parts(agent) == []
     assert recorded.codes == ["integrity", "integrity"]
     assert "digest does not match" in agent.last_result()["reason"]  # type: ignore[index]
 
     # Not remembered as failed: the genuine offer (same signed manifest) still installs.
-    d._handle("release", v2.offer.encode())
-    deliver(d, v2)
-    assert d.installed.is_set()
+    coordinator.send(v2)
+    installed(d)
 
 
 def test_failed_install_is_not_fetched_again_on_redelivery(
-    fleet: Fleet, agent: Agent, caplog: pytest.LogCaptureFixture
+    fleet: Fleet,
+    agent: Agent,
+    run: Callable[..., Running],
+    coordinator: Coordinator,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="edgefleet.agent.daemon")
+    caplog.set_level(logging.INFO, logger="edgefleet.agent.flow")
     bad = Release(fleet.release(b"this is not an ONNX model", sequence=10))
-    d = daemon_for(agent)
+    d = run()
     recorded = Recorded(agent)
-    d._handle("release", bad.offer.encode())
-    deliver(d, bad)
-    assert not d.installed.is_set() and recorded.codes == ["model_load"]
+    coordinator.send(bad)
+    coordinator.wait("the failure reported", lambda: recorded.codes == ["model_load"])
+    d.wait("installed", 1)
+    assert not d.daemon.installed.is_set()
     before = agent.last_result()
 
-    d._handle("release", bad.offer.encode())  # the retained offer again, after a reconnect
-    assert d._download is None and parts(agent) == []
+    coordinator.send(bad)  # the retained offer again, after a reconnect
+    d.wait("release", 2)
+    assert d.state == "idle" and parts(agent) == []
     assert recorded.codes == ["model_load"] and agent.last_result() == before  # kept as is
     assert "failed here before (model_load)" in caplog.text
 
     # A new release is fetched; so is the failed one after a restart (a fresh daemon).
+    coordinator.serving = False
     v2 = Release(fleet.bundle_bytes("v2"))
-    d._handle("release", v2.offer.encode())
-    assert d._download is not None and d._download.manifest.bundle_id == v2.manifest.bundle_id
-    d._download.close()
-    fresh = daemon_for(agent)
-    fresh._handle("release", bad.offer.encode())
-    assert fresh._download is not None
-    fresh._download.close()
+    coordinator.send(v2)
+    d.wait("release", 3)
+    download = d.daemon.flow.download
+    assert download is not None and download.manifest.bundle_id == v2.manifest.bundle_id
+    d.stop()
+    fresh = run()
+    coordinator.send(bad)
+    fresh.wait("release", 1)
+    download = fresh.daemon.flow.download
+    assert download is not None and download.manifest.bundle_id == bad.manifest.bundle_id
 
 
-def test_failed_bundles_are_remembered_up_to_a_bound(fleet: Fleet, agent: Agent) -> None:
-    d = daemon_for(agent, remember_failed=2)
+def test_failed_bundles_are_remembered_up_to_a_bound(
+    fleet: Fleet, run: Callable[..., Running], coordinator: Coordinator
+) -> None:
+    d = run(remember_failed=2)
     bad = [Release(fleet.release(b"not a model %d" % i, sequence=10 + i)) for i in range(3)]
-    for r in bad:
-        d._handle("release", r.offer.encode())
-        deliver(d, r)
-    assert list(d._failed) == [bad[1].manifest.bundle_id, bad[2].manifest.bundle_id]
+    for n, r in enumerate(bad, 1):
+        coordinator.send(r)
+        d.wait("installed", n)
+    assert list(d.daemon.flow.failed) == [bad[1].manifest.bundle_id, bad[2].manifest.bundle_id]
 
 
 # -- disk trouble ------------------------------------------------------------------------------
@@ -211,113 +322,185 @@ def _disk_full(*_: object) -> int:
 
 
 def test_disk_full_abandons_the_download_reports_store_and_does_not_retry(
-    fleet: Fleet, agent: Agent, monkeypatch: pytest.MonkeyPatch
+    fleet: Fleet,
+    agent: Agent,
+    run: Callable[..., Running],
+    coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     v2 = Release(fleet.bundle_bytes("v2"))
-    d = daemon_for(agent)
+    d = run()
     recorded = Recorded(agent)
-    d._handle("release", v2.offer.encode())
-    assert d._download is not None
     monkeypatch.setattr(os, "pwrite", _disk_full)
-    d._handle("chunk", v2.chunk(0))
-    assert d._download is None and d._state == "idle" and parts(agent) == []
+    coordinator.send(v2)
+    coordinator.wait("the failure reported", lambda: bool(recorded.codes))
+    d.wait("chunk", 1)
+    assert d.state == "idle" and parts(agent) == []
     assert recorded.codes == ["store"]
     assert "No space left on device" in recorded.calls[0]["reason"]
 
-    d._handle("release", v2.offer.encode())  # re-delivered: not fetched again
-    assert d._download is None and recorded.codes == ["store"]
+    coordinator.send(v2)  # re-delivered: not fetched again
+    d.wait("release", 2)
+    assert d.state == "idle" and recorded.codes == ["store"]
 
     monkeypatch.undo()  # space freed, agent restarted: it tries again and installs
-    fresh = daemon_for(agent)
-    fresh._handle("release", v2.offer.encode())
-    deliver(fresh, v2)
-    assert fresh.installed.is_set()
+    d.stop()
+    fresh = run()
+    coordinator.send(v2)
+    installed(fresh)
 
 
 def test_disk_full_when_starting_a_download_is_reported_as_store(
-    fleet: Fleet, agent: Agent, monkeypatch: pytest.MonkeyPatch
+    fleet: Fleet,
+    agent: Agent,
+    run: Callable[..., Running],
+    coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     v2 = Release(fleet.bundle_bytes("v2"))
-    d = daemon_for(agent)
+    d = run()
     recorded = Recorded(agent)
     monkeypatch.setattr(os, "ftruncate", _disk_full)
-    d._handle("release", v2.offer.encode())
-    assert d._download is None and recorded.codes == ["store"]
-    d._handle("release", v2.offer.encode())
+    coordinator.send(v2)
+    d.wait("release", 1)
+    assert d.state == "idle" and recorded.codes == ["store"]
+    coordinator.send(v2)
+    d.wait("release", 2)
     assert recorded.codes == ["store"]
 
 
 def test_read_error_while_installing_is_reported_as_store(
-    fleet: Fleet, agent: Agent, monkeypatch: pytest.MonkeyPatch
+    fleet: Fleet,
+    agent: Agent,
+    run: Callable[..., Running],
+    coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     v2 = Release(fleet.bundle_bytes("v2"))
-    d = daemon_for(agent)
+    d = run()
     recorded = Recorded(agent)
-    d._handle("release", v2.offer.encode())
-    for i in range(v2.manifest.segments - 1):
-        d._handle("chunk", v2.chunk(i))
 
     def broken(*_: object) -> bytes:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(os, "pread", broken)
-    d._handle("chunk", v2.chunk(v2.manifest.segments - 1))  # complete: installs, reads fail
-    assert not d.installed.is_set() and d._download is None
-    assert recorded.codes == ["store"] and d._failed == {v2.manifest.bundle_id: "store"}
+    monkeypatch.setattr(os, "pread", broken)  # a new part file is never re-hashed: only install
+    coordinator.send(v2)
+    d.wait("installed", 1)
+    assert not d.daemon.installed.is_set() and d.daemon.flow.download is None
+    assert recorded.codes == ["store"] and d.daemon.flow.failed == {v2.manifest.bundle_id: "store"}
     assert agent.status()["active"]["sequence"] == 2  # still v1
+
+
+# -- installs run off the worker ---------------------------------------------------------------
+
+
+def test_an_install_under_way_does_not_stop_reports_or_offers(
+    fleet: Fleet, home: Path, broker: InMemoryBroker, coordinator: Coordinator, x_test: np.ndarray
+) -> None:
+    gate, inside = threading.Event(), threading.Event()
+
+    def slow(label: str) -> None:
+        if label == "staging:created":
+            inside.set()
+            assert gate.wait(TIMEOUT)
+
+    agent = open_agent(home, checkpoint=slow)
+    beat = [1000.0]
+    d = Running(agent, broker, heartbeat=30.0, monotonic=lambda: beat[0])
+    try:
+        v2 = Release(fleet.bundle_bytes("v2"))
+        v3 = Release(fleet.release(b"not a model", sequence=10))
+        coordinator.send(v2)
+        assert inside.wait(TIMEOUT)  # the installer is stuck inside the install
+        baseline = agent.predict(x_test)
+        seen = len(coordinator.statuses)
+
+        beat[0] += 30.0  # a heartbeat is due: reported while installing
+        coordinator.wait("a heartbeat", lambda: len(coordinator.statuses) > seen)
+        assert coordinator.statuses[-1].state == "installing"
+        handled = d.handled["release"]
+        coordinator.send(v3)  # a newer offer: handled now, started after the install
+        d.wait("release", handled + 1)
+        assert d.state == "installing" and coordinator.requested[v3.manifest.bundle_id] == 0
+        np.testing.assert_array_equal(agent.predict(x_test), baseline)  # still serving v1
+
+        gate.set()
+        installed(d)
+        coordinator.wait("v3 fetched", lambda: coordinator.requested[v3.manifest.bundle_id] > 0)
+        assert agent.active is not None and agent.active.manifest.sequence == v2.manifest.sequence
+    finally:
+        gate.set()
+        d.stop()
+        agent.close()
 
 
 # -- the network thread ------------------------------------------------------------------------
 
 
-def test_on_connect_never_blocks_the_network_thread(agent: Agent) -> None:
-    d = daemon_for(agent)
-    while not d._q.full():
-        d._q.put_nowait(("tick", None))
-    caller = threading.Thread(target=d._on_connect, args=(True,), daemon=True)
-    caller.start()
-    caller.join(5)
-    assert not caller.is_alive(), "_on_connect blocked on a full queue"
+def test_connect_with_a_full_queue_never_blocks_the_network_thread(
+    broker: InMemoryBroker, run: Callable[..., Running], coordinator: Coordinator
+) -> None:
+    d = run()
+    d.wait("connected", 1)
+    coordinator.wait("the first status", lambda: bool(coordinator.statuses))
+    d.block_worker()
+    for _ in range(1001):  # the queue holds 1000
+        coordinator.link.publish(topics.cmd(DEVICE), b"c", qos=1)
+    coordinator.wait("a full queue", lambda: d.daemon.dropped == 1)
+    seen = len(coordinator.statuses)
+    assert broker.disconnect("agent-dev-a")
+    assert d.daemon.link.wait_connected(TIMEOUT)  # its on_connect found the queue full
+    d.unblock_worker()
+    d.wait("connected", 2)  # the worker still sees the connect
+    coordinator.wait("a report after the reconnect", lambda: len(coordinator.statuses) > seen)
 
-    assert d._q.full()
-    d.run_until_handled("connected", 1)  # the worker still sees the connect
-    assert d._announce  # it will report once the link is listening
 
+def test_queue_is_bounded_in_bytes(run: Callable[..., Running], coordinator: Coordinator) -> None:
+    d = run(max_queued_bytes=10_000)
+    d.block_worker()
+    coordinator.offer(b"x" * 6000)
+    coordinator.offer(b"y" * 6000)  # would make 12,000 bytes
+    coordinator.wait("the second dropped", lambda: d.daemon.dropped == 1)
+    coordinator.offer(b"z" * 4000)  # fits: 10,000
+    coordinator.offer(b"p" * 1)  # does not
+    coordinator.wait("the probe dropped", lambda: d.daemon.dropped == 2)
 
-def test_queue_is_bounded_in_bytes(agent: Agent) -> None:
-    d = daemon_for(agent, max_queued_bytes=10_000)
-    d._on_message(f"{TOPIC}/release", b"x" * 6000, PROPS)
-    d._on_message(f"{TOPIC}/release", b"y" * 6000, PROPS)  # would make 12,000 bytes
-    assert d.dropped == 1 and d._q.qsize() == 1 and d._q_bytes == 6000
-    d._on_message(f"{TOPIC}/release", b"z" * 4000, PROPS)  # fits
-    assert d.dropped == 1 and d._q_bytes == 10_000
-
-    d.run_until_handled("release", 2)  # the worker drains it: the bytes are free again
-    assert d._q.empty() and d._q_bytes == 0
-    d._on_message(f"{TOPIC}/release", b"w" * 6000, PROPS)
-    assert d.dropped == 1
+    handled = d.handled["release"]
+    d.unblock_worker()  # the worker drains it: the bytes are free again
+    d.wait("release", handled + 2)
+    coordinator.offer(b"w" * 6000)
+    d.wait("release", handled + 3)
+    assert d.daemon.dropped == 2
 
 
 def test_chunks_are_ignored_without_a_download_and_capped_with_one(
-    fleet: Fleet, agent: Agent
+    fleet: Fleet, run: Callable[..., Running], coordinator: Coordinator
 ) -> None:
-    d = daemon_for(agent)
-    d._on_message(f"{TOPIC}/chunk", b"stale reply", PROPS)
-    assert d._q.empty() and d.dropped == 0  # a late duplicate is normal: not even a warning
-    d._handle("release", Release(fleet.bundle_bytes("v2")).offer.encode())
-    assert d._download is not None
-    d._on_message(f"{TOPIC}/chunk", b"c" * MAX_CHUNK_FRAME, PROPS)
-    assert d._q.qsize() == 1
-    d._on_message(f"{TOPIC}/chunk", b"c" * (MAX_CHUNK_FRAME + 1), PROPS)
-    assert d._q.qsize() == 1 and d.dropped == 1
-    d._on_message(f"{TOPIC}/release", b"r" * (MAX_OFFER + 1), PROPS)
-    assert d._q.qsize() == 1 and d.dropped == 2
-    d._download.close()
+    d = run()
+    pub = coordinator.link
+    pub.publish(topics.chunk(DEVICE), b"stale reply", qos=1)
+    pub.publish(topics.cmd(DEVICE), b"sentinel", qos=1)
+    d.wait("cmd", 1)
+    assert d.handled["chunk"] == 0 and d.daemon.dropped == 0  # a late duplicate: not a warning
+
+    coordinator.serving = False
+    coordinator.send(Release(fleet.bundle_bytes("v2")))
+    d.wait("release", 1)
+    assert d.state == "downloading"
+    pub.publish(topics.chunk(DEVICE), b"c" * MAX_CHUNK_FRAME, qos=1)
+    d.wait("chunk", 1)
+    pub.publish(topics.chunk(DEVICE), b"c" * (MAX_CHUNK_FRAME + 1), qos=1)
+    pub.publish(topics.release(DEVICE), b"r" * (MAX_OFFER + 1), qos=1)
+    pub.publish(topics.cmd(DEVICE), b"sentinel", qos=1)
+    d.wait("cmd", 2)
+    assert d.handled["chunk"] == 1 and d.handled["release"] == 1 and d.daemon.dropped == 2
 
 
-def test_announced_packet_limit_covers_the_largest_legitimate_message(agent: Agent) -> None:
+def test_announced_packet_limit_covers_the_largest_legitimate_message(
+    agent: Agent, run: Callable[..., Running]
+) -> None:
     assert MAX_CHUNK_FRAME == MAX_SEGMENT + 16 + 2048
     assert MAX_INCOMING == max(MAX_OFFER, MAX_CHUNK_FRAME) + HEADER_ALLOWANCE
-    assert daemon_for(agent).link._config.max_incoming == MAX_INCOMING
+    assert run().configs[0].max_incoming == MAX_INCOMING
     cfg = mqtt_config_for(agent, broker="mqtt://127.0.0.1:1", password="pw")
     assert cfg.max_incoming == MAX_INCOMING
