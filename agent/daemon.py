@@ -31,8 +31,8 @@ from collections.abc import Callable
 from typing import Any
 
 from edgefleet.infra.fsutil import os_errors
-from edgefleet.infra.link.mqtt import HEADER_ALLOWANCE, MqttConfig, MqttLink
-from edgefleet.infra.link.port import LinkFactory, MessageProps
+from edgefleet.infra.link import HEADER_ALLOWANCE, LinkFactory, MessageProps, MqttConfig
+from edgefleet.infra.link.mqtt import MqttLink
 from edgefleet.infra.settings import mqtt_config
 from edgefleet.protocol import topics
 from edgefleet.protocol.errors import EdgeFleetError, StoreError
