@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.daemon import MAX_CHUNK_FRAME, MAX_INCOMING, AgentDaemon, mqtt_config_for
-from edgefleet.infra.link.memory import InMemoryBroker
 from edgefleet.infra.link import HEADER_ALLOWANCE, Link, MessageProps, MqttConfig, OnMessage
+from edgefleet.infra.link.memory import InMemoryBroker
 from edgefleet.protocol import topics
 from edgefleet.protocol.envelope import Envelope
 from edgefleet.protocol.messages import MAX_OFFER, ChunkRequest, DeviceStatus, ReleaseOffer
