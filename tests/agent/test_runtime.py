@@ -79,7 +79,9 @@ def test_specs_and_protocol(runtime: Runtime) -> None:
     assert isinstance(runtime, Runtime)
     assert runtime.format in ("onnx", "tflite")
     assert runtime.input_spec == TensorSpec(name="input", dtype="float32", shape=(None, 64))
-    assert runtime.output_spec == TensorSpec(name="probabilities", dtype="float32", shape=(None, 10))
+    assert runtime.output_spec == TensorSpec(
+        name="probabilities", dtype="float32", shape=(None, 10)
+    )
 
 
 def test_format_by_suffix_and_override(models: Fixture, tmp_path: Path) -> None:
