@@ -223,12 +223,10 @@ class Fleet:
 
     def new_agent(self, device_id: str) -> Path:
         """An initialised agent home for ``device_id``, enrolled at the coordinator."""
-        from edgefleet.agent.provision import provision
-        from edgefleet.protocol.keys import decode_public_key
+        from edgefleet.simulations.homes import enroll_device
 
         home = self.root / "agents" / device_id
-        root_public = decode_public_key((self.coord.home / "root.pub").read_bytes())
-        self.coord.enroll(provision(home, device_id, root_public).public())
+        enroll_device(self.coord, home, device_id)
         return home
 
     def register(self, name: str, path: Path) -> tuple[str, str]:

@@ -1,5 +1,9 @@
-"""Simulated fleets (many agents, faults, non-IID data) for tests and demos.
+"""Simulated fleets for tests, ``bench/`` and the demo: one rig, any broker.
 
-Reserved: the in-process fleets used so far live in ``tests/integration/fleet.py`` and
-``bench/delivery.py``; they move here with the federated-learning work.
+- ``homes``: fleet set-up on disk (coordinator, enrolled agent homes, broker credentials).
+- ``brokers``: the in-memory broker, an embedded mosquitto/amqtt, or an external one.
+- ``fleet``: ``open_fleet`` -> a ``Fleet`` of a coordinator service and N agents, with
+  observers (``ObservedDaemon``, ``ChunkGate``, ``Checkpoints``) and faults (drop, delay,
+  disconnect, kill, broker restart).
+- ``wait``: ``wait_until``.
 """

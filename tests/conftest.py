@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from edgefleet.coordinator.home import Coordinator
 from edgefleet.models.digits import load_digits_split, train_digits, write_digits_artifacts
 from edgefleet.protocol.build import ReleaseSpec, build_release
 from edgefleet.protocol.canonical import b64d
-from edgefleet.protocol.keys import KEM_HYBRID, KEM_X25519, SigningKey, decode_public_key
+from edgefleet.protocol.keys import KEM_HYBRID, KEM_X25519, SigningKey
 from edgefleet.protocol.manifest import SmokeVector, TensorSpec
+from edgefleet.simulations.homes import ModelFile, provision_fleet
 from sklearn.neural_network import MLPClassifier
 
 T0 = 1_700_000_000  # unix seconds: when the fixture coordinator made its keys and releases
@@ -140,7 +141,7 @@ class Fleet:
                 agent.install_file(self.bundles[installed[-1]])
                 agent.close()
             else:
-                shutil.copytree(self.work / f"{device}-home", template)
+                shutil.copytree(self.work / device, template)
             self._templates[key] = template
         if dest != template:
             shutil.copytree(template, dest)
@@ -167,19 +168,19 @@ class Fleet:
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory, digits_v1: Digits, digits_v2: Digits) -> Fleet:
     work = tmp_path_factory.mktemp("fleet")
-    home = work / "coordinator"
-    coord = Coordinator.init(home, now=T0)
-    (home / "coordinator.toml").write_text(replace(coord.config, segment_size=SEGMENT).to_toml())
-    coord = Coordinator.open(home)
+    homes = provision_fleet(
+        work,
+        DEVICES,
+        models=[
+            ModelFile(name="digits", path=digits_v1.onnx, version="1"),
+            ModelFile(name="digits", path=digits_v2.onnx, version="2"),
+            ModelFile(name="digits", path=digits_v1.tflite, version="1-tflite"),
+        ],
+        segment_size=SEGMENT,
+        now=T0,
+    )
+    coord = homes.coordinator
     assert coord.config.segment_size == SEGMENT
-    root_public = decode_public_key((home / "root.pub").read_bytes())
-    identities = {}
-    for dev, kem in DEVICES.items():
-        identities[dev] = make_agent_home(work / f"{dev}-home", dev, root_public, kem=kem)
-        coord.enroll(identities[dev].public())
-    coord.register_model("digits", digits_v1.onnx, version="1")
-    coord.register_model("digits", digits_v2.onnx, version="2")
-    coord.register_model("digits", digits_v1.tflite, version="1-tflite")
     plan = [("old", "2", "dev-a"), ("v1", "1", "dev-a,dev-b"), ("v2", "2", "dev-a,dev-b"),
             ("other", "2", "dev-b"), ("v3", "1-tflite", "dev-a,dev-b")]
     bundles = {}
@@ -190,4 +191,4 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, digits_v1: Digits, digits_v2
         coord.write_bundle(built, bundles[name])
     models = {"old": digits_v2, "v1": digits_v1, "v2": digits_v2, "other": digits_v2,
               "v3": digits_v1}
-    return Fleet(coord, root_public, identities, bundles, models, work)
+    return Fleet(coord, homes.root_public, homes.identities, bundles, models, work)
