@@ -26,16 +26,46 @@ from edgefleet.infra.fsutil import atomic_write
 from edgefleet.protocol.canonical import canonical_json
 from edgefleet.protocol.errors import EdgeFleetError, StoreError
 from edgefleet.protocol.manifest import Manifest
-from edgefleet.protocol.messages import InstallResult, ReleaseOffer
+from edgefleet.protocol.messages import ActiveModel, InstallResult, ReleaseOffer
 
 from .config import AgentConfig
 from .identity import DeviceIdentity
+from .reporter import active_model
 from .runtime import Runtime, RuntimeLoadError, load_runtime
 from .store import InstalledVersion, ModelStore
 from .trust import TrustStore
 from .updater import Progress, SegmentSource, Updater, UpdaterConfig
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "AgentStatus", "KeptVersion"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KeptVersion:
+    dir: str  # store/versions/<dir>
+    name: str
+    version: str
+    sequence: int
+    format: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AgentStatus:
+    """What ``edgefleet agent status`` and ``GET /v1/status`` show (cheap: one small read of
+    the kept manifests, no runtime call)."""
+
+    device_id: str
+    active: ActiveModel | None
+    highest_sequence: int
+    keyring_version: int | None
+    kept: tuple[KeptVersion, ...]
+    last_install: InstallResult | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape (``--json``, the HTTP API): as ``last_install.json`` for the result."""
+        d = dataclasses.asdict(self)
+        d["kept"] = list(d["kept"])
+        d["last_install"] = None if self.last_install is None else _plain(self.last_install)
+        return d
 
 log = logging.getLogger(__name__)
 
@@ -257,34 +287,24 @@ class Agent:
             log.warning("ignoring unreadable %s: %s", path, exc)
             return None
 
-    def status(self) -> dict[str, Any]:
-        v = self.active
-        kept = [
-            {
-                "dir": k.dir.name,
-                "name": k.manifest.name,
-                "version": k.manifest.model_version,
-                "sequence": k.manifest.sequence,
-                "format": k.manifest.format,
-            }
-            for k in self.store.kept()
-        ]
-        return {
-            "device_id": self.identity.device_id,
-            "active": None
-            if v is None
-            else {
-                "name": v.manifest.name,
-                "version": v.manifest.model_version,
-                "sequence": v.manifest.sequence,
-                "format": v.manifest.format,
-                "bundle_id": v.manifest.bundle_id,
-            },
-            "highest_sequence": self.store.state.highest_sequence,
-            "keyring_version": self.trust.keyring.version if self.trust.keyring else None,
-            "kept": kept,
-            "last_install": self.last_result(),
-        }
+    def status(self) -> AgentStatus:
+        return AgentStatus(
+            device_id=self.identity.device_id,
+            active=active_model(self.active),
+            highest_sequence=self.store.state.highest_sequence,
+            keyring_version=self.trust.keyring.version if self.trust.keyring else None,
+            kept=tuple(
+                KeptVersion(
+                    dir=k.dir.name,
+                    name=k.manifest.name,
+                    version=k.manifest.model_version,
+                    sequence=k.manifest.sequence,
+                    format=k.manifest.format,
+                )
+                for k in self.store.kept()
+            ),
+            last_install=self._last,
+        )
 
     def close(self) -> None:
         """Release the runtime and the store lock (idempotent)."""

@@ -211,7 +211,7 @@ class _InferenceHandler(_Handler):
         )
 
     def _status(self) -> bytes:
-        return _json(self.server.agent.status())
+        return _json(self.server.agent.status().to_dict())
 
     def _healthz(self) -> bytes:
         return _json({"ok": True, "active": self.server.agent.active is not None})

@@ -74,24 +74,20 @@ def status(args: argparse.Namespace) -> int:
     with _open(args.home) as agent:
         st = agent.status()
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(json.dumps(st.to_dict(), indent=2))
         return 0
-    a = st["active"]
-    print(f"device:   {st['device_id']}")
+    a = st.active
+    print(f"device:   {st.device_id}")
     print(
         "active:   "
-        + (
-            "none"
-            if a is None
-            else f"{a['name']} {a['version']} ({a['format']}, sequence {a['sequence']})"
-        )
+        + ("none" if a is None else f"{a.name} {a.version} ({a.format}, sequence {a.sequence})")
     )
-    print(f"accepted: sequence <= {st['highest_sequence']}, keyring v{st['keyring_version']}")
-    for k in st["kept"]:
-        print(f"kept:     {k['name']} {k['version']} ({k['format']}, sequence {k['sequence']})")
-    last = st["last_install"]
+    print(f"accepted: sequence <= {st.highest_sequence}, keyring v{st.keyring_version}")
+    for k in st.kept:
+        print(f"kept:     {k.name} {k.version} ({k.format}, sequence {k.sequence})")
+    last = st.last_install
     if last:
-        outcome = last["code"] if last["ok"] else f"rejected ({last['code']}): {last['reason']}"
+        outcome = last.code if last.ok else f"rejected ({last.code}): {last.reason}"
         print(f"last:     {outcome}")
     return 0
 

@@ -39,8 +39,13 @@ def test_install_rollback_and_status(fleet: Fleet, tmp_path: Path, x_test: np.nd
     home = fleet.agent_home(tmp_path / "home", installed=["v1"])
     agent = open_agent(home)
     agent.install_file(fleet.bundles["v2"])
-    status = agent.status()
-    json.dumps(status)  # plain JSON for `agent status --json`
+    typed = agent.status()
+    assert typed.active is not None and typed.active.version == "2"
+    assert typed.last_install is not None and typed.last_install.ok
+    status = json.loads(json.dumps(typed.to_dict()))  # plain JSON for `agent status --json`
+    assert set(status) == {"device_id", "active", "highest_sequence", "keyring_version", "kept",
+                           "last_install"}
+    assert set(status["active"]) == {"name", "version", "sequence", "format", "bundle_id"}
     assert status["device_id"] == "dev-a" and status["keyring_version"] == 1
     assert status["active"]["version"] == "2" and status["highest_sequence"] == 3
     assert [k["version"] for k in status["kept"]] == ["2", "1"]
@@ -48,7 +53,7 @@ def test_install_rollback_and_status(fleet: Fleet, tmp_path: Path, x_test: np.nd
 
     assert agent.rollback().manifest.model_version == "1"
     np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v1", x_test), atol=1e-5)
-    status = agent.status()
+    status = agent.status().to_dict()
     assert status["last_install"]["code"] == "rollback"
     assert [k["version"] for k in status["kept"]] == ["1"]
     assert status["highest_sequence"] == 3  # the rolled-back release stays refused
@@ -70,7 +75,7 @@ def test_network_install_through_a_segment_source(fleet: Fleet, tmp_path: Path,
     agent = open_agent(fleet.agent_home(tmp_path / "home", installed=["v1"]))
     manifest = agent.updater.check(offer)
     agent.install(offer, source, progress=lambda done, total: progress.append((done, total)))
-    assert agent.status()["active"]["sequence"] == manifest.sequence == 3
+    assert agent.status().active.sequence == manifest.sequence == 3
     np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v2", x_test), atol=1e-5)
     assert len(source.reads) == manifest.segments
     assert progress[-1] == (manifest.payload_size, manifest.payload_size)
@@ -87,7 +92,7 @@ def test_start_up_falls_back_when_the_active_model_no_longer_loads(
     agent.close()
     active.model_path.write_bytes(b"bit rot")
     agent = open_agent(home)
-    assert agent.status()["active"]["version"] == "1"
+    assert agent.status().active.version == "1"
     np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v1", x_test), atol=1e-5)
     agent.close()
 
@@ -126,13 +131,13 @@ def test_start_up_falls_back_by_moving_the_pointer_only(
     monkeypatch.setattr(agent_module, "load_runtime", no_litert)
     before = _store_files(home)
     with Agent.open(home, readonly=True) as observer:  # serves v2, changes nothing
-        assert observer.status()["active"]["version"] == "2"
+        assert observer.status().active.version == "2"
     assert _store_files(home) == before
 
     with caplog.at_level(logging.ERROR, logger="edgefleet.agent.agent"):
         agent = open_agent(home)
     assert any("does not load" in r.getMessage() for r in caplog.records)
-    status = agent.status()
+    status = agent.status().to_dict()
     assert status["active"]["version"] == "2" and status["highest_sequence"] == 5
     assert [k["version"] for k in status["kept"]] == ["2", "1-tflite"]  # both still kept
     np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v2", x_test), atol=1e-5)
@@ -155,7 +160,7 @@ def test_start_up_with_no_loadable_version_changes_nothing(
     assert _store_files(home) == before  # not one version trashed
     assert agent_module.load_runtime is real
     with open_agent(home) as agent:  # the runtime is back: so is the newest model
-        assert agent.status()["active"]["version"] == "2"
+        assert agent.status().active.version == "2"
 
 
 def test_predict_versioned_reads_one_snapshot(fleet: Fleet, tmp_path: Path,

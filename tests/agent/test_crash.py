@@ -92,7 +92,7 @@ def check_recovered(fleet: Fleet, s: Scenario, home: Path, expected: str,
                 agent.rollback()
     elif expected == s.before:
         agent.install_file(fleet.bundles[s.action])
-        assert agent.status()["active"]["version"] == MODEL_VERSION[s.after]
+        assert agent.status().active.version == MODEL_VERSION[s.after]
     else:
         with pytest.raises(RollbackError):
             agent.install_file(fleet.bundles[s.action])

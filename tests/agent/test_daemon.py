@@ -220,7 +220,7 @@ def test_genuine_release_downloads_and_installs(
     assert broker.disconnect("agent-dev-a")  # on reconnect the requests are sent again
     installed(d)
     assert d.state == "idle" and d.daemon.flow.download is None and parts(agent) == []
-    assert agent.status()["active"]["sequence"] == v2.manifest.sequence
+    assert agent.status().active.sequence == v2.manifest.sequence
 
 
 def test_release_is_fetched_installed_and_reported(
@@ -231,7 +231,7 @@ def test_release_is_fetched_installed_and_reported(
     coordinator.send(v2)
     installed(d)
     assert d.state == "idle" and parts(agent) == []
-    assert agent.status()["active"]["sequence"] == v2.manifest.sequence
+    assert agent.status().active.sequence == v2.manifest.sequence
     coordinator.wait(
         "a status with the new version",
         lambda: any(
@@ -387,7 +387,7 @@ def test_read_error_while_installing_is_reported_as_store(
     d.wait("installed", 1)
     assert not d.daemon.installed.is_set() and d.daemon.flow.download is None
     assert recorded.codes == ["store"] and d.daemon.flow.failed == {v2.manifest.bundle_id: "store"}
-    assert agent.status()["active"]["sequence"] == 2  # still v1
+    assert agent.status().active.sequence == 2  # still v1
 
 
 # -- installs run off the worker ---------------------------------------------------------------

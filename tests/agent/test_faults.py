@@ -48,7 +48,7 @@ def io_error(*_: Any) -> None:
 def snapshot(home: Path, agent: Agent, x: np.ndarray) -> dict[str, Any]:
     store = home / "store"
     return {
-        "active": agent.status()["active"],
+        "active": agent.status().active,
         "pointer": (store / "ACTIVE.json").read_bytes(),
         "versions": sorted(p.name for p in (store / "versions").iterdir()),
         "predictions": agent.predict(x),
@@ -114,12 +114,12 @@ def test_failure_to_prune_after_the_switch_does_not_fail_the_install(
     with caplog.at_level(logging.WARNING, logger="edgefleet.agent.store"):
         agent.install_file(fleet.bundles["v3"])  # keep = 2: v1 is pruned
     assert any("prune" in r.getMessage() for r in caplog.records)
-    assert agent.status()["active"]["version"] == "1-tflite"
+    assert agent.status().active.version == "1-tflite"
     assert agent.last_result()["ok"] is True  # type: ignore[index]
     agent.close()
     with open_agent(home) as again:  # the leftover goes on the next open
         assert not any((home / "store" / "trash").iterdir())
-        assert [k["version"] for k in again.status()["kept"]] == ["1-tflite", "2"]
+        assert [k.version for k in again.status().kept] == ["1-tflite", "2"]
         np.testing.assert_allclose(again.predict(x_test), fleet.expected("v3", x_test), atol=1e-5)
 
 

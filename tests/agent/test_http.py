@@ -238,7 +238,7 @@ def test_healthz_needs_no_token(server: InferenceServer) -> None:
 
 def test_status(server: InferenceServer, agent: Agent) -> None:
     status, _, doc = call(server.port, "GET", "/v1/status", headers=auth(server.home))
-    assert status == 200 and doc == agent.status()
+    assert status == 200 and doc == agent.status().to_dict()
     assert doc["active"]["name"] == "digits" and doc["device_id"] == "dev-1"
 
 

@@ -162,7 +162,7 @@ def test_cli_status_during_a_daemon_install_leaves_the_install_alone(
         daemon.install_file(fleet.bundles["v2"])
     assert len(seen) == 1 and seen[0]["active"]["version"] == "1"  # type: ignore[index]
     with open_agent(home) as restarted:  # the device starts, on the new model
-        assert restarted.status()["active"]["version"] == "2"
+        assert restarted.status().active.version == "2"
 
 
 def test_cli_install_and_rollback_are_refused_while_the_daemon_runs(

@@ -25,7 +25,7 @@ def test_installed_model_agrees_with_sklearn_on_the_whole_test_split(
     agent = open_agent(home)
     version = agent.install_file(fleet.bundles[bundle])
     assert version.manifest.format == fmt and version.model_path.suffix == f".{fmt}"
-    assert agent.status()["active"]["format"] == fmt
+    assert agent.status().active.format == fmt
 
     out = agent.predict(x_test)
     want = digits_v1.proba(x_test)
@@ -43,7 +43,7 @@ def test_reopened_agent_serves_the_installed_model(fleet: Fleet, digits_v1: Digi
                                                    tmp_path: Path, x_test: np.ndarray) -> None:
     home = fleet.agent_home(tmp_path / "home", installed=["v3"])
     agent = open_agent(home)
-    assert agent.status()["active"]["format"] == "tflite"
+    assert agent.status().active.format == "tflite"
     np.testing.assert_allclose(agent.predict(x_test), digits_v1.proba(x_test), atol=ATOL, rtol=0)
     agent.close()
 
@@ -51,6 +51,6 @@ def test_reopened_agent_serves_the_installed_model(fleet: Fleet, digits_v1: Digi
 def test_predict_before_any_install_is_a_call_order_error(fleet: Fleet, tmp_path: Path,
                                                          x_test: np.ndarray) -> None:
     agent = open_agent(fleet.agent_home(tmp_path / "home"))
-    assert agent.status()["active"] is None
+    assert agent.status().active is None
     with pytest.raises(RuntimeError, match="no model is active"):
         agent.predict(x_test)

@@ -305,7 +305,7 @@ CASES = [
 def _snapshot(agent: Agent, home: Path, x: np.ndarray) -> dict[str, Any]:
     store = home / "store"
     return {
-        "active": agent.status()["active"],
+        "active": agent.status().active,
         "state": agent.store.state,
         "versions": sorted(p.name for p in (store / "versions").iterdir()),
         "pointer": (store / "ACTIVE.json").read_bytes(),
@@ -373,7 +373,7 @@ def test_untampered_update_installs(fleet: Fleet, tmp_path: Path, x_test: np.nda
     home = fleet.agent_home(tmp_path / "home", installed=["v1"])
     agent = open_agent(home)
     version = agent.install_file(fleet.bundles["v2"])
-    assert version.manifest.sequence == 3 and agent.status()["active"]["version"] == "2"
+    assert version.manifest.sequence == 3 and agent.status().active.version == "2"
     assert agent.last_result()["ok"] is True
     np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v2", x_test), atol=1e-5)
     agent.close()

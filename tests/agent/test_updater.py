@@ -45,7 +45,7 @@ def test_signed_release_with_ragged_smoke_rows_is_refused_cleanly(
     with pytest.raises(BundleError, match="rows of equal length"):
         agent.install_file(bundle)
     assert agent.last_result()["ok"] is False  # type: ignore[index]
-    assert agent.status()["active"]["version"] == "1"
+    assert agent.status().active.version == "1"
     assert sorted(p.name for p in (home / "store" / "versions").iterdir()) == before
     assert not any((home / "store" / "staging").iterdir())
     agent.close()

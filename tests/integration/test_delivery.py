@@ -23,7 +23,7 @@ from edgefleet.protocol.manifest import Manifest
 from tests.conftest import Digits
 
 from .brokers import HAVE_MOSQUITTO, NEED_MOSQUITTO
-from .fleet import TIMEOUT, digits_test_split, open_fleet, statuses, wait_until
+from .fleet import BROKERS, TIMEOUT, digits_test_split, open_fleet, statuses, wait_until
 
 pytestmark = [pytest.mark.timeout(120)]
 needs_mosquitto = pytest.mark.skipif(not HAVE_MOSQUITTO, reason=NEED_MOSQUITTO)
@@ -37,10 +37,10 @@ def _assert_predicts_like_sklearn(predict: object, digits: Digits) -> None:
     np.testing.assert_allclose(probs, digits.proba(x), atol=ATOL, rtol=0)
 
 
-@needs_mosquitto
-def test_release_installs_on_every_agent(tmp_path: Path, digits_v1: Digits) -> None:
+@BROKERS
+def test_release_installs_on_every_agent(tmp_path: Path, digits_v1: Digits, kind: str) -> None:
     devices = [f"dev-{i}" for i in range(1, 6)]
-    with open_fleet(tmp_path, digits_v1, devices) as fleet:
+    with open_fleet(tmp_path, digits_v1, devices, kind=kind) as fleet:
         svc = fleet.start_service()
         agents = [fleet.start_agent(d) for d in devices]
         release = fleet.release("1", "all")
@@ -65,16 +65,17 @@ def test_release_installs_on_every_agent(tmp_path: Path, digits_v1: Digits) -> N
         for a in agents:
             assert a.active_sequence() == (second.sequence if a.device_id in canary
                                            else release.sequence)
-            assert a.agent.status()["active"]["format"] == (
+            assert a.agent.status().active.format == (
                 "tflite" if a.device_id in canary else "onnx")
             _assert_predicts_like_sklearn(a.agent.predict, digits_v1)
         rows = {r["device"]: r for r in fleet.fleet_status()}
         assert {d for d, r in rows.items() if r["version"] == "2"} == set(canary)
 
 
-@needs_mosquitto
-def test_agent_started_after_the_release_catches_up(tmp_path: Path, digits_v1: Digits) -> None:
-    with open_fleet(tmp_path, digits_v1, ["dev-a", "dev-late"]) as fleet:
+@BROKERS
+def test_agent_started_after_the_release_catches_up(
+        tmp_path: Path, digits_v1: Digits, kind: str) -> None:
+    with open_fleet(tmp_path, digits_v1, ["dev-a", "dev-late"], kind=kind) as fleet:
         fleet.start_service()
         early = fleet.start_agent("dev-a")
         release = fleet.release("1", "all")
@@ -127,11 +128,11 @@ def test_killed_agent_resumes_and_fetches_only_missing_chunks(
         assert (last["ok"], last["sequence"]) == (True, release.sequence)
 
 
-@needs_mosquitto
+@BROKERS
 def test_broker_restart_mid_transfer_converges_without_duplicate_activation(
-        tmp_path: Path, digits_v1: Digits) -> None:
+        tmp_path: Path, digits_v1: Digits, kind: str) -> None:
     devices, k = ["dev-a", "dev-b", "dev-c"], 3
-    with open_fleet(tmp_path, digits_v1, devices) as fleet:
+    with open_fleet(tmp_path, digits_v1, devices, kind=kind) as fleet:
         fleet.start_service(hold=devices, allow=k)
         gate = fleet.gate
         agents = [fleet.start_agent(d) for d in devices]
@@ -141,9 +142,13 @@ def test_broker_restart_mid_transfer_converges_without_duplicate_activation(
                             .get("fetched") == k, f"every agent to report {k} chunks fetched")
         assert all(not a.daemon.installed.is_set() for a in agents)
 
-        fleet.broker.stop()  # = restart(), with the gate opened while the broker is down
-        gate.open()
-        fleet.broker.start()
+        if fleet.broker.networked:
+            fleet.broker.stop()  # = restart(), with the gate opened while the broker is down
+            gate.open()
+            fleet.broker.start()
+        else:  # the in-memory broker restarts at once: sessions and retained messages kept
+            fleet.broker.restart()
+            gate.open()
         for a in agents:
             assert a.daemon.installed.wait(TIMEOUT), a.device_id
         fleet.wait_active(devices, release.sequence)
