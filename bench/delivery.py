@@ -123,11 +123,20 @@ def _big_mlp(out: Path, hidden: tuple[int, ...], seed: int = 0) -> Path:
 class _Rig:
     root: Path
     coord: Any  # Coordinator
-    broker: Any  # EmbeddedBroker
+    broker: Any  # simulations.brokers.SimBroker (an embedded mosquitto)
     users: dict[str, str]
     homes: dict[str, Path]
     svc: Any = None  # CoordinatorService
     closers: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return int(self.broker.embedded.port)
+
+    @property
+    def broker_pid(self) -> int:
+        proc = self.broker.embedded._proc
+        return proc.pid if proc is not None else 0
 
     def close(self) -> None:
         for close in reversed(self.closers):
@@ -138,50 +147,23 @@ class _Rig:
 
 
 def _rig(root: Path, devices: list[str], raw_users: list[str]) -> _Rig:
+    """The fleet from ``simulations`` on a real mosquitto, plus broker accounts for the raw
+    paho baselines (``raw_users``)."""
     import dataclasses
     import secrets
 
-    from edgefleet.agent.config import AgentConfig
-    from edgefleet.agent.identity import DeviceIdentity
-    from edgefleet.agent.trust import TrustStore
-    from edgefleet.coordinator.brokerconf import credentials
-    from edgefleet.coordinator.home import Coordinator
     from edgefleet.coordinator.service import CoordinatorService, mqtt_config_for
-    from edgefleet.infra.broker import EmbeddedBroker, edgefleet_acl
-    from edgefleet.protocol.keys import decode_public_key
+    from edgefleet.simulations.brokers import start_broker
+    from edgefleet.simulations.homes import point_agents_at, provision_fleet
 
-    coord = Coordinator.init(root / "coordinator")
-    root_public = decode_public_key((coord.home / "root.pub").read_bytes())
-    homes = {}
-    for dev in devices:
-        home = homes[dev] = root / "agents" / dev
-        home.mkdir(parents=True)
-        ident = DeviceIdentity.create(home / "keys", dev)
-        TrustStore.pin(home / "trust", root_public)
-        coord.enroll(ident.public())
-    users = credentials(coord)
-    users.update({u: secrets.token_urlsafe(16) for u in raw_users})
-    broker = EmbeddedBroker(
-        data_dir=root / "broker",
-        users=users,
-        acl=edgefleet_acl(),
-        persistence=False,
-        force_kind="mosquitto",
-    ).start()
-    rig = _Rig(root, coord, broker, users, homes)
-    rig.closers.append(broker.stop)
+    fleet = provision_fleet(root / "agents", devices, coordinator_home=root / "coordinator")
+    coord = fleet.coordinator
+    users = {**fleet.users, **{u: secrets.token_urlsafe(16) for u in raw_users}}
+    broker = start_broker("mosquitto", users=users, data_dir=root / "broker", persistence=False)
+    rig = _Rig(root, coord, broker, users, fleet.homes)
+    rig.closers.append(broker.close)
     rig.closers.append(coord.registry.engine.dispose)
-    coord.update_config(broker=broker.url, mqtt_protocol=broker.protocol)
-    secrets_dir = coord.home / "secrets" / "devices"
-    for dev, home in homes.items():
-        cfg = AgentConfig(
-            home=home,
-            device_id=dev,
-            broker=broker.url,
-            mqtt_protocol=broker.protocol,
-            password_file=str((secrets_dir / f"{dev}.password").resolve()),
-        )
-        (home / "agent.toml").write_text(cfg.to_toml())
+    point_agents_at(coord, fleet.homes, broker.url, broker.protocol)
     mqtt = mqtt_config_for(
         coord,
         client_id="coordinator-bench",
@@ -506,7 +488,7 @@ def _fanout_run(
         f"figure), and {n} more as threads of this process, beside the coordinator "
         f"(started and connected in {time.perf_counter() - t0:.1f} s)"
     )
-    port, svc = rig.broker.port, rig.svc
+    port, svc = rig.port, rig.svc
     pub = _Raw(port, "bench-raw-pub", "coordinator", rig.users["coordinator"])
     subs = [
         (
@@ -519,7 +501,7 @@ def _fanout_run(
     stops.extend(c.stop for c, _ in subs)
     for c in [pub, *(c for c, _ in subs)]:
         c.wait_ready()
-    me, broker_pid = os.getpid(), rig.broker._proc.pid if rig.broker._proc else 0
+    me, broker_pid = os.getpid(), rig.broker_pid
 
     times: dict[str, list[float]] = {"raw": [], "procs": [], "threads": []}
     cpu: dict[str, list[float]] = {}
@@ -648,7 +630,7 @@ def _single_run(
     agents = _Agents([rig.homes[device]], progress=progress)
     stops.append(agents.stop)
     agents.start()
-    port, svc = rig.broker.port, rig.svc
+    port, svc = rig.port, rig.svc
     topic = f"ef/v1/dev/{raw_user}/chunk"
     pub = _Raw(
         port,

@@ -78,7 +78,8 @@ def run(workdir: Path, n_agents: int) -> int:
     from edgefleet.agent.http import predict_via_http
     from edgefleet.coordinator.brokerconf import credentials
     from edgefleet.coordinator.home import Coordinator
-    from edgefleet.infra.broker import EmbeddedBroker, edgefleet_acl
+    from edgefleet.simulations.brokers import start_broker
+    from edgefleet.simulations.homes import point_agents_at
 
     t0 = time.monotonic()
     chome, mdir = workdir / "coordinator", workdir / "models"
@@ -131,20 +132,16 @@ def run(workdir: Path, n_agents: int) -> int:
     coordinator = Coordinator.open(chome)
     users = credentials(coordinator)
     procs: list[subprocess.Popen[bytes]] = []
-    with EmbeddedBroker(data_dir=workdir / "broker", users=users, acl=edgefleet_acl()) as broker:
+    broker = start_broker("auto", users=users, data_dir=workdir / "broker")
+    try:
         console.print(
             f"broker: {broker.kind} on {broker.url} "
             f"(MQTT {'5' if broker.protocol == 5 else '3.1.1'}"
             f"{', passwords + ACL' if broker.kind == 'mosquitto' else ', demo only: no ACL'})"
         )
-        coordinator.update_config(broker=broker.url, mqtt_protocol=broker.protocol)
-        for dev in devices:
-            _set_agent(
-                workdir / dev,
-                broker=broker.url,
-                protocol=broker.protocol,
-                password_file=str((chome / "secrets" / "devices" / f"{dev}.password").resolve()),
-            )
+        point_agents_at(
+            coordinator, {dev: workdir / dev for dev in devices}, broker.url, broker.protocol
+        )
         try:
             procs.append(
                 _spawn(workdir / "coordinator.log", "coordinator", "serve", "--home", str(chome))
@@ -176,20 +173,11 @@ def run(workdir: Path, n_agents: int) -> int:
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
+    finally:
+        broker.close()
     _summary(Coordinator.open(chome), devices, acc1, acc2, canary)
     console.print(f"[green]demo finished in {time.monotonic() - t0:.1f} s")
     return 0
-
-
-def _set_agent(home: Path, **changes: Any) -> None:
-    from dataclasses import replace
-
-    from edgefleet.agent.config import AgentConfig
-    from edgefleet.infra.fsutil import atomic_write
-
-    cfg = AgentConfig.load(home)
-    changes["mqtt_protocol"] = changes.pop("protocol")
-    atomic_write(home / "agent.toml", replace(cfg, **changes).to_toml().encode())
 
 
 def _release(chome: Path, version: str, to: str) -> int:

@@ -18,9 +18,10 @@ from edgefleet.infra.broker import EmbeddedBroker, edgefleet_acl
 from edgefleet.infra.link import InMemoryBroker, LinkFactory
 from edgefleet.protocol import topics
 
-__all__ = ["BrokerKind", "SimBroker", "start_broker"]
+__all__ = ["BrokerKind", "SimBroker", "external_broker", "start_broker"]
 
-BrokerKind = Literal["memory", "mosquitto", "amqtt"]
+#: "auto" = mosquitto where it is installed, else amqtt (the demo's embedded default)
+BrokerKind = Literal["memory", "mosquitto", "amqtt", "auto"]
 #: URL given to links of the in-memory broker (MqttConfig wants one; nothing resolves it)
 MEMORY_URL = "mqtt://in-memory.invalid:1883"
 
@@ -33,8 +34,12 @@ class SimBroker:
     link_factory: LinkFactory
     #: the InMemoryBroker, for fault injection (drop, disconnect); None on a real broker
     memory: InMemoryBroker | None = None
+    #: the EmbeddedBroker (port, process) of a started mosquitto/amqtt; None otherwise
+    embedded: EmbeddedBroker | None = None
     _restart: Callable[[], None] | None = field(default=None, repr=False)
     _close: Callable[[], None] | None = field(default=None, repr=False)
+    _stop: Callable[[], None] | None = field(default=None, repr=False)
+    _start: Callable[[], Any] | None = field(default=None, repr=False)
 
     @property
     def networked(self) -> bool:
@@ -46,6 +51,17 @@ class SimBroker:
         if self._restart is None:
             raise RuntimeError(f"a {self.kind} broker cannot be restarted from here")
         self._restart()
+
+    def stop(self) -> None:
+        """Take a real broker down (same port and data dir on ``start``): clients see it gone."""
+        if self._stop is None:
+            raise RuntimeError(f"a {self.kind} broker cannot be stopped and started from here")
+        self._stop()
+
+    def start(self) -> None:
+        if self._start is None:
+            raise RuntimeError(f"a {self.kind} broker cannot be stopped and started from here")
+        self._start()
 
     def close(self) -> None:
         if self._close is not None:
@@ -82,7 +98,7 @@ def start_broker(
         data_dir=data_dir,
         users=users,
         acl=edgefleet_acl(coordinator_user),
-        force_kind=kind,
+        force_kind=None if kind == "auto" else kind,
         **options,
     ).start()
 
@@ -94,11 +110,23 @@ def start_broker(
         url=real.url,
         protocol=real.protocol,
         link_factory=_mqtt_link_factory(),
+        embedded=real,
         _restart=real.restart,
         _close=close,
+        _stop=real.stop,
+        _start=real.start,
     )
 
 
-def external_broker(url: str, protocol: Literal[5, 311] = 5) -> SimBroker:
-    """A broker started elsewhere (its config, passwords and ACL are the caller's)."""
-    return SimBroker(kind="external", url=url, protocol=protocol, link_factory=_mqtt_link_factory())
+def external_broker(
+    url: str, protocol: Literal[5, 311] = 5, *, close: Callable[[], Any] | None = None
+) -> SimBroker:
+    """A broker started elsewhere (its config, passwords and ACL are the caller's);
+    ``close`` is called when the fleet is done with it."""
+    return SimBroker(
+        kind="external",
+        url=url,
+        protocol=protocol,
+        link_factory=_mqtt_link_factory(),
+        _close=close,
+    )

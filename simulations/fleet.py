@@ -34,6 +34,7 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.daemon import AgentDaemon
 from edgefleet.agent.daemon import mqtt_config_for as agent_mqtt_config
 from edgefleet.coordinator.chunks import ChunkServer
+from edgefleet.coordinator.fleet import wait_for
 from edgefleet.coordinator.home import Coordinator
 from edgefleet.coordinator.registry import Device, Release
 from edgefleet.coordinator.release import offers
@@ -194,7 +195,7 @@ class RunningAgent:
 @dataclass
 class Fleet:
     work: Path
-    homes: FleetHomes
+    setup: FleetHomes
     broker: SimBroker
     service: CoordinatorService | None = None
     gate: ChunkGate = field(init=False)
@@ -204,11 +205,16 @@ class Fleet:
 
     @property
     def coordinator(self) -> Coordinator:
-        return self.homes.coordinator
+        return self.setup.coordinator
+
+    @property
+    def homes(self) -> dict[str, Path]:
+        """Device id -> agent home."""
+        return self.setup.homes
 
     @property
     def users(self) -> dict[str, str]:
-        return self.homes.users
+        return self.setup.users
 
     @property
     def protocol(self) -> int:
@@ -216,7 +222,7 @@ class Fleet:
 
     @property
     def devices(self) -> list[str]:
-        return list(self.homes.homes)
+        return list(self.setup.homes)
 
     # -- coordinator ---------------------------------------------------------------------------
     def start_service(
@@ -273,13 +279,15 @@ class Fleet:
         wait_until(lambda: all(predicate(self.device(d)) for d in devices), what, timeout)
 
     def wait_active(self, devices: Iterable[str], sequence: int, timeout: float = TIMEOUT) -> None:
-        """Until the coordinator's registry shows every device running ``sequence``."""
-        self.wait_registry(
-            devices,
-            lambda d: d.active_sequence == sequence,
-            f"registry: devices on release {sequence}",
-            timeout,
-        )
+        """Until the coordinator's registry shows every device running ``sequence``
+        (``coordinator.fleet.wait_for``, as ``model release --wait`` does)."""
+        devices = list(devices)
+        result = wait_for(self.coordinator.registry, sequence, devices, timeout, poll=0.02)
+        if not result.ok:
+            raise TimeoutError(f"after {timeout} s, not on release {sequence}: {result.pending}")
+        beyond = {d: self.device(d).active_sequence for d in devices}
+        if set(beyond.values()) != {sequence}:
+            raise AssertionError(f"expected release {sequence} everywhere, saw {beyond}")
 
     def wait_result(self, device: str, code: str, timeout: float = TIMEOUT) -> dict[str, Any]:
         """Until the registry shows ``code`` as the device's last result; return that result."""
@@ -293,7 +301,7 @@ class Fleet:
 
     # -- agents --------------------------------------------------------------------------------
     def set_agent(self, device: str, **changes: Any) -> None:
-        home = self.homes.homes[device]
+        home = self.homes[device]
         cfg = dataclasses.replace(AgentConfig.load(home), **changes)
         atomic_write(home / "agent.toml", cfg.to_toml().encode())
 
@@ -308,7 +316,7 @@ class Fleet:
     ) -> RunningAgent:
         """An agent daemon as threads of this process (any broker)."""
         checkpoints, delay = Checkpoints(), _Delay()
-        agent = Agent(AgentConfig.load(self.homes.homes[device]), checkpoint=checkpoints)
+        agent = Agent(AgentConfig.load(self.homes[device]), checkpoint=checkpoints)
         mqtt = dataclasses.replace(agent_mqtt_config(agent), **FAST_RECONNECT)
         daemon = ObservedDaemon(
             agent,
@@ -333,7 +341,7 @@ class Fleet:
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "edgefleet", "-v", "agent", "run", "--home",
-                 str(self.homes.homes[device]), "--no-http", "--heartbeat", "0.5"],
+                 str(self.homes[device]), "--no-http", "--heartbeat", "0.5"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self.procs[f"{device}{tag}"] = proc
@@ -426,6 +434,7 @@ def open_fleet(
     models: Sequence[ModelFile],
     broker: BrokerKind | Callable[[FleetHomes], SimBroker] = "memory",
     segment_size: int | None = None,
+    fleet_type: type[Fleet] = Fleet,  # a subclass with a test's or bench's own helpers
     **agent_config: Any,
 ) -> Iterator[Fleet]:
     """A provisioned fleet and a running broker with its passwords and ACL: ``broker`` is a
@@ -440,8 +449,8 @@ def open_fleet(
         else broker(homes)
     )  # fmt: skip
     try:
-        point_agents_at(homes, running.url, running.protocol)
-        fleet = Fleet(work, homes, running)
+        point_agents_at(homes.coordinator, homes.homes, running.url, running.protocol)
+        fleet = fleet_type(work, homes, running)
         try:
             yield fleet
         finally:

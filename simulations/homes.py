@@ -41,9 +41,6 @@ class FleetHomes:
     identities: dict[str, DeviceIdentity]
     users: dict[str, str]  # broker username -> password (coordinator and every device)
 
-    def password_file(self, device: str) -> Path:
-        return (self.coordinator.home / "secrets" / "devices" / f"{device}.password").resolve()
-
 
 def enroll_device(
     coordinator: Coordinator, home: Path, device_id: str, *, kem: str = KEM_X25519, **config: Any
@@ -90,15 +87,19 @@ def provision_fleet(
     )
 
 
-def point_agents_at(fleet: FleetHomes, url: str, protocol: int) -> None:
-    """Write the broker URL, protocol and each device's password file into its agent.toml,
-    and the broker into the coordinator's config."""
-    fleet.coordinator.update_config(broker=url, mqtt_protocol=protocol)
-    for dev, home in fleet.homes.items():
+def point_agents_at(
+    coordinator: Coordinator, homes: Mapping[str, Path], url: str, protocol: int
+) -> None:
+    """Write the broker URL, protocol and each device's password file (made by
+    ``broker-config``'s credentials) into its agent.toml, and the broker into the
+    coordinator's config."""
+    coordinator.update_config(broker=url, mqtt_protocol=protocol)
+    secrets = coordinator.home / "secrets" / "devices"
+    for dev, home in homes.items():
         cfg = dataclasses.replace(
             AgentConfig.load(home),
             broker=url,
             mqtt_protocol=protocol,
-            password_file=str(fleet.password_file(dev)),
+            password_file=str((secrets / f"{dev}.password").resolve()),
         )
         atomic_write(home / "agent.toml", cfg.to_toml().encode())

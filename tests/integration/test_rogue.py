@@ -35,24 +35,25 @@ from edgefleet.protocol.messages import (
     DeviceStatus,
     ReleaseOffer,
 )
+from edgefleet.simulations.homes import provision_fleet
 
 from edgefleet.cli import main
 from tests.conftest import Digits
 
 from .brokers import HAVE_MOSQUITTO, NEED_MOSQUITTO
 from .fleet import (
+    BROKERS,
     TIMEOUT,
     FleetHarness,
     RunningAgent,
     cli_mosquitto,
     digits_test_split,
-    make_coordinator,
     open_fleet,
     wait_until,
 )
 
-pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.skipif(not HAVE_MOSQUITTO, reason=NEED_MOSQUITTO)]
+pytestmark = [pytest.mark.timeout(120)]
+needs_mosquitto = pytest.mark.skipif(not HAVE_MOSQUITTO, reason=NEED_MOSQUITTO)
 
 
 def _no_errors_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -80,11 +81,12 @@ def _start(fleet: FleetHarness, devices: list[str]) -> tuple[dict[str, RunningAg
 # -- a rogue with device credentials ----------------------------------------------------------
 
 
+@BROKERS
 def test_rogue_device_is_confined_by_the_acl_and_cannot_hurt_the_fleet(
-        tmp_path: Path, digits_v1: Digits, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, digits_v1: Digits, caplog: pytest.LogCaptureFixture, kind: str) -> None:
     caplog.set_level(logging.WARNING)
     x, _ = digits_test_split(digits_v1)
-    with open_fleet(tmp_path, digits_v1, ["dev-a", "dev-b"]) as fleet:
+    with open_fleet(tmp_path, digits_v1, ["dev-a", "dev-b"], kind=kind) as fleet:
         agents, seq = _start(fleet, ["dev-a", "dev-b"])
         baseline = {d: a.agent.predict(x) for d, a in agents.items()}
         current = fleet.coordinator.registry.release(sequence=seq)
@@ -188,11 +190,12 @@ def test_rogue_device_is_confined_by_the_acl_and_cannot_hurt_the_fleet(
 # -- a compromised broker ----------------------------------------------------------------------
 
 
+@BROKERS
 def test_agent_rejects_what_a_compromised_broker_injects(
-        tmp_path: Path, digits_v1: Digits, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, digits_v1: Digits, caplog: pytest.LogCaptureFixture, kind: str) -> None:
     caplog.set_level(logging.WARNING)
     x, _ = digits_test_split(digits_v1)
-    with open_fleet(tmp_path, digits_v1, ["dev-a", "dev-b"]) as fleet:
+    with open_fleet(tmp_path, digits_v1, ["dev-a", "dev-b"], kind=kind) as fleet:
         agents, first = _start(fleet, ["dev-a", "dev-b"])
         a = agents["dev-a"]
         old = fleet.coordinator.registry.release(sequence=first)
@@ -265,9 +268,9 @@ def test_agent_rejects_what_a_compromised_broker_injects(
                     bundle_id=req.bundle_id, index=i, corr=req.corr,
                     data=b"\0" * length).encode(), qos=1)
 
-        forger = MqttLink(MqttConfig(url=fleet.broker.url, client_id="forger",
-                                     username="coordinator", password=fleet.users["coordinator"],
-                                     protocol=fleet.protocol), forge)
+        forger = fleet.broker.link_factory(
+            MqttConfig(url=fleet.broker.url, client_id="forger", username="coordinator",
+                       password=fleet.users["coordinator"], protocol=fleet.protocol), forge)
         forger.subscribe("ef/v1/dev/dev-a/up/chunkreq")
         fleet.links.append(forger)
         forger.start()
@@ -293,6 +296,7 @@ def test_agent_rejects_what_a_compromised_broker_injects(
 # -- the generated mosquitto configuration -------------------------------------------------------
 
 
+@needs_mosquitto
 def test_broker_config_cli_setup_enforces_the_acl_and_delivers(
         tmp_path: Path, digits_v1: Digits) -> None:
     devices = ["dev-a", "dev-b"]
@@ -340,8 +344,9 @@ def test_broker_config_cli_setup_enforces_the_acl_and_delivers(
         fleet.wait_active(devices, release.sequence)
 
 
-def test_broker_config_cli_default_location(tmp_path: Path, digits_v1: Digits) -> None:
-    c, _ = make_coordinator(tmp_path / "coordinator", digits_v1, ["dev-a"], tmp_path)
+@needs_mosquitto
+def test_broker_config_cli_default_location(tmp_path: Path) -> None:
+    c = provision_fleet(tmp_path, ["dev-a"]).coordinator
     assert main(["coordinator", "broker-config", "--home", str(c.home), "--port", "1884"]) == 0
     out = c.home / "broker"
     assert {p.name for p in out.iterdir()} >= {"mosquitto.conf", "passwd", "acl"}

@@ -87,7 +87,7 @@ def test_a_killed_agent_resumes_from_disk_on_restart(fleet: Fleet) -> None:
     release = fleet.release("1", "device:dev-c")
     fleet.gate.wait_held(["dev-c"])
     fleet.kill("dev-c")
-    part = fleet.homes.homes["dev-c"] / "downloads" / f"{release.bundle_id}.part"
+    part = fleet.homes["dev-c"] / "downloads" / f"{release.bundle_id}.part"
     assert part.exists()  # the half-done download is left on disk
     fleet.gate.open()
     again = fleet.start_agent("dev-c", request_timeout=0.3)
