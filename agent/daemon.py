@@ -128,6 +128,11 @@ class AgentDaemon:
             self.link.subscribe(topic, qos=1)
         self.link.start()
 
+    @property
+    def alive(self) -> bool:
+        """True while the worker and installer threads run (a crash in either ends it)."""
+        return self._thread.is_alive() and self._installer.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         self._jobs.put(None)
