@@ -70,7 +70,7 @@ def measure(fleet: Fleet, s: Scenario, tmp: Path) -> list[str]:
 def check_recovered(fleet: Fleet, s: Scenario, home: Path, expected: str,
                     x: np.ndarray) -> None:
     agent = open_agent(home)
-    status = agent.status()
+    status = agent.status().to_dict()
     assert status["active"] is not None, "no version is active after the crash"
     assert status["active"]["version"] == MODEL_VERSION[expected]
     assert status["active"]["version"] in {MODEL_VERSION[s.before], MODEL_VERSION[s.after]}

@@ -149,7 +149,7 @@ def test_cli_install_on_a_full_disk_exits_2_with_one_line(
     assert "No space left on device" in err
     monkeypatch.undo()
     with Agent.open(home, readonly=True) as agent:
-        status = agent.status()
+        status = agent.status().to_dict()
     assert status["active"]["version"] == "1" and status["last_install"]["code"] == "store"
     assert not any((home / "store" / "staging").iterdir())
     assert len(list((home / "store" / "versions").iterdir())) == 1

@@ -135,7 +135,7 @@ def test_status_skips_a_kept_version_pruned_while_it_reads(fleet: Fleet, tmp_pat
     observer = reader(home)  # its state still names v1 as kept
     with open_agent(home) as daemon:
         daemon.install_file(fleet.bundles["v3"])  # keep = 2: v1 is pruned
-    status = observer.status()
+    status = observer.status().to_dict()
     assert status["active"]["version"] == "2"  # what this process serves
     assert [k["version"] for k in status["kept"]] == ["2"]
     observer.close()
