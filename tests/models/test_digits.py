@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +58,11 @@ def test_split_is_stratified_and_seeded(split: DigitsSplit) -> None:
     assert not np.array_equal(load_digits_split(seed=1).X_test, split.X_test)
 
 
-def test_train_is_accurate_and_fast(split: DigitsSplit) -> None:
-    start = time.perf_counter()
+def test_train_is_accurate(split: DigitsSplit) -> None:
+    """Accuracy only: no test asserts on wall-clock time (a loaded machine is not a bug)."""
     model = train_digits(split, seed=0)
-    elapsed = time.perf_counter() - start
     assert model.hidden_layer_sizes == (128,) and model.activation == "relu"
     assert model.score(split.X_test, split.y_test) >= 0.95
-    assert elapsed < 10.0
 
 
 def test_train_rejects_empty_hidden_layer(split: DigitsSplit) -> None:
