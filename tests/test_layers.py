@@ -3,7 +3,8 @@
 Every folder installs as ``edgefleet.<folder>``; imports may only point down these layers:
 
     cli          edgefleet/*.py — composition root: CLI, demo, progress (may import anything)
-    simulations  fleets of agents and coordinators          -> agent, coordinator, models, infra
+    simulations  fleets of agents and coordinators          -> federated, agent, coordinator, ...
+    federated    Flower apps and their MQTT transport       -> coordinator, models, infra, protocol
     agent        the device                                 -> infra, protocol (no models/SQL)
     coordinator  the ML team's side                         -> models, infra, protocol
     models       reference models, trainers, exporters      -> infra, protocol
@@ -24,15 +25,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("protocol", "infra", "models", "agent", "coordinator", "simulations")
+SUBPACKAGES = (
+    "protocol", "infra", "models", "agent", "coordinator", "federated", "simulations",
+)
 ALLOWED: dict[str, set[str]] = {
     "protocol": set(),
     "infra": {"protocol"},
     "models": {"protocol", "infra"},
     "agent": {"protocol", "infra"},
     "coordinator": {"protocol", "infra", "models"},
-    "simulations": {"protocol", "infra", "models", "agent", "coordinator"},
-    "cli": {"protocol", "infra", "models", "agent", "coordinator", "simulations"},
+    "federated": {"protocol", "infra", "models", "coordinator"},
+    "simulations": {"protocol", "infra", "models", "agent", "coordinator", "federated"},
+    "cli": {"protocol", "infra", "models", "agent", "coordinator", "federated", "simulations"},
 }
 PROTOCOL_FORBIDDEN = {
     # network, files, processes, wall clock
@@ -155,6 +159,10 @@ def test_layer_imports(layer: str) -> None:
     ("infra/link/x.py", "from ...coordinator import registry"),
     ("models/x.py", "from edgefleet.coordinator.home import Coordinator"),
     ("simulations/x.py", "from edgefleet.cli import main"),
+    ("federated/x.py", "from edgefleet.agent.daemon import AgentDaemon"),
+    ("federated/x.py", "from edgefleet.simulations import fleet"),
+    ("agent/x.py", "from edgefleet.federated import grid"),
+    ("coordinator/x.py", "def f():\n    from edgefleet.federated.grid import MqttGrid"),
     ("protocol/x.py", "import os"),
     ("protocol/x.py", "from os import urandom"),
     ("protocol/x.py", "import paho.mqtt.client"),
@@ -176,6 +184,8 @@ def test_the_checker_catches_violations(path: str, source: str) -> None:
     ("simulations/x.py", "from edgefleet.agent.agent import Agent\n"
                          "from edgefleet.coordinator.home import Coordinator"),
     ("edgefleet/x.py", "from edgefleet.simulations import fleet\nfrom . import progress"),
+    ("federated/x.py", "from edgefleet.coordinator.home import Coordinator\nimport flwr"),
+    ("simulations/x.py", "from edgefleet.federated.grid import MqttGrid"),
     ("protocol/x.py", "import secrets, hashlib, json\nfrom . import _fields\nfrom .keys import x"),
     ("protocol/x.py", "from cryptography.hazmat.primitives import hpke"),
 ])
