@@ -1,0 +1,288 @@
+"""Signed envelopes for Flower messages on the fleet link. Pure: bytes and an injected clock.
+
+Every federated-learning message travels in one frame:
+
+    b"EFL1" | header length (u32, big-endian) | header (canonical JSON) |
+    Ed25519 signature (64 bytes) over everything before it, as received | payload
+
+The payload is one Flower ``Message`` in Flower's own serde (opaque here); the signed header
+binds it by size and SHA-256 and says who sent it to whom, for which run, round and message:
+
+- an **instruction** (coordinator -> device, topic ``ef/v1/dev/<id>/fl``) is signed by one of
+  the coordinator's release keys; the device verifies it with the keyring it already trusts;
+- a **reply** (device -> coordinator, ``ef/v1/dev/<id>/up/fl``) is signed by the device's own
+  Ed25519 identity key; the coordinator verifies it with the device's enrolled public key.
+
+``round`` is the coordinator's step counter within a run (one per ``send_and_receive``: a
+Flower round of train + evaluate is two steps); it only ever grows within a run.
+``ReplayGuard`` rejects a message id seen before and a round below the highest seen for the
+run. Check order (TUF's): size cap -> framing -> header shape -> signer -> signature over the
+bytes as received -> payload size and digest -> addressing -> expiry -> replay.
+
+Flower node ids are derived from device ids (``node_id_for``): both sides compute the same
+stable 63-bit id with no table to keep in sync.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ._fields import check_header, check_keys, field
+from ._fields import name as check_name
+from .canonical import canonical_json, decode_json_object, hexbytes
+from .errors import (
+    DecodeError,
+    ExpiredError,
+    IntegrityError,
+    KeyringError,
+    MalformedError,
+    NotForMeError,
+    RollbackError,
+    TooLargeError,
+    UntrustedSignerError,
+)
+from .keyring import Keyring
+from .keys import SigningKey, key_id, verify_signature
+
+__all__ = [
+    "COORDINATOR",
+    "MAX_FRAME",
+    "MAX_PAYLOAD",
+    "FlHeader",
+    "Opened",
+    "ReplayGuard",
+    "node_id_for",
+    "open_instruction",
+    "open_reply",
+    "parse",
+    "seal",
+]
+
+MAGIC = b"EFL1"
+MAX_HEADER = 4096  # bytes
+MAX_PAYLOAD = 240 * 1024  # bytes: one serialized Flower Message (a digits train one is ~39 KB)
+MAX_FRAME = len(MAGIC) + 4 + MAX_HEADER + 64 + MAX_PAYLOAD
+MAX_SKEW = 300  # s a header's issued_at may lie in the receiver's future
+#: the sender (and recipient) name of the coordinator side
+COORDINATOR = "coordinator"
+MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+Kind = Literal["instruction", "reply"]
+_FIELDS = {
+    "type", "schema_version", "kind", "run_id", "round", "message_id", "reply_to", "sender",
+    "recipient", "keyid", "issued_at", "expires", "payload_sha256", "payload_size",
+}
+_U63 = (1 << 63) - 1
+
+
+def node_id_for(device_id: str) -> int:
+    """The Flower node id of a device: 63 bits of SHA-256, never 0 or 1 (Flower's own)."""
+    check_name(device_id, "device id")
+    n = int.from_bytes(hashlib.sha256(b"edgefleet-fl-node\0" + device_id.encode()).digest()[:8])
+    n &= _U63
+    return n if n > 1 else n + 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlHeader:
+    """The signed header of one FL frame."""
+
+    kind: Kind
+    run_id: int
+    round: int
+    message_id: str
+    reply_to: str  # "" for an instruction; the instruction's message id for a reply
+    sender: str  # COORDINATOR or a device id
+    recipient: str  # a device id or COORDINATOR
+    keyid: str  # the signing key's id
+    issued_at: int  # unix seconds
+    expires: int  # unix seconds
+    payload_sha256: str
+    payload_size: int  # bytes
+    type: str = "fl-envelope"
+    schema_version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("instruction", "reply"):
+            raise DecodeError(f"fl header.kind: expected instruction|reply, saw {self.kind!r:.40}")
+        for what, value in (("run_id", self.run_id), ("round", self.round)):
+            if not 0 <= value <= _U63:
+                raise DecodeError(f"fl header.{what}: expected 0..2**63-1, saw {value}")
+        for what, value in (("message_id", self.message_id), ("reply_to", self.reply_to)):
+            if value and not MESSAGE_ID_RE.fullmatch(value):
+                raise DecodeError(f"fl header.{what}: expected {MESSAGE_ID_RE.pattern}")
+        if not self.message_id or (self.kind == "reply") != bool(self.reply_to):
+            raise DecodeError("fl header: a message id is required; reply_to only on replies")
+        device = self.recipient if self.kind == "instruction" else self.sender
+        coord = self.sender if self.kind == "instruction" else self.recipient
+        check_name(device, "fl header device")
+        if coord != COORDINATOR:
+            raise DecodeError(f"fl header: the coordinator side must be {COORDINATOR!r}")
+        hexbytes(self.payload_sha256, what="fl header.payload_sha256", length=32)
+        if not 0 <= self.payload_size <= MAX_PAYLOAD or self.expires < self.issued_at:
+            raise DecodeError("fl header: payload_size out of range or expires < issued_at")
+
+    @property
+    def device_id(self) -> str:
+        """The device end of this message (recipient of an instruction, sender of a reply)."""
+        return self.recipient if self.kind == "instruction" else self.sender
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in sorted(_FIELDS)}
+
+    def encode(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def decode(cls, data: bytes) -> FlHeader:
+        d = decode_json_object(data, max_size=MAX_HEADER, what="fl header")
+        check_header(d, "fl-envelope", 1, "fl header")
+        check_keys(d, _FIELDS, "fl header")
+        ints = {k: field(d, k, int, "fl header") for k in
+                ("run_id", "round", "issued_at", "expires", "payload_size")}
+        strs = {k: field(d, k, str, "fl header") for k in
+                ("kind", "message_id", "reply_to", "sender", "recipient", "keyid",
+                 "payload_sha256")}
+        return cls(**ints, **strs)  # type: ignore[arg-type]  # kind is checked in __post_init__
+
+
+@dataclass(frozen=True, kw_only=True)
+class Opened:
+    """A frame split into its parts; ``header`` is trusted only after ``open_*`` returned it."""
+
+    header: FlHeader
+    signed: bytes  # magic + length + header, as received
+    signature: bytes
+    payload: bytes
+
+
+def seal(
+    payload: bytes,
+    signer: SigningKey,
+    *,
+    kind: Kind,
+    run_id: int,
+    round: int,
+    message_id: str,
+    reply_to: str = "",
+    device_id: str,
+    issued_at: int,
+    expires: int,
+) -> bytes:
+    """The signed frame carrying ``payload`` (``ValueError`` if it is too large for one)."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(
+            f"FL payload is {len(payload)} bytes; at most {MAX_PAYLOAD} fit in one frame "
+            "(chunking is not implemented)"
+        )
+    ends = (COORDINATOR, device_id) if kind == "instruction" else (device_id, COORDINATOR)
+    header = FlHeader(
+        kind=kind, run_id=run_id, round=round, message_id=message_id, reply_to=reply_to,
+        sender=ends[0], recipient=ends[1], keyid=signer.keyid, issued_at=issued_at,
+        expires=expires, payload_sha256=hashlib.sha256(payload).hexdigest(),
+        payload_size=len(payload),
+    )
+    body = header.encode()
+    signed = MAGIC + struct.pack(">I", len(body)) + body
+    return signed + signer.sign(signed) + payload
+
+
+def parse(frame: bytes) -> Opened:
+    """Split a frame (size cap, magic, header shape); nothing is trusted yet."""
+    if len(frame) > MAX_FRAME:
+        raise TooLargeError(f"fl frame: expected at most {MAX_FRAME} bytes, saw {len(frame)}")
+    if len(frame) < len(MAGIC) + 4 + 64 or frame[: len(MAGIC)] != MAGIC:
+        raise MalformedError(f"fl frame: expected {MAGIC!r} and a header, saw {frame[:8]!r}")
+    (n,) = struct.unpack(">I", frame[4:8])
+    if n > MAX_HEADER or len(frame) < 8 + n + 64:
+        raise MalformedError(f"fl frame: header length {n} does not fit {len(frame)} bytes")
+    header = FlHeader.decode(frame[8 : 8 + n])
+    return Opened(header=header, signed=frame[: 8 + n], signature=frame[8 + n : 72 + n],
+                  payload=frame[72 + n :])
+
+
+def _check(opened: Opened, public: bytes, now: int) -> None:
+    h = opened.header
+    verify_signature(public, opened.signature, opened.signed, what=f"fl {h.kind} {h.message_id}")
+    if len(opened.payload) != h.payload_size:
+        raise IntegrityError(f"fl payload: expected {h.payload_size} bytes, saw "
+                             f"{len(opened.payload)}")
+    if hashlib.sha256(opened.payload).hexdigest() != h.payload_sha256:
+        raise IntegrityError(f"fl payload of {h.message_id}: SHA-256 does not match the header")
+    if now >= h.expires:
+        raise ExpiredError(f"fl {h.kind} {h.message_id}: expired at {h.expires}, now {now}")
+    if h.issued_at > now + MAX_SKEW:
+        raise ExpiredError(f"fl {h.kind} {h.message_id}: issued at {h.issued_at}, in the future")
+
+
+def open_instruction(frame: bytes, *, device_id: str, keyring: Keyring | None,
+                     now: int) -> Opened:
+    """Verify an instruction for ``device_id`` signed by a release key in ``keyring``."""
+    opened = parse(frame)
+    h = opened.header
+    if h.kind != "instruction":
+        raise MalformedError(f"fl: expected an instruction, saw a {h.kind}")
+    if keyring is None:
+        raise UntrustedSignerError("fl instruction: no trusted keyring yet (only the root)")
+    if now >= keyring.expires:
+        raise KeyringError(f"keyring v{keyring.version}: expired at {keyring.expires}")
+    _check(opened, keyring.release_key(h.keyid, now).public, now)
+    if h.recipient != device_id:
+        raise NotForMeError(f"fl instruction for {h.recipient!r}, this is {device_id!r}")
+    return opened
+
+
+def open_reply(frame: bytes, *, device_id: str, device_key: bytes | None, now: int) -> Opened:
+    """Verify a reply that arrived on ``device_id``'s topic, signed by that device's key."""
+    opened = parse(frame)
+    h = opened.header
+    if h.kind != "reply":
+        raise MalformedError(f"fl: expected a reply, saw an {h.kind}")
+    if h.sender != device_id:
+        raise UntrustedSignerError(f"fl reply on {device_id!r}'s topic claims sender {h.sender!r}")
+    if device_key is None:
+        raise UntrustedSignerError(f"fl reply from {device_id!r}: no enrolled key")
+    if h.keyid != key_id(device_key):
+        raise UntrustedSignerError(f"fl reply from {device_id!r}: signed by key {h.keyid!r:.40}, "
+                                   f"enrolled {key_id(device_key)}")
+    _check(opened, device_key, now)
+    return opened
+
+
+class ReplayGuard:
+    """Rejects a message id seen before, or a round below the highest seen in its run.
+
+    Pure and bounded: remembers the last ``capacity`` message ids and the rounds of the last
+    ``capacity`` runs. ``check`` raises; ``accept`` records (after every other check passed).
+    """
+
+    def __init__(self, capacity: int = 1024) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self._ids: deque[str] = deque(maxlen=capacity)
+        self._seen: set[str] = set()
+        self._rounds: dict[int, int] = {}
+        self._capacity = capacity
+
+    def check(self, header: FlHeader) -> None:
+        if header.message_id in self._seen:
+            raise RollbackError(f"fl message {header.message_id}: replayed")
+        highest = self._rounds.get(header.run_id, -1)
+        if header.round < highest:
+            raise RollbackError(
+                f"fl run {header.run_id}: round {header.round} is below round {highest} seen"
+            )
+
+    def accept(self, header: FlHeader) -> None:
+        self.check(header)
+        if len(self._ids) == self._capacity:
+            self._seen.discard(self._ids[0])
+        self._ids.append(header.message_id)
+        self._seen.add(header.message_id)
+        self._rounds[header.run_id] = max(header.round, self._rounds.get(header.run_id, -1))
+        while len(self._rounds) > self._capacity:
+            del self._rounds[next(iter(self._rounds))]
