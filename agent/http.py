@@ -7,8 +7,25 @@
 
 Every other route needs ``Authorization: Bearer <token>``, the token being ``<home>/http.token``
 (0600). While serving, ``<home>/run/http.json`` names the port and pid, so ``predict_via_http``
-(the CLI) can find the running daemon. Errors are ``{"error": "..."}`` with 400 (bad input),
-401, 404, 411, 413 (body over 1 MiB, refused before it is read) or 503 (no active model).
+(the CLI) can find the running daemon.
+
+Request bodies are read only with a valid ``Content-Length`` of at most ``MAX_BODY`` bytes
+(16 MiB, about 1.6 million float32 values as JSON; a larger body gets 413 before it is read,
+the limit named in the message): callers with more input batch it. Each read of the body may
+wait ``BODY_TIMEOUT`` seconds for more bytes; a body shorter than its ``Content-Length`` gets
+400 and the connection is closed. ``parse_inputs`` (pure, also what the fuzzer drives) accepts
+``inputs`` only as a rectangular nested list of JSON numbers, each finite and within float32
+range, whose shape is the active model's input spec (``None`` = any size), with or without
+the batch dimension. Every answer is strict JSON (no ``NaN``); errors are one line,
+``{"error": "..."}``, with
+
+    400  malformed: not JSON, NaN/Infinity literals, duplicate keys, booleans, strings, ragged or
+         wrongly shaped inputs, a bad Content-Length, a body shorter than its Content-Length
+    401  missing or wrong token          404/405  no such route / method
+    411  no Content-Length (or chunked)  413  body over MAX_BODY
+    422  well-formed numbers that float32 cannot hold (1e39, 1e400, 10**400)
+    500  the model answered with NaN or Infinity (not representable in JSON), or a bug
+    503  no model is active
 """
 
 from __future__ import annotations
@@ -19,12 +36,13 @@ import http.client
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import socket
 import socketserver
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -32,15 +50,29 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from edgefleet.infra.fsutil import atomic_write
 from edgefleet.protocol.errors import TransportError
+from edgefleet.protocol.manifest import TensorSpec
 
 if TYPE_CHECKING:
     from .agent import Agent
 
-__all__ = ["MAX_BODY", "EchoServer", "InferenceServer", "load_token", "predict_via_http"]
+__all__ = [
+    "BODY_TIMEOUT",
+    "MAX_BODY",
+    "EchoServer",
+    "HttpError",
+    "InferenceServer",
+    "content_length",
+    "load_token",
+    "parse_inputs",
+    "predict_via_http",
+]
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 1024 * 1024  # bytes; larger request bodies get 413 unread
+MAX_BODY = 16 * 1024 * 1024  # bytes; larger request bodies get 413 unread
+BODY_TIMEOUT = 5.0  # seconds one read of a request body may wait for more bytes
+MAX_RANK = 8  # dimensions of ``inputs``
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may sit idle
 POLL_INTERVAL = 0.1  # seconds; how long stop() may wait for the accept loop
 TOKEN_FILE = "http.token"
@@ -73,14 +105,36 @@ def _read_token(path: Path) -> str:
     return token
 
 
-class _Reject(Exception):
+class HttpError(Exception):
+    """A request the API answers with an error: ``status`` and a one-line ``message``."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
 
 
 def _json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    """Strict JSON: a NaN or an infinity raises ValueError instead of emitting ``NaN``."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def content_length(values: Sequence[str], *, chunked: bool = False) -> int:
+    """The body size the ``Content-Length`` header(s) ``values`` announce, or ``HttpError``
+    (411 none or chunked, 400 malformed or conflicting, 413 over ``MAX_BODY``)."""
+    if chunked:
+        raise HttpError(411, "chunked bodies are not supported: send Content-Length")
+    if not values:
+        raise HttpError(411, "Content-Length required")
+    if len({v.strip() for v in values}) > 1:
+        raise HttpError(400, f"conflicting Content-Length headers {list(values)[:4]!r:.80}")
+    text = values[0].strip()
+    if not (text.isascii() and text.isdigit()):
+        raise HttpError(
+            400, f"bad Content-Length {text!r:.40}: expected a non-negative decimal integer"
+        )
+    if len(text) > 20 or int(text) > MAX_BODY:
+        raise HttpError(413, f"body of {text:.40} bytes is over the {MAX_BODY}-byte limit")
+    return int(text)
 
 
 Route = Callable[[Any], bytes]  # an unbound handler method
@@ -113,9 +167,9 @@ class _Handler(BaseHTTPRequestHandler):
             if needs_token and not hmac.compare_digest(
                 self.headers.get("Authorization", "").encode("latin-1", "replace"), self.server.auth
             ):
-                raise _Reject(401, "missing or wrong bearer token")
+                raise HttpError(401, "missing or wrong bearer token")
             status, data = 200, handler(self)
-        except _Reject as exc:
+        except HttpError as exc:
             status, data = exc.status, _json({"error": exc.message})
         except Exception:
             log.exception("%s %s failed", method, self.path)
@@ -127,32 +181,61 @@ class _Handler(BaseHTTPRequestHandler):
         route = self.routes.get((method, path))
         if route is None:
             known = any(p == path for _, p in self.routes)
-            raise _Reject(405 if known else 404, f"no route {method} {path}")
+            raise HttpError(405 if known else 404, f"no route {method} {path}")
         return route
 
     def handle_expect_100(self) -> bool:
-        length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_BODY:
+        try:
+            self._content_length()
+        except HttpError as exc:  # refused before the client sends the body
             self._body_read = False
-            self._send(413, _json({"error": f"body over the {MAX_BODY}-byte limit"}))
+            self._send(exc.status, _json({"error": exc.message}))
             return False
         return super().handle_expect_100()
 
+    def _content_length(self) -> int:
+        try:
+            return content_length(
+                self.headers.get_all("Content-Length") or [],
+                chunked="Transfer-Encoding" in self.headers,
+            )
+        except HttpError as exc:
+            log.warning(
+                "%s %s from %s refused: %s",
+                self.command,
+                self.path,
+                self.client_address[0],
+                exc.message,
+            )
+            raise
+
     def _read_body(self) -> bytes:
-        if "Transfer-Encoding" in self.headers:
-            raise _Reject(411, "chunked bodies are not supported: send Content-Length")
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise _Reject(411, "Content-Length required")
-        if not length.isdigit():
-            raise _Reject(400, f"bad Content-Length {length!r}")
-        if int(length) > MAX_BODY:
-            raise _Reject(413, f"body of {length} bytes is over the {MAX_BODY}-byte limit")
-        body = self.rfile.read(int(length))
+        length = self._content_length()
+        self.connection.settimeout(self.server.body_timeout)  # per read: a trickle still works
+        try:
+            body: bytes | None = self.rfile.read(length)
+        except TimeoutError:
+            body = None
+        if body is None or len(body) != length:
+            self.close_connection = True  # and _send says so: the rest is not a request
+            seen = (
+                f"no more bytes within {self.server.body_timeout:g} s"
+                if body is None
+                else f"the connection closed after {len(body)}"
+            )
+            log.warning(
+                "%s %s from %s dropped: body shorter than Content-Length (%d bytes announced, %s)",
+                self.command,
+                self.path,
+                self.client_address[0],
+                length,
+                seen,
+            )
+            raise HttpError(
+                400, f"body shorter than Content-Length ({length} bytes announced, {seen})"
+            )
+        self.connection.settimeout(self.timeout)
         self._body_read = True
-        if len(body) != int(length):
-            self.close_connection = True
-            raise _Reject(400, f"body ended after {len(body)} of {length} bytes")
         return body
 
     def _send(self, status: int, data: bytes) -> None:
@@ -172,43 +255,117 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.client_address[0], *args)
 
 
-def _parse_inputs(body: bytes) -> np.ndarray:
+def _no_constant(name: str) -> Any:
+    raise HttpError(400, f"body: {name} is not a JSON number (send finite numbers)")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise HttpError(400, "body: duplicate keys in a JSON object")
+    return doc
+
+
+_ROWS = "inputs must be a row or a list of equal-length rows of numbers"
+_KINDS = {bool: "a boolean", str: "a string", dict: "an object", type(None): "null", list: "a list"}
+
+
+def parse_inputs(body: bytes, spec: TensorSpec | None = None) -> np.ndarray:
+    """The float32 batch a ``/v1/predict`` body asks for, or ``HttpError`` (400, 413, 422).
+
+    ``spec``: the active model's input; its shape is checked (``None`` dims match any size)
+    and one sample without the batch dimension becomes a batch of one. Without a spec, a row
+    or a list of rows. Pure: the fuzzer calls it directly.
+    """
+    if len(body) > MAX_BODY:
+        raise HttpError(413, f"body of {len(body)} bytes is over the {MAX_BODY}-byte limit")
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+    except HttpError:
+        raise
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise _Reject(400, f"body is not valid JSON: {exc}") from exc
+        raise HttpError(400, f"body is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict) or "inputs" not in doc:
-        raise _Reject(400, 'expected a JSON object {"inputs": [[...], ...]}')
+        raise HttpError(400, 'expected a JSON object {"inputs": [[...], ...]}')
+    shape, values = _rectangle(doc["inputs"])
     try:
-        x = np.asarray(doc["inputs"], dtype=np.float32)
-    except (ValueError, TypeError) as exc:
-        raise _Reject(
-            400, f"inputs must be a row or a list of equal-length rows of numbers: {exc}"
-        ) from exc
-    if x.ndim == 1:
-        x = x[None, :]
-    if x.ndim != 2:
-        raise _Reject(400, f"inputs must be a row or a list of rows, got shape {x.shape}")
-    return x
+        x = np.array(values, dtype=np.float64)
+    except OverflowError:  # an integer beyond float64
+        x = np.array([math.inf if abs(v) > FLOAT32_MAX else v for v in values])
+    bad = ~(np.abs(x) <= FLOAT32_MAX)
+    if bad.any():
+        raise HttpError(
+            422,
+            f"inputs: expected finite numbers within float32 range (|x| <= {FLOAT32_MAX:g}), "
+            f"saw {values[int(bad.argmax())]!r:.40}",
+        )
+    return x.astype(np.float32).reshape(_batch_shape(shape, spec))
+
+
+def _rectangle(value: object) -> tuple[tuple[int, ...], list[int | float]]:
+    """(shape, values in C order) of a rectangular nested list of JSON numbers."""
+    shape: list[int] = []
+    level: list[Any] = [value]
+    while all(type(v) is list for v in level):
+        widths = {len(v) for v in level}
+        if len(widths) != 1:
+            raise HttpError(400, f"{_ROWS}: saw lengths {sorted(widths)[:8]} at depth {len(shape)}")
+        (width,) = widths
+        if width == 0:
+            raise HttpError(400, f"{_ROWS}: saw an empty list")
+        if len(shape) == MAX_RANK:
+            raise HttpError(400, f"{_ROWS}: more than {MAX_RANK} dimensions")
+        shape.append(width)
+        level = [x for v in level for x in v]
+    kinds = {type(v) for v in level}
+    if not kinds <= {int, float}:
+        odd = next(k for k in kinds if k not in (int, float))
+        where = "beside numbers (ragged)" if odd is list else "where a number belongs"
+        raise HttpError(400, f"{_ROWS}: saw {_KINDS.get(odd, odd.__name__)} {where}")
+    return tuple(shape), level
+
+
+def _batch_shape(shape: tuple[int, ...], spec: TensorSpec | None) -> tuple[int, ...]:
+    want = spec.shape if spec is not None else (None, None)
+    got = (1, *shape) if len(shape) == len(want) - 1 else shape
+    if len(got) == len(want) and all(w is None or w == g for w, g in zip(want, got, strict=True)):
+        return got
+    if spec is None:
+        raise HttpError(400, f"inputs must be a row or a list of rows, got shape {shape}")
+    dims = ", ".join(
+        "batch" if i == 0 and d is None else "*" if d is None else str(d)
+        for i, d in enumerate(want)
+    )
+    raise HttpError(400, f"expected input of shape ({dims}) for {spec.name!r}, got shape {shape}")
 
 
 class _InferenceHandler(_Handler):
     def _predict(self) -> bytes:
-        x = _parse_inputs(self._read_body())
+        body = self._read_body()
+        active = self.server.agent.active
+        x = parse_inputs(body, active.manifest.inputs[0] if active is not None else None)
         try:  # version and output from one snapshot: the label names the model that answered
             version, out = self.server.agent.predict_versioned(x)
         except (ValueError, TypeError) as exc:
-            raise _Reject(400, str(exc)) from exc
+            raise HttpError(400, str(exc)) from exc
         except RuntimeError as exc:  # no model active, or closed by a concurrent swap
-            raise _Reject(503, str(exc)) from exc
+            raise HttpError(503, str(exc)) from exc
         m = version.manifest
-        return _json(
-            {
-                "outputs": out.tolist(),
-                "argmax": out.argmax(axis=-1).tolist(),
-                "model": {"name": m.name, "version": m.model_version, "sequence": m.sequence},
-            }
-        )
+        try:
+            return _json(
+                {
+                    "outputs": out.tolist(),
+                    "argmax": out.argmax(axis=-1).tolist(),
+                    "model": {"name": m.name, "version": m.model_version, "sequence": m.sequence},
+                }
+            )
+        except ValueError:  # NaN or infinity: not JSON
+            log.warning(
+                "model %s %s gave non-finite outputs; answered 500", m.name, m.model_version
+            )
+            raise HttpError(
+                500, f"model {m.name} {m.model_version} gave NaN or infinite outputs"
+            ) from None
 
     def _status(self) -> bytes:
         return _json(self.server.agent.status().to_dict())
@@ -234,9 +391,16 @@ class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, address: tuple[str, int], handler: type[_Handler], *, auth: bytes, agent: Any
+        self,
+        address: tuple[str, int],
+        handler: type[_Handler],
+        *,
+        auth: bytes,
+        agent: Any,
+        body_timeout: float,
     ) -> None:
         self.auth, self.agent, self.requests = auth, agent, 0
+        self.body_timeout = body_timeout
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         super().__init__(address, handler)
@@ -272,11 +436,22 @@ class _HttpServer(ThreadingHTTPServer):
 
 
 class _Server:
-    """A ThreadingHTTPServer on loopback, served from a daemon thread."""
+    """A ThreadingHTTPServer on loopback, served from a daemon thread.
+
+    ``body_timeout``: seconds one read of a request body may wait for more bytes.
+    """
 
     _handler: ClassVar[type[_Handler]]
 
-    def __init__(self, agent: Any, *, home: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        agent: Any,
+        *,
+        home: Path,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        body_timeout: float = BODY_TIMEOUT,
+    ) -> None:
         if host == "localhost":
             host = "127.0.0.1"
         try:
@@ -286,7 +461,7 @@ class _Server:
         if not loopback:
             raise ValueError(f"the local API binds an IPv4 loopback address only, got {host!r}")
         self.agent, self.home, self.host = agent, home, host
-        self._port = port
+        self._port, self.body_timeout = port, body_timeout
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -308,7 +483,11 @@ class _Server:
             raise RuntimeError(f"{type(self).__name__} is already serving on {self.url}")
         auth = b"Bearer " + load_token(self.home).encode()
         self._httpd = _HttpServer(
-            (self.host, self._port), self._handler, auth=auth, agent=self.agent
+            (self.host, self._port),
+            self._handler,
+            auth=auth,
+            agent=self.agent,
+            body_timeout=self.body_timeout,
         )
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
@@ -344,8 +523,16 @@ class InferenceServer(_Server):
     _handler = _InferenceHandler
     agent: Agent
 
-    def __init__(self, agent: Agent, *, home: Path, port: int = 0, host: str = "127.0.0.1") -> None:
-        super().__init__(agent, home=home, port=port, host=host)
+    def __init__(
+        self,
+        agent: Agent,
+        *,
+        home: Path,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        body_timeout: float = BODY_TIMEOUT,
+    ) -> None:
+        super().__init__(agent, home=home, port=port, host=host, body_timeout=body_timeout)
         self._run_data = b""
 
     def start(self) -> None:
@@ -372,8 +559,15 @@ class EchoServer(_Server):
 
     _handler = _EchoHandler
 
-    def __init__(self, *, home: Path, port: int = 0, host: str = "127.0.0.1") -> None:
-        super().__init__(None, home=home, port=port, host=host)
+    def __init__(
+        self,
+        *,
+        home: Path,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        body_timeout: float = BODY_TIMEOUT,
+    ) -> None:
+        super().__init__(None, home=home, port=port, host=host, body_timeout=body_timeout)
 
 
 def predict_via_http(home: Path, x: np.ndarray, timeout: float = 5.0) -> np.ndarray | None:
@@ -386,7 +580,10 @@ def predict_via_http(home: Path, x: np.ndarray, timeout: float = 5.0) -> np.ndar
     if endpoint is None:
         return None
     host, port, token = endpoint
-    body = _json({"inputs": np.asarray(x, dtype=np.float32).tolist()})
+    x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("inputs must be finite numbers (saw NaN or infinity)")
+    body = _json({"inputs": x.tolist()})
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request(
@@ -412,7 +609,7 @@ def predict_via_http(home: Path, x: np.ndarray, timeout: float = 5.0) -> np.ndar
         raise TransportError(
             f"local inference API at {host}:{port}: HTTP {status}, unexpected body {data[:200]!r}"
         ) from exc
-    if status in (400, 413):
+    if status in (400, 413, 422):
         raise ValueError(message)
     if status == 503:
         raise RuntimeError(message)

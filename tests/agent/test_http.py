@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import shutil
 import socket
@@ -14,10 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.http import MAX_BODY, EchoServer, InferenceServer, load_token, predict_via_http
+from edgefleet.agent.http import (
+    MAX_BODY,
+    EchoServer,
+    InferenceServer,
+    load_token,
+    predict_via_http,
+)
 from edgefleet.agent.identity import DeviceIdentity
 from edgefleet.agent.runtime import Runtime, load_runtime
 from edgefleet.agent.store import InstalledVersion
@@ -25,6 +33,7 @@ from edgefleet.agent.trust import TrustStore
 from edgefleet.coordinator.home import Coordinator
 from edgefleet.models.digits import write_digits_artifacts
 from edgefleet.protocol.keys import decode_public_key
+from onnx import TensorProto, helper
 
 from edgefleet import _cli_agent
 from edgefleet.cli import main
@@ -37,6 +46,7 @@ Response = tuple[int, dict[str, str], Any]
 class Homes:
     active: Path  # an agent home with digits 1 installed
     empty: Path  # an enrolled agent home with nothing installed
+    sqrt: Path  # an agent home serving y = sqrt(x) on float32 [batch, 4]: NaN for x < 0
     x: np.ndarray  # the digits test split, float32 [450, 64]
 
 
@@ -47,21 +57,49 @@ def _agent_home(home: Path, device_id: str, coord: Coordinator) -> None:
     coord.enroll(ident.public())
 
 
+def _sqrt_model(path: Path) -> None:
+    """A real ONNX model whose output is NaN for negative input, with its metadata sidecar."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph([helper.make_node("Sqrt", ["x"], ["y"])], "sqrt", [x], [y])
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7), path
+    )
+    spec = {"dtype": "float32", "shape": [None, 4]}
+    meta = {
+        "inputs": [{"name": "x", **spec}],
+        "outputs": [{"name": "y", **spec}],
+        "smoke": [
+            {"input": [[1.0, 4.0, 9.0, 16.0]], "expected": [[1.0, 2.0, 3.0, 4.0]], "atol": 1e-6}
+        ],
+    }
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def _install(coord: Coordinator, model: str, device_id: str, home: Path) -> None:
+    _, built = coord.build(model, "1", device_id)
+    coord.write_bundle(built, home.parent / f"{model}-1.efb")
+    agent = Agent.open(home)
+    agent.install_file(home.parent / f"{model}-1.efb")
+    agent.close()
+
+
 @pytest.fixture(scope="module")
 def homes(tmp_path_factory: pytest.TempPathFactory) -> Homes:
     work = tmp_path_factory.mktemp("http")
     art = write_digits_artifacts(work / "models")
     coord = Coordinator.init(work / "coordinator")
     coord.register_model("digits", art.onnx_path, version="1")
+    _sqrt_model(work / "models" / "sqrt.onnx")
+    coord.register_model("sqrt", work / "models" / "sqrt.onnx", version="1")
     _agent_home(work / "active", "dev-1", coord)
     _agent_home(work / "empty", "dev-2", coord)
-    _, built = coord.build("digits", "1", "dev-1")
-    coord.write_bundle(built, work / "digits-1.efb")
-    agent = Agent.open(work / "active")
-    agent.install_file(work / "digits-1.efb")
-    agent.close()
+    _agent_home(work / "sqrt", "dev-3", coord)
+    _install(coord, "digits", "dev-1", work / "active")
+    _install(coord, "sqrt", "dev-3", work / "sqrt")
     with np.load(art.test_path) as npz:
-        return Homes(work / "active", work / "empty", np.asarray(npz["x"], dtype=np.float32))
+        x = np.asarray(npz["x"], dtype=np.float32)
+    return Homes(work / "active", work / "empty", work / "sqrt", x)
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +133,22 @@ def call(
         resp = c.getresponse()
         data = resp.read()
         assert resp.getheader("Content-Length") == str(len(data))
-        return resp.status, dict(resp.getheaders()), json.loads(data)
+        return resp.status, dict(resp.getheaders()), strict_json(data)
     finally:
         if conn is None:
             c.close()
+
+
+def _no_constant(name: str) -> Any:
+    raise AssertionError(f"the server sent non-JSON {name}")
+
+
+def strict_json(data: bytes) -> Any:
+    """RFC 8259 JSON only: Python's json.loads would accept NaN and Infinity."""
+    doc = json.loads(data, parse_constant=_no_constant)
+    if isinstance(doc, dict) and "error" in doc:
+        assert "\n" not in doc["error"], doc  # errors are one line
+    return doc
 
 
 def assert_outputs(doc: dict[str, Any], expected: np.ndarray) -> None:
@@ -175,7 +225,8 @@ def test_oversize_body_refused_unread(server: InferenceServer) -> None:
         reply = s.makefile("rb").read()  # to EOF: the server closes the connection
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in head
-    assert b"1048576-byte limit" in body
+    assert f"{MAX_BODY}-byte limit".encode() in body
+    assert MAX_BODY == 16 * 1024 * 1024
 
 
 def test_oversize_expect_continue_refused(server: InferenceServer) -> None:
@@ -208,6 +259,184 @@ def test_oversize_expect_continue_refused(server: InferenceServer) -> None:
 def test_bad_input_is_400(server: InferenceServer, body: bytes, phrase: str) -> None:
     status, _, doc = post_predict(server, body)
     assert status == 400 and phrase in doc["error"], doc
+
+
+def _row(first: str) -> bytes:
+    """One digits row as JSON text whose first value is ``first`` (any literal)."""
+    return b'{"inputs": [[' + first.encode() + b", 0.0" * 63 + b"]]}"
+
+
+ZEROS = ", ".join(["0.0"] * 64)
+
+
+# Item 10: non-finite, out-of-range and non-numeric values; each case its own status and error.
+@pytest.mark.parametrize(
+    "body,status,phrase",
+    [
+        (_row("NaN"), 400, "NaN is not a JSON number"),
+        (_row("Infinity"), 400, "Infinity is not a JSON number"),
+        (_row("-Infinity"), 400, "-Infinity is not a JSON number"),
+        (_row("1e39"), 422, "within float32 range"),
+        (_row("-1e39"), 422, "within float32 range"),
+        (_row("3.5e38"), 422, "within float32 range"),
+        (_row("1e400"), 422, "within float32 range"),  # Python's json makes it inf
+        (_row("1" + "0" * 400), 422, "within float32 range"),  # beyond float64 too
+        (_row("true"), 400, "saw a boolean where a number belongs"),
+        (_row("false"), 400, "saw a boolean where a number belongs"),
+        (_row("null"), 400, "saw null where a number belongs"),
+        (_row('"1.5"'), 400, "saw a string where a number belongs"),
+        (f'{{"inputs": [[{ZEROS}]], "inputs": [[{ZEROS}]]}}'.encode(), 400, "duplicate keys"),
+        (b'{"inputs": []}', 400, "saw an empty list"),
+        (b'{"inputs": [[]]}', 400, "saw an empty list"),
+        (f'{{"inputs": [[{ZEROS}], 0.0]}}'.encode(), 400, "saw a list beside numbers (ragged)"),
+        (f'{{"inputs": [[{ZEROS}], [0.0]]}}'.encode(), 400, "saw lengths [1, 64] at depth 1"),
+        (b'{"inputs": ' + b"[" * 9 + b"0.0" + b"]" * 9 + b"}", 400, "more than 8 dimensions"),
+        (f'{{"inputs": [[[{ZEROS}]]]}}'.encode(), 400, "got shape (1, 1, 64)"),
+    ],
+)
+def test_bad_values_are_refused(
+    server: InferenceServer, body: bytes, status: int, phrase: str
+) -> None:
+    got, _, doc = post_predict(server, body)
+    assert (got, phrase in doc["error"]) == (status, True), doc
+
+
+def test_edge_values_are_accepted(server: InferenceServer, agent: Agent) -> None:
+    values = [1e-45, -0.0, 16, -3, 2.5e-38] + [0.0] * 59  # subnormal, ints: all float32
+    status, _, doc = post_predict(server, {"inputs": [values]})
+    assert status == 200
+    assert_outputs(doc, agent.predict(np.asarray([values], dtype=np.float32)))
+
+
+def test_nan_output_is_a_json_500(homes: Homes) -> None:
+    with Agent.open(homes.sqrt) as agent, InferenceServer(agent, home=homes.sqrt) as s:
+        status, _, doc = post_predict(s, {"inputs": [[1.0, 4.0, 9.0, 16.0]]})
+        assert status == 200 and doc["outputs"] == [[1.0, 2.0, 3.0, 4.0]]
+        status, _, doc = post_predict(s, {"inputs": [[-1.0, 4.0, 9.0, 16.0]]})
+        assert status == 500 and "gave NaN or infinite outputs" in doc["error"], doc
+        assert post_predict(s, {"inputs": [1.0, 2.0]})[0] == 400  # its own input spec
+
+
+def test_client_refuses_non_finite_and_maps_422(server: InferenceServer, homes: Homes) -> None:
+    x = homes.x[:1].copy()
+    x[0, 0] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        predict_via_http(homes.active, x)
+
+
+# The body cap: a large input works through the daemon as it does without it.
+def test_large_input_within_the_cap(server: InferenceServer, agent: Agent, homes: Homes) -> None:
+    x = np.tile(homes.x, (8, 1))  # 3,600 rows, ~4.6 MB of JSON: over the old 1 MiB cap
+    got = predict_via_http(homes.active, x, timeout=30)
+    assert got is not None
+    np.testing.assert_array_equal(got, agent.predict(x))
+
+
+def test_body_of_exactly_max_body_is_read(server: InferenceServer, homes: Homes) -> None:
+    body = json.dumps({"inputs": homes.x[:1].tolist()}).encode()
+    body = body[:-1] + b" " * (MAX_BODY - len(body)) + b"}"  # JSON whitespace up to the cap
+    assert len(body) == MAX_BODY
+    assert post_predict(server, body)[0] == 200
+
+
+# Item 11: Content-Length and short bodies, over raw sockets.
+
+
+def raw_request(port: int, head: str, body: bytes = b"", *, half_close: bool = False) -> Any:
+    """Send ``head`` (request line + headers, without the blank line) and ``body`` on a raw
+    socket; return the parsed response (status, headers, strict JSON). Waits on the response
+    (the socket timeout only bounds a server that never answers)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, strict_json(data)
+
+
+def _head(server: InferenceServer, *headers: str) -> str:
+    lines = [
+        "POST /v1/predict HTTP/1.1",
+        "Host: x",
+        f"Authorization: Bearer {load_token(server.home)}",
+    ]
+    return "\r\n".join([*lines, *headers])
+
+
+@pytest.mark.parametrize(
+    "headers,status,phrase",
+    [
+        ((), 411, "Content-Length required"),
+        (("Transfer-Encoding: chunked",), 411, "chunked bodies are not supported"),
+        (("Content-Length: -1",), 400, "bad Content-Length '-1'"),
+        (("Content-Length: abc",), 400, "bad Content-Length 'abc'"),
+        (("Content-Length: 1.5",), 400, "bad Content-Length '1.5'"),
+        (("Content-Length: \xb3",), 400, "bad Content-Length"),  # superscript 3: isdigit()
+        (("Content-Length: 5", "Content-Length: 6"), 400, "conflicting Content-Length"),
+        (("Content-Length: 99999999999999999999999",), 413, f"over the {MAX_BODY}-byte limit"),
+        (("Content-Length: " + "9" * 5000,), 413, f"over the {MAX_BODY}-byte limit"),
+        ((f"Content-Length: {MAX_BODY + 1}",), 413, f"over the {MAX_BODY}-byte limit"),
+    ],
+)
+def test_bad_content_length(
+    server: InferenceServer,
+    caplog: pytest.LogCaptureFixture,
+    headers: tuple[str, ...],
+    status: int,
+    phrase: str,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="edgefleet.agent.http"):
+        got, _, doc = raw_request(server.port, _head(server, *headers))
+    assert (got, phrase in doc["error"]) == (status, True), doc
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert caplog.records[0].exc_info is None
+
+
+@pytest.fixture(scope="module")
+def quick_server(
+    agent: Agent, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InferenceServer]:
+    """The API with a short body timeout, so a stalled body is answered promptly (its own
+    home for the token and run file: the module's server keeps the real one)."""
+    home = tmp_path_factory.mktemp("quick")
+    with InferenceServer(agent, home=home, body_timeout=0.5) as s:
+        yield s
+
+
+@pytest.mark.parametrize(
+    "half_close,phrase",
+    [(False, "no more bytes within 0.5 s"), (True, "the connection closed after 10")],
+)
+def test_body_shorter_than_content_length(
+    quick_server: InferenceServer,
+    caplog: pytest.LogCaptureFixture,
+    half_close: bool,
+    phrase: str,
+) -> None:
+    head = _head(quick_server, "Content-Length: 100")
+    with caplog.at_level(logging.DEBUG, logger="edgefleet.agent.http"):
+        status, headers, doc = raw_request(
+            quick_server.port, head, b'{"inputs":', half_close=half_close
+        )
+    assert status == 400 and headers["connection"] == "close"
+    assert doc["error"].startswith("body shorter than Content-Length (100 bytes announced, ")
+    assert phrase in doc["error"], doc
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.levelname for r in warnings] == ["WARNING"] and warnings[0].exc_info is None
+    assert "body shorter than Content-Length" in warnings[0].getMessage()
+
+
+def test_a_body_in_pieces_is_read_whole(quick_server: InferenceServer, homes: Homes) -> None:
+    body = json.dumps({"inputs": homes.x[:1].tolist()}).encode()
+    with socket.create_connection(("127.0.0.1", quick_server.port), timeout=20) as sock:
+        sock.sendall(_head(quick_server, f"Content-Length: {len(body)}").encode() + b"\r\n\r\n")
+        sock.sendall(body[:100])
+        sock.sendall(body[100:])
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        assert resp.status == 200 and strict_json(resp.read())["argmax"]
 
 
 def test_no_active_model_is_503(homes: Homes) -> None:
