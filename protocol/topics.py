@@ -6,10 +6,11 @@ form ``$share/<group>/<filter>``) are frozen, validated value objects with pure 
 return ``str`` because that is what the links take.
 
 Each device lives in its own subtree, so a mosquitto ACL ``pattern`` with ``%u`` (the device
-id is the broker username) confines it: it reads ``release``, ``chunk`` and ``cmd`` and writes
-only under ``up/``. ``acl()`` is that ACL as data: ``edgefleet.infra.broker.edgefleet_acl``
-renders it for mosquitto and the in-memory broker evaluates it with ``allowed()``, so both
-brokers enforce the same rules.
+id is the broker username) confines it: it reads ``release``, ``chunk``, ``cmd`` and ``fl`` and
+writes exactly its four upstream topics (``up/status``, ``up/chunkreq``, ``up/telemetry``,
+``up/fl``). ``acl()`` is that ACL as data: ``edgefleet.infra.broker`` renders it for mosquitto
+(an ``acl_file``, or one dynamic-security role per device) and the in-memory broker evaluates
+it with ``allowed()`` and ``may_subscribe()``, so every broker enforces the same rules.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ __all__ = [
     "chunk",
     "chunk_requests_shared",
     "cmd",
+    "device_client_id",
     "device_of",
+    "fl",
+    "may_subscribe",
     "release",
     "route",
     "up",
@@ -45,8 +49,8 @@ PREFIX = "ef/v1"
 SHARE_GROUP = "edgefleet-coord"
 MAX_TOPIC_BYTES = 65_535  # MQTT: a UTF-8 string with a 2-byte length
 
-DOWN_KINDS = ("release", "chunk", "cmd")  # coordinator -> device
-UP_KINDS = ("status", "chunkreq", "telemetry")  # device -> coordinator, under up/
+DOWN_KINDS = ("release", "chunk", "cmd", "fl")  # coordinator -> device (fl: Flower messages)
+UP_KINDS = ("status", "chunkreq", "telemetry", "fl")  # device -> coordinator, under up/
 #: every per-device topic kind: the suffix after ``ef/v1/dev/<id>/``
 KINDS = (*DOWN_KINDS, *(f"up/{k}" for k in UP_KINDS))
 
@@ -184,8 +188,18 @@ def cmd(device_id: str) -> str:
     return device_topic(device_id, "cmd").value
 
 
+def fl(device_id: str) -> str:
+    """Coordinator -> device: federated-learning (Flower) messages."""
+    return device_topic(device_id, "fl").value
+
+
+def device_client_id(device_id: str) -> str:
+    """The one MQTT client id a device's broker account may use (``agent-<id>``)."""
+    return f"agent-{_device_id(device_id)}"
+
+
 def up(device_id: str, kind: str) -> str:
-    """Device -> coordinator: ``status`` (retained), ``chunkreq``, ``telemetry``."""
+    """Device -> coordinator: ``status`` (retained), ``chunkreq``, ``telemetry``, ``fl``."""
     if kind not in UP_KINDS:
         raise ValueError(f"unknown upstream kind {kind!r}")
     return device_topic(device_id, f"up/{kind}").value
@@ -279,16 +293,19 @@ class AclRule:
 def acl(coordinator_user: str = "coordinator") -> list[AclRule]:
     """The EdgeFleet broker ACL: devices confined to their subtree, the coordinator everywhere.
 
-    A device (broker username = device id) reads its own ``release``, ``chunk`` and ``cmd``
-    (and below ``cmd/``), and writes only under its own ``up/``. Only the coordinator writes
-    releases, chunks and commands; it reads and writes all of ``ef/v1/`` (also via ``$share``).
+    A device (broker username = device id) reads its own ``release``, ``chunk``, ``cmd`` (and
+    below ``cmd/``) and ``fl``, and writes exactly its own ``up/<kind>`` topics for
+    ``UP_KINDS``: nothing else under ``up/``, so it cannot retain data on topics nobody reads.
+    Only the coordinator writes releases, chunks, commands and FL messages; it reads and writes
+    all of ``ef/v1/`` (and may join its ``$share`` group, see ``may_subscribe``).
     """
     _check_user(coordinator_user)
     own = f"{PREFIX}/dev/%u"
     return [
-        *(AclRule(user=None, access="read", filter=f"{own}/{kind}") for kind in DOWN_KINDS),
+        *(AclRule(user=None, access="read", filter=f"{own}/{kind}") for kind in DOWN_KINDS[:3]),
         AclRule(user=None, access="read", filter=f"{own}/cmd/#"),
-        AclRule(user=None, access="write", filter=f"{own}/up/#"),
+        AclRule(user=None, access="read", filter=f"{own}/fl"),
+        *(AclRule(user=None, access="write", filter=f"{own}/up/{kind}") for kind in UP_KINDS),
         AclRule(user=coordinator_user, access="readwrite", filter=f"{PREFIX}/#"),
     ]
 
@@ -329,4 +346,55 @@ def allowed(
                 return True
         except ValueError:  # a username that makes the pattern malformed matches nothing
             continue
+    return False
+
+
+def _covers(pattern: str, wanted: str) -> bool:
+    """Whether an ACL ``pattern`` covers the subscription filter ``wanted`` level by level.
+
+    mosquitto 2.0.11's dynamic-security ``subscribePattern`` semantics (checked on 2.0.11): a
+    ``+`` or ``#`` in ``wanted`` is only covered by a wildcard at that level of ``pattern``
+    (``#`` only by ``#``), so ``ef/v1/dev/+/chunk`` is not covered by ``ef/v1/dev/a/#``.
+    """
+    have, want = pattern.split("/"), wanted.split("/")
+    for i, level in enumerate(have):
+        if level == "#":
+            return True
+        if i >= len(want) or want[i] == "#" or (level != "+" and level != want[i]):
+            return False
+    return len(have) == len(want)
+
+
+def may_subscribe(rules: Iterable[AclRule], user: str | None, wanted: Filter | str) -> bool:
+    """Whether the hardened broker grants ``user`` a SUBSCRIBE to ``wanted``.
+
+    mosquitto's ``acl_file`` grants every SUBSCRIBE and checks only deliveries; the generated
+    broker config uses the dynamic-security plugin, which checks the filter as sent, ``$share``
+    prefix included (checked on 2.0.11). Rendered from the same rules: a filter is granted if a
+    rule giving ``user`` read access covers it (a rule without wildcards only its exact
+    filter). A ``$share/<group>/...`` filter is granted only to a named user (the coordinator)
+    whose rule covers the inner filter, and only for ``SHARE_GROUP``: a device can never join
+    the coordinators' group, so it cannot swallow their chunk requests.
+    """
+    filt = wanted if isinstance(wanted, Filter) else Filter(value=wanted)
+    if user is None or "+" in user or "#" in user:
+        return False
+    if filt.group is not None and filt.group != SHARE_GROUP:
+        return False
+    for rule in rules:
+        if "read" not in _GRANTS[rule.access]:
+            continue
+        if rule.user is None:
+            if filt.group is not None:
+                continue
+            pattern = rule.filter.replace("%u", user)
+        elif rule.user == user:
+            pattern = rule.filter
+        else:
+            continue
+        if "+" in pattern or "#" in pattern:
+            if _covers(pattern, filt.filter):
+                return True
+        elif pattern == filt.filter:
+            return True
     return False

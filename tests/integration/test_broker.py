@@ -80,7 +80,11 @@ def test_acl_text() -> None:
         "pattern read ef/v1/dev/%u/chunk",
         "pattern read ef/v1/dev/%u/cmd",
         "pattern read ef/v1/dev/%u/cmd/#",
-        "pattern write ef/v1/dev/%u/up/#",
+        "pattern read ef/v1/dev/%u/fl",
+        "pattern write ef/v1/dev/%u/up/status",
+        "pattern write ef/v1/dev/%u/up/chunkreq",
+        "pattern write ef/v1/dev/%u/up/telemetry",
+        "pattern write ef/v1/dev/%u/up/fl",
         "user coord-1",
         "topic readwrite ef/v1/#",
     ]

@@ -184,6 +184,10 @@ def test_string_helpers_keep_their_results() -> None:
     assert topics.cmd("dev-a") == "ef/v1/dev/dev-a/cmd"
     assert topics.up("dev-a", "status") == "ef/v1/dev/dev-a/up/status"
     assert topics.up_all("chunkreq") == "ef/v1/dev/+/up/chunkreq"
+    assert topics.fl("dev-a") == "ef/v1/dev/dev-a/fl"
+    assert topics.up("dev-a", "fl") == "ef/v1/dev/dev-a/up/fl"
+    assert topics.up_all("fl") == "ef/v1/dev/+/up/fl"
+    assert topics.device_client_id("dev-a") == "agent-dev-a"
     assert topics.chunk_requests_shared() == "$share/edgefleet-coord/ef/v1/dev/+/up/chunkreq"
     assert topics.device_of("ef/v1/dev/dev-a/up/status") == ("dev-a", "up/status")
     assert topics.device_of("ef/v1/dev/bad id/release") is None
@@ -198,6 +202,8 @@ def test_string_helpers_keep_their_results() -> None:
         (lambda: topics.up("dev-a", "release"), "upstream kind"),
         (lambda: topics.up_all("nope"), "upstream kind"),
         (lambda: topics.device_topic("dev-a", "up"), "topic kind"),
+        (lambda: topics.fl("a/b"), "device id"),
+        (lambda: topics.device_client_id("+"), "device id"),
     ],
 )
 def test_helpers_reject_bad_arguments(call: object, match: str) -> None:
@@ -209,6 +215,12 @@ def test_helpers_reject_bad_arguments(call: object, match: str) -> None:
 def test_route_every_kind(kind: str) -> None:
     name = topics.device_topic("dev-7", kind).value
     assert route(name) == Route(device_id="dev-7", kind=kind)
+
+
+def test_fl_kinds_are_routed() -> None:
+    assert {"fl", "up/fl"} <= set(topics.KINDS)
+    assert route(topics.fl("d")) == Route(device_id="d", kind="fl")
+    assert route(topics.up("d", "fl")) == Route(device_id="d", kind="up/fl")
 
 
 def test_route_of_the_helpers() -> None:
@@ -226,6 +238,8 @@ def test_route_of_the_helpers() -> None:
         "ef/v1/dev/d/up/other",
         "ef/v1/dev/d/release/x",
         "ef/v1/dev/d/cmd/sub",
+        "ef/v1/dev/d/fl/x",
+        "ef/v1/dev/d/up/fl/x",
         "ef/v1/dev/-bad/release",
         "ef/v2/dev/d/release",
         "xx/v1/dev/d/release",
@@ -263,6 +277,17 @@ ACL_TABLE = [
     (A, "write", topics.up(A, "status"), True),
     (A, "write", topics.up(A, "chunkreq"), True),
     (A, "write", topics.up(A, "telemetry"), True),
+    (A, "write", topics.up(A, "fl"), True),
+    (A, "read", topics.fl(A), True),
+    (A, "read", topics.fl(B), False),
+    (A, "read", topics.up(A, "fl"), False),
+    (A, "write", topics.fl(A), False),  # only the coordinator sends FL messages
+    (A, "write", topics.up(B, "fl"), False),
+    (A, "write", "ef/v1/dev/dev-a/up/anything-else", False),  # exact upstream topics only
+    (A, "write", "ef/v1/dev/dev-a/up/status/x", False),
+    (A, "write", "ef/v1/dev/dev-a/up", False),
+    ("coord", "write", topics.fl(A), True),
+    ("coord", "read", topics.up(A, "fl"), True),
     (A, "write", topics.up(B, "status"), False),
     (A, "write", topics.up(B, "telemetry"), False),
     (A, "write", "ef/v1/coordinator/x", False),
@@ -290,9 +315,45 @@ def test_acl_rules_are_todays_rules() -> None:
         (None, "read", "ef/v1/dev/%u/chunk"),
         (None, "read", "ef/v1/dev/%u/cmd"),
         (None, "read", "ef/v1/dev/%u/cmd/#"),
-        (None, "write", "ef/v1/dev/%u/up/#"),
+        (None, "read", "ef/v1/dev/%u/fl"),
+        (None, "write", "ef/v1/dev/%u/up/status"),
+        (None, "write", "ef/v1/dev/%u/up/chunkreq"),
+        (None, "write", "ef/v1/dev/%u/up/telemetry"),
+        (None, "write", "ef/v1/dev/%u/up/fl"),
         ("coord-1", "readwrite", "ef/v1/#"),
     ]
+
+
+SUBSCRIBE_TABLE = [
+    # (user, filter, granted) -- dynamic-security semantics of the generated broker config
+    (A, topics.release(A), True),
+    (A, topics.chunk(A), True),
+    (A, topics.cmd(A), True),
+    (A, topics.cmd(A) + "/#", True),
+    (A, topics.cmd(A) + "/+", True),
+    (A, topics.fl(A), True),
+    (A, topics.release(B), False),
+    (A, "ef/v1/dev/+/release", False),  # a wildcard level is not covered by a literal one
+    (A, "ef/v1/dev/#", False),
+    (A, "#", False),
+    (A, topics.up(A, "status"), False),  # it writes there, it does not read
+    (A, topics.chunk_requests_shared(), False),  # item 2: never the coordinators' group
+    (A, "$share/edgefleet-coord/" + topics.chunk(A), False),
+    (A, "$share/other/" + topics.chunk(A), False),
+    (None, topics.release(A), False),
+    ("a+b", topics.release("a+b".replace("+", "")), False),
+    ("coord", topics.chunk_requests_shared(), True),
+    ("coord", topics.up_all("status"), True),
+    ("coord", "ef/v1/#", True),
+    ("coord", "$share/other-group/ef/v1/dev/+/up/chunkreq", False),
+    ("coord", "#", False),
+    ("coord", "$SYS/#", False),
+]
+
+
+@pytest.mark.parametrize(("user", "wanted", "expected"), SUBSCRIBE_TABLE)
+def test_may_subscribe(user: str | None, wanted: str, expected: bool) -> None:
+    assert topics.may_subscribe(RULES, user, wanted) is expected
 
 
 def test_no_rules_allow_nothing_and_readwrite_grants_both() -> None:
