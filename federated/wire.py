@@ -1,0 +1,97 @@
+"""Flower ``Message`` <-> bytes with Flower's own serde, and the few Flower internals we touch.
+
+Everything that reaches into Flower below its public API is here, so the pin in pyproject
+(``flwr>=1.42,<1.43``) has one place to check and ``tests/federated/test_wire.py`` to fail:
+
+- ``flwr.common.serde.message_to_proto`` / ``message_from_proto`` and the proto ``Message``;
+- the message id, which Flower's own links set in ``Metadata.__dict__["_message_id"]``
+  (``InMemoryGrid.push_messages`` does the same);
+- ``flwr.supercore.task_identity.TaskIdentity``, the process-global that ``Message(...)``
+  reads for ``run_id``/``src_node_id`` (the native ServerApp runtime sets it the same way);
+- ``flwr.supercore.run.Run``.
+
+Topic names for FL live here until ``protocol.topics`` has the ``fl`` / ``up/fl`` kinds.
+This module imports Flower: import it only when a round starts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from edgefleet.protocol import topics
+from edgefleet.protocol._fields import name as check_name
+from edgefleet.protocol.errors import DecodeError
+from google.protobuf.message import DecodeError as ProtoDecodeError
+
+if TYPE_CHECKING:
+    from flwr.app import Message
+    from flwr.supercore.run import Run
+
+__all__ = [
+    "REPLY_FILTER",
+    "SERVER_NODE_ID",
+    "decode",
+    "encode",
+    "empty_run",
+    "instruction_topic",
+    "reply_topic",
+    "set_message_id",
+    "set_task_identity",
+]
+
+#: Flower's node id for the server side (``flwr.common.constant.SUPERLINK_NODE_ID``)
+SERVER_NODE_ID = 1
+#: what the coordinator subscribes to for every device's FL replies
+REPLY_FILTER = f"{topics.PREFIX}/dev/+/up/fl"
+
+
+def instruction_topic(device_id: str) -> str:
+    """Coordinator -> device: ``ef/v1/dev/<id>/fl``."""
+    return f"{topics.PREFIX}/dev/{check_name(device_id, 'device id')}/fl"
+
+
+def reply_topic(device_id: str) -> str:
+    """Device -> coordinator: ``ef/v1/dev/<id>/up/fl``."""
+    return f"{topics.PREFIX}/dev/{check_name(device_id, 'device id')}/up/fl"
+
+
+def encode(message: Message) -> bytes:
+    from flwr.common.serde import message_to_proto
+
+    return bytes(message_to_proto(message).SerializeToString())
+
+
+def decode(data: bytes) -> Message:
+    """One Flower ``Message``; anything Flower's serde refuses becomes ``DecodeError``."""
+    from flwr.common.serde import message_from_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    try:
+        proto = ProtoMessage.FromString(data)
+        if not proto.HasField("metadata"):
+            raise DecodeError("flower message: no metadata")
+        return message_from_proto(proto)
+    except DecodeError:
+        raise
+    except (ProtoDecodeError, ValueError, TypeError, KeyError) as exc:
+        raise DecodeError(f"flower message: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
+def set_message_id(message: Message, message_id: str) -> None:
+    """Set the id a Flower link assigns on delivery (Metadata has no public setter)."""
+    message.metadata.__dict__["_message_id"] = message_id
+
+
+def set_task_identity(run_id: int, *, node_id: int = SERVER_NODE_ID, task_id: int = 1) -> None:
+    """What ``Message(...)`` reads for ``run_id`` and ``src_node_id``: process-global."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = node_id
+    TaskIdentity.task_id = task_id
+
+
+def empty_run(run_id: int) -> Run:
+    from flwr.supercore.run import Run
+
+    return Run.create_empty(run_id)
