@@ -229,9 +229,12 @@ class Fleet:
         enroll_device(self.coord, home, device_id)
         return home
 
-    def register(self, name: str, path: Path) -> tuple[str, str]:
-        """Register another model file (the digits metadata: specs, smoke vectors)."""
-        mv = self.coord.register_model(name, path, meta_path=self.artifacts.metadata_path)
+    def register(self, name: str, path: Path, *, check: bool = True) -> tuple[str, str]:
+        """Register another model file (the digits metadata: specs, smoke vectors);
+        ``check=False`` for a payload no runtime loads."""
+        mv = self.coord.register_model(
+            name, path, meta_path=self.artifacts.metadata_path, check=check
+        )
         return mv.name, mv.version
 
     def bundle(self, model: tuple[str, str], device_id: str) -> tuple[Path, Any]:

@@ -72,18 +72,27 @@ class Coordinator:
         version: str | None = None,
         meta_path: Path | None = None,
         lineage: dict[str, Any] | None = None,
+        check: bool = True,
     ) -> ModelVersion:
         """Store the model file content-addressed and record a version with its metadata.
 
         Metadata (input/output spec, smoke vectors, feature statistics, metrics) comes from
         ``meta_path`` or a sidecar ``<stem>.json`` next to the model, as ``edgefleet model
-        train`` writes it.
+        train`` writes it. A name or version no manifest can carry is refused (``ValueError``);
+        so is, with ``check`` (the default), a model the agent cannot serve or that its
+        metadata does not describe (``coordinator.modelcheck``). ``check=False`` registers
+        opaque bytes that no device will load (tests, payload benchmarks).
         """
+        from .modelcheck import check_model, check_names
+
+        check_names(name, version)
         fmt = format_of(path)
         data = path.read_bytes()
         meta_path = meta_path or path.with_suffix(".json")
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         spec = _release_meta(meta)
+        if check:
+            check_model(fmt, data, spec)
         blob = self.blobs.put(data)
         metrics = {k: meta[k] for k in ("accuracy",) if k in meta}
         mv = self.registry.add_model(

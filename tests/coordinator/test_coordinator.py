@@ -29,6 +29,7 @@ META = {"input": {"name": "x", "dtype": "float32", "shape": [None, 4]},
 
 def model_file(tmp: Path, name: str = "m.onnx", meta: dict[str, Any] | None = None,
                content: bytes = b"model") -> Path:
+    """Opaque bytes that no runtime loads: registered with ``check=False``."""
     path = tmp / name
     path.write_bytes(content)
     path.with_suffix(".json").write_text(json.dumps(META if meta is None else meta))
@@ -100,7 +101,7 @@ def test_rotation_is_crash_safe_and_drops_the_old_private_key(
 
 
 def test_build_refuses_an_expired_keyring(coord: Coordinator, tmp_path: Path) -> None:
-    coord.register_model("m", model_file(tmp_path))
+    coord.register_model("m", model_file(tmp_path), check=False)
     coord.enroll(device("dev-a")[0])
     expires = coord.keys.keyring.expires
     with pytest.raises(KeyExpiredError, match="expired"):
@@ -108,13 +109,14 @@ def test_build_refuses_an_expired_keyring(coord: Coordinator, tmp_path: Path) ->
 
 
 def test_register_model_reads_the_sidecar_metadata(coord: Coordinator, tmp_path: Path) -> None:
-    mv = coord.register_model("m", model_file(tmp_path))
+    mv = coord.register_model("m", model_file(tmp_path), check=False)
     assert (mv.version, mv.format, mv.size) == ("1", "onnx", 5)
     assert mv.meta["inputs"] == [META["input"]] and mv.meta["outputs"] == [META["output"]]
     assert mv.meta["smoke"] == [{"input": [[0.0, 0.1, 0.2, 0.3]], "expected": [[0.25, 0.75]],
                                  "atol": 0.001}]
     assert mv.metrics == {"accuracy": 0.9} and coord.blobs.get(mv.blob) == b"model"
-    assert coord.register_model("m", model_file(tmp_path, content=b"v2")).version == "2"
+    v2 = model_file(tmp_path, content=b"v2")
+    assert coord.register_model("m", v2, check=False).version == "2"
     assert [m.version for m in coord.registry.models()] == ["1", "2"]
 
 
@@ -128,9 +130,9 @@ def test_register_model_reads_the_sidecar_metadata(coord: Coordinator, tmp_path:
 def test_register_model_rejects(coord: Coordinator, tmp_path: Path, name: str,
                                 meta: dict[str, Any], version: str | None,
                                 error: type[Exception], match: str) -> None:
-    coord.register_model("m", model_file(tmp_path, "first.onnx"), version="1")
+    coord.register_model("m", model_file(tmp_path, "first.onnx"), version="1", check=False)
     with pytest.raises(error, match=match):
-        coord.register_model("m", model_file(tmp_path, name, meta), version=version)
+        coord.register_model("m", model_file(tmp_path, name, meta), version=version, check=False)
 
 
 def test_enroll_groups_and_selectors(coord: Coordinator) -> None:
@@ -160,7 +162,7 @@ def test_enroll_groups_and_selectors(coord: Coordinator) -> None:
 
 def test_build_signs_and_encrypts_for_the_selected_devices(coord: Coordinator,
                                                            tmp_path: Path) -> None:
-    coord.register_model("m", model_file(tmp_path, content=b"w" * 3000))
+    coord.register_model("m", model_file(tmp_path, content=b"w" * 3000), check=False)
     devices = {d: device(d, kem) for d, kem in (("dev-a", "x25519"), ("dev-b", KEM_HYBRID))}
     for public, _ in devices.values():
         coord.enroll(public)
@@ -205,7 +207,7 @@ def test_build_signs_and_encrypts_for_the_selected_devices(coord: Coordinator,
 ])
 def test_build_rejects(coord: Coordinator, tmp_path: Path, name: str, version: str,
                        selector: str, match: str) -> None:
-    coord.register_model("m", model_file(tmp_path))
+    coord.register_model("m", model_file(tmp_path), check=False)
     with pytest.raises(LookupError, match=match):
         coord.build(name, version, selector, now=T0)
 
