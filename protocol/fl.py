@@ -109,11 +109,11 @@ class FlHeader:
     def __post_init__(self) -> None:
         if self.kind not in ("instruction", "reply"):
             raise DecodeError(f"fl header.kind: expected instruction|reply, saw {self.kind!r:.40}")
-        for what, value in (("run_id", self.run_id), ("round", self.round)):
-            if not 0 <= value <= _U63:
-                raise DecodeError(f"fl header.{what}: expected 0..2**63-1, saw {value}")
-        for what, value in (("message_id", self.message_id), ("reply_to", self.reply_to)):
-            if value and not MESSAGE_ID_RE.fullmatch(value):
+        for what, number in (("run_id", self.run_id), ("round", self.round)):
+            if not 0 <= number <= _U63:
+                raise DecodeError(f"fl header.{what}: expected 0..2**63-1, saw {number}")
+        for what, text in (("message_id", self.message_id), ("reply_to", self.reply_to)):
+            if text and not MESSAGE_ID_RE.fullmatch(text):
                 raise DecodeError(f"fl header.{what}: expected {MESSAGE_ID_RE.pattern}")
         if not self.message_id or (self.kind == "reply") != bool(self.reply_to):
             raise DecodeError("fl header: a message id is required; reply_to only on replies")
