@@ -9,10 +9,11 @@ these models needs a new revision there.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
+from edgefleet.protocol.errors import StoreError
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -29,7 +30,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import CursorResult, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from .migrations import upgrade
@@ -122,11 +123,36 @@ class ReleaseTarget(Base):
     release: Mapped[Release] = relationship(back_populates="targets")
 
 
-def engine_for(url: str) -> Engine:
+BUSY_TIMEOUT = 30.0  # s a statement waits for a locked SQLite database before failing
+
+
+def engine_for(url: str, *, busy_timeout: float = BUSY_TIMEOUT) -> Engine:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout}
     return create_engine(url, **kwargs)
+
+
+def where(engine: Engine) -> str:
+    """The database as an operator names it: the SQLite file, or the URL without password."""
+    if engine.dialect.name == "sqlite" and engine.url.database:
+        return engine.url.database
+    return engine.url.render_as_string(hide_password=True)
+
+
+@contextmanager
+def store_errors(engine: Engine, busy_timeout: float = BUSY_TIMEOUT) -> Iterator[None]:
+    """Database trouble (locked, unreachable, unreadable) becomes one ``StoreError`` line."""
+    try:
+        yield
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).splitlines()[0]
+        if "locked" in reason or "busy" in reason:
+            raise StoreError(
+                f"registry {where(engine)} is locked by another process (waited "
+                f"{busy_timeout:g} s); try again when it has finished"
+            ) from exc
+        raise StoreError(f"registry {where(engine)}: {reason}") from exc
 
 
 class Registry:
@@ -135,11 +161,16 @@ class Registry:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = engine_for(url)
-        upgrade(self.engine)  # create, adopt or upgrade the schema (Alembic), never create_all
+        self._quick: dict[float, Engine] = {}  # busy timeout -> engine (the chunk path)
+        with store_errors(self.engine):
+            upgrade(self.engine)  # create, adopt or upgrade the schema (Alembic)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+    def session(self, engine: Engine | None = None, busy_timeout: float = BUSY_TIMEOUT
+                ) -> Iterator[Session]:  # fmt: skip
+        engine = engine or self.engine
+        with store_errors(engine, busy_timeout), Session(engine, expire_on_commit=False) as s, \
+                s.begin():  # fmt: skip
             yield s
 
     # -- models ---------------------------------------------------------------------------
@@ -345,3 +376,34 @@ class Registry:
             for r in rs:
                 _ = r.targets, r.model
             return rs
+
+    # -- small queries: the chunk path and release ordering --------------------------------
+    def release_by_bundle(self, bundle_id: str, *, busy_timeout: float) -> Release | None:
+        """The release with ``bundle_id`` and its targets, waiting at most ``busy_timeout``
+        seconds for a locked SQLite database (then ``StoreError``): for the chunk path."""
+        engine = self._quick.get(busy_timeout)
+        if engine is None:
+            engine = self._quick[busy_timeout] = (
+                engine_for(self.url, busy_timeout=busy_timeout)
+                if self.engine.dialect.name == "sqlite"
+                else self.engine
+            )
+        with self.session(engine, busy_timeout) as s:
+            r = s.scalar(select(Release).where(Release.bundle_id == bundle_id))
+            if r is not None:
+                _ = r.targets
+            return r
+
+    def newest_releases(self, device_ids: Iterable[str]) -> dict[str, int]:
+        """Each device's newest release sequence (devices no release targets are absent)."""
+        ids = sorted(set(device_ids))
+        out: dict[str, int] = {}
+        with self.session() as s:
+            for start in range(0, len(ids), 500):
+                q = (
+                    select(ReleaseTarget.device_id, func.max(ReleaseTarget.sequence))
+                    .where(ReleaseTarget.device_id.in_(ids[start : start + 500]))
+                    .group_by(ReleaseTarget.device_id)
+                )
+                out.update((d, int(seq)) for d, seq in s.execute(q))
+        return out

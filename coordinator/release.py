@@ -5,6 +5,13 @@
 release topic through any ``Link`` and waits for the broker's acknowledgements in batches;
 ``release`` does both. Publishing the same release twice is harmless: the offer is retained
 and agents ignore a sequence they already run.
+
+What the broker retains on a device's release topic is whatever was published last, while
+sequences are taken before the (slow) build: two releases built at once can be published in
+the "wrong" order. So after publishing, ``publish`` asks the registry for each target's newest
+release and publishes that one's offer again where it is newer, until nothing newer turns up:
+the retained offer is always the newest release targeting the device. (A release registered
+after that last check is published after it, and does the same check itself.)
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ __all__ = [
     "Released",
     "build",
     "connect",
+    "keep_newest",
     "offers",
     "publish",
     "publish_sequence",
@@ -42,6 +50,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PUBLISH_BATCH = 200  # offers in flight before waiting for acks (paho queues at most 1000)
+SUPERSEDE_ROUNDS = 8  # re-checks for newer releases after a publish, at most
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +61,7 @@ class PublishReport:
     devices: tuple[str, ...]  # sorted target ids
     bytes: int  # offer payload bytes
     batches: int
+    republished: int = 0  # offers of newer releases published again over this one's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,13 +108,34 @@ def offers(release: Release) -> dict[str, ReleaseOffer]:
     }
 
 
-def publish(link: Link, release: Release, *, timeout: float = 30.0) -> PublishReport:
-    """Publish (retained, QoS 1) every target's offer, in acknowledged batches.
+def publish(
+    link: Link, release: Release, *, timeout: float = 30.0, registry: Registry | None = None
+) -> PublishReport:
+    """Publish (retained, QoS 1) every target's offer, in acknowledged batches; with the
+    ``registry``, then re-publish each target's newest release where it is newer.
 
     Raises ``TransportError`` if the broker did not acknowledge every offer of a batch
     within ``timeout`` seconds: publishing the same release again is harmless.
     """
     items = sorted(offers(release).items())
+    sent, batches = _publish_offers(link, items, release.sequence, timeout)
+    log.info("published release %d to %d devices (%d bytes)", release.sequence, len(items), sent)
+    again = 0
+    if registry is not None:
+        again = keep_newest(registry, link, {d: release.sequence for d, _ in items}, timeout)
+    return PublishReport(
+        sequence=release.sequence,
+        devices=tuple(d for d, _ in items),
+        bytes=sent,
+        batches=batches,
+        republished=again,
+    )
+
+
+def _publish_offers(
+    link: Link, items: list[tuple[str, ReleaseOffer]], sequence: int, timeout: float
+) -> tuple[int, int]:
+    """Publish offers in acknowledged batches; return (bytes, batches)."""
     sent = batches = 0
     for start in range(0, len(items), PUBLISH_BATCH):
         pending: list[Delivery] = []
@@ -113,14 +144,35 @@ def publish(link: Link, release: Release, *, timeout: float = 30.0) -> PublishRe
             pending.append(link.publish(topics.release(device_id), payload, qos=1, retain=True))
             sent += len(payload)
         batches += 1
-        _await(pending, release.sequence, timeout)
-    log.info("published release %d to %d devices (%d bytes)", release.sequence, len(items), sent)
-    return PublishReport(
-        sequence=release.sequence,
-        devices=tuple(d for d, _ in items),
-        bytes=sent,
-        batches=batches,
-    )
+        _await(pending, sequence, timeout)
+    return sent, batches
+
+
+def keep_newest(
+    registry: Registry, link: Link, published: dict[str, int], timeout: float = 30.0
+) -> int:
+    """Given what was just published (``device id -> sequence``, acknowledged), publish the
+    offer of each device's newest release where that is newer; return how many offers."""
+    published = dict(published)
+    again = 0
+    for _ in range(SUPERSEDE_ROUNDS):
+        stale = {d: s for d, s in registry.newest_releases(published).items()
+                 if s > published[d]}  # fmt: skip
+        if not stale:
+            return again
+        for sequence in sorted(set(stale.values())):
+            newer = registry.release(sequence=sequence)
+            if newer is None:  # deleted meanwhile: nothing to restore
+                continue
+            devices = {d for d, s in stale.items() if s == sequence}
+            items = sorted((d, o) for d, o in offers(newer).items() if d in devices)
+            _publish_offers(link, items, sequence, timeout)
+            log.info("release %d is newer for %d of those devices: its offer published again",
+                     sequence, len(items))  # fmt: skip
+            published.update(dict.fromkeys(devices, sequence))
+            again += len(items)
+    log.warning("releases kept superseding each other for %d rounds", SUPERSEDE_ROUNDS)
+    return again
 
 
 def _await(pending: list[Delivery], sequence: int, timeout: float) -> None:
@@ -142,7 +194,7 @@ def publish_sequence(
     r = registry.release(sequence=sequence)
     if r is None:
         raise LookupError(f"release {sequence} does not exist")
-    return publish(link, r, timeout=timeout)
+    return publish(link, r, timeout=timeout, registry=registry)
 
 
 def release(
@@ -158,7 +210,8 @@ def release(
 ) -> Released:
     """Build a release of ``name`` ``version`` for ``selector`` and publish it on ``link``."""
     r, built = build(coordinator, name, version, selector, now=now, ttl=ttl)
-    return Released(release=r, built=built, report=publish(link, r, timeout=timeout))
+    report = publish(link, r, timeout=timeout, registry=coordinator.registry)
+    return Released(release=r, built=built, report=report)
 
 
 def _ignore(topic: str, payload: bytes, props: MessageProps) -> None:
