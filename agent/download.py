@@ -5,6 +5,12 @@ The state machine is driven by the daemon: ``pump(now)`` returns the chunk reque
 against the signed segment hash and writes it at its offset. On (re)start the part file is
 re-hashed, so only missing chunks are fetched after a crash or restart.
 
+Chunk reply frames are not signed, so a "refused" reply is only a hint (anyone who can get a
+frame onto our chunk topic can forge one, and a rogue device can make the coordinator send
+them): it never ends the download. The refused request is sent again after a back-off that
+doubles with every refusal in a row (``timeout``, × 2, × 4 … up to ``max_backoff``), and a
+genuine chunk still arriving meanwhile is taken as usual; a fresh chunk resets the back-off.
+
 Every call costs O(window), not O(segments): a 512 MiB release in 1 KiB segments is half a
 million chunks. OS errors on the part file (disk full, I/O error) raise ``StoreError``.
 """
@@ -12,14 +18,14 @@ million chunks. OS errors on the part file (disk full, I/O error) raise ``StoreE
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgefleet.protocol.errors import StoreError, TransportError
+from edgefleet.infra.fsutil import os_errors
+from edgefleet.protocol.errors import StoreError
 from edgefleet.protocol.manifest import Manifest
 from edgefleet.protocol.messages import ChunkReply, ChunkRequest
 from edgefleet.protocol.segments import sha256_hex
@@ -44,16 +50,18 @@ class Download:
     reply_to: str
     window: int = 8
     timeout: float = 10.0  # seconds before an outstanding request is sent again
-    max_refusals: int = 3
+    max_backoff: float = 300.0  # seconds: the longest wait before re-sending a refused request
     stats: DownloadStats = field(default_factory=DownloadStats)
 
     def __post_init__(self) -> None:
         self.missing: set[int] = set()
-        self.outstanding: dict[int, float] = {}  # index -> time sent
+        self.outstanding: dict[int, float] = {}  # index -> when to send it again (monotonic s)
+        self._refused: set[int] = set()  # outstanding, refused since last sent: counted once
+        self._back_off: set[int] = set()  # of those, the ones the next pump delays
         self._queue: collections.deque[int] = collections.deque()  # missing, not yet requested
         self._done_bytes = 0
         self._attempt = 0
-        self._refusals = 0
+        self.refusals = 0  # refusals in a row (one per request at most); a fresh chunk resets
         self._fd = -1
         with self._io("open"):
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -69,13 +77,9 @@ class Download:
             raise
         self.missing.update(self._queue)
 
-    @contextmanager
-    def _io(self, what: str) -> Iterator[None]:
+    def _io(self, what: str) -> contextlib.AbstractContextManager[None]:
         """Map OS errors on the part file (ENOSPC, EIO, EACCES...) to ``StoreError``."""
-        try:
-            yield
-        except OSError as exc:
-            raise StoreError(f"{self.path}: {what} failed: {exc.strerror or exc}") from exc
+        return os_errors(f"{self.path}: {what} failed")
 
     def _rehash(self) -> None:
         for i in range(self.manifest.segments):
@@ -101,9 +105,20 @@ class Download:
     def bytes_done(self) -> int:
         return self._done_bytes
 
+    @property
+    def backoff(self) -> float:
+        """Seconds before a refused request is sent again (0: nothing refused in a row)."""
+        if not self.refusals:
+            return 0.0
+        return float(min(self.max_backoff, self.timeout * 2 ** min(self.refusals - 1, 30)))
+
     def pump(self, now: float) -> list[ChunkRequest]:
         """Requests to send now: re-send those that timed out, fill the window."""
-        due = [i for i, t in self.outstanding.items() if now - t >= self.timeout]
+        for i in self._back_off:  # refused since sent: not before the back-off
+            if i in self.outstanding:
+                self.outstanding[i] = max(self.outstanding[i], now + self.backoff)
+        self._back_off.clear()
+        due = [i for i, t in self.outstanding.items() if now >= t]
         fresh: list[int] = []
         while self._queue and len(self.outstanding) + len(fresh) < self.window:
             i = self._queue.popleft()
@@ -112,7 +127,8 @@ class Download:
         out = []
         for i in due + fresh:
             self._attempt += 1
-            self.outstanding[i] = now
+            self.outstanding[i] = now + self.timeout
+            self._refused.discard(i)
             self.stats.requests += 1
             out.append(
                 ChunkRequest(
@@ -130,16 +146,12 @@ class Download:
             self.outstanding[i] = float("-inf")
 
     def accept(self, reply: ChunkReply) -> bool:
-        """Write a verified chunk; return True if it was new. Refusals raise after a few."""
+        """Write a verified chunk; return True if it was new. A refusal only backs off."""
         if reply.bundle_id != self.manifest.bundle_id:
             self.stats.rejected += 1
             return False
         if reply.status != "ok":
-            self._refusals += 1
-            if self._refusals >= self.max_refusals:
-                raise TransportError(
-                    f"coordinator {reply.status} chunk {reply.index}: {reply.reason}"
-                )
+            self._refuse(reply)
             return False
         i = reply.index
         if i not in self.missing:
@@ -163,12 +175,33 @@ class Download:
             os.pwrite(self._fd, reply.data, off)
         self.missing.discard(i)
         self.outstanding.pop(i, None)
+        self._refused.discard(i)
+        self._back_off.discard(i)
+        self.refusals = 0
         self._done_bytes += length
         self.stats.fetched += 1
         if self.done:
             with self._io("fsync"):
                 os.fsync(self._fd)
         return True
+
+    def _refuse(self, reply: ChunkReply) -> None:
+        """Count a refusal of a request under way once; its re-send waits for the back-off."""
+        self.stats.rejected += 1
+        i = reply.index
+        if i not in self.outstanding or i in self._refused:
+            return  # not asked for, or counted already: a repeat cannot stretch the back-off
+        self._refused.add(i)
+        self._back_off.add(i)
+        self.refusals += 1
+        log.info(
+            "chunk %d of %s %s by the coordinator (%.200s); asking again in %.0f s",
+            i,
+            self.manifest.bundle_id,
+            reply.status,
+            reply.reason,
+            self.backoff,
+        )
 
     def read(self, offset: int, length: int) -> bytes:
         """The part file as the installer's ``SegmentSource``."""

@@ -14,13 +14,21 @@ needs to decide is injected:
 States::
 
     idle ──offer──▶ downloading ──last chunk──▶ installing ──install_finished──▶ idle
-     ▲                   │ refused / disk error                  │ (a newer offer that came
+     ▲                   │ disk error                            │ (a newer offer that came
      └───────────────────┘                                       ▼  meanwhile starts now)
 
 A newer offer replaces a download under way; during an install it is remembered and started
 once the install finished. A release that failed here (bad model, disk full...) is
 remembered (the last ``remember`` bundle ids) and not fetched again when its retained offer
-is re-delivered; a coordinator's refusal is not remembered, so it may be retried.
+is re-delivered. An offer of a release this device already accepted (the active or a kept
+version, or the newest accepted one after a local rollback) needs nothing: logged at INFO,
+not rejected.
+
+Chunk replies are not signed, so a coordinator's "refused" is only a hint and never ends a
+verified download: the download backs off and keeps asking (``Download``), a genuine chunk
+is taken whenever it comes, and only a newer verified offer replaces it. If refusals keep
+it from moving for ``stall_report`` seconds, that is reported (a ``transport`` result, once
+per such period) and the download carries on.
 """
 
 from __future__ import annotations
@@ -34,7 +42,6 @@ from typing import Protocol
 from edgefleet.protocol.errors import (
     BundleError,
     EdgeFleetError,
-    RollbackError,
     StoreError,
     TransportError,
 )
@@ -43,6 +50,7 @@ from edgefleet.protocol.messages import ChunkReply, ChunkRequest, ReleaseOffer
 from edgefleet.protocol.verify import select_envelope
 
 from .download import DownloadStats
+from .updater import AlreadyAcceptedError
 
 __all__ = [
     "Action",
@@ -66,6 +74,7 @@ class DownloadLike(Protocol):
     path: Path  # the part file
     missing: set[int]  # segment indexes not yet on disk
     stats: DownloadStats
+    refusals: int  # refusals in a row since the last fresh chunk
 
     @property
     def done(self) -> bool: ...
@@ -146,10 +155,12 @@ class ReleaseFlow:
         served: Callable[[], bytes | None],
         new_download: Callable[[Manifest], DownloadLike],
         remember: int = 64,
+        stall_report: float = 600.0,  # s without a fresh chunk, refused, before reporting it
     ) -> None:
         self.device_id = device_id
         self._check, self._served, self._new_download = check, served, new_download
-        self._remember = remember
+        self._remember, self._stall_report = remember, stall_report
+        self._stalled: tuple[int, float] | None = None  # (bytes done, since when) of download
         self.failed: dict[str, str] = {}  # bundle id -> error code, oldest first
         self.state = "idle"  # "idle" | "downloading" | "installing"
         self.download: DownloadLike | None = None  # downloading, or being installed
@@ -181,9 +192,9 @@ class ReleaseFlow:
             # The envelope is not signed itself: its digest in the manifest is. Checked once;
             # the installer uses the offer's envelope as it is.
             select_envelope(manifest, [offer.envelope], self.device_id)
-        except RollbackError as exc:
-            log.info("ignored release offer: %s", exc)
-            return self._reject(exc)
+        except AlreadyAcceptedError as exc:  # e.g. the retained offer after a local rollback
+            log.info("release offer needs nothing here (%s): %s", exc.code, exc)
+            return []
         except BundleError as exc:
             return self._reject(exc)
         release = _Release(offer=offer, manifest=manifest)
@@ -199,8 +210,8 @@ class ReleaseFlow:
             return []
         try:
             reply = ChunkReply.decode(payload, max_data=d.manifest.segment_size + 16)
-            fresh = d.accept(reply)
-        except (TransportError, StoreError) as exc:  # the coordinator refused us; disk trouble
+            fresh = d.accept(reply)  # a refusal only backs off: frames are not signed
+        except StoreError as exc:  # disk trouble
             return self._abandon(exc)
         except EdgeFleetError as exc:
             log.warning("dropped chunk reply: %s", exc)
@@ -215,10 +226,29 @@ class ReleaseFlow:
 
     def tick(self, now: float) -> list[Action]:
         """Time passed (``now``: monotonic seconds); call only while the link is up."""
-        if self.state != "downloading" or self.download is None:
+        d = self.download
+        if self.state != "downloading" or d is None:
             return []
-        requests = self.download.pump(now)
-        return [SendRequests(requests=tuple(requests))] if requests else []
+        actions: list[Action] = self._stall(d, now)
+        requests = d.pump(now)
+        return actions + [SendRequests(requests=tuple(requests))] if requests else actions
+
+    def _stall(self, d: DownloadLike, now: float) -> list[Action]:
+        """Report (once per ``stall_report`` s) a download that refusals keep from moving."""
+        stalled = self._stalled
+        if stalled is None or stalled[0] != d.bytes_done:
+            self._stalled = (d.bytes_done, now)
+            return []
+        if not d.refusals or now - stalled[1] < self._stall_report:
+            return []
+        self._stalled = (d.bytes_done, now)
+        m = d.manifest
+        error = TransportError(
+            f"release {m.sequence}: no chunk for {now - stalled[1]:.0f} s, the last "
+            f"{d.refusals} requests refused by the coordinator; still asking"
+        )
+        log.warning("%s", error)
+        return [Reject(error=error, manifest=m), Report()]
 
     def connected(self) -> list[Action]:
         """A (re)connect: requests outstanding before it may be lost, so re-send them all."""
@@ -258,6 +288,7 @@ class ReleaseFlow:
         except StoreError as exc:
             return actions + self._reject(exc, m)
         self.download, self._current, self.state = download, release, "downloading"
+        self._stalled = None
         log.info(
             "release %d (%s %s): fetching %d of %d chunks",
             m.sequence,
@@ -295,7 +326,7 @@ class ReleaseFlow:
         if d is not None:
             actions.append(Discard(download=d))
         manifest = None if current is None else current.manifest
-        if manifest is not None and not isinstance(exc, TransportError):  # refusals: retried
+        if manifest is not None:
             self._remember_failed(manifest, exc)
         return [*actions, Reject(error=exc, manifest=manifest), Report()]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from edgefleet.infra.fsutil import os_errors
 from edgefleet.protocol.container import BundleReader, decode_envelopes
 from edgefleet.protocol.envelope import unwrap_key
 from edgefleet.protocol.errors import (
@@ -27,6 +28,7 @@ from edgefleet.protocol.errors import (
     IntegrityError,
     MalformedError,
     ModelLoadError,
+    RollbackError,
     SmokeTestError,
     StoreError,
     TooLargeError,
@@ -38,10 +40,11 @@ from edgefleet.protocol.verify import Policy, check_envelopes, select_envelope, 
 
 from .identity import DeviceIdentity
 from .runtime import Runtime, RuntimeLoadError, load_runtime
-from .store import InstalledVersion, ModelStore
+from .store import InstalledVersion, ModelStore, Staging
 from .trust import TrustStore
 
 __all__ = [
+    "AlreadyAcceptedError",
     "FileSource",
     "SegmentSource",
     "Updater",
@@ -61,6 +64,21 @@ class UpdaterConfig:
     threads: int = 1  # runtime intra-op threads
 
 
+class AlreadyAcceptedError(RollbackError):
+    """An offer of a release this device accepted before: not a rollback attempt.
+
+    ``version`` is the kept version it is (active or not), or None for the newest accepted
+    release that is no longer kept (a local rollback left it). Nothing is installed; callers
+    log it at INFO and report nothing.
+    """
+
+    code = "current"
+
+    def __init__(self, message: str, *, manifest: Manifest, version: InstalledVersion | None):
+        super().__init__(message)
+        self.manifest, self.version = manifest, version
+
+
 class SegmentSource(Protocol):
     def read(self, offset: int, length: int) -> bytes: ...
 
@@ -69,14 +87,13 @@ class FileSource:
     """Segments read from a file region (payload of an ``.efb`` or a downloaded ``.part``)."""
 
     def __init__(self, path: Path, base: int = 0) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
+        with os_errors(f"{path}: cannot open the bundle"):
+            self._fd = os.open(path, os.O_RDONLY)
         self._base = base
 
     def read(self, offset: int, length: int) -> bytes:
-        try:
+        with os_errors(f"cannot read the bundle at {offset}"):
             return os.pread(self._fd, length, self._base + offset)
-        except OSError as exc:
-            raise StoreError(f"cannot read the bundle at {offset} ({exc.strerror or exc})") from exc
 
     def close(self) -> None:
         os.close(self._fd)
@@ -151,21 +168,52 @@ class Updater:
     def _verify(self, keyring_raw: bytes, keyring_sig: bytes, raw: bytes, sig: bytes) -> Manifest:
         now = int(self.clock())
         keyring = self.trust.accept(keyring_raw, keyring_sig, now=now)
-        manifest = verify_manifest(
-            keyring,
-            raw,
-            sig,
-            now=now,
-            device_id=self.identity.device_id,
-            highest_sequence=self.store.state.highest_sequence,
-            policy=self._policy,
-        )
+        try:
+            manifest = verify_manifest(
+                keyring,
+                raw,
+                sig,
+                now=now,
+                device_id=self.identity.device_id,
+                highest_sequence=self.store.state.highest_sequence,
+                policy=self._policy,
+            )
+        except RollbackError as exc:  # raised after the signature verified: ``raw`` is signed
+            known = self._accepted_before(raw)
+            if known is None:
+                raise
+            raise known from exc
         if manifest.payload_size > self.config.max_payload:
             raise TooLargeError(
                 f"release {manifest.sequence}: payload of {manifest.payload_size} "
                 f"bytes exceeds this device's cap of {self.config.max_payload}"
             )
         return manifest
+
+    def _accepted_before(self, raw: bytes) -> AlreadyAcceptedError | None:
+        """Why the signed manifest ``raw``, refused by the sequence rule, is no rollback."""
+        m = Manifest.decode(raw)
+        what = f"release {m.sequence} ({m.name} {m.model_version})"
+        try:
+            kept = self.store.kept()
+        except StoreError:
+            kept = []  # cannot tell: a rollback it stays
+        for v in kept:
+            if v.manifest.bundle_id == m.bundle_id:
+                where = "active" if v.dir.name == self.store.state.active else "kept, not active"
+                return AlreadyAcceptedError(
+                    f"{what} is already installed ({where})", manifest=m, version=v
+                )
+        active = next((v for v in kept if v.dir.name == self.store.state.active), None)
+        highest = self.store.state.highest_sequence
+        if m.sequence == highest and active is not None and active.manifest.sequence < highest:
+            return AlreadyAcceptedError(
+                f"{what} was accepted here before and rolled back locally; "
+                "only a newer release replaces the active model",
+                manifest=m,
+                version=None,
+            )
+        return None
 
     def install(
         self,
@@ -230,37 +278,44 @@ class Updater:
         cipher = SegmentCipher(key, bytes.fromhex(m.bundle_id), m.segment_size)
         digest = hashlib.sha256()
         staging = self.store.begin(m)
-        try:
-            for i in range(m.segments):
-                offset, length = m.segment_span(i)
-                ct = source.read(offset, length)
-                if len(ct) != length or sha256_hex(ct) != m.segment_hashes[i]:
-                    raise IntegrityError(
-                        f"segment {i}: expected {length} bytes with SHA-256 "
-                        f"{m.segment_hashes[i][:16]}…, saw {len(ct)} bytes "
-                        f"hashing to {sha256_hex(ct)[:16]}…"
-                    )
-                plain = cipher.open(i, ct, final=i == m.segments - 1)
-                digest.update(plain)
-                staging.write(plain)
-                self.store._cp(f"segment:{i}")
-                if progress:
-                    progress(offset + length, m.payload_size)
-            if staging.written != m.plaintext_size or digest.hexdigest() != m.plaintext_sha256:
-                raise IntegrityError(
-                    f"plaintext: expected {m.plaintext_size} bytes with SHA-256 "
-                    f"{m.plaintext_sha256[:16]}…, saw {staging.written} bytes "
-                    f"hashing to {digest.hexdigest()[:16]}…"
-                )
-            return self.store.commit(staging, offer.manifest, offer.signature, m)
-        except OSError as exc:  # what the store did not map already (the segment checkpoint)
-            self.store.abort(staging)
-            raise StoreError(
-                f"release {m.sequence}: cannot stage it ({exc.strerror or exc})"
-            ) from exc
+        try:  # OS errors the store did not map already (e.g. at the segment checkpoint)
+            with os_errors(f"release {m.sequence}: cannot stage it"):
+                self._decrypt_into(staging, m, cipher, digest, source, progress)
+                return self.store.commit(staging, offer.manifest, offer.signature, m)
         except BaseException:
             self.store.abort(staging)
             raise
+
+    def _decrypt_into(
+        self,
+        staging: Staging,
+        m: Manifest,
+        cipher: SegmentCipher,
+        digest: hashlib._Hash,
+        source: SegmentSource,
+        progress: Progress | None,
+    ) -> None:
+        for i in range(m.segments):
+            offset, length = m.segment_span(i)
+            ct = source.read(offset, length)
+            if len(ct) != length or sha256_hex(ct) != m.segment_hashes[i]:
+                raise IntegrityError(
+                    f"segment {i}: expected {length} bytes with SHA-256 "
+                    f"{m.segment_hashes[i][:16]}…, saw {len(ct)} bytes "
+                    f"hashing to {sha256_hex(ct)[:16]}…"
+                )
+            plain = cipher.open(i, ct, final=i == m.segments - 1)
+            digest.update(plain)
+            staging.write(plain)
+            self.store._cp(f"segment:{i}")
+            if progress:
+                progress(offset + length, m.payload_size)
+        if staging.written != m.plaintext_size or digest.hexdigest() != m.plaintext_sha256:
+            raise IntegrityError(
+                f"plaintext: expected {m.plaintext_size} bytes with SHA-256 "
+                f"{m.plaintext_sha256[:16]}…, saw {staging.written} bytes "
+                f"hashing to {digest.hexdigest()[:16]}…"
+            )
 
     def _load_and_smoke(self, version: InstalledVersion) -> Runtime:
         try:
@@ -279,20 +334,17 @@ class Updater:
         self, path: Path, *, progress: Progress | None = None
     ) -> tuple[InstalledVersion, Runtime]:
         """Side-load an ``.efb`` file with exactly the same checks as a network release."""
-        try:
-            with open(path, "rb") as f:
-                bundle = BundleReader(
-                    lambda off, n: os.pread(f.fileno(), n, off),
-                    file_size=os.fstat(f.fileno()).st_size,
-                    max_payload=self.config.max_payload,
-                )
-                signed = [bundle.section(s) for s in ("keyring", "keyring_sig", "manifest")]
-                signed.append(bundle.section("signature"))
-                manifest = self._verify(*signed)  # verify before reading anything big
-                envelopes = decode_envelopes(bundle.section("envelopes"))
-            layout = bundle.layout
-        except OSError as exc:
-            raise StoreError(f"{path}: cannot read bundle ({exc.strerror})") from exc
+        with os_errors(f"{path}: cannot read bundle"), open(path, "rb") as f:
+            bundle = BundleReader(
+                lambda off, n: os.pread(f.fileno(), n, off),
+                file_size=os.fstat(f.fileno()).st_size,
+                max_payload=self.config.max_payload,
+            )
+            signed = [bundle.section(s) for s in ("keyring", "keyring_sig", "manifest")]
+            signed.append(bundle.section("signature"))
+            manifest = self._verify(*signed)  # verify before reading anything big
+            envelopes = decode_envelopes(bundle.section("envelopes"))
+        layout = bundle.layout
         check_envelopes(manifest, envelopes)
         if layout["payload"][1] != manifest.payload_size:
             raise MalformedError(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from edgefleet.agent.download import Download
-from edgefleet.protocol.errors import StoreError, TransportError
+from edgefleet.protocol.errors import StoreError
 from edgefleet.protocol.manifest import Manifest
 from edgefleet.protocol.messages import ChunkReply
 from edgefleet.protocol.segments import TAG_SIZE
@@ -117,12 +117,42 @@ def test_duplicates_and_foreign_replies_are_rejected(dl: Download, segs: list[by
     assert dl.stats.rejected == 2 and dl.stats.fetched == 1
 
 
-def test_refusals_raise_after_a_few(dl: Download) -> None:
-    refused = ChunkReply(bundle_id=BUNDLE, index=0, corr="c", status="refused", reason="no")
-    assert not dl.accept(refused)
-    assert not dl.accept(refused)
-    with pytest.raises(TransportError, match="refused"):
-        dl.accept(refused)
+def refused(i: int) -> ChunkReply:
+    return ChunkReply(bundle_id=BUNDLE, index=i, corr="forged", status="refused", reason="no")
+
+
+def test_refusals_never_end_the_download_they_back_off(dl: Download, segs: list[bytes]) -> None:
+    """Chunk frames are unsigned: a refusal (forged or not) only delays that request."""
+    assert indexes(dl.pump(0.0)) == [0, 1, 2, 3]
+    for _ in range(5):  # repeats of one refusal count once: they cannot stretch the back-off
+        assert not dl.accept(refused(0))
+    assert dl.refusals == 1 and dl.backoff == 10.0
+    assert not dl.accept(refused(7))  # never asked for: not counted
+    assert dl.refusals == 1
+    assert indexes(dl.pump(0.0)) == []
+    assert sorted(indexes(dl.pump(10.0))) == [0, 1, 2, 3]  # the back-off (= timeout) is over
+    assert not dl.accept(refused(0)) and not dl.accept(refused(1))
+    assert dl.refusals == 3 and dl.backoff == 40.0
+    assert indexes(dl.pump(10.0)) == []  # the next turn: 0 and 1 wait 40 s from now
+    assert sorted(indexes(dl.pump(20.0))) == [2, 3]  # timed out; 0 and 1 wait for the back-off
+    assert {0, 1}.isdisjoint(indexes(dl.pump(49.0)))
+    assert {0, 1} <= set(indexes(dl.pump(50.0)))
+    assert dl.accept(reply(0, segs[0]))  # a genuine chunk is taken, refused or not
+    assert dl.refusals == 0 and dl.backoff == 0.0
+    for i in range(1, len(segs)):
+        assert dl.accept(reply(i, segs[i]))
+    assert dl.done
+
+
+def test_the_back_off_is_bounded(dl: Download) -> None:
+    now = 0.0
+    for _ in range(40):
+        assert len(indexes(dl.pump(now))) == 4  # still asking, every time
+        for i in list(dl.outstanding):
+            dl.accept(refused(i))
+        assert dl.pump(now) == []
+        now += dl.backoff
+    assert dl.refusals == 160 and dl.backoff == dl.max_backoff == 300.0
 
 
 def test_completes_in_any_order_and_resumes_from_disk(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from edgefleet.agent import flow as F
 from edgefleet.agent.download import Download
+from edgefleet.agent.updater import AlreadyAcceptedError
 from edgefleet.protocol.envelope import Envelope
 from edgefleet.protocol.errors import (
     EdgeFleetError,
@@ -38,6 +39,7 @@ class Releases:
     v2: Release  # sequence 3
     v3: Release  # sequence 10, newer still
     old: Release  # sequence 1: a rollback
+    known: Release  # sequence 2 (HIGHEST), not served: accepted before, rolled back locally
     forged: bytes  # v2's signed parts with dev-b's envelope relabelled as dev-a's
 
 
@@ -52,6 +54,7 @@ def rel(fleet: Fleet) -> Releases:
         v2=v2,
         v3=Release(fleet.release(b"newer model", sequence=10)),
         old=Release(fleet.release(b"older model", sequence=1)),
+        known=Release(fleet.release(b"rolled back from", sequence=HIGHEST)),
         forged=forged,
     )
     assert r.v2.manifest.segments > 1 and r.v1.manifest.sequence == HIGHEST
@@ -60,6 +63,8 @@ def rel(fleet: Fleet) -> Releases:
 
 def check(offer: ReleaseOffer) -> Manifest:
     m = Manifest.decode(offer.manifest)
+    if m.sequence == HIGHEST:  # what ``Updater.check`` says of a release accepted before
+        raise AlreadyAcceptedError("accepted here before", manifest=m, version=None)
     if m.sequence <= HIGHEST:
         raise RollbackError(f"release sequence: expected > {HIGHEST}, saw {m.sequence}")
     return m
@@ -123,12 +128,16 @@ EVENTS: dict[str, Event] = {
     "offer same": lambda f, r: f.offer(r.v2.offer.encode()),
     "offer served": lambda f, r: f.offer(r.v1.offer.encode()),
     "offer rollback": lambda f, r: f.offer(r.old.offer.encode()),
+    "offer accepted before": lambda f, r: f.offer(r.known.offer.encode()),
     "offer forged envelope": lambda f, r: f.offer(r.forged),
     "offer garbage": lambda f, r: f.offer(b"{not json"),
     "offer cleared": lambda f, r: f.offer(b""),
     "chunk": lambda f, r: f.chunk(r.v2.chunk(0)),
     "chunk garbage": lambda f, r: f.chunk(b"junk"),
     "chunk refused": lambda f, r: f.chunk(r.v2.chunk(0, status="refused")),
+    "chunk refused x3": lambda f, r: [
+        a for _ in range(3) for a in f.chunk(r.v2.chunk(0, status="refused"))
+    ],
     "tick": lambda f, r: f.tick(100.0),
     "connected": lambda f, r: f.connected(),
     "install ok": lambda f, r: f.install_finished(None),
@@ -155,6 +164,7 @@ TABLE: dict[str, dict[str, tuple[object, str | None]]] = {
     },
     "offer served": dict.fromkeys(STATES, NOTHING),
     "offer rollback": dict.fromkeys(STATES, REJECTED),
+    "offer accepted before": dict.fromkeys(STATES, NOTHING),  # not a rollback: nothing to do
     "offer forged envelope": dict.fromkeys(STATES, REJECTED),
     "offer garbage": dict.fromkeys(STATES, REJECTED),
     "offer cleared": dict.fromkeys(STATES, NOTHING),
@@ -165,7 +175,8 @@ TABLE: dict[str, dict[str, tuple[object, str | None]]] = {
         "queued": NOTHING,
     },
     "chunk garbage": dict.fromkeys(STATES, NOTHING),
-    "chunk refused": dict.fromkeys(STATES, NOTHING),  # one refusal is not yet an abandon
+    "chunk refused": dict.fromkeys(STATES, NOTHING),  # unsigned: only a hint
+    "chunk refused x3": dict.fromkeys(STATES, NOTHING),  # never an abandon
     "tick": {
         "idle": NOTHING,
         "downloading": (["SendRequests"], None),
@@ -226,19 +237,64 @@ def test_newer_offer_during_an_install_starts_after_it(rel: Releases, tmp_path: 
     assert flow.download is not None and flow.download.manifest == rel.v3.manifest
 
 
-def test_refusals_abandon_the_download_and_are_not_remembered(
+def test_forged_refusals_do_not_abandon_a_verified_download(
     rel: Releases, tmp_path: Path
 ) -> None:
+    """Three (or thirty) unsigned "refused" frames used to abort the download for good."""
     flow = make_flow(rel, tmp_path)
     flow.offer(rel.v2.offer.encode())
-    refused = rel.v2.chunk(0, status="refused")
-    assert flow.chunk(refused) == [] and flow.chunk(refused) == []
-    actions = flow.chunk(refused)  # the third: the coordinator means it
-    assert names(actions) == ["Discard", "Reject", "Report"] and flow.state == "idle"
-    reject = actions[1]
-    assert isinstance(reject, F.Reject) and reject.error.code == "transport"
-    assert flow.failed == {}
-    assert names(flow.offer(rel.v2.offer.encode())) == ["Report"]  # may be retried
+    sent = flow.tick(0.0)
+    assert names(sent) == ["SendRequests"]
+    for _ in range(30):
+        for i in (0, 1):
+            assert flow.chunk(rel.v2.chunk(i, status="refused")) == []
+    assert flow.state == "downloading" and flow.failed == {}
+    assert flow.tick(1.0) == []  # backing off: not asked again at once
+    actions = deliver(flow, rel.v2)  # the genuine chunks, whenever they come
+    assert names(actions) == ["Progress", "Report", "StartInstall"]
+
+
+def test_refused_requests_are_asked_again_after_a_back_off(rel: Releases, tmp_path: Path) -> None:
+    flow = make_flow(rel, tmp_path)  # window 2, timeout 5 s
+    flow.offer(rel.v2.offer.encode())
+    flow.tick(0.0)
+    flow.chunk(rel.v2.chunk(0, status="refused"))
+    flow.chunk(rel.v2.chunk(1, status="refused"))
+    assert flow.tick(0.0) == []
+    assert flow.tick(9.0) == []  # two refusals in a row: 10 s
+    again = flow.tick(10.0)
+    assert sorted(i for a in again for r in a.requests for i in r.indexes) == [0, 1]  # type: ignore[attr-defined]
+
+
+def test_a_download_refusals_keep_still_is_reported_and_goes_on(
+    rel: Releases, tmp_path: Path
+) -> None:
+    flow = make_flow(rel, tmp_path, stall_report=600.0)
+    flow.offer(rel.v2.offer.encode())
+    flow.tick(0.0)
+    now, reports = 0.0, []
+    while now < 1300.0:  # the coordinator refuses every request
+        for a in flow.tick(now):
+            if isinstance(a, F.SendRequests):
+                for r in a.requests:
+                    flow.chunk(rel.v2.chunk(r.indexes[0], status="refused"))
+            else:
+                reports.append((now, a))
+        now += 1.0
+    rejects = [(t, a) for t, a in reports if isinstance(a, F.Reject)]
+    assert [t for t, _ in rejects] == [600.0, 1200.0]  # once per period, not per refusal
+    assert all(a.error.code == "transport" and a.manifest == rel.v2.manifest for _, a in rejects)  # type: ignore[attr-defined]
+    assert flow.state == "downloading" and flow.failed == {}  # not abandoned, not remembered
+    assert names(deliver(flow, rel.v2))[-1] == "StartInstall"
+
+
+def test_a_newer_offer_replaces_a_refused_download(rel: Releases, tmp_path: Path) -> None:
+    flow = make_flow(rel, tmp_path)
+    flow.offer(rel.v2.offer.encode())
+    flow.tick(0.0)
+    flow.chunk(rel.v2.chunk(0, status="refused"))
+    assert names(flow.offer(rel.v3.offer.encode())) == ["Discard", "Report"]
+    assert flow.download is not None and flow.download.manifest == rel.v3.manifest
 
 
 def test_disk_error_abandons_the_download_and_remembers_it(
