@@ -34,7 +34,7 @@ from .reporter import active_model
 from .runtime import Runtime, RuntimeLoadError, load_runtime
 from .store import InstalledVersion, ModelStore
 from .trust import TrustStore
-from .updater import Progress, SegmentSource, Updater, UpdaterConfig
+from .updater import AlreadyAcceptedError, Progress, SegmentSource, Updater, UpdaterConfig
 
 __all__ = ["Agent", "AgentStatus", "KeptVersion"]
 
@@ -59,6 +59,7 @@ class AgentStatus:
     keyring_version: int | None
     kept: tuple[KeptVersion, ...]
     last_install: InstallResult | None
+    broken: str | None = None  # why no model is served although one is active (None: fine)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape (``--json``, the HTTP API): as ``last_install.json`` for the result."""
@@ -66,6 +67,7 @@ class AgentStatus:
         d["kept"] = list(d["kept"])
         d["last_install"] = None if self.last_install is None else _plain(self.last_install)
         return d
+
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class Agent:
         self._recording = threading.Lock()  # the last result and its file change together
         self._runtime: Runtime | None = None  # what predict() runs
         self._serving: tuple[InstalledVersion, Runtime] | None = None  # the same, labelled
+        self.broken: str | None = None  # why nothing is served though a model is active
         self._last: InstallResult | None = self._read_last()  # the file is only the report
         try:
             self._load_active()
@@ -125,7 +128,9 @@ class Agent:
         If the active version does not load (a broken runtime package, bit rot) but an older
         kept one does, that one is made active by moving the pointer only: both stay kept, so
         the newer one is still there once the cause is fixed. A read-only agent serves it
-        without moving the pointer. If none loads: ``StoreError``, and the store is unchanged.
+        without moving the pointer. If none loads, the agent opens serving nothing
+        (``broken`` says why, ``predict`` refuses): the store is unchanged, and a valid newer
+        release, over the air or from a file, still installs and repairs the device.
         """
         failures = []
         for name in self.store.state.history:
@@ -143,9 +148,12 @@ class Agent:
             self._swap(version, runtime)
             return
         if failures:
-            raise StoreError(
+            self.broken = (
                 f"active model {self.store.state.active} does not load, nor does any other "
-                f"kept version ({'; '.join(failures)}); the store was left unchanged"
+                f"kept version ({'; '.join(failures)})"
+            )
+            log.error(
+                "no working model: %s; serving nothing until a newer release installs", self.broken
             )
 
     def _fall_back(self, version: InstalledVersion) -> None:
@@ -164,6 +172,7 @@ class Agent:
         # it; it is released when the last reference goes (CPython refcounting).
         self._serving = (version, runtime)
         self._runtime = runtime
+        self.broken = None
 
     @property
     def active(self) -> InstalledVersion | None:
@@ -176,15 +185,20 @@ class Agent:
         """Run the active model on a batch-first float32 array; returns its output."""
         rt = self._runtime
         if rt is None:
-            raise RuntimeError("no model is active: install a bundle first")
+            raise RuntimeError(self._no_model())
         return rt.run(x)
+
+    def _no_model(self) -> str:
+        if self.broken is not None:
+            return f"no working model: {self.broken}; install a newer release to repair it"
+        return "no model is active: install a bundle first"
 
     def predict_versioned(self, x: np.ndarray) -> tuple[InstalledVersion, np.ndarray]:
         """Like ``predict``, with the version that produced the output (one snapshot: a
         concurrent swap cannot pair one model's output with another's name)."""
         serving = self._serving
         if serving is None:
-            raise RuntimeError("no model is active: install a bundle first")
+            raise RuntimeError(self._no_model())
         version, rt = serving
         return version, rt.run(x)
 
@@ -214,12 +228,22 @@ class Agent:
         with self._changing:
             try:
                 version, runtime = run()
+            except AlreadyAcceptedError as exc:  # not an error: nothing to do, nothing recorded
+                log.info("install skipped (%s): %s", exc.code, exc)
+                raise
             except EdgeFleetError as exc:
                 self.record(ok=False, code=exc.code, reason=str(exc))
                 log.warning("install rejected (%s): %s", exc.code, exc)
                 raise
             self._swap(version, runtime)
             m = version.manifest
+            log.info(
+                "installed %s %s (release %d, %s): active",
+                m.name,
+                m.model_version,
+                m.sequence,
+                m.format,
+            )
             self.record(
                 ok=True,
                 code="ok",
@@ -304,6 +328,7 @@ class Agent:
                 for k in self.store.kept()
             ),
             last_install=self._last,
+            broken=self.broken,
         )
 
     def close(self) -> None:

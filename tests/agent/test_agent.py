@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.runtime import Runtime, RuntimeLoadError
+from edgefleet.agent.updater import AlreadyAcceptedError
 from edgefleet.protocol.container import HEADER_SIZE, decode_envelopes, parse_header
 from edgefleet.protocol.errors import RollbackError, StoreError
 from edgefleet.protocol.messages import ReleaseOffer
 
+from tests.agent.releases import Release
 from tests.conftest import Fleet, open_agent
 
 
@@ -44,7 +46,8 @@ def test_install_rollback_and_status(fleet: Fleet, tmp_path: Path, x_test: np.nd
     assert typed.last_install is not None and typed.last_install.ok
     status = json.loads(json.dumps(typed.to_dict()))  # plain JSON for `agent status --json`
     assert set(status) == {"device_id", "active", "highest_sequence", "keyring_version", "kept",
-                           "last_install"}
+                           "last_install", "broken"}
+    assert status["broken"] is None
     assert set(status["active"]) == {"name", "version", "sequence", "format", "bundle_id"}
     assert status["device_id"] == "dev-a" and status["keyring_version"] == 1
     assert status["active"]["version"] == "2" and status["highest_sequence"] == 3
@@ -57,11 +60,50 @@ def test_install_rollback_and_status(fleet: Fleet, tmp_path: Path, x_test: np.nd
     assert status["last_install"]["code"] == "rollback"
     assert [k["version"] for k in status["kept"]] == ["1"]
     assert status["highest_sequence"] == 3  # the rolled-back release stays refused
-    with pytest.raises(RollbackError):
+    with pytest.raises(RollbackError, match="rolled back locally"):
         agent.install_file(fleet.bundles["v2"])
     with pytest.raises(StoreError):
         agent.rollback()
     agent.close()
+
+
+def test_a_release_already_here_is_current_not_a_rollback(
+        fleet: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Re-installing the active bundle used to say "rollback"; so did the retained offer of the
+    release a local rollback left. Both are "already have it": code ``current``, nothing
+    recorded, nothing logged above INFO; an older release nobody accepted stays a rollback."""
+    home = fleet.agent_home(tmp_path / "home", installed=["v1", "v2"])
+    with caplog.at_level(logging.INFO), open_agent(home) as agent:
+        last = agent.last_install
+        cases = [("v2", r"already installed \(active\)", "2"), ("v1", "kept, not active", "1")]
+        for bundle, words, version in cases:
+            with pytest.raises(AlreadyAcceptedError, match=words) as info:
+                agent.install_file(fleet.bundles[bundle])
+            assert info.value.code == "current" and info.value.version is not None
+            assert info.value.version.manifest.model_version == version
+        v2_offer = Release(fleet.bundle_bytes("v2")).offer
+        with pytest.raises(AlreadyAcceptedError):
+            agent.updater.check(v2_offer)
+        agent.rollback()
+        last = agent.last_install
+        with pytest.raises(AlreadyAcceptedError, match="rolled back locally") as info:
+            agent.updater.check(v2_offer)  # the retained offer after the rollback
+        assert info.value.version is None
+        assert agent.last_install == last  # nothing recorded
+        with pytest.raises(RollbackError) as older:
+            agent.install_file(fleet.bundles["old"])
+        assert type(older.value) is RollbackError and older.value.code == "rollback"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+            and "current" in r.getMessage()] == []
+
+
+def test_a_successful_install_leaves_an_info_line(
+        fleet: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    home = fleet.agent_home(tmp_path / "home", installed=["v1"])
+    with caplog.at_level(logging.INFO, logger="edgefleet.agent.agent"), open_agent(home) as agent:
+        agent.install_file(fleet.bundles["v2"])
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgefleet.agent.agent"]
+    assert lines == ["installed digits 2 (release 3, onnx): active"]
 
 
 def test_network_install_through_a_segment_source(fleet: Fleet, tmp_path: Path,
@@ -97,16 +139,34 @@ def test_start_up_falls_back_when_the_active_model_no_longer_loads(
     agent.close()
 
 
-def test_start_up_without_a_loadable_version_is_a_store_error(fleet: Fleet,
-                                                              tmp_path: Path) -> None:
+def test_start_up_without_a_loadable_version_serves_nothing_and_can_be_repaired(
+        fleet: Fleet, tmp_path: Path, x_test: np.ndarray) -> None:
+    """A corrupt active model used to brick the device: the agent refused to open."""
     home = fleet.agent_home(tmp_path / "home", installed=["v1"])
     agent = open_agent(home)
     active = agent.store.active()
     assert active is not None
     agent.close()
     active.model_path.write_bytes(b"bit rot")
-    with pytest.raises(StoreError, match="does not load"):
-        open_agent(home)
+    before = _versions(home)
+    with open_agent(home) as agent:
+        assert agent.active is None and agent.broken is not None
+        assert "does not load" in agent.broken
+        status = agent.status()
+        assert status.active is None and status.broken == agent.broken
+        assert status.to_dict()["broken"] == agent.broken
+        for call in (agent.predict, agent.predict_versioned):
+            with pytest.raises(RuntimeError, match="no working model"):
+                call(x_test)
+        assert _versions(home) == before  # nothing deleted
+        agent.install_file(fleet.bundles["v2"])  # a valid newer release repairs it
+        assert agent.broken is None and agent.status().broken is None
+        np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v2", x_test), atol=1e-5)
+
+
+def _versions(home: Path) -> dict[str, bytes | None]:
+    """The store but its lock file (which names the writer while one holds it)."""
+    return {k: v for k, v in _store_files(home).items() if k != "LOCK"}
 
 
 def _store_files(home: Path) -> dict[str, bytes | None]:
@@ -155,8 +215,8 @@ def test_start_up_with_no_loadable_version_changes_nothing(
     before = _store_files(home)
     with monkeypatch.context() as mp:
         mp.setattr(agent_module, "load_runtime", no_runtime)
-        with pytest.raises(StoreError, match="does not load"):
-            open_agent(home)
+        with open_agent(home) as broken:
+            assert broken.active is None and "onnxruntime is not installed" in str(broken.broken)
     assert _store_files(home) == before  # not one version trashed
     assert agent_module.load_runtime is real
     with open_agent(home) as agent:  # the runtime is back: so is the newest model

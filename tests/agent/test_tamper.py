@@ -264,7 +264,8 @@ CASES = [
          UntrustedSignerError),
     Case("expired-keyring", lambda f, d: d, KeyringError, now=T0 + YEAR),
     Case("replay-older-sequence", lambda f, d: f.bundle_bytes("old"), RollbackError),
-    Case("replay-equal-sequence", lambda f, d: f.bundle_bytes("v1"), RollbackError),
+    Case("replay-equal-sequence", lambda f, d: f.release(model_bytes(f), sequence=2),
+         RollbackError),  # v1's sequence, another bundle (the v1 bundle itself is "current")
     Case("expired-manifest", lambda f, d: d, ExpiredError,
          now=MANIFEST_EXPIRY + GRACE + 1),
     Case("expired-manifest-no-grace", lambda f, d: d, ExpiredError,
