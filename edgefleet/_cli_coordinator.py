@@ -10,12 +10,27 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from edgefleet.coordinator.fleet import FleetRow
     from edgefleet.coordinator.home import Coordinator
+    from edgefleet.coordinator.vault import StorageKey
 
 
 def _open(home: Path) -> Coordinator:
     from edgefleet.coordinator.home import Coordinator
 
-    return Coordinator.open(home)
+    return Coordinator.open(home, storage_key=storage_key_from_env(home))
+
+
+def storage_key_from_env(home: Path) -> StorageKey | None:
+    """The storage key from the environment variable ``coordinator.toml`` names
+    (``storage_key_env``), if it names one and it is set: the CLI is what reads os.environ."""
+    import os
+
+    from edgefleet.coordinator.config import CoordinatorConfig
+    from edgefleet.coordinator.vault import StorageKey
+
+    name = CoordinatorConfig.load(home).storage_key_env
+    value = os.environ.get(name) if name else None
+    return StorageKey.decode(value, source=f"${name}") if value else None
+
 
 
 def init(args: argparse.Namespace) -> int:
@@ -183,4 +198,27 @@ def rotate_key(args: argparse.Namespace) -> int:
         f"release key {keys.release.keyid} in keyring v{keys.keyring.version}; "
         "agents adopt it with the next release and refuse the old key from then on"
     )
+    return 0
+
+
+def rotate_storage_key(args: argparse.Namespace) -> int:
+    import os
+
+    from edgefleet.coordinator.vault import StorageKey
+    from edgefleet.protocol.errors import ConfigError
+
+    new = None
+    if args.new_key_env:
+        value = os.environ.get(args.new_key_env)
+        if not value:
+            raise ConfigError(f"${args.new_key_env} is not set (--new-key-env)")
+        new = StorageKey.decode(value, source=f"${args.new_key_env}")
+    c = _open(args.home)
+    keyid = c.rotate_storage_key(new)
+    where = (
+        f"now set ${c.config.storage_key_env} to the value of ${args.new_key_env}"
+        if c.config.storage_key_env
+        else f"the old key is removed from {c.config.storage_key_path}"
+    )
+    print(f"storage key {keyid}: every content key and model blob is sealed under it; {where}")
     return 0

@@ -104,6 +104,19 @@ def _coordinator(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     c = p.add_parser("rotate-key", help="new release key; a root-signed keyring drops the old one")
     c.add_argument("--home", **home)
     c.set_defaults(run=_lazy(mod, "rotate_key"))
+    c = p.add_parser(
+        "rotate-storage-key",
+        help="new storage key; re-seal every content key and model blob, drop the old key",
+    )
+    c.add_argument("--home", **home)
+    c.add_argument(
+        "--new-key-env",
+        metavar="NAME",
+        default="",
+        help="the new key's environment variable (64 hex characters), when the current key "
+        "comes from one (storage_key_env); then set that variable to the new key",
+    )
+    c.set_defaults(run=_lazy(mod, "rotate_storage_key"))
     c = p.add_parser("group", help="device groups").add_subparsers(dest="gcmd", required=True)
     g = c.add_parser("add", help="add devices to a group (created if new)")
     g.add_argument("--home", **home)
