@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefleet.infra.fsutil import atomic_write, os_errors
+from edgefleet.infra.fsutil import atomic_write, os_errors, private_dir
 from edgefleet.protocol._fields import check_keys, field
 from edgefleet.protocol._fields import name as check_name
 from edgefleet.protocol.canonical import b64d, b64e, canonical_json, decode_json_object
@@ -40,7 +40,7 @@ class DeviceIdentity:
             "kem_private": b64e(ident.kem.raw),
         }
         with os_errors(f"{keys_dir}: cannot save the device keys"):
-            keys_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(keys_dir)  # 0700, whatever the umask
             atomic_write(keys_dir / PRIVATE, canonical_json(private), mode=0o600)
             atomic_write(keys_dir / "device.pub.json", ident.public().encode())
         return ident

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgefleet.infra.fsutil import atomic_write
+from edgefleet.infra.fsutil import atomic_write, private_dir
 from edgefleet.protocol.keys import KEM_X25519
 
 from .config import AgentConfig
@@ -23,7 +23,7 @@ def provision(home: Path, device_id: str, root_public: bytes, *, kem: str = KEM_
     """
     if (home / "keys" / "device.json").exists():
         raise FileExistsError(f"{home}: already initialised (keys/device.json exists)")
-    home.mkdir(parents=True, exist_ok=True)
+    private_dir(home)  # 0700: keys, trust and decrypted models live inside
     cfg = AgentConfig(home=home, device_id=device_id, **config)  # validate before making keys
     identity = DeviceIdentity.create(home / "keys", device_id, kem=kem)
     TrustStore.pin(home / "trust", root_public)

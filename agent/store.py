@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from edgefleet.infra.fsutil import atomic_write, fsync_dir, os_errors, strerror
+from edgefleet.infra.fsutil import atomic_write, fsync_dir, os_errors, private_dir, strerror
 from edgefleet.protocol.canonical import canonical_json
 from edgefleet.protocol.errors import StoreError
 from edgefleet.protocol.manifest import Manifest
@@ -126,8 +126,9 @@ class ModelStore:
             self.state = self._load_state()
             return
         with os_errors(f"{root}: cannot create the model store"):
-            for sub in ("versions", "staging", "trash"):
-                (root / sub).mkdir(parents=True, exist_ok=True)
+            for sub in ("versions", "staging", "trash"):  # 0700: decrypted models inside
+                private_dir(root / sub)
+            private_dir(root)
         self._lock_fd = _lock(root / LOCK)
         try:
             self.state = self._load_state()
@@ -140,6 +141,8 @@ class ModelStore:
         """Release the writer lock (idempotent); the store can then no longer change."""
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
+            with contextlib.suppress(OSError):  # the pid names the holder only while it holds
+                os.ftruncate(fd, 0)
             os.close(fd)  # releases the flock
 
     def __del__(self) -> None:  # a writer dropped unclosed still lets go of the lock
@@ -235,9 +238,9 @@ class ModelStore:
         d = self.root / "staging" / uuid.uuid4().hex
         try:
             with os_errors("cannot start staging a version"):
-                d.mkdir()
+                d.mkdir(mode=0o700)
                 self._cp("staging:created")
-                return Staging(d, open(d / f"model.{manifest.format}", "wb"))  # noqa: SIM115
+                return Staging(d, _private_writer(d / f"model.{manifest.format}"))
         except StoreError:
             shutil.rmtree(d, ignore_errors=True)
             raise
@@ -340,10 +343,23 @@ class ModelStore:
             shutil.rmtree(dst, ignore_errors=True)
 
 
+def _private_writer(path: Path) -> BinaryIO:
+    """A new file open for writing, mode 0600 whatever the umask (a decrypted model)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
+
+
 def _lock(path: Path) -> int:
-    """An open descriptor on ``path`` holding its exclusive ``flock``; else ``StoreError``."""
+    """An open descriptor on ``path`` holding its exclusive ``flock``; else ``StoreError``.
+
+    ``LOCK`` is 0600 (in a 0700 store) and opened read-write, so no other user can take it;
+    it names the holder's pid only while the holder holds it (``close`` empties it).
+    """
     with os_errors(f"{path}: cannot open the store lock"):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(fd).st_mode & 0o777 != 0o600:
+            os.fchmod(fd, 0o600)  # a LOCK made before it was 0600
     try:
         with os_errors(f"{path}: cannot lock the model store"):
             try:
@@ -363,6 +379,20 @@ def _lock(path: Path) -> int:
 
 
 def _holder(fd: int) -> str:
+    """`` by pid N`` if the lock file names a live process, else nothing: a pid left by a
+    writer that died (or none, if the holder wrote none) must not be named."""
     with contextlib.suppress(OSError, ValueError):
-        return f" by pid {int(os.pread(fd, 32, 0))}"
+        pid = int(os.pread(fd, 32, 0))
+        if pid > 0 and _alive(pid):
+            return f" by pid {pid}"
     return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edgefleet.infra.fsutil import atomic_write, os_errors
+from edgefleet.infra.fsutil import atomic_write, os_errors, private_dir
 from edgefleet.protocol._fields import check_keys, field
 from edgefleet.protocol.canonical import b64d, b64e, canonical_json, decode_json_object
 from edgefleet.protocol.errors import BundleError, CorruptStateError, StoreError
@@ -53,7 +53,7 @@ class TrustStore:
     @classmethod
     def pin(cls, directory: Path, root_public: bytes) -> TrustStore:
         with os_errors(f"{directory / cls.ROOT}: cannot pin the root key"):
-            directory.mkdir(parents=True, exist_ok=True)
+            private_dir(directory)  # 0700: nobody else may replace the pinned root
             atomic_write(directory / cls.ROOT, encode_public_key(root_public))
         return cls(directory)
 

@@ -25,10 +25,20 @@ class CoordinatorConfig:
     tls_cert: str = ""
     tls_key: str = ""
     mqtt_protocol: int = 5
+    # The storage key sealing content keys and model blobs at rest (coordinator/vault.py):
+    # a file ("" = <home>/secrets/storage.key; mode 0600), or, if storage_key_env names an
+    # environment variable, that variable (the CLI reads it and passes the key in).
+    storage_key_file: str = ""
+    storage_key_env: str = ""
 
     @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{self.home / 'registry.db'}"
+
+    @property
+    def storage_key_path(self) -> Path:
+        """The key file; a relative ``storage_key_file`` is relative to the home."""
+        return self.home / (self.storage_key_file or "secrets/storage.key")
 
     @classmethod
     def load(cls, home: Path, **overrides: Any) -> CoordinatorConfig:

@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgefleet.infra.fsutil import atomic_write
+from edgefleet.infra.fsutil import atomic_write, fsync_dir, os_errors, private_dir, private_file
 from edgefleet.protocol.build import BuiltRelease, ReleaseSpec, build_release
 from edgefleet.protocol.canonical import canonical_json
 from edgefleet.protocol.device import DevicePublic
+from edgefleet.protocol.errors import ConfigError
 from edgefleet.protocol.keys import KemPublicKey
 from edgefleet.protocol.manifest import FORMATS, SmokeVector, TensorSpec
+from sqlalchemy.engine import make_url
 
 from .blobs import BlobStore
 from .config import CoordinatorConfig
 from .keys import CoordinatorKeys
-from .registry import Device, ModelVersion, Registry, Release, ReleaseTarget
+from .registry import (
+    Device,
+    ModelVersion,
+    Registry,
+    Release,
+    ReleaseTarget,
+    open_content_key,
+    seal_content_key,
+)
+from .vault import StorageKey, Vault, read_key_file, write_key_file
 
 __all__ = ["Coordinator"]
 
@@ -33,28 +46,42 @@ def format_of(path: Path) -> str:
 
 
 class Coordinator:
-    def __init__(self, config: CoordinatorConfig) -> None:
+    """``storage_key``: the key sealing content keys and blobs at rest when the config names
+    an environment variable (``storage_key_env``; the CLI reads it); else the key file's."""
+
+    def __init__(self, config: CoordinatorConfig, *, storage_key: StorageKey | None = None) -> None:
         self.config = config
         self.home = config.home
         if not (self.home / "keyring.json").exists():
             raise FileNotFoundError(
                 f"{self.home}: not a coordinator home (run `edgefleet coordinator init`)"
             )
+        with os_errors(f"{self.home}: cannot make the coordinator home private"):
+            private_dir(self.home)  # 0700: also tightens a home made before it was
+            _private_sqlite(config.database_url)
         self.keys = CoordinatorKeys.load(self.home)
         self.registry = Registry(config.database_url)
         self.blobs = BlobStore(self.home / "blobs")
+        vault, migrate = self._vault(storage_key)
+        self._use(vault)
+        if migrate:
+            log.warning("sealing this home's content keys and model blobs at rest (first open)")
+            self.rotate_storage_key()
 
     @classmethod
     def init(cls, home: Path, *, database: str = "", now: int | None = None) -> Coordinator:
-        home.mkdir(parents=True, exist_ok=True)
+        with os_errors(f"{home}: cannot create the coordinator home"):
+            private_dir(home)
         CoordinatorKeys.create(home, now=int(now if now is not None else time.time()))
         config = CoordinatorConfig(home=home, database=database)
+        write_key_file(config.storage_key_path, StorageKey.generate())
         atomic_write(home / "coordinator.toml", config.to_toml().encode())
         return cls(config)
 
     @classmethod
-    def open(cls, home: Path, **overrides: Any) -> Coordinator:
-        return cls(CoordinatorConfig.load(home, **overrides))
+    def open(cls, home: Path, *, storage_key: StorageKey | None = None, **overrides: Any
+             ) -> Coordinator:  # fmt: skip
+        return cls(CoordinatorConfig.load(home, **overrides), storage_key=storage_key)
 
     def update_config(self, **changes: Any) -> None:
         """Change settings in ``coordinator.toml`` (and in this instance)."""
@@ -175,7 +202,7 @@ class Coordinator:
             signature=built.signature_raw,
             keyring=self.keys.keyring_raw,
             keyring_sig=self.keys.keyring_sig,
-            payload_blob=self.blobs.put(built.payload),
+            payload_blob=self.blobs.put_encrypted(built.payload),  # ciphertext already
             content_key=built.content_key,
             targets=[
                 ReleaseTarget(device_id=e.device_id, envelope=canonical_json(e.to_dict()))
@@ -195,6 +222,118 @@ class Coordinator:
 
     def write_bundle(self, built: BuiltRelease, out: Path) -> None:
         atomic_write(out, built.to_file_bytes(self.keys.keyring_raw, self.keys.keyring_sig))
+
+    # -- encryption at rest ---------------------------------------------------------------
+    def _vault(self, given: StorageKey | None) -> tuple[Vault, bool]:
+        """The vault from the configured key, and whether this home still needs sealing
+        (made before encryption at rest: no key yet and nothing sealed)."""
+        cfg = self.config
+        if cfg.storage_key_env:
+            if given is None:
+                return Vault.unavailable(
+                    f"storage key: ${cfg.storage_key_env} is not set (storage_key_env in "
+                    f"{self.home / 'coordinator.toml'})"
+                ), False
+            return Vault(given), False
+        if given is not None:
+            return Vault(given), False
+        path, pending = cfg.storage_key_path, _pending(cfg.storage_key_path)
+        current = read_key_file(path) if path.exists() else None
+        nxt = read_key_file(pending) if pending.exists() else None
+        if nxt is not None:
+            if current is not None:
+                log.warning("a storage key rotation was interrupted: run `edgefleet "
+                            "coordinator rotate-storage-key` to finish it")  # fmt: skip
+            return Vault(nxt, also=[current] if current else []), current is None
+        if current is not None:
+            return Vault(current), False
+        missing = Vault.unavailable(f"the storage key file {path} is missing: restore it")
+        return missing, not self._has_sealed()
+
+    def _has_sealed(self) -> bool:
+        if any(len(k) != 32 for _, _, k in self.registry.stored_content_keys()):
+            return True
+        return any(not self.blobs.is_plain(m.blob) for m in self.registry.models())
+
+    def rotate_storage_key(
+        self, new: StorageKey | None = None, *, checkpoint: Callable[[str], None] | None = None
+    ) -> str:
+        """Re-seal every content key and model blob under a new storage key; its key id.
+
+        Key file: the new key is written to ``<file>.next`` first and seals from then on
+        (opens of this home read both keys meanwhile); each item is re-sealed in one atomic
+        step; then ``<file>.next`` replaces the key file, which removes the old key. A crash
+        or error on the way loses nothing, and a re-run reuses ``<file>.next`` and completes.
+        Environment key: ``new`` is required and the operator switches the variable after.
+        Other coordinator writers (register, build, release) should not run meanwhile.
+        """
+        cp = checkpoint or (lambda label: None)
+        old = self.registry.vault.key if self.registry.vault else None
+        if self.config.storage_key_env:
+            if new is None:
+                raise ConfigError(
+                    f"the storage key comes from ${self.config.storage_key_env}: pass the new "
+                    "key (rotate-storage-key --new-key-env NAME)"
+                )
+            old = self._require_vault().require()  # the old key must open what is sealed
+            self._reseal_all(Vault(new, also=[old]), cp)
+            return new.keyid
+        path = self.config.storage_key_path
+        pending = _pending(path)
+        nxt = read_key_file(pending) if pending.exists() else None
+        if nxt is not None and new is not None and new.keyid != nxt.keyid:
+            raise ConfigError(f"{pending}: an interrupted rotation to another key; finish it first")
+        if nxt is None:
+            nxt = new or StorageKey.generate()
+            write_key_file(pending, nxt)
+        current = read_key_file(path) if path.exists() else None
+        self._reseal_all(Vault(nxt, also=[k for k in (old, current) if k]), cp)
+        with os_errors(f"{path}: cannot install the new storage key"):
+            os.replace(pending, path)  # the switch; the old key is gone with it
+            fsync_dir(path.parent)
+        self._use(Vault(nxt))
+        log.info("storage key is now %s (was %s)", nxt.keyid, old.keyid if old else "none")
+        return nxt.keyid
+
+    def _reseal_all(self, vault: Vault, cp: Callable[[str], None]) -> None:
+        self._use(vault)  # new items are sealed under the new key from here on
+        resealed = 0
+        for seq, bundle_id, stored in self.registry.stored_content_keys():
+            if not vault.is_current(stored):
+                plain = open_content_key(vault, bundle_id, seq, stored)
+                sealed = seal_content_key(vault, bundle_id, seq, plain)
+                resealed += self.registry.replace_content_key(seq, stored, sealed)
+                cp(f"content key {seq}")
+        for digest in sorted({m.blob for m in self.registry.models()}):
+            if self.blobs.reseal(digest):
+                resealed += 1
+                cp(f"blob {digest}")
+        log.info("re-sealed %d content keys and blobs under storage key %s", resealed, vault.keyid)
+
+    def _require_vault(self) -> Vault:
+        assert self.registry.vault is not None  # set in __init__
+        return self.registry.vault
+
+    def _use(self, vault: Vault) -> None:
+        self.registry.vault = self.blobs.vault = vault
+
+
+def _pending(key_file: Path) -> Path:
+    return key_file.with_name(key_file.name + ".next")
+
+
+def _private_sqlite(url: str) -> None:
+    """A SQLite registry file (and its journals) 0600: SQLite gives the journal, WAL and
+    shared-memory files the database file's mode, so it is made 0600 before SQLite opens it."""
+    u = make_url(url)
+    if not u.drivername.startswith("sqlite") or u.database in (None, "", ":memory:"):
+        return
+    db = Path(u.database)
+    private_file(db)
+    for suffix in ("-wal", "-shm", "-journal"):
+        side = db.with_name(db.name + suffix)
+        if side.exists():
+            private_file(side)
 
 
 def _release_meta(meta: dict[str, Any]) -> dict[str, Any]:

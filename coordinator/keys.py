@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefleet.infra.fsutil import atomic_write, os_errors
+from edgefleet.infra.fsutil import atomic_write, os_errors, private_dir
 from edgefleet.protocol._fields import check_keys, field
 from edgefleet.protocol.canonical import b64d, b64e, canonical_json, decode_json_object
 from edgefleet.protocol.errors import BundleError, ConfigError, CorruptStateError, KeyExpiredError
@@ -101,7 +101,7 @@ class CoordinatorKeys:
     def create(cls, home: Path, *, now: int, lifetime: int = YEAR) -> CoordinatorKeys:
         keys = home / "keys"
         with os_errors(f"{keys}: cannot create the key directory"):
-            keys.mkdir(parents=True, exist_ok=True)
+            private_dir(keys)  # 0700, whatever the umask
         if (keys / "root.json").exists():
             raise FileExistsError(f"{keys / 'root.json'} exists: this home is already initialised")
         root, release = SigningKey.generate(), SigningKey.generate()

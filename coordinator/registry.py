@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from .migrations import upgrade
+from .vault import Vault, content_key_aad
 
 __all__ = ["Device", "Group", "ModelVersion", "Registry", "Release", "ReleaseTarget"]
 
@@ -106,11 +107,28 @@ class Release(Base):
     keyring: Mapped[bytes] = mapped_column(LargeBinary)
     keyring_sig: Mapped[bytes] = mapped_column(LargeBinary)
     payload_blob: Mapped[str] = mapped_column(String(64))
-    content_key: Mapped[bytes] = mapped_column(LargeBinary)  # secret
+    # the secret content key, sealed by the registry's storage-key vault (plain without one)
+    content_key_stored: Mapped[bytes] = mapped_column("content_key", LargeBinary)
     model: Mapped[ModelVersion] = relationship()
     targets: Mapped[list[ReleaseTarget]] = relationship(
         back_populates="release", cascade="all, delete-orphan"
     )
+
+    @property
+    def content_key(self) -> bytes:
+        """The plaintext content key: as built, or opened (on first use) with the vault of
+        the Registry that read the row; ``ConfigError`` if that vault lacks the key."""
+        key: bytes | None = self.__dict__.get("_content_key")
+        if key is None:
+            vault: Vault | None = self.__dict__.get("_vault")
+            key = open_content_key(vault, self.bundle_id, self.sequence, self.content_key_stored)
+            self.__dict__["_content_key"] = key
+        return key
+
+    @content_key.setter
+    def content_key(self, value: bytes) -> None:
+        self.__dict__["_content_key"] = value
+        self.content_key_stored = value  # sealed by Registry.add_release
 
 
 class ReleaseTarget(Base):
@@ -121,6 +139,20 @@ class ReleaseTarget(Base):
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"), primary_key=True)
     envelope: Mapped[bytes] = mapped_column(LargeBinary)  # JSON of protocol.envelope.Envelope
     release: Mapped[Release] = relationship(back_populates="targets")
+
+
+CONTENT_KEY_SIZE = 32  # bytes: a stored value of this size is plain (before encryption at rest)
+
+
+def open_content_key(vault: Vault | None, bundle_id: str, sequence: int, stored: bytes) -> bytes:
+    if vault is None or len(stored) == CONTENT_KEY_SIZE:
+        return stored
+    return vault.open(stored, aad=content_key_aad(bundle_id, sequence),
+                      what=f"the content key of release {sequence}")  # fmt: skip
+
+
+def seal_content_key(vault: Vault, bundle_id: str, sequence: int, key: bytes) -> bytes:
+    return vault.seal(key, aad=content_key_aad(bundle_id, sequence))
 
 
 BUSY_TIMEOUT = 30.0  # s a statement waits for a locked SQLite database before failing
@@ -158,8 +190,9 @@ def store_errors(engine: Engine, busy_timeout: float = BUSY_TIMEOUT) -> Iterator
 class Registry:
     """Thin facade over the database; every public method is one transaction."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, vault: Vault | None = None) -> None:
         self.url = url
+        self.vault = vault  # seals content keys at rest; None: stored as given
         self.engine = engine_for(url)
         self._quick: dict[float, Engine] = {}  # busy timeout -> engine (the chunk path)
         with store_errors(self.engine):
@@ -352,6 +385,10 @@ class Registry:
         raise RuntimeError("could not allocate a release sequence")
 
     def add_release(self, release: Release) -> None:
+        if self.vault is not None:
+            release.content_key_stored = seal_content_key(
+                self.vault, release.bundle_id, release.sequence, release.content_key
+            )
         with self.session() as s:
             s.add(release)
 
@@ -368,6 +405,7 @@ class Registry:
             r = s.scalar(q)
             if r is not None:
                 _ = r.targets, r.model  # load while the session is open
+                r.__dict__["_vault"] = self.vault  # opens r.content_key on first use
             return r
 
     def releases(self) -> Sequence[Release]:
@@ -375,7 +413,25 @@ class Registry:
             rs = s.scalars(select(Release).order_by(Release.sequence)).all()
             for r in rs:
                 _ = r.targets, r.model
+                r.__dict__["_vault"] = self.vault
             return rs
+
+    def stored_content_keys(self) -> list[tuple[int, str, bytes]]:
+        """(sequence, bundle id, stored content key) of every release, for re-sealing."""
+        with self.session() as s:
+            q = select(Release.sequence, Release.bundle_id, Release.content_key_stored)
+            return [(int(seq), bid, bytes(key)) for seq, bid, key in s.execute(q)]
+
+    def replace_content_key(self, sequence: int, old: bytes, new: bytes) -> bool:
+        """Store ``new`` for release ``sequence`` if it still holds ``old`` (one atomic row
+        update, so a crash leaves one form or the other); False if it changed meanwhile."""
+        with self.session() as s:
+            res = s.execute(
+                update(Release)
+                .where(Release.sequence == sequence, Release.content_key_stored == old)
+                .values(content_key_stored=new)
+            )
+            return bool(cast(CursorResult[Any], res).rowcount)
 
     # -- small queries: the chunk path and release ordering --------------------------------
     def release_by_bundle(self, bundle_id: str, *, busy_timeout: float) -> Release | None:

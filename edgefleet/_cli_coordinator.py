@@ -32,7 +32,6 @@ def storage_key_from_env(home: Path) -> StorageKey | None:
     return StorageKey.decode(value, source=f"${name}") if value else None
 
 
-
 def init(args: argparse.Namespace) -> int:
     from edgefleet.coordinator.home import Coordinator
 

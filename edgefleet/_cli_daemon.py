@@ -84,7 +84,9 @@ def model_release(args: argparse.Namespace) -> int:
     from edgefleet.coordinator.home import Coordinator
     from edgefleet.coordinator.service import mqtt_config_for
 
-    c = Coordinator.open(args.home, broker=args.broker)
+    from ._cli_coordinator import storage_key_from_env
+
+    c = Coordinator.open(args.home, broker=args.broker, storage_key=storage_key_from_env(args.home))
     _need_broker(c.config.broker, "coordinator.toml")
     with release.connect(mqtt_config_for(c, client_id=f"release-{os.getpid()}")) as link:
         done = release.release(c, link, args.name, args.version, args.to)

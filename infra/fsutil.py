@@ -18,7 +18,7 @@ from pathlib import Path
 
 from edgefleet.protocol.errors import StoreError
 
-__all__ = ["atomic_write", "fsync_dir", "os_errors", "strerror"]
+__all__ = ["atomic_write", "fsync_dir", "os_errors", "private_dir", "private_file", "strerror"]
 
 
 def strerror(exc: OSError) -> str:
@@ -50,6 +50,37 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_dir(path: Path, *, mode: int = 0o700) -> Path:
+    """Make ``path`` (and missing parents) a directory with exactly ``mode``, whatever the umask.
+
+    Each missing component is created with ``mode``; the leaf, new or not, is then set to
+    ``mode`` (an existing, looser directory is tightened). Raises ``OSError``.
+    """
+    missing = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made by another process meanwhile
+            d.mkdir(mode=mode)
+        os.chmod(d, mode)  # mkdir's mode is less the umask
+    if path.stat().st_mode & 0o777 != mode:
+        os.chmod(path, mode)
+    return path
+
+
+def private_file(path: Path, *, mode: int = 0o600) -> Path:
+    """Create ``path`` empty with exactly ``mode`` if missing, else set its mode (``OSError``)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != mode:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    return path
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
