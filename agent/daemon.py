@@ -27,7 +27,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from edgefleet.infra.fsutil import os_errors
@@ -74,6 +74,9 @@ class AgentDaemon:
         remember_failed: int = 64,  # bundle ids of failed releases kept (not fetched again)
         link_factory: LinkFactory = MqttLink,
         on_event: EventFn | None = None,  # observer, called on the worker thread
+        # topic kind (ef/v1/dev/<id>/<kind>) -> handler, e.g. {"fl": FlClient.handle}: subscribed,
+        # size-capped like chunks, called on the worker thread (never the network or installer)
+        extra_handlers: Mapping[str, Callable[[bytes], None]] | None = None,
     ) -> None:
         if mqtt.max_incoming is None:
             mqtt = dataclasses.replace(mqtt, max_incoming=MAX_INCOMING)
@@ -81,6 +84,9 @@ class AgentDaemon:
         self.device_id = agent.identity.device_id
         self.request_timeout = request_timeout
         self.monotonic, self.progress, self.on_event = monotonic, progress, on_event
+        self._extra = dict(extra_handlers or {})
+        if taken := set(self._extra) & {*_LIMITS, "cmd", "connected", "installed", "tick"}:
+            raise ValueError(f"extra_handlers may not take over the daemon's own {taken}")
         self.link = link_factory(mqtt, self._route, on_connect=self._on_connect)
         self.downloads_dir = agent.config.home / "downloads"
         self.downloads_dir.mkdir(exist_ok=True)
@@ -124,6 +130,7 @@ class AgentDaemon:
             topics.release(self.device_id),
             topics.chunk(self.device_id),
             topics.cmd(self.device_id),
+            *(f"{topics.PREFIX}/dev/{self.device_id}/{kind}" for kind in self._extra),
         ):
             self.link.subscribe(topic, qos=1)
         self.link.start()
@@ -157,7 +164,9 @@ class AgentDaemon:
     def _route(self, topic: str, payload: bytes, props: MessageProps) -> None:
         route = topics.route(topic)
         kind = "other" if route is None or route.device_id != self.device_id else route.kind
-        limit = _LIMITS.get(kind, MAX_COMMAND)
+        if (own := topics.device_of(topic)) and own[0] == self.device_id and own[1] in self._extra:
+            kind = own[1]
+        limit = _LIMITS.get(kind, MAX_CHUNK_FRAME if kind in self._extra else MAX_COMMAND)
         if len(payload) > limit:
             self._drop(topic, f"{len(payload)} bytes, limit {limit}")
             return
@@ -238,6 +247,8 @@ class AgentDaemon:
         if kind == "connected":
             self.reporter.connected()
             return self.flow.connected()
+        if kind in self._extra:
+            self._extra[kind](payload)
         return []  # "tick", a wake-up, commands (none yet)
 
     def _carry_out(self, actions: list[F.Action]) -> None:
