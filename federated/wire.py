@@ -10,7 +10,7 @@ Everything that reaches into Flower below its public API is here, so the pin in 
   reads for ``run_id``/``src_node_id`` (the native ServerApp runtime sets it the same way);
 - ``flwr.supercore.run.Run``.
 
-Topic names for FL live here until ``protocol.topics`` has the ``fl`` / ``up/fl`` kinds.
+FL topics are the ``fl`` / ``up/fl`` kinds of ``protocol.topics`` (under each device's subtree).
 This module imports Flower: import it only when a round starts.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from edgefleet.protocol import topics
-from edgefleet.protocol._fields import name as check_name
 from edgefleet.protocol.errors import DecodeError
 from google.protobuf.message import DecodeError as ProtoDecodeError
 
@@ -42,17 +41,17 @@ __all__ = [
 #: Flower's node id for the server side (``flwr.common.constant.SUPERLINK_NODE_ID``)
 SERVER_NODE_ID = 1
 #: what the coordinator subscribes to for every device's FL replies
-REPLY_FILTER = f"{topics.PREFIX}/dev/+/up/fl"
+REPLY_FILTER = topics.up_all("fl")
 
 
 def instruction_topic(device_id: str) -> str:
     """Coordinator -> device: ``ef/v1/dev/<id>/fl``."""
-    return f"{topics.PREFIX}/dev/{check_name(device_id, 'device id')}/fl"
+    return topics.fl(device_id)
 
 
 def reply_topic(device_id: str) -> str:
     """Device -> coordinator: ``ef/v1/dev/<id>/up/fl``."""
-    return f"{topics.PREFIX}/dev/{check_name(device_id, 'device id')}/up/fl"
+    return topics.up(device_id, "fl")
 
 
 def encode(message: Message) -> bytes:

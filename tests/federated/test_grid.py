@@ -19,11 +19,11 @@ import pytest
 from edgefleet.federated import wire
 from edgefleet.federated.client import FlClient
 from edgefleet.federated.grid import MqttGrid
-from edgefleet.infra.broker import EmbeddedBroker
 from edgefleet.infra.link import InMemoryBroker, LinkFactory, MessageProps, MqttConfig
-from edgefleet.protocol import fl
+from edgefleet.protocol import fl, topics
 from edgefleet.protocol.keyring import KeyEntry, Keyring
 from edgefleet.protocol.keys import SigningKey
+from edgefleet.simulations.brokers import start_broker
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
@@ -82,9 +82,18 @@ class Rig:
 @contextmanager
 def rig(factory: LinkFactory, url: str, n: int, *, round_timeout: float = WAIT,
         silent: tuple[str, ...] = (), gates: dict[str, threading.Event] | None = None,
-        ) -> Iterator[Rig]:
-    """``n`` devices dev-0.. (those in ``silent`` have no client: they never answer)."""
+        users: dict[str, str] | None = None) -> Iterator[Rig]:
+    """``n`` devices dev-0.. (those in ``silent`` have no client: they never answer).
+
+    With ``users`` (username -> password, from ``USERS``) each link logs in as its device (the
+    coordinator as ``coordinator``), for brokers that enforce the EdgeFleet ACL."""
     ids = [f"dev-{i}" for i in range(n)]
+
+    def config(user: str) -> MqttConfig:
+        if users is None:
+            return MqttConfig(url=url, client_id=user)
+        return MqttConfig(url=url, client_id=user, username=user, password=users[user])
+
     keys = {d: SigningKey.generate() for d in ids}
     links: list[Any] = []
     clients: dict[str, FlClient] = {}
@@ -95,20 +104,20 @@ def rig(factory: LinkFactory, url: str, n: int, *, round_timeout: float = WAIT,
         holder[0].grid.on_message(topic, payload, props)
         holder[0].handled.release()
 
-    clink = factory(MqttConfig(url=url, client_id="coordinator"), coordinator_cb)
+    clink = factory(config("coordinator"), coordinator_cb)
     grid = MqttGrid(clink, signer=RELEASE, device_keys=lambda d: keys[d].public_raw
                     if d in keys else None, devices=lambda: list(holder[0].eligible),
                     round_timeout=round_timeout)
     holder.append(Rig(grid=grid, clients=clients, keys=keys, eligible=list(ids)))
     clink.subscribe(wire.REPLY_FILTER)
-    clink.subscribe(f"{wire.REPLY_FILTER[: -len('/up/fl')]}/fl")  # a spy on instructions too
+    clink.subscribe("ef/v1/dev/+/fl")  # a spy on instructions too
     clink.start()
     links.append(clink)
     for i, d in enumerate(ids):
         if d in silent:
             continue
         box: list[FlClient] = []
-        link = factory(MqttConfig(url=url, client_id=d),
+        link = factory(config(d),
                        lambda t, p, m, box=box: box[0].handle(p))
         link.subscribe(wire.instruction_topic(d))
         box.append(FlClient(_publisher(link),
@@ -174,8 +183,12 @@ def check_fedavg(r: Rig, *, rounds: int, answering: list[int]) -> None:
     assert r.grid.stats.replies == 2 * rounds * len(answering)
 
 
+USERS = {"coordinator": "pw-c", **{f"dev-{i}": f"pw-{i}" for i in range(5)}}
+
+
 def test_fedavg_rounds_over_the_in_memory_broker() -> None:
-    with InMemoryBroker() as broker, rig(broker.link, broker.url, 4) as r:
+    with InMemoryBroker(users=USERS, acl=topics.acl()) as broker, rig(
+            broker.link, broker.url, 4, users=USERS) as r:
         check_fedavg(r, rounds=3, answering=[0, 1, 2, 3])
         s = r.grid.stats
         assert (s.sent, s.timed_out, s.late, s.rejected) == (24, 0, 0, {})
@@ -183,12 +196,13 @@ def test_fedavg_rounds_over_the_in_memory_broker() -> None:
 
 
 def test_fedavg_rounds_over_mosquitto() -> None:
-    from edgefleet.infra.link.mqtt import MqttLink
-
-    with EmbeddedBroker(force_kind="mosquitto") as broker:
-        with rig(MqttLink, broker.url, 3) as r:
+    broker = start_broker("mosquitto", users=USERS)  # with the EdgeFleet ACL
+    try:
+        with rig(broker.link_factory, broker.url, 3, users=USERS) as r:
             check_fedavg(r, rounds=2, answering=[0, 1, 2])
             assert r.grid.stats.rejected == {}
+    finally:
+        broker.close()
 
 
 def test_a_device_that_never_answers_does_not_stall_the_round() -> None:
@@ -346,3 +360,57 @@ def test_push_refuses_unknown_nodes_and_a_missing_run() -> None:
         with pytest.raises(ValueError, match="not a node"):
             grid.push_messages([Message(RecordDict(), 12345, "train")])
         assert grid.run.run_id == 3 and list(grid.get_node_ids()) == [fl.node_id_for("dev-0")]
+
+
+# -- the real agent daemon routes ``fl`` to the client, off its delivery path -----------------
+
+def test_the_agent_daemon_runs_a_round_while_inference_keeps_serving(
+        fleet: Any, tmp_path: Any, x_test: np.ndarray) -> None:
+    from edgefleet.agent.daemon import AgentDaemon
+
+    from tests.conftest import NOW, open_agent
+
+    agent = open_agent(fleet.agent_home(tmp_path / "home", "dev-a", installed=("v1",)))
+    entered, gate = threading.Event(), threading.Event()
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        entered.set()
+        assert gate.wait(WAIT)
+        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord(
+            {"num-examples": 3})}), reply_to=msg)
+
+    box: list[AgentDaemon] = []
+    client = FlClient(lambda t, p: box[0].link.publish(t, p, qos=1) and None,
+                      device_id="dev-a", identity=agent.identity.signing,
+                      trusted_keys=lambda: agent.trust.keyring, client_app=app, opted_in=True,
+                      clock=lambda: NOW)
+    with InMemoryBroker() as broker:
+        box.append(AgentDaemon(agent, MqttConfig(url=broker.url, client_id="agent-dev-a"),
+                               link_factory=broker.link, extra_handlers={"fl": client.handle}))
+        grid = MqttGrid.open(broker.link, MqttConfig(url=broker.url, client_id="coordinator"),
+                             signer=fleet.release_key, devices=lambda: ["dev-a"],
+                             device_keys=lambda d: fleet.identities[d].public().sign_public,
+                             round_timeout=WAIT, clock=lambda: NOW)
+        try:
+            box[0].start()
+            assert box[0].link.wait_connected(WAIT) and grid.link.wait_connected(WAIT)
+            grid.start_run(1)
+            msg = Message(RecordDict({"arrays": initial(), "config": _config(1)}),
+                          fl.node_id_for("dev-a"), "train")
+            done: list[Any] = []
+            sender = threading.Thread(target=lambda: done.extend(grid.send_and_receive([msg])))
+            sender.start()
+            assert entered.wait(WAIT)  # the ClientApp is training now ...
+            assert agent.predict(x_test[:4]).shape == (4, 10)  # ... and inference serves
+            assert box[0].alive
+            gate.set()
+            sender.join(WAIT)
+            assert len(done) == 1 and done[0].content["metrics"]["num-examples"] == 3
+        finally:
+            client.stop()
+            grid.close()
+            if box[0].alive:
+                box[0].stop()
+            agent.close()

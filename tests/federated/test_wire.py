@@ -90,7 +90,8 @@ def test_garbage_is_a_decode_error(data: bytes) -> None:
 def test_fl_topics_are_under_the_device_subtree() -> None:
     assert wire.instruction_topic("dev-1") == "ef/v1/dev/dev-1/fl"
     assert wire.reply_topic("dev-1") == "ef/v1/dev/dev-1/up/fl"
-    with pytest.raises(DecodeError):
+    assert wire.REPLY_FILTER == "ef/v1/dev/+/up/fl"
+    with pytest.raises(ValueError):
         wire.instruction_topic("+")
 
 
