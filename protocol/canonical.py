@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 from typing import Any
 
 from .errors import DecodeError, TooLargeError
@@ -36,15 +38,32 @@ def _reject_constant(name: str) -> Any:
     raise DecodeError(f"JSON constant {name} is not allowed")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Python's json would make it inf
+        raise DecodeError(f"JSON number {text:.40} is out of the float64 range")
+    return value
+
+
+# A \uD800-\uDFFF escape: json.loads turns a lone one into a str that cannot be encoded again.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def decode_json_object(data: bytes, *, max_size: int, what: str) -> dict[str, Any]:
-    """Decode ``data`` as one JSON object, refusing anything over ``max_size`` bytes first."""
+    """Decode ``data`` as one JSON object, refusing anything over ``max_size`` bytes first.
+
+    Refused as ``DecodeError`` besides invalid JSON: duplicate keys, NaN/Infinity, numbers
+    beyond float64, and lone UTF-16 surrogate escapes (what decodes here encodes again).
+    """
     if len(data) > max_size:
         raise TooLargeError(f"{what}: expected at most {max_size} bytes, saw {len(data)}")
     try:
+        text = bytes(data).decode("utf-8")
         obj = json.loads(
-            bytes(data).decode("utf-8"),
+            text,
             object_pairs_hook=_reject_duplicates,
             parse_constant=_reject_constant,
+            parse_float=_finite_float,
         )
     except DecodeError:
         raise
@@ -52,6 +71,13 @@ def decode_json_object(data: bytes, *, max_size: int, what: str) -> dict[str, An
         raise DecodeError(
             f"{what}: expected a UTF-8 JSON object, got invalid JSON ({exc})"
         ) from exc
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError) as exc:
+            raise DecodeError(
+                f"{what}: expected Unicode text, saw a lone surrogate escape"
+            ) from exc
     if not isinstance(obj, dict):
         raise DecodeError(f"{what}: expected a JSON object, saw {type(obj).__name__}")
     return obj
