@@ -44,6 +44,7 @@ class Coordinator:
     def __init__(self, broker: InMemoryBroker) -> None:
         self.releases: dict[str, Release] = {}
         self.serving = True
+        self.forge_refusals = 0  # "refused" frames sent (unsigned: forged) before each chunk
         self.statuses: list[DeviceStatus] = []
         self.requested: collections.Counter[str] = collections.Counter()  # bundle id -> count
         self._cond = threading.Condition()
@@ -71,6 +72,8 @@ class Coordinator:
             release = self.releases.get(req.bundle_id)
             if self.serving and release is not None:
                 for i in req.indexes:
+                    for _ in range(self.forge_refusals):
+                        self.link.publish(req.reply_to, release.chunk(i, status="refused"), qos=1)
                     self.link.publish(req.reply_to, release.chunk(i), qos=1)
 
     def wait(self, what: str, predicate: Callable[[], bool]) -> None:
@@ -503,3 +506,69 @@ def test_announced_packet_limit_covers_the_largest_legitimate_message(
     assert run().configs[0].max_incoming == MAX_INCOMING
     cfg = mqtt_config_for(agent, broker="mqtt://127.0.0.1:1", password="pw")
     assert cfg.max_incoming == MAX_INCOMING
+
+
+# -- issue 7: refusals, a broken store, releases already here -----------------------------------
+
+
+def test_forged_refusals_do_not_stop_a_genuine_download(
+    fleet: Fleet, agent: Agent, run: Callable[..., Running], coordinator: Coordinator
+) -> None:
+    """Three unsigned "refused" frames used to abort the download until a restart."""
+    d = run()
+    recorded = Recorded(agent)
+    coordinator.forge_refusals = 3  # before every genuine chunk
+    v2 = Release(fleet.bundle_bytes("v2"))
+    coordinator.send(v2)
+    installed(d)
+    assert agent.status().active.sequence == v2.manifest.sequence
+    assert recorded.codes == ["ok"] and d.daemon.flow.failed == {}
+
+
+def test_a_corrupt_active_model_is_repaired_over_the_air(
+    fleet: Fleet, home: Path, broker: InMemoryBroker, coordinator: Coordinator
+) -> None:
+    """The agent used to refuse to start ("does not load, nor does any other kept version")."""
+    v1 = Release(fleet.bundle_bytes("v1"))
+    (model,) = (home / "store" / "versions").glob("*/model.onnx")
+    model.write_bytes(b"overwritten")
+    with open_agent(home) as agent:
+        assert agent.active is None and agent.broken is not None
+        r = Running(agent, broker)
+        try:
+            recorded = Recorded(agent)
+            coordinator.offer(v1.offer.encode())  # the retained offer of the broken one: current
+            r.wait("release", 1)
+            assert r.state == "idle" and recorded.codes == []
+            v2 = Release(fleet.bundle_bytes("v2"))
+            coordinator.send(v2)
+            installed(r)
+            assert agent.broken is None and agent.status().active.sequence == v2.manifest.sequence
+            x = np.zeros((1, 64), np.float32)
+            np.testing.assert_allclose(agent.predict(x), fleet.expected("v2", x), atol=1e-5)
+        finally:
+            r.stop()
+
+
+def test_the_retained_offer_after_a_local_rollback_is_no_rejection(
+    fleet: Fleet, tmp_path: Path, broker: InMemoryBroker, coordinator: Coordinator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    home = fleet.agent_home(tmp_path / "rolled", DEVICE, installed=("v1", "v2"))
+    with open_agent(home) as agent:
+        agent.rollback()
+    with open_agent(home) as agent:  # restarted
+        r = Running(agent, broker)
+        try:
+            recorded = Recorded(agent)
+            with caplog.at_level(logging.INFO, logger="edgefleet.agent"):
+                coordinator.send(Release(fleet.bundle_bytes("v2")))  # still the retained one
+                r.wait("release", 1)
+            assert r.state == "idle" and recorded.codes == []
+            assert agent.last_install is not None and agent.last_install.code == "rollback"
+            logged = [(x.levelno, x.getMessage()) for x in caplog.records
+                      if x.name.startswith("edgefleet.agent.flow")]
+            assert logged and all(level == logging.INFO for level, _ in logged), logged
+            assert any("rolled back locally" in m for _, m in logged)
+        finally:
+            r.stop()
