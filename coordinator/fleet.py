@@ -68,9 +68,11 @@ class FleetRow:
 
 
 def _result_text(last: dict[str, Any]) -> str | None:
-    if not last:
+    if "ok" not in last:  # no install reported yet (only download progress, if any)
         return None
-    return "ok" if last.get("ok") else f"{last.get('code')}: {last.get('reason', '')[:60]}"
+    if last["ok"]:
+        return "ok"
+    return f"{last.get('code') or 'failed'}: {str(last.get('reason', ''))[:60]}"
 
 
 def latest_targets(registry: Registry) -> dict[str, tuple[int, str]]:
@@ -104,7 +106,8 @@ def rows(registry: Registry, now: int) -> list[FleetRow]:
                 model=d.active_name,
                 version=d.active_version,
                 sequence=d.active_sequence,
-                last_seen_s=None if d.last_seen is None else now - d.last_seen,
+                # never negative: a clock ahead of ``now`` (another host's) reads as 0
+                last_seen_s=None if d.last_seen is None else max(0, now - d.last_seen),
                 last_result=_result_text(d.last_result or {}),
                 desired_sequence=None if want is None else want[0],
                 desired_version=None if want is None else want[1],

@@ -139,7 +139,11 @@ def broker_config(args: argparse.Namespace) -> int:
     return 0
 
 
+STALE_AFTER = 120  # s: no status for this long (4 default agent heartbeats) means no ingest
+
+
 def fleet_status(args: argparse.Namespace) -> int:
+    import sys
     import time
 
     from edgefleet.coordinator import fleet
@@ -148,44 +152,84 @@ def fleet_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(
-        "device", "groups", "state", "model", "version", "seq", "last seen", "last result",
-        "desired",
-    )  # fmt: skip
+    behind = [r for r in rows if not r.revoked and not r.in_sync]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for name in ("device", "groups", "state", "model", "running"):
+        table.add_column(name, no_wrap=True)
+    if behind:  # desired vs actual, only when it says something
+        table.add_column("desired", no_wrap=True)
+    table.add_column("last seen", no_wrap=True)
+    table.add_column("last result", overflow="fold")
     for r in rows:
-        seen = "never" if r.last_seen_s is None else f"{r.last_seen_s} s ago"
-        table.add_row(
-            r.device,
-            ",".join(r.groups) or "-",
-            r.state,
-            r.model or "-",
-            r.version or "-",
-            str(r.sequence or "-"),
-            seen,
-            r.last_result or "-",
-            _desired(r),
-        )
+        cells = [r.device, ",".join(r.groups) or "-", "revoked" if r.revoked else r.state,
+                 r.model or "-", _release(r.sequence, r.version)]  # fmt: skip
+        if behind:
+            cells.append(_desired(r))
+        cells += [_ago(r.last_seen_s), r.last_result or "-"]
+        table.add_row(*cells, style="dim" if r.revoked else None)
     Console().print(table)
+    print(_summary(rows, behind))
+    note = _stale(rows)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 
+def _release(sequence: int | None, version: str | None) -> str:
+    return "-" if sequence is None else f"{sequence} (v{version})"
+
+
 def _desired(row: FleetRow) -> str:
-    """The newest release for the device, and whether the device was revoked."""
-    want = (
-        "-" if row.desired_sequence is None else f"{row.desired_sequence} (v{row.desired_version})"
-    )
-    return f"{want}, revoked" if row.revoked else want
+    """The newest release for the device, if it does not run it yet."""
+    if row.revoked:
+        return "-"
+    return "in sync" if row.in_sync else _release(row.desired_sequence, row.desired_version)
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
+def _ago(seconds: int | None) -> str:
+    """Never negative: a clock ahead of this one reads as "just now"."""
+    if seconds is None:
+        return "never"
+    return "just now" if seconds <= 0 else f"{_duration(seconds)} ago"
+
+
+def _summary(rows: list[FleetRow], behind: list[FleetRow]) -> str:
+    revoked = sum(1 for r in rows if r.revoked)
+    synced = len(rows) - revoked - len(behind)
+    return f"{len(rows)} devices: {synced} in sync, {len(behind)} behind, {revoked} revoked"
+
+
+def _stale(rows: list[FleetRow]) -> str | None:
+    """A warning when nothing was ingested lately: the statuses above may be old."""
+    live = [r for r in rows if not r.revoked]
+    seen = [max(0, r.last_seen_s) for r in live if r.last_seen_s is not None]
+    if not live:
+        return None
+    if not seen:
+        return "no device status ingested yet — is `coordinator serve` running?"
+    if min(seen) > STALE_AFTER:
+        return f"no status ingested for {_duration(min(seen))} — is `coordinator serve` running?"
+    return None
 
 
 def revoke(args: argparse.Namespace) -> int:
-    _open(args.home).revoke(args.device_id)
-    print(
-        f"revoked {args.device_id}: no future release includes it; re-run "
-        "`coordinator broker-config` to drop its broker password"
-    )
+    from edgefleet.coordinator.brokerconf import sync_revoked
+
+    c = _open(args.home)
+    c.revoke(args.device_id)
+    print(f"revoked {args.device_id}: no future release includes it")
+    print(sync_revoked(c, args.device_id))
     return 0
 
 

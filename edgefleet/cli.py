@@ -30,11 +30,33 @@ def _home(env: str) -> dict[str, object]:
     }
 
 
+# The extra that brings each command group's optional dependencies.
+_EXTRAS = {"agent": "agent", "coordinator": "coordinator", "model": "coordinator",
+           "bundle": "coordinator", "fleet": "coordinator", "demo": "all"}  # fmt: skip
+
+
+class MissingExtraError(Exception):
+    """A command needs an optional dependency that is not installed (one line to the user)."""
+
+
 def _lazy(module: str, func: str) -> Handler:
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        return int(getattr(importlib.import_module(module), func)(args) or 0)
+        try:
+            return int(getattr(importlib.import_module(module), func)(args) or 0)
+        except ImportError as exc:  # ModuleNotFoundError, or a broken native library
+            missing = (exc.name or "").split(".")[0]
+            if not missing or missing == "edgefleet":
+                raise
+            extra = _EXTRAS.get(args.group, "all")
+            if args.group == "model" and getattr(args, "cmd", None) == "train":
+                extra = "models"
+            command = " ".join(filter(None, [args.group, getattr(args, "cmd", None)]))
+            raise MissingExtraError(
+                f"`{command}` needs the {extra} extra ({missing} cannot be imported): "
+                f"pip install 'edgefleet[{extra}]'"
+            ) from exc
 
     return run
 
@@ -216,11 +238,39 @@ def _demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefleet", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="group", required=True)
     for add in (_agent, _coordinator, _model, _bundle, _fleet, _demo):
         add(sub)
+    _add_verbose(parser, 0)
     return parser
+
+
+_VERBOSE = "verbose_"
+
+
+def _add_verbose(parser: argparse.ArgumentParser, depth: int) -> None:
+    """``-v``/``-vv`` on this parser and every sub-command's, so it works in any position.
+
+    Each depth counts into its own attribute (a sub-parser's namespace overwrites its
+    parent's attributes of the same name); ``verbosity`` adds them up.
+    """
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        dest=f"{_VERBOSE}{depth}",
+        default=0 if depth == 0 else argparse.SUPPRESS,
+        help="more log output (-vv: debug)",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases appear twice
+                _add_verbose(child, depth + 1)
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """How many ``-v`` were given, wherever they were."""
+    return sum(int(v) for k, v in vars(args).items() if k.startswith(_VERBOSE))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -231,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ["coordinator", "serve"],
     )
     base = logging.WARNING if daemon or args.group == "demo" else logging.ERROR
-    level = max(logging.DEBUG, base - 10 * args.verbose)
+    level = max(logging.DEBUG, base - 10 * verbosity(args))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edgefleet.protocol.errors import EdgeFleetError
 
@@ -240,14 +290,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgeFleetError as exc:
         print(f"edgefleet: rejected ({exc.code}): {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, LookupError, ValueError) as exc:
-        print(f"edgefleet: {exc}", file=sys.stderr)
+    except (OSError, LookupError, ValueError, MissingExtraError) as exc:
+        # the operator's or the environment's: a missing file, an unreachable broker
+        # (ConnectionError), a bad argument, an extra not installed
+        print(f"edgefleet: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. piped into `head`
         sys.stderr.close()
         return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":
