@@ -107,8 +107,9 @@ class FlClient:
     def _ensure_thread(self) -> None:
         with self._start_lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=f"fl-{self.device_id}",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._loop, name=f"fl-{self.device_id}", daemon=True
+                )
                 self._thread.start()
 
     def _loop(self) -> None:
@@ -127,8 +128,9 @@ class FlClient:
 
     def _one(self, frame: bytes) -> None:
         now = int(self.clock())
-        opened = fl.open_instruction(frame, device_id=self.device_id,
-                                     keyring=self.trusted_keys(), now=now)
+        opened = fl.open_instruction(
+            frame, device_id=self.device_id, keyring=self.trusted_keys(), now=now
+        )
         h = opened.header
         self._guard.check(h)
         from . import wire  # Flower: only once an instruction verified
@@ -136,7 +138,11 @@ class FlClient:
         msg = wire.decode(opened.payload)
         md = msg.metadata
         if (md.message_id, md.run_id, md.dst_node_id, md.reply_to_message_id) != (
-                h.message_id, h.run_id, self.node_id, ""):
+            h.message_id,
+            h.run_id,
+            self.node_id,
+            "",
+        ):
             raise MalformedError("fl instruction: Flower metadata does not match its envelope")
         self._guard.accept(h)
         log.info("fl run %d step %d: %s", h.run_id, h.round, md.message_type)
@@ -161,9 +167,18 @@ class FlClient:
 
     def _send(self, payload: bytes, h: fl.FlHeader, reply_id: str) -> None:
         now = int(self.clock())
-        frame = fl.seal(payload, self.identity, kind="reply", run_id=h.run_id, round=h.round,
-                        message_id=reply_id, reply_to=h.message_id, device_id=self.device_id,
-                        issued_at=now, expires=now + self.reply_ttl)
+        frame = fl.seal(
+            payload,
+            self.identity,
+            kind="reply",
+            run_id=h.run_id,
+            round=h.round,
+            message_id=reply_id,
+            reply_to=h.message_id,
+            device_id=self.device_id,
+            issued_at=now,
+            expires=now + self.reply_ttl,
+        )
         from . import wire
 
         self.publish(wire.reply_topic(self.device_id), frame)
@@ -182,9 +197,13 @@ class FlClient:
         from flwr.app import Context, RecordDict
 
         if run_id not in self._contexts:
-            self._contexts[run_id] = Context(run_id=run_id, node_id=self.node_id,
-                                             node_config=dict(self.node_config),
-                                             state=RecordDict(), run_config={})
+            self._contexts[run_id] = Context(
+                run_id=run_id,
+                node_id=self.node_id,
+                node_config=dict(self.node_config),
+                state=RecordDict(),
+                run_config={},
+            )
             while len(self._contexts) > _RUNS_KEPT:
                 self._contexts.popitem(last=False)
         return self._contexts[run_id]
@@ -199,5 +218,6 @@ def _error_reply(msg: Message, reason: str) -> Message:
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
 
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason[:500]),
-                   reply_to=msg)
+    return Message(
+        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason[:500]), reply_to=msg
+    )

@@ -193,13 +193,20 @@ class MqttGrid(Grid):
         wire.set_message_id(msg, mid)
         now = int(self.clock())
         frame = fl.seal(
-            wire.encode(msg), self.signer, kind="instruction", run_id=run_id, round=step,
-            message_id=mid, device_id=device_id, issued_at=now,
+            wire.encode(msg),
+            self.signer,
+            kind="instruction",
+            run_id=run_id,
+            round=step,
+            message_id=mid,
+            device_id=device_id,
+            issued_at=now,
             expires=now + min(self.message_ttl, max(1, int(md.ttl))),
         )
         with self._lock:
-            self._pending[mid] = _Pending(device_id=device_id, node_id=md.dst_node_id,
-                                          run_id=run_id, step=step)
+            self._pending[mid] = _Pending(
+                device_id=device_id, node_id=md.dst_node_id, run_id=run_id, step=step
+            )
         try:
             self.link.publish(wire.instruction_topic(device_id), frame, qos=1)
         except TransportError as exc:
@@ -225,8 +232,9 @@ class MqttGrid(Grid):
         ids = set(self.push_messages(messages))
         deadline = time.monotonic() + wait
         with self._lock:
-            self._lock.wait_for(lambda: ids <= self._replies.keys(),
-                                timeout=max(0.0, deadline - time.monotonic()))
+            self._lock.wait_for(
+                lambda: ids <= self._replies.keys(), timeout=max(0.0, deadline - time.monotonic())
+            )
             got = [self._replies.pop(i) for i in ids if i in self._replies]
             missing = ids - {m.metadata.reply_to_message_id for m in got}
             for mid in missing:
@@ -236,8 +244,13 @@ class MqttGrid(Grid):
                 self._late.popitem(last=False)
             self._counts["timed_out"] += len(missing)
         if missing:
-            log.warning("fl: %d of %d replies missing after %.1f s; going on with %d",
-                        len(missing), len(ids), wait, len(got))
+            log.warning(
+                "fl: %d of %d replies missing after %.1f s; going on with %d",
+                len(missing),
+                len(ids),
+                wait,
+                len(got),
+            )
         return got
 
     # -- replies (the link's thread) -------------------------------------------------------------
@@ -261,8 +274,12 @@ class MqttGrid(Grid):
             log.exception("fl: reply from %s: unexpected error", device_id)
 
     def _accept(self, device_id: str, payload: bytes) -> None:
-        opened = fl.open_reply(payload, device_id=device_id,
-                               device_key=self.device_keys(device_id), now=int(self.clock()))
+        opened = fl.open_reply(
+            payload,
+            device_id=device_id,
+            device_key=self.device_keys(device_id),
+            now=int(self.clock()),
+        )
         h = opened.header
         with self._lock:
             self._counts["bytes_received"] += len(payload)
@@ -275,14 +292,22 @@ class MqttGrid(Grid):
         if pending is None or pending.device_id != device_id:
             raise _unexpected(f"reply from {device_id} to {h.reply_to}: nothing pending for it")
         if (h.run_id, h.round) != (pending.run_id, pending.step):
-            raise _unexpected(f"reply from {device_id}: run/round {h.run_id}/{h.round}, "
-                                f"expected {pending.run_id}/{pending.step}")
+            raise _unexpected(
+                f"reply from {device_id}: run/round {h.run_id}/{h.round}, "
+                f"expected {pending.run_id}/{pending.step}"
+            )
         msg = wire.decode(opened.payload)
         md = msg.metadata
         if (md.reply_to_message_id, md.message_id, md.run_id, md.src_node_id, md.dst_node_id) != (
-                h.reply_to, h.message_id, h.run_id, pending.node_id, wire.SERVER_NODE_ID):
-            raise MalformedError(f"reply from {device_id}: Flower metadata does not match its "
-                                 "signed envelope")
+            h.reply_to,
+            h.message_id,
+            h.run_id,
+            pending.node_id,
+            wire.SERVER_NODE_ID,
+        ):
+            raise MalformedError(
+                f"reply from {device_id}: Flower metadata does not match its signed envelope"
+            )
         with self._lock:
             if self._pending.pop(h.reply_to, None) is None:  # a racing duplicate
                 raise _unexpected(f"reply from {device_id} to {h.reply_to}: already answered")
@@ -293,9 +318,21 @@ class MqttGrid(Grid):
     @property
     def stats(self) -> GridStats:
         with self._lock:
-            return GridStats(rejected=dict(self._rejected), **{
-                k: self._counts[k] for k in ("sent", "replies", "timed_out", "late",
-                                             "send_failed", "bytes_sent", "bytes_received")})
+            return GridStats(
+                rejected=dict(self._rejected),
+                **{
+                    k: self._counts[k]
+                    for k in (
+                        "sent",
+                        "replies",
+                        "timed_out",
+                        "late",
+                        "send_failed",
+                        "bytes_sent",
+                        "bytes_received",
+                    )
+                },
+            )
 
 
 def _unexpected(message: str) -> BundleError:
