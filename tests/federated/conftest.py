@@ -105,3 +105,67 @@ class LocalGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+# -- shared set-up for the app, strategy and run tests ---------------------------------------
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from edgefleet.federated.app import build_client_app, evaluate_reply, train_reply  # noqa: E402
+from edgefleet.federated.data import Federation, LocalData, digits_federation  # noqa: E402
+from edgefleet.federated.trainer import (  # noqa: E402
+    Trainer,
+    Weights,
+    from_array_record,
+    to_array_record,
+)
+
+N_CLIENTS, ALPHA, SEED = 5, 0.5, 0
+
+
+@pytest.fixture(scope="session")
+def federation() -> Federation:
+    return digits_federation(n_clients=N_CLIENTS, alpha=ALPHA, seed=SEED)
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from edgefleet.coordinator.home import Coordinator
+
+    return Coordinator.init(tmp_path / "coord")
+
+
+def honest_apps(fed: Federation) -> dict[int, ClientApp]:
+    """Node i+1 trains on partition i (device ``dev-<i+1>``)."""
+    return {i + 1: build_client_app(lambda ctx, d=data: d) for i, data in enumerate(fed.clients)}
+
+
+def poisoned_app(data: LocalData, tamper: Callable[[Weights], Weights]) -> ClientApp:
+    """Trains honestly on ``data``, then sends ``tamper(weights)`` instead."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        reply = train_reply(message, data)
+        arrays = reply.content.array_records["arrays"]
+        reply.content["arrays"] = to_array_record(tamper(from_array_record(arrays)))
+        return reply
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        return evaluate_reply(message, data)
+
+    return app
+
+
+def central_eval(fed: Federation) -> Callable[[Trainer], dict[str, float]]:
+    def evaluate(trainer: Trainer) -> dict[str, float]:
+        r = trainer.evaluate(fed.x_test, fed.y_test)
+        return {"accuracy": r.accuracy, "loss": r.loss}
+
+    return evaluate
+
+
+def finite(weights: Weights) -> bool:
+    return all(bool(np.all(np.isfinite(w))) for w in weights.values())
