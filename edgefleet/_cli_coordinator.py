@@ -57,6 +57,9 @@ def enroll(args: argparse.Namespace) -> int:
     for g in args.group:
         c.registry.add_to_group(g, [public.device_id])
     print(f"enrolled {public.device_id} ({public.kem.kem})")
+    from edgefleet.coordinator.brokerconf import sync_enrolled
+
+    print(sync_enrolled(c, public.device_id))
     return 0
 
 
@@ -130,7 +133,12 @@ def broker_config(args: argparse.Namespace) -> int:
     files = write_broker_config(
         c, args.out or args.home / "broker", port=args.port, bind=args.bind, run_as=args.run_as
     )
-    print(f"wrote {files.config}, {files.passwords}, {files.acl}")
+    print(f"wrote {files.config}, {files.dynsec} (dynamic-security plugin: accounts, ACL)")
+    if files.run_as is not None and args.run_as is None:
+        print(
+            f"running as root: the config says `user {files.run_as}` so mosquitto can read "
+            "these 0600 files (pass --run-as USER to run it as the files' owner instead)"
+        )
     print(f"run: mosquitto -c {files.config}")
     print(
         f"device passwords: {args.home / 'secrets' / 'devices'}/<device>.password "

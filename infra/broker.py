@@ -3,6 +3,18 @@
 ``EmbeddedBroker`` spawns the system ``mosquitto`` on a free loopback port with a generated
 config (persistent sessions, password file, ACL). Without mosquitto it runs ``amqtt`` in-process:
 MQTT 3.1.1 only, no ACLs, sessions lost on restart; demo only (ARCHITECTURE §4).
+
+The hardened set-up that ``coordinator broker-config`` writes uses ``BrokerLimits`` (what
+mosquitto may buffer per client, the largest packet) and mosquitto's dynamic-security plugin
+instead of a password file and ``acl_file`` (``dynsec_state``): ``acl_file`` cannot refuse a
+SUBSCRIBE (so a device could join the coordinators' ``$share`` group and swallow their chunk
+requests), cannot bind a client id to an account (so a device could kick others off with their
+ids), and changes only on a reload that leaves revoked clients connected. The plugin checks
+SUBSCRIBE filters as sent (``$share/...`` included), pins each device account to its client id
+``agent-<id>``, and takes ``createClient``/``deleteClient`` at run time over
+``$CONTROL/dynamic-security/v1`` (``deleteClient`` disconnects the live session). mosquitto 2.0
+cannot substitute ``%u`` in plugin ACLs, so each device gets its own role with its topics
+spelled out, rendered from the same ``topics.acl()`` rules the ``acl_file`` is.
 """
 
 from __future__ import annotations
@@ -25,10 +37,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgefleet.protocol import topics
+from edgefleet.protocol.errors import ConfigError
+from edgefleet.protocol.messages import MAX_OFFER
+from edgefleet.protocol.segments import MAX_SEGMENT
 
 __all__ = [
+    "ADMIN_ROLE",
+    "CHUNK_FRAME_OVERHEAD",
+    "DYNSEC_TOPIC",
+    "MAX_PACKET",
+    "BrokerLimits",
     "EmbeddedBroker",
     "TlsFiles",
+    "dynsec_client",
+    "dynsec_plugin",
+    "dynsec_revoke_commands",
+    "dynsec_role",
+    "dynsec_state",
+    "dynsec_enroll_commands",
     "edgefleet_acl",
     "mosquitto_config",
     "mosquitto_password_file",
@@ -91,6 +117,225 @@ def _pbkdf2_hash(password: str, *, salt: bytes | None = None, iterations: int = 
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
+# -- limits ---------------------------------------------------------------------------------
+
+#: bytes a chunk reply frame adds to its segment: 16-byte GCM tag and a JSON header under 2 KiB
+#: (agent.daemon.MAX_CHUNK_FRAME = MAX_SEGMENT + CHUNK_FRAME_OVERHEAD)
+CHUNK_FRAME_OVERHEAD = 16 + 2048
+#: bytes: the largest legitimate MQTT packet. A chunk frame of the largest segment the protocol
+#: allows (4 MiB, larger than an offer's 2 MiB cap) plus its header, plus the MQTT fixed header,
+#: topic and v5 properties (1 KiB, infra.link.config.HEADER_ALLOWANCE), rounded up to 8 KiB of
+#: headroom. Equal to or above what an agent announces as its own maximum (MAX_INCOMING).
+MAX_PACKET = max(MAX_SEGMENT + CHUNK_FRAME_OVERHEAD, MAX_OFFER) + 8 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerLimits:
+    """What the generated mosquitto config lets one client make the broker hold.
+
+    Per client, mosquitto 2.0.11 holds at most ``max_inflight_bytes + max_queued_bytes`` of
+    QoS 1 messages and ``max_queued_messages`` QoS 0 packets (it counts QoS 0 deliveries to a
+    connected client by number only; checked on 2.0.11), each at most ``max_packet_size``.
+    """
+
+    # bytes; a larger packet from any client closes its connection before mosquitto reads
+    # the payload (announced to MQTT 5 clients in CONNACK, so MqttLink refuses it locally)
+    max_packet_size: int = MAX_PACKET
+    # messages queued per client beyond those in flight (mosquitto's own default): a device
+    # has a window of 8 chunk requests outstanding; the coordinator's status backlog is the
+    # large user. Past it mosquitto drops and logs "Outgoing messages are being dropped".
+    max_queued_messages: int = 1000
+    # bytes of QoS 1 queued per client beyond those in flight: eight of the largest packets
+    # (offers for an offline device, the coordinator's backlog of <= 16 KiB statuses)
+    max_queued_bytes: int = 8 * MAX_PACKET
+    max_inflight_messages: int = 20  # unacknowledged QoS 1 per client (mosquitto's default)
+    max_inflight_bytes: int = 2 * MAX_PACKET  # bytes of unacknowledged QoS 1 per client
+    # bytes of payload; 0 = none. max_packet_size already bounds every publish and is checked
+    # before the payload is read, so the generated config leaves this off.
+    message_size_limit: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_packet_size <= 268_435_455:
+            raise ValueError(f"max_packet_size must be 1..268435455, got {self.max_packet_size}")
+        counts = (self.max_queued_messages, self.max_queued_bytes, self.max_inflight_messages,
+                  self.max_inflight_bytes, self.message_size_limit)  # fmt: skip
+        if any(not isinstance(n, int) or n < 0 for n in counts):
+            raise ValueError(f"broker limits must be integers >= 0, got {self}")
+
+    @property
+    def per_client_qos0(self) -> int:
+        """Bytes of QoS 0 mosquitto may hold for one connected client that does not read."""
+        return (self.max_queued_messages + self.max_inflight_messages) * self.max_packet_size
+
+    @property
+    def per_client_qos1(self) -> int:
+        """Bytes of QoS 1 mosquitto may hold for one client (in flight and queued)."""
+        return self.max_inflight_bytes + self.max_queued_bytes
+
+    def lines(self) -> list[str]:
+        return [
+            f"max_packet_size {self.max_packet_size}",
+            f"max_queued_messages {self.max_queued_messages}",
+            f"max_queued_bytes {self.max_queued_bytes}",
+            f"max_inflight_messages {self.max_inflight_messages}",
+            f"max_inflight_bytes {self.max_inflight_bytes}",
+            *([f"message_size_limit {self.message_size_limit}"] if self.message_size_limit else []),
+        ]
+
+
+# -- dynamic security -----------------------------------------------------------------------
+
+DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
+ADMIN_ROLE = "edgefleet-admin"
+_PLUGIN = "mosquitto_dynamic_security.so"
+_PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib",
+                "/usr/local/lib", "/opt/homebrew/lib", "/usr/lib/arm-linux-gnueabihf")  # fmt: skip
+
+
+def dynsec_plugin() -> Path | None:
+    """The installed dynamic-security plugin of mosquitto 2.0+, if any."""
+    for d in _PLUGIN_DIRS:
+        path = Path(d) / _PLUGIN
+        if path.is_file():
+            return path
+    return None
+
+
+def _role_name(user: str, *, device: bool) -> str:
+    return f"edgefleet-{'device' if device else 'user'}-{user}"
+
+
+def _acl(kind: str, topic: str) -> dict[str, Any]:
+    return {"acltype": kind, "topic": topic, "priority": 0, "allow": True}
+
+
+def dynsec_role(rules: list[topics.AclRule], user: str, *, device: bool) -> dict[str, Any]:
+    """The plugin role for ``user``: a device gets the ``%u`` pattern rules spelled out with
+    its id; a named user (the coordinator) its own rules, and may join ``topics.SHARE_GROUP``.
+
+    Reads become ``publishClientReceive`` plus a subscribe rule (literal unless the filter
+    has wildcards); writes become ``publishClientSend``. Subscribing is denied by default.
+    """
+    acls: list[dict[str, Any]] = []
+    for rule in rules:
+        if device != (rule.user is None) or (not device and rule.user != user):
+            continue
+        filt = rule.filter.replace("%u", user)
+        if rule.access in ("read", "readwrite"):
+            wild = "+" in filt or "#" in filt
+            acls.append(_acl("publishClientReceive", filt))
+            acls.append(_acl("subscribePattern" if wild else "subscribeLiteral", filt))
+            if not device:
+                acls.append(_acl("subscribePattern", f"$share/{topics.SHARE_GROUP}/{filt}"))
+        if rule.access in ("write", "readwrite"):
+            acls.append(_acl("publishClientSend", filt))
+    return {"rolename": _role_name(user, device=device), "acls": acls}
+
+
+def _admin_role() -> dict[str, Any]:
+    own = f"{DYNSEC_TOPIC.rsplit('/', 1)[0]}/#"
+    return {
+        "rolename": ADMIN_ROLE,
+        "acls": [
+            _acl("publishClientSend", own),
+            _acl("publishClientReceive", own),
+            _acl("subscribePattern", own),
+        ],
+    }
+
+
+def dynsec_client(
+    username: str,
+    password: str,
+    *,
+    role: str,
+    client_id: str | None = None,
+    salt: bytes | None = None,
+    iterations: int = 101,
+) -> dict[str, Any]:
+    """A plugin client entry: PBKDF2-SHA512 as the plugin stores it (base64 hash and salt).
+
+    ``client_id``: the only client id this account may connect with (None: any).
+    """
+    salt = salt if salt is not None else secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations, 64)
+    entry: dict[str, Any] = {
+        "username": username,
+        "password": base64.b64encode(digest).decode(),
+        "salt": base64.b64encode(salt).decode(),
+        "iterations": iterations,
+        "roles": [{"rolename": role, "priority": 0}],
+    }
+    if client_id is not None:
+        entry["clientid"] = client_id
+    return entry
+
+
+def dynsec_state(
+    *,
+    admin: tuple[str, str],
+    users: Mapping[str, str],
+    devices: Mapping[str, str],
+    rules: list[topics.AclRule],
+) -> dict[str, Any]:
+    """The plugin's ``dynamic-security.json``: an admin account for ``$CONTROL`` only, named
+    users (coordinators) with their rules and any client id, and every device with its own role
+    and the one client id ``agent-<id>``. Everything not granted is denied."""
+    clients = [dynsec_client(admin[0], admin[1], role=ADMIN_ROLE)]
+    roles = [_admin_role()]
+    for user, password in users.items():
+        roles.append(dynsec_role(rules, user, device=False))
+        clients.append(dynsec_client(user, password, role=roles[-1]["rolename"]))
+    for device, password in devices.items():
+        roles.append(dynsec_role(rules, device, device=True))
+        clients.append(
+            dynsec_client(
+                device,
+                password,
+                role=roles[-1]["rolename"],
+                client_id=topics.device_client_id(device),
+            )  # fmt: skip
+        )
+    return {
+        "clients": clients,
+        "groups": [],
+        "roles": roles,
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": False,
+            "subscribe": False,
+            "unsubscribe": True,
+        },
+    }
+
+
+def dynsec_enroll_commands(
+    rules: list[topics.AclRule], device: str, password: str
+) -> list[dict[str, Any]]:
+    """Plugin commands that (re)create a device's role and account; the deletes may fail
+    with "not found" on a first enrolment."""
+    role = dynsec_role(rules, device, device=True)
+    return [
+        *dynsec_revoke_commands(device),
+        {"command": "createRole", **role},
+        {
+            "command": "createClient",
+            "username": device,
+            "password": password,
+            "clientid": topics.device_client_id(device),
+            "roles": [{"rolename": role["rolename"], "priority": 0}],
+        },
+    ]
+
+
+def dynsec_revoke_commands(device: str) -> list[dict[str, Any]]:
+    """Plugin commands that remove a device's account (disconnecting its session) and role."""
+    return [
+        {"command": "deleteClient", "username": device},
+        {"command": "deleteRole", "rolename": _role_name(device, device=True)},
+    ]
+
+
 # -- ACL and config -----------------------------------------------------------------------
 
 
@@ -131,14 +376,32 @@ def mosquitto_config(
     max_packet_size: int | None = None,
     message_size_limit: int | None = None,
     user: str | None = None,
+    limits: BrokerLimits | None = None,
+    dynsec_file: Path | str | None = None,
 ) -> str:
     """mosquitto 2.0 config text for one listener; state and log live in ``data_dir``.
 
     ``user``: the account mosquitto switches to when started as root (its default is
     ``mosquitto``, which cannot read files a root test run writes with mode 0600).
+    ``limits``: per-client bounds (replace ``max_queued_messages`` and the size options).
+    ``dynsec_file``: authenticate and authorize with the dynamic-security plugin and this
+    state file (instead of ``password_file``/``acl_file``); ``ConfigError`` if not installed.
     """
     data_dir = Path(data_dir).resolve()
-    paths = [data_dir, password_file, acl_file, *(tls and (tls.ca, tls.cert, tls.key) or ())]
+    plugin = None
+    if dynsec_file is not None:
+        if password_file is not None or acl_file is not None:
+            raise ValueError("dynsec_file replaces password_file and acl_file; give one")
+        plugin = dynsec_plugin()
+        if plugin is None:
+            raise ConfigError(
+                f"mosquitto's dynamic-security plugin ({_PLUGIN}) is not installed in any of "
+                f"{', '.join(_PLUGIN_DIRS)}; install mosquitto 2.0 or newer"
+            )
+    if limits is not None:
+        max_queued_messages = limits.max_queued_messages
+    paths = [data_dir, password_file, acl_file, dynsec_file, plugin,
+             *(tls and (tls.ca, tls.cert, tls.key) or ())]  # fmt: skip
     if any(p is not None and any(c in str(p) for c in "\r\n") for p in paths):
         raise ValueError("paths in a mosquitto config must not contain newlines")
     lines = [
@@ -147,7 +410,7 @@ def mosquitto_config(
         f"listener {int(port)} {bind}",
         "set_tcp_nodelay true",
         # Without a password file mosquitto 2.0 refuses everyone unless told otherwise.
-        f"allow_anonymous {'false' if password_file else 'true'}",
+        f"allow_anonymous {'false' if password_file or dynsec_file else 'true'}",
         # Default 1000: a QoS 1 subscriber ~1,020 behind loses messages. Chunk transfers are
         # windowed, so this only buys room for offline devices' status/cmd backlog.
         f"max_queued_messages {int(max_queued_messages)}",
@@ -160,6 +423,12 @@ def mosquitto_config(
     ]
     if user is not None:
         lines.append(f"user {user}")
+    if limits is not None:
+        lines += [line for line in limits.lines() if not line.startswith("max_queued_messages")]
+        max_packet_size = message_size_limit = None
+    if plugin is not None and dynsec_file is not None:
+        lines.append(f"plugin {plugin}")
+        lines.append(f"plugin_opt_config_file {Path(dynsec_file).resolve()}")
     if max_packet_size is not None:
         lines.append(f"max_packet_size {int(max_packet_size)}")  # announced in v5 CONNACK
     if message_size_limit is not None:
