@@ -48,8 +48,13 @@ def _conf_limits(conf: Path) -> BrokerLimits:
     """The bounds a mosquitto.conf states, mosquitto 2.0's defaults for those it leaves out
     (what the RSS bound is derived from)."""
     values = dict(line.split(" ", 1) for line in conf.read_text().splitlines() if " " in line)
-    defaults = {"max_packet_size": 268_435_455, "max_queued_messages": 1000,
-                "max_queued_bytes": 0, "max_inflight_messages": 20, "max_inflight_bytes": 0}
+    defaults = {
+        "max_packet_size": 268_435_455,
+        "max_queued_messages": 1000,
+        "max_queued_bytes": 0,
+        "max_inflight_messages": 20,
+        "max_inflight_bytes": 0,
+    }
     return BrokerLimits(**{f: int(values.get(f, d)) for f, d in defaults.items()})
 
 
@@ -194,12 +199,18 @@ def test_a_device_cannot_join_the_coordinators_share_group(
     tmp_path: Path, digits_v1: Digits, caplog: pytest.LogCaptureFixture
 ) -> None:
     devices = ["dev-a", "dev-b", "dev-c"]
-    with open_fleet(tmp_path, digits_v1, [*devices, "dev-r"],
-                    broker=lambda c: cli_mosquitto(c, tmp_path / "broker-conf")) as fleet:
+    with open_fleet(
+        tmp_path,
+        digits_v1,
+        [*devices, "dev-r"],
+        broker=lambda c: cli_mosquitto(c, tmp_path / "broker-conf"),
+    ) as fleet:
         caplog.set_level(logging.WARNING, logger="edgefleet.infra.link.mqtt")
         _, rogue = fleet.client("dev-r", "agent-dev-r", [topics.chunk_requests_shared()])
-        wait_until(lambda: any("refused a subscription" in r.getMessage()
-                               for r in caplog.records), "the rogue's SUBACK failure")
+        wait_until(
+            lambda: any("refused a subscription" in r.getMessage() for r in caplog.records),
+            "the rogue's SUBACK failure",
+        )
         _, watch = fleet.client("coordinator", "watch", [topics.up_all("chunkreq")])
         fleet.start_service()
         svc = fleet.service
@@ -215,8 +226,10 @@ def test_a_device_cannot_join_the_coordinators_share_group(
 
         # Every request reached the coordinator and was served once: none was lost to the
         # rogue (which would make agents time out and ask again, so requested > served).
-        wait_until(lambda: requested() == svc.chunks.sent_chunks > 0,
-                   "every chunk request to be served by the coordinator")
+        wait_until(
+            lambda: requested() == svc.chunks.sent_chunks > 0,
+            "every chunk request to be served by the coordinator",
+        )
         assert svc.chunks.refused == 0
         assert rogue.messages == []
 
@@ -237,8 +250,9 @@ def test_a_device_cannot_take_another_clients_id(
         rogue.stop()
     # A sentinel round trip through each victim: all still connected, never kicked.
     for link, ev in ((victim, victim_events), (coord, coord_events), (coord2, coord2_events)):
-        assert link.publish(topics.up("dev-a", "status") if link is victim else
-                            topics.cmd("dev-b"), b"ping", qos=1).wait(TIMEOUT)
+        assert link.publish(
+            topics.up("dev-a", "status") if link is victim else topics.cmd("dev-b"), b"ping", qos=1
+        ).wait(TIMEOUT)
         assert ev.disconnects == [] and ev.connects == [False]
         link.stop()
     own, events, _ = _link(running, homes, "dev-b", "agent-dev-b")  # its own id works

@@ -303,7 +303,7 @@ def test_broker_config_cli_setup_enforces_the_acl_and_delivers(
     with open_fleet(tmp_path, digits_v1, devices,
                     broker=lambda c: cli_mosquitto(c, tmp_path / "broker-conf")) as fleet:
         conf = (tmp_path / "broker-conf" / "mosquitto.conf").read_text()
-        assert "allow_anonymous false" in conf and "acl_file" in conf
+        assert "allow_anonymous false" in conf and "plugin_opt_config_file" in conf
 
         # No anonymous access, no wrong passwords.
         for user, password in (("dev-a", "wrong-password"), ("nobody", "x")):
@@ -317,10 +317,14 @@ def test_broker_config_cli_setup_enforces_the_acl_and_delivers(
                 link.stop()
 
         coord, watch = fleet.client("coordinator", "watch", ["ef/v1/#"])
-        spy, spied = fleet.client("dev-a", "spy-a", [
+        # A device account connects only as agent-<id> (issue 7 item 4); its wildcard and
+        # foreign subscriptions are refused (SUBACK failure), so only its own cmd arrives.
+        spy, spied = fleet.client("dev-a", "agent-dev-a", [
             "ef/v1/dev/dev-b/release", "ef/v1/dev/dev-b/chunk", "ef/v1/dev/dev-b/cmd",
             "ef/v1/dev/dev-b/#", "ef/v1/#", "#", "ef/v1/dev/dev-a/cmd"])
-        _, dev_b = fleet.client("dev-b", "listener-b", ["ef/v1/dev/dev-b/#"])
+        listener, dev_b = fleet.client("dev-b", "agent-dev-b", ["ef/v1/dev/dev-b/release",
+                                                                "ef/v1/dev/dev-b/chunk",
+                                                                "ef/v1/dev/dev-b/cmd"])
         for kind in ("release", "chunk", "cmd"):
             coord.publish(f"ef/v1/dev/dev-b/{kind}", f"for b: {kind}".encode(), qos=1,
                           retain=kind == "release")
@@ -334,6 +338,8 @@ def test_broker_config_cli_setup_enforces_the_acl_and_delivers(
         spy.publish("ef/v1/dev/dev-a/up/status", b"sentinel-up", qos=1)
         assert watch.wait_for(lambda ms: any(m.payload == b"sentinel-up" for m in ms), TIMEOUT)
         assert not [m for m in watch.messages if m.payload == b"forged"]
+        spy.stop()  # the agents take these client ids now
+        listener.stop()
 
         # The same broker carries a real release end to end.
         fleet.start_service()
@@ -349,8 +355,8 @@ def test_broker_config_cli_default_location(tmp_path: Path) -> None:
     c = provision_fleet(tmp_path, ["dev-a"]).coordinator
     assert main(["coordinator", "broker-config", "--home", str(c.home), "--port", "1884"]) == 0
     out = c.home / "broker"
-    assert {p.name for p in out.iterdir()} >= {"mosquitto.conf", "passwd", "acl"}
-    assert (out / "passwd").stat().st_mode & 0o077 == 0
+    assert {p.name for p in out.iterdir()} >= {"mosquitto.conf", "dynamic-security.json"}
+    assert (out / "dynamic-security.json").stat().st_mode & 0o077 == 0
     password = (c.home / "secrets" / "devices" / "dev-a.password").read_text().strip()
-    assert password and password not in (out / "passwd").read_text()  # hashed
+    assert password and password not in (out / "dynamic-security.json").read_text()  # hashed
     assert "listener 1884 127.0.0.1" in (out / "mosquitto.conf").read_text()
