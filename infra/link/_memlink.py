@@ -325,7 +325,9 @@ class InMemoryLink:
             subs = [(Filter(value=t), q) for t, q in self._subs.items()]
             waiters, self._next_connect = self._next_connect, []
             self._up = True
-        if self._broker._subscribe(conn, subs):
+        refused = self._broker._subscribe(conn, subs)
+        if refused is not None:
+            self._warn_refused(refused)
             self._last_error = None
             log.info(
                 "in-memory MQTT: %s connected (session present: %s, max packet %d bytes)",
@@ -359,7 +361,9 @@ class InMemoryLink:
 
     def _send(self, conn: Conn[Any], op: _Pub | _Sub) -> None:
         if isinstance(op, _Sub):
-            if self._broker._subscribe(conn, [(op.filter, op.qos)]):
+            refused = self._broker._subscribe(conn, [(op.filter, op.qos)])
+            if refused is not None:
+                self._warn_refused(refused)
                 op.acked.set()
             else:
                 with self._cond:
@@ -411,6 +415,12 @@ class InMemoryLink:
         self._last_error = f"disconnected from {self._config.url}: {reason}"
         log.info("in-memory MQTT: %s %s", self._config.client_id, self._last_error)
         _guarded(self._on_disconnect, reason)
+
+    def _warn_refused(self, refused: list[str]) -> None:
+        """As ``MqttLink`` does for a SUBACK failure: the event is set, a WARNING logged."""
+        if refused:
+            log.warning("MQTT broker refused a subscription for %s: %s",
+                        self._config.client_id, refused)  # fmt: skip
 
     def _fail(self, error: str) -> None:
         """Record why we are not connected; warn once per distinct reason, not per retry."""

@@ -10,10 +10,15 @@ What it models (mosquitto 2.0 with a password file and an ``acl_file``):
 - **Authentication** (``users``: username -> password): a refused CONNECT ("Not authorized")
   calls ``on_disconnect`` and is retried with the link's backoff, as paho does.
 - **The ACL** (``acl``: ``topics.acl(...)`` rules, evaluated with ``topics.allowed``): a publish
-  the ACL denies is acknowledged and silently dropped; a SUBSCRIBE is always granted, and each
-  delivery (retained ones too) is checked against the subscriber's read access. A ``$share``
-  member picked for a message it may not read *loses* it: the message is not offered to
-  another member (measured on mosquitto 2.0; the hardening issue closes ``$share`` instead).
+  the ACL denies is acknowledged and silently dropped; each delivery (retained ones too) is
+  checked against the subscriber's read access. With ``auth="acl_file"`` (mosquitto's
+  ``acl_file``) a SUBSCRIBE is always granted, and a ``$share`` member picked for a message it
+  may not read *loses* it: the message is not offered to another member (measured on mosquitto
+  2.0). With ``auth="dynsec"`` (the dynamic-security plugin of the generated broker config) a
+  SUBSCRIBE is granted only if ``topics.may_subscribe`` says so (a refused filter is answered,
+  not stored, and counted in ``refused_subscriptions``): devices cannot join ``$share`` groups
+  nor subscribe outside their own topics. ``client_ids`` (username -> the one client id it may
+  use, as the plugin's ``clientid``) refuses any other id ("Not authorized").
 - **Retained messages**: an empty retained payload clears the topic (and is still delivered to
   current subscribers); every SUBSCRIBE to a non-shared filter delivers the matching retained
   messages again, flagged ``retain=True``. Live deliveries carry ``retain=False``.
@@ -58,7 +63,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
-from edgefleet.protocol.topics import AclRule, Filter, Topic, allowed
+from edgefleet.protocol.topics import AclRule, Filter, Topic, allowed, may_subscribe
 
 from ._memlink import Conn, InMemoryLink, Message, Queued, Refused, packet_size
 from .port import OnMessage
@@ -134,11 +139,18 @@ class InMemoryBroker:
         max_packet: int | None = None,  # bytes, announced in CONNACK; None: none announced
         max_queued: int = 1000,  # QoS 1 messages kept per offline session / slow connection
         max_inflight: int = 20,  # messages a connection's pipe holds beyond max_queued
+        auth: Literal["acl_file", "dynsec"] = "acl_file",  # how SUBSCRIBE is checked
+        client_ids: Mapping[str, str] | None = None,  # username -> its only client id
     ) -> None:
         if max_packet is not None and max_packet <= 0 or max_queued < 0 or max_inflight < 0:
             raise ValueError("need max_packet > 0 (or None), max_queued >= 0, max_inflight >= 0")
+        if auth not in ("acl_file", "dynsec"):
+            raise ValueError(f"auth must be 'acl_file' or 'dynsec', got {auth!r}")
         self._users = dict(users) if users is not None else None
         self._acl = list(acl) if acl is not None else None
+        self._auth = auth
+        self._client_ids = dict(client_ids or {})
+        self.refused_subscriptions = 0  # SUBSCRIBE filters refused (dynsec); guarded by _lock
         self.max_packet = max_packet
         self.max_queued = max_queued
         self.max_inflight = max_inflight
@@ -259,6 +271,9 @@ class InMemoryBroker:
                 cfg.username is None or self._users.get(cfg.username) != cfg.password
             ):
                 raise Refused("Not authorized")
+            bound = self._client_ids.get(cfg.username or "")
+            if bound is not None and cfg.client_id != bound:
+                raise Refused("Not authorized")  # the plugin's clientid check
             session = self._sessions.get(cfg.client_id)
             if session is not None and session.conn is not None:
                 self._close(session.conn, "Session taken over")
@@ -280,19 +295,28 @@ class InMemoryBroker:
                 self._to_conn(conn, item)
             return conn, present, self.max_packet if v5 else None
 
-    def _subscribe(self, conn: Conn[_Session], filters: Iterable[tuple[Filter, int]]) -> bool:
-        """SUBSCRIBE (always granted); False if the connection is gone."""
+    def _subscribe(
+        self, conn: Conn[_Session], filters: Iterable[tuple[Filter, int]]
+    ) -> list[str] | None:
+        """SUBSCRIBE: the filters refused (always none with ``acl_file``); None if the
+        connection is gone."""
+        refused: list[str] = []
         with self._lock:
             if conn.session.conn is not conn:
-                return False
+                return None
             for filt, qos in filters:
+                if self._auth == "dynsec" and self._acl is not None:
+                    if not may_subscribe(self._acl, conn.session.username, filt):
+                        self.refused_subscriptions += 1
+                        refused.append(filt.value)
+                        continue
                 conn.session.subs[filt.value] = (filt, qos)
                 if filt.group is not None:
                     continue  # no retained messages for shared subscriptions (MQTT 5 §4.8.2)
                 for msg in self._retained.values():
                     if filt.matches(msg.topic):
                         self._offer(conn.session, msg, min(qos, msg.qos), retain=True)
-            return True
+            return refused
 
     def _publish(self, conn: Conn[_Session], msg: Message) -> bool:
         """PUBLISH: True once the broker took it (delivered or dropped), False if disconnected."""

@@ -268,6 +268,56 @@ def test_share_member_without_read_loses_its_share(secure: Clients) -> None:
     assert len(coord_in.messages) == 3
 
 
+@pytest.fixture
+def hardened() -> Iterator[Clients]:
+    """The generated broker config: dynamic-security SUBSCRIBE checks, device client ids."""
+    bound = {d: topics.device_client_id(d) for d in ("dev-a", "dev-b")}
+    with InMemoryBroker(users=PASSWORDS, acl=topics.acl("coordinator"), auth="dynsec",
+                        client_ids=bound) as broker:  # fmt: skip
+        made = Clients(broker)
+        yield made
+        for link in made.links:
+            link.stop()
+
+
+def test_dynsec_refuses_a_device_the_coordinators_share(hardened: Clients) -> None:
+    shared = topics.chunk_requests_shared()
+    _, coord_in, _ = _login(hardened, "coordinator", "coord", (shared,))
+    _, rogue_in, _ = _login(hardened, "dev-b", "agent-dev-b", (shared, "ef/v1/dev/#"))
+    dev, _, _ = _login(hardened, "dev-a", "agent-dev-a")
+    for i in range(6):
+        dev.publish(topics.up("dev-a", "chunkreq"), str(i).encode(), qos=1)
+    assert coord_in.wait_for(lambda ms: len(ms) == 6)  # every request: none lost to the rogue
+    assert hardened.broker.refused_subscriptions == 2
+    assert hardened.broker.dropped.get("acl_share", 0) == 0
+    assert rogue_in.messages == []
+
+
+def test_dynsec_grants_a_device_only_its_own_filters(hardened: Clients) -> None:
+    wanted = (topics.release("dev-a"), topics.chunk("dev-a"), "ef/v1/dev/+/release")
+    _, seen, _ = _login(hardened, "dev-a", "agent-dev-a", wanted)
+    coord, _, _ = _login(hardened, "coordinator", "coord")
+    coord.publish(topics.release("dev-b"), b"for b", qos=1)
+    coord.publish(topics.release("dev-a"), SENTINEL, qos=1)
+    assert seen.wait_for(lambda ms: any(m.payload == SENTINEL for m in ms))
+    assert seen.topics() == [topics.release("dev-a")]
+    assert hardened.broker.refused_subscriptions == 1
+    assert hardened.broker.dropped.get("acl_read", 0) == 0  # refused up front, not filtered
+
+
+def test_dynsec_binds_device_accounts_to_their_client_id(hardened: Clients) -> None:
+    victim, _, victim_events = _login(hardened, "dev-a", "agent-dev-a")
+    coord, _, coord_events = _login(hardened, "coordinator", "coordinator-1")
+    _login(hardened, "coordinator", "coordinator-2")  # coordinators: any id, side by side
+    for stolen in ("agent-dev-a", "coordinator-1"):
+        rogue, _, events = hardened.make(stolen, username="dev-b", password=PASSWORDS["dev-b"],
+                                         wait=False)  # fmt: skip
+        assert events.wait_disconnects(2) and set(events.disconnects) == {"Not authorized"}
+        rogue.stop()
+    assert victim_events.disconnects == [] and coord_events.disconnects == []
+    assert hardened.broker.connected_clients() == {"agent-dev-a", "coordinator-1", "coordinator-2"}
+
+
 def test_auth_refused_then_retried(secure: Clients) -> None:
     link, _, events = secure.make("x", username="dev-a", password="wrong", wait=False)
     assert events.wait_disconnects(2)  # refused, and retried with backoff
