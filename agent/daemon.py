@@ -344,11 +344,12 @@ def _discard(d: F.DownloadLike) -> None:
 def mqtt_config_for(
     agent: Agent, *, broker: str | None = None, password: str | None = None
 ) -> MqttConfig:
-    """The agent's broker settings (client id ``agent-<id>``, username = device id)."""
+    """The agent's broker settings: username = device id, and the client id ``agent-<id>``,
+    the only one the generated broker config lets that account use (``topics.device_client_id``)."""
     cfg = agent.config
     return mqtt_config(
         cfg,
-        client_id=f"agent-{cfg.device_id}",
+        client_id=topics.device_client_id(cfg.device_id),
         username=cfg.username or cfg.device_id,
         broker=broker,
         password=password,
