@@ -23,6 +23,7 @@ from .blobs import BlobStore
 from .config import CoordinatorConfig
 from .keys import CoordinatorKeys
 from .registry import (
+    CONTENT_KEY_SIZE,
     Device,
     ModelVersion,
     Registry,
@@ -251,7 +252,7 @@ class Coordinator:
         return missing, not self._has_sealed()
 
     def _has_sealed(self) -> bool:
-        if any(len(k) != 32 for _, _, k in self.registry.stored_content_keys()):
+        if any(len(k) != CONTENT_KEY_SIZE for _, _, k in self.registry.stored_content_keys()):
             return True
         return any(not self.blobs.is_plain(m.blob) for m in self.registry.models())
 
