@@ -124,7 +124,7 @@ def test_install_predict_update_rollback(world: World, capsys: pytest.CaptureFix
 
 REJECTIONS = [
     # (bundle, install b2 first, code, reason); dev-b's home
-    ("b2", True, "rollback", "release sequence: expected > 2, saw 2"),
+    # (re-installing the active b2 is "current", not a rollback: tests/test_cli_agent.py)
     ("b1", False, "not_for_me", "device 'dev-b' is not a target"),
     ("flipped", False, "integrity", "segment"),
     ("truncated", False, "malformed", "bundle truncated"),
@@ -296,8 +296,10 @@ def test_console_script_in_a_subprocess(world: World, tmp_path: Path) -> None:
                            str(home), "--json"], capture_output=True, text=True, timeout=120,
                           check=False)
     assert done.returncode == 0 and json.loads(done.stdout)["active"]["version"] == "1"
-    done = subprocess.run([*cmd, "agent", "install", "--home", str(home), str(world.b1)],
+    bad = tmp_path / "bad.efb"  # (re-installing b1 is "current" now, not a rejection)
+    bad.write_bytes(b"PK\x03\x04" + bytes(100))
+    done = subprocess.run([*cmd, "agent", "install", "--home", str(home), str(bad)],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and done.stdout == ""
     # the reason is the last line (the agent's WARNING log line may precede it)
-    assert done.stderr.splitlines()[-1].startswith("edgefleet: rejected (rollback): ")
+    assert done.stderr.splitlines()[-1].startswith("edgefleet: rejected (malformed): ")

@@ -474,3 +474,26 @@ def test_module_stays_light(models: Fixture) -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+
+
+def test_the_stderr_filter_drops_only_its_line_and_keeps_real_errors(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """LiteRT's XNNPACK notice is dropped (once); whatever else reached fd 2 meanwhile stays."""
+    import os
+
+    from edgefleet.agent.runtime import StderrLineFilter
+
+    notice = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
+    f = StderrLineFilter(notice)
+    capfd.readouterr()
+    with f.dropped():
+        os.write(2, b"ERROR: a real one\n" + notice + b"another\n")
+    assert capfd.readouterr().err == "ERROR: a real one\nanother\n" and f.seen
+    with f.dropped():  # seen once: the library prints it once, so nothing is filtered any more
+        os.write(2, notice)
+    assert capfd.readouterr().err == notice.decode()
+    g = StderrLineFilter(notice)
+    with pytest.raises(RuntimeError), g.dropped():
+        os.write(2, b"before the failure\n")
+        raise RuntimeError("load failed")
+    assert capfd.readouterr().err == "before the failure\n" and not g.seen
