@@ -20,9 +20,9 @@ States::
 A newer offer replaces a download under way; during an install it is remembered and started
 once the install finished. A release that failed here (bad model, disk full...) is
 remembered (the last ``remember`` bundle ids) and not fetched again when its retained offer
-is re-delivered. An offer of a release this device already accepted (the active or a kept
-version, or the newest accepted one after a local rollback) needs nothing: logged at INFO,
-not rejected.
+is re-delivered. An offer of a release this device already accepted (the active one, or the
+newest accepted one after a local rollback) needs nothing: logged at INFO, not rejected; an
+older kept one offered over the air is a replay, rejected as a rollback.
 
 Chunk replies are not signed, so a coordinator's "refused" is only a hint and never ends a
 verified download: the download backs off and keeps asking (``Download``), a genuine chunk

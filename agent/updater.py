@@ -162,10 +162,17 @@ class Updater:
         """Verify keyring and manifest (no payload yet): is this release for us, and new?
 
         The offer's envelope is not looked at: check it with ``select_envelope`` (the
-        release flow does, once, before the download)."""
-        return self._verify(offer.keyring, offer.keyring_sig, offer.manifest, offer.signature)
+        release flow does, once, before the download). Over the air, an older kept version
+        is never the coordinator's desired state (an operator's rollback is a new release),
+        so its offer is a replay: a ``RollbackError``; only the active release, or the newest
+        accepted one after a local rollback, is ``AlreadyAcceptedError``."""
+        return self._verify(
+            offer.keyring, offer.keyring_sig, offer.manifest, offer.signature, kept_too=False
+        )
 
-    def _verify(self, keyring_raw: bytes, keyring_sig: bytes, raw: bytes, sig: bytes) -> Manifest:
+    def _verify(
+        self, keyring_raw: bytes, keyring_sig: bytes, raw: bytes, sig: bytes, *, kept_too: bool
+    ) -> Manifest:
         now = int(self.clock())
         keyring = self.trust.accept(keyring_raw, keyring_sig, now=now)
         try:
@@ -179,7 +186,7 @@ class Updater:
                 policy=self._policy,
             )
         except RollbackError as exc:  # raised after the signature verified: ``raw`` is signed
-            known = self._accepted_before(raw)
+            known = self._accepted_before(raw, kept_too=kept_too)
             if known is None:
                 raise
             raise known from exc
@@ -190,8 +197,9 @@ class Updater:
             )
         return manifest
 
-    def _accepted_before(self, raw: bytes) -> AlreadyAcceptedError | None:
-        """Why the signed manifest ``raw``, refused by the sequence rule, is no rollback."""
+    def _accepted_before(self, raw: bytes, *, kept_too: bool) -> AlreadyAcceptedError | None:
+        """Why the signed manifest ``raw``, refused by the sequence rule, is no rollback
+        (``kept_too``: a kept version that is not active counts as already here)."""
         m = Manifest.decode(raw)
         what = f"release {m.sequence} ({m.name} {m.model_version})"
         try:
@@ -199,8 +207,9 @@ class Updater:
         except StoreError:
             kept = []  # cannot tell: a rollback it stays
         for v in kept:
-            if v.manifest.bundle_id == m.bundle_id:
-                where = "active" if v.dir.name == self.store.state.active else "kept, not active"
+            is_active = v.dir.name == self.store.state.active
+            if v.manifest.bundle_id == m.bundle_id and (is_active or kept_too):
+                where = "active" if is_active else "kept, not active"
                 return AlreadyAcceptedError(
                     f"{what} is already installed ({where})", manifest=m, version=v
                 )
@@ -342,7 +351,7 @@ class Updater:
             )
             signed = [bundle.section(s) for s in ("keyring", "keyring_sig", "manifest")]
             signed.append(bundle.section("signature"))
-            manifest = self._verify(*signed)  # verify before reading anything big
+            manifest = self._verify(*signed, kept_too=True)  # before reading anything big
             envelopes = decode_envelopes(bundle.section("envelopes"))
         layout = bundle.layout
         check_envelopes(manifest, envelopes)

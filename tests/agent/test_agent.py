@@ -84,6 +84,9 @@ def test_a_release_already_here_is_current_not_a_rollback(
         v2_offer = Release(fleet.bundle_bytes("v2")).offer
         with pytest.raises(AlreadyAcceptedError):
             agent.updater.check(v2_offer)
+        with pytest.raises(RollbackError) as replay:  # over the air a kept, older one: a replay
+            agent.updater.check(Release(fleet.bundle_bytes("v1")).offer)
+        assert type(replay.value) is RollbackError
         agent.rollback()
         last = agent.last_install
         with pytest.raises(AlreadyAcceptedError, match="rolled back locally") as info:
