@@ -84,6 +84,12 @@ class ServiceLimits:
                 raise ValueError(f"ServiceLimits.{name} must be > 0, got {value}")
 
 
+def _worth_logging(n: int) -> bool:
+    """Log the 1st, 2nd, 4th, 8th… drop of a kind per device: a flood is visible in the log
+    without flooding it (``drops`` has every count)."""
+    return n & (n - 1) == 0
+
+
 class _FileReader:
     """A payload blob opened for positioned reads (``chunks.PayloadReader``)."""
 
@@ -133,6 +139,7 @@ class CoordinatorService:
             maxsize=limits.lookups_queued
         )
         self._lookup_lock = threading.Lock()
+        self._drops_lock = threading.Lock()
         self._looking_up: collections.Counter[str] = collections.Counter()  # queued, per id
         self._up = threading.Condition()  # guards the ingest queues below
         self._statuses: dict[str, collections.deque[bytes]] = {}  # device -> its statuses
@@ -189,12 +196,13 @@ class CoordinatorService:
     def start(self, timeout: float = 10.0) -> None:
         for t in self._threads:
             t.start()
-        self.link.start()
+        # Subscribe before connecting: ``connected`` then means "connected and listening".
         self.link.subscribe(
             topics.chunk_requests_shared() if self._shared else topics.up_all("chunkreq"), qos=1
         )
         self.link.subscribe(topics.up_all("status"), qos=1)
         self.link.subscribe(topics.up_all("telemetry"), qos=0)
+        self.link.start()
         if not self.link.wait_connected(timeout):
             log.warning("coordinator not connected to the broker yet (%s)", self.link.last_error)
 
@@ -221,8 +229,11 @@ class CoordinatorService:
 
     # -- the link's thread: route only -----------------------------------------------------
     def _drop(self, device_id: str, reason: str, what: str) -> None:
-        self.drops[device_id, reason] += 1
-        log.warning("dropped %s from %s: %s", what, device_id, reason)
+        with self._drops_lock:  # the router, chunk and lookup threads all drop
+            self.drops[device_id, reason] += 1
+            n = self.drops[device_id, reason]
+        if _worth_logging(n):
+            log.warning("dropped %s from %s: %s (%d so far)", what, device_id, reason, n)
 
     def _on_message(self, topic: str, payload: bytes, props: MessageProps) -> None:
         where = topics.route(topic)
@@ -246,9 +257,9 @@ class CoordinatorService:
         except EdgeFleetError as exc:
             self._drop(device_id, "malformed", f"chunk request ({exc})")
             return
-        if self.queues.put(device_id, req):
-            log.warning("dropped chunk requests from %s: window of %d segments full",
-                        device_id, self.queues.window)  # fmt: skip
+        if self.queues.put(device_id, req) and _worth_logging(self.queues.dropped[device_id]):
+            log.warning("dropped chunk requests from %s: window of %d segments full (%d so far)",
+                        device_id, self.queues.window, self.queues.dropped[device_id])  # fmt: skip
 
     def _route_upstream(self, device_id: str, kind: str, payload: bytes) -> None:
         with self._up:
@@ -273,7 +284,8 @@ class CoordinatorService:
         while pending and (len(pending) >= STATUSES_PER_DEVICE
                            or self._status_bytes + len(payload) > self.limits.status_bytes):
             self._status_bytes -= len(pending.popleft())
-            self.drops[device_id, "status superseded"] += 1
+            with self._drops_lock:
+                self.drops[device_id, "status superseded"] += 1
         if self._status_bytes + len(payload) > self.limits.status_bytes:
             if not pending:
                 del self._statuses[device_id]
@@ -323,7 +335,7 @@ class CoordinatorService:
         try:
             self._answer(device_id, req)
         except StoreError as exc:  # the registry is locked or the blob unreadable: retried
-            log.warning("dropped chunk request from %s: %s", device_id, exc)
+            self._drop(device_id, "store error", f"chunk request ({exc})")
         except EdgeFleetError as exc:
             log.warning("dropped chunk request from %s: %s", device_id, exc)
         except Exception:
