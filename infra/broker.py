@@ -637,10 +637,10 @@ class EmbeddedBroker:
         return {"listeners": {"default": listener}, "plugins": auth}
 
     def _amqtt_password_file(self) -> Path:
-        from pwdlib import PasswordHash  # amqtt's own dependency
-        from pwdlib.hashers.argon2 import Argon2Hasher
+        # amqtt 0.11 (pinned: 0.12 conflicts with flwr over typer) checks passwords with
+        # passlib's custom_app_context (sha256_crypt/sha512_crypt), its own dependency.
+        from passlib.apps import custom_app_context as hasher
 
-        hasher = PasswordHash((Argon2Hasher(),))
         path = self.data_dir / "amqtt-passwd"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
