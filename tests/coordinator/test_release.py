@@ -148,3 +148,23 @@ def test_connect_refuses_a_broker_it_cannot_reach() -> None:
         with pytest.raises(ConnectionError, match="cannot reach the broker"), \
                 releases.connect(config, link_factory=broker.link, timeout=0.05):
             pass  # pragma: no cover - never reached
+
+
+def test_the_retained_offer_is_the_newest_release_whatever_the_publish_order(
+        home: Home, broker: InMemoryBroker, link: Link) -> None:
+    """Item 8: two releases built at once, the newer published first: the older one's
+    publish must not leave it as any device's retained desired state."""
+    older = home.build("1", "all")
+    newer = home.build("2", "dev-a,dev-b")  # built meanwhile: a higher sequence
+    assert newer.sequence > older.sequence
+    registry = home.coordinator.registry
+    releases.publish(link, newer, timeout=TIMEOUT, registry=registry)
+    report = releases.publish(link, older, timeout=TIMEOUT, registry=registry)
+    assert report.republished == 2  # dev-a and dev-b got the newer offer again
+    for dev, want in (("dev-a", newer), ("dev-b", newer), ("dev-c", older)):
+        fresh, inbox = listen(broker, f"fresh-{dev}", topics.release(dev))  # subscribe anew
+        [m] = inbox.wait_for(1)
+        offer = ReleaseOffer.decode(m.payload)
+        assert Manifest.decode(offer.manifest).sequence == want.sequence, dev
+        fresh.stop()
+    assert releases.publish(link, newer, timeout=TIMEOUT, registry=registry).republished == 0
