@@ -463,3 +463,16 @@ class Registry:
                 )
                 out.update((d, int(seq)) for d, seq in s.execute(q))
         return out
+
+
+def check_unlocked(url: str, *, busy_timeout: float) -> None:
+    """``StoreError`` if the database cannot be read within ``busy_timeout`` seconds (another
+    process holds an exclusive lock on the SQLite file); for a command's start-up."""
+    if not url.startswith("sqlite"):
+        return
+    engine = engine_for(url, busy_timeout=busy_timeout)
+    try:
+        with store_errors(engine, busy_timeout), engine.connect() as conn:
+            conn.exec_driver_sql("SELECT count(*) FROM sqlite_master")
+    finally:
+        engine.dispose()

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+from typing import Any
 
 from edgefleet.progress import ProgressLine
 
@@ -61,15 +62,47 @@ def agent_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def coordinator_serve(args: argparse.Namespace) -> int:
+REGISTRY_PROBE = 2.0  # s a command waits for a locked registry before saying so
+REGISTRY_RETRY = 2.0  # s between `serve`'s attempts to open a locked registry
+
+
+def _registry_unlocked(args: argparse.Namespace) -> None:
+    """``StoreError`` (one line) if another process holds the SQLite registry locked."""
+    from edgefleet.coordinator.config import CoordinatorConfig
+    from edgefleet.coordinator.registry import check_unlocked
+
+    url = CoordinatorConfig.load(args.home, broker=args.broker).database_url
+    check_unlocked(url, busy_timeout=REGISTRY_PROBE)
+
+
+def _open_waiting(args: argparse.Namespace, stop: threading.Event) -> Any:
+    """The coordinator, once its registry is not locked by another process (``serve`` waits
+    for it, saying so, instead of dying); None if stopped meanwhile."""
     from edgefleet.coordinator.home import Coordinator
+    from edgefleet.protocol.errors import StoreError
+
+    while True:
+        try:
+            _registry_unlocked(args)
+            return Coordinator.open(args.home, broker=args.broker)
+        except StoreError as exc:
+            if "locked" not in str(exc):
+                raise
+            log.warning("%s: waiting (retry in %g s)", exc, REGISTRY_RETRY)
+        if stop.wait(REGISTRY_RETRY):
+            return None
+
+
+def coordinator_serve(args: argparse.Namespace) -> int:
     from edgefleet.coordinator.service import CoordinatorService, mqtt_config_for
 
-    c = Coordinator.open(args.home, broker=args.broker)
+    stop = _stop_on_signals()
+    c = _open_waiting(args, stop)
+    if c is None:
+        return 0
     _need_broker(c.config.broker, "coordinator.toml")
     client_id = args.client_id or f"coordinator-{socket.gethostname()}-{os.getpid()}"
     svc = CoordinatorService(c, mqtt_config_for(c, client_id=client_id))
-    stop = _stop_on_signals()
     svc.start()
     log.warning("coordinator serving on %s as %s", c.config.broker, client_id)
     try:
@@ -86,6 +119,7 @@ def model_release(args: argparse.Namespace) -> int:
 
     from ._cli_coordinator import storage_key_from_env
 
+    _registry_unlocked(args)  # a locked registry: one line now, not a traceback later
     c = Coordinator.open(args.home, broker=args.broker, storage_key=storage_key_from_env(args.home))
     _need_broker(c.config.broker, "coordinator.toml")
     with release.connect(mqtt_config_for(c, client_id=f"release-{os.getpid()}")) as link:
