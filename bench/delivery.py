@@ -146,6 +146,11 @@ class _Rig:
                 logging.getLogger(__name__).exception("clean-up failed")
 
 
+def _raw_req(user: str) -> str:
+    """Where a raw baseline client sends its requests (not an EdgeFleet topic)."""
+    return f"bench/raw/{user}/req"
+
+
 def _rig(root: Path, devices: list[str], raw_users: list[str]) -> _Rig:
     """The fleet from ``simulations`` on a real mosquitto, plus broker accounts for the raw
     paho baselines (``raw_users``)."""
@@ -159,7 +164,13 @@ def _rig(root: Path, devices: list[str], raw_users: list[str]) -> _Rig:
     fleet = provision_fleet(root / "agents", devices, coordinator_home=root / "coordinator")
     coord = fleet.coordinator
     users = {**fleet.users, **{u: secrets.token_urlsafe(16) for u in raw_users}}
-    broker = start_broker("mosquitto", users=users, data_dir=root / "broker", persistence=False)
+    # The raw baselines' request topic is outside the EdgeFleet tree: devices may write only
+    # their own upstream topics, which the coordinator serves.
+    extra = "".join(f"\nuser {u}\ntopic write {_raw_req(u)}\n" for u in raw_users)
+    extra += "\nuser coordinator\ntopic read bench/raw/#\n"
+    broker = start_broker(
+        "mosquitto", users=users, data_dir=root / "broker", persistence=False, extra_acl=extra
+    )
     rig = _Rig(root, coord, broker, users, fleet.homes)
     rig.closers.append(broker.close)
     rig.closers.append(coord.registry.engine.dispose)
@@ -410,7 +421,7 @@ class _RawPull:
         self, server: _Raw, device: _Raw, user: str, segments: tuple[bytes, ...], window: int
     ) -> None:
         self.server, self.device, self.segments, self.window = server, device, segments, window
-        self.req_topic = f"ef/v1/dev/{user}/up/rawreq"
+        self.req_topic = _raw_req(user)
         self.chunk_topic = f"ef/v1/dev/{user}/chunk"
         self._next = 0
         self._lock = threading.Lock()
@@ -637,7 +648,7 @@ def _single_run(
         "bench-raw-pub1",
         "coordinator",
         rig.users["coordinator"],
-        (f"ef/v1/dev/{raw_user}/up/rawreq",),
+        (_raw_req(raw_user),),
     )
     sub = _Raw(port, f"bench-{raw_user}-1", raw_user, rig.users[raw_user], (topic,))
     stops += [pub.stop, sub.stop]

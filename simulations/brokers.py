@@ -80,6 +80,7 @@ def start_broker(
     users: Mapping[str, str],
     coordinator_user: str = "coordinator",
     data_dir: Path | None = None,
+    extra_acl: str = "",  # mosquitto acl_file lines appended (bench baselines' own topics)
     **options: Any,
 ) -> SimBroker:
     """Start a broker of ``kind`` with these users and the EdgeFleet ACL."""
@@ -97,7 +98,7 @@ def start_broker(
     real = EmbeddedBroker(
         data_dir=data_dir,
         users=users,
-        acl=edgefleet_acl(coordinator_user),
+        acl=edgefleet_acl(coordinator_user) + extra_acl,
         force_kind=None if kind == "auto" else kind,
         **options,
     ).start()
