@@ -259,6 +259,10 @@ def test_model_release_publishes_and_waits(world: World, tmp_path: Path,
     home = tmp_path / "coordinator"  # a copy: the release must not change the module's world
     shutil.copytree(world.coordinator, home)
     with EmbeddedBroker(data_dir=tmp_path / "broker") as broker:
+        from edgefleet.coordinator.home import Coordinator
+
+        # amqtt (where mosquitto is missing) speaks only MQTT 3.1.1
+        Coordinator.open(home).update_config(mqtt_protocol=broker.protocol)
         code, out, err = run(capsys, "model", "release", "--home", home, "--broker", broker.url,
                              "--name", "digits", "--version", "1", "--to", "group:lab",
                              "--wait", "0.2")
