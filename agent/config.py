@@ -34,6 +34,8 @@ class AgentConfig:
     window: int = 8  # chunk requests in flight
     http_port: int = 0  # local inference API on 127.0.0.1; 0 = pick a free port
     telemetry_buffer: int = 1000  # messages kept while the broker is unreachable
+    fl_enabled: bool = False  # opt in to federated-learning rounds (edgefleet.federated)
+    fl_data_dir: str = ""  # local training data (.npz/.csv); "" = <home>/fl-data
 
     def __post_init__(self) -> None:
         if self.keep < 1 or self.threads < 1 or self.window < 1:

@@ -47,14 +47,25 @@ def agent_run(args: argparse.Namespace) -> int:
         server = InferenceServer(agent, home=config.home, port=config.http_port)
         server.start()
         log.warning("local inference API on %s", server.url)
+    fl = None
+    if config.fl_enabled:  # federated learning: the client trains on its own thread
+        from edgefleet.federated.agent import DeviceFl
+
+        fl = DeviceFl(agent)
     daemon = AgentDaemon(
-        agent, mqtt_config_for(agent), heartbeat=args.heartbeat, progress=ProgressLine()
-    )
+        agent, mqtt_config_for(agent), heartbeat=args.heartbeat, progress=ProgressLine(),
+        extra_handlers=fl.handlers if fl else None,
+    )  # fmt: skip
+    if fl is not None:
+        fl.bind(daemon)
+        log.warning("federated learning enabled: local data in %s", fl.data_dir)
     stop = _stop_on_signals()
     daemon.start()
     try:
         stop.wait()
     finally:
+        if fl is not None:
+            fl.stop()
         daemon.stop()
         if server is not None:
             server.stop()

@@ -47,7 +47,7 @@ def to_toml(cfg: object) -> str:
         if f.name != "home":
             value = getattr(cfg, f.name)
             lines.append(
-                f"{f.name} = {json.dumps(value) if isinstance(value, str) else repr(value)}"
+                f"{f.name} = {json.dumps(value) if isinstance(value, str | bool) else repr(value)}"
             )
     return "\n".join(lines) + "\n"
 
