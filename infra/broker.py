@@ -693,7 +693,13 @@ class _AmqttThread:
         # mosquitto would; the clients see the broker go away and reconnect later.
         for writer in list(self._writers):
             writer.transport.abort()
-        await asyncio.wait_for(self._broker.shutdown(), timeout)
+        try:
+            await asyncio.wait_for(self._broker.shutdown(), timeout)
+        finally:  # stop listening whatever shutdown() did (amqtt 0.11 can be cancelled midway)
+            for server in getattr(self._broker, "_servers", {}).values():
+                instance = getattr(server, "instance", None)
+                if instance is not None:
+                    instance.close()
 
     def stop(self, timeout: float) -> None:
         if self._broker is not None:

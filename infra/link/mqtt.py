@@ -93,6 +93,7 @@ class MqttLink:
         self._acks: dict[int, list[threading.Event]] = {}  # SUBSCRIBE mid -> waiters
         self._next_connect: list[threading.Event] = []  # waiters for the next re-subscribe
         self._session_up = False  # CONNACK accepted and re-subscribe sent; guarded by _lock
+        self._attempt_reported = False  # this connection attempt's failure was reported
         self._max_packet = config.default_max_packet
         self._last_error: str | None = None
         self._started = False
@@ -274,7 +275,7 @@ class MqttLink:
         client.reconnect_delay_set(cast(int, cfg.reconnect_min), cast(int, cfg.reconnect_max))
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(cfg.max_queued)
-        client.on_socket_open = _set_nodelay
+        client.on_socket_open = self._handle_socket_open
         client.on_connect = self._handle_connect  # type: ignore[assignment]  # paho's union
         client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
@@ -351,9 +352,7 @@ class MqttLink:
         props: Properties,
     ) -> None:
         if reason.is_failure:
-            self._fail(f"connection refused by {self._config.url}: {reason}")
-            if self._on_disconnect is not None:
-                _guarded(self._on_disconnect, str(reason))
+            self._refusal(f"connection refused by {self._config.url}: {reason}", str(reason))
             return
         self._max_packet = getattr(props, "MaximumPacketSize", self._config.default_max_packet)
         receive_max = getattr(props, "ReceiveMaximum", None)
@@ -387,9 +386,18 @@ class MqttLink:
             _guarded(self._on_connect, flags.session_present)
 
     def _handle_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
-        self._fail(f"cannot connect to {self._config.url}")
+        self._refusal(f"cannot connect to {self._config.url}", "cannot connect")
+
+    def _refusal(self, error: str, reason: str) -> None:
+        """A connection attempt failed: say why once and tell the user callback once."""
+        self._attempt_reported = True
+        self._fail(error)
         if self._on_disconnect is not None:
-            _guarded(self._on_disconnect, "cannot connect")
+            _guarded(self._on_disconnect, reason)
+
+    def _handle_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._attempt_reported = False  # a new attempt
+        _set_nodelay(client, userdata, sock)
 
     def _fail(self, error: str) -> None:
         """Record why we are not connected; warn once per distinct reason, not per retry."""
@@ -413,7 +421,12 @@ class MqttLink:
             self._acks.clear()
         self.connected.clear()
         if not was_up:
-            return  # a refused attempt: _handle_connect already said why
+            if not self._attempt_reported:  # closed before any CONNACK (e.g. amqtt 0.11 on
+                # a bad password): a failed attempt all the same
+                self._refusal(
+                    f"connection to {self._config.url} closed before it was accepted", str(reason)
+                )
+            return
         self._last_error = f"disconnected from {self._config.url}: {reason}"
         log.info("MQTT %s", self._last_error)
         if self._on_disconnect is not None:
