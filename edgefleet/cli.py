@@ -32,7 +32,8 @@ def _home(env: str) -> dict[str, object]:
 
 # The extra that brings each command group's optional dependencies.
 _EXTRAS = {"agent": "agent", "coordinator": "coordinator", "model": "coordinator",
-           "bundle": "coordinator", "fleet": "coordinator", "demo": "all"}  # fmt: skip
+           "bundle": "coordinator", "fleet": "coordinator", "demo": "all", "fl": "fl",
+           "sim": "all"}  # fmt: skip
 
 
 class MissingExtraError(Exception):
@@ -236,10 +237,94 @@ def _demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.set_defaults(run=_lazy("edgefleet.demo", "main"))
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _fl_train_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--strategy", default="fedavg",
+                   choices=["fedavg", "fedprox", "fedadam", "fedavgm", "fedmedian",
+                            "fedtrimmedavg", "krum"])
+    c.add_argument("--local-epochs", type=int, default=5)
+    c.add_argument("--lr", type=float, default=0.1)
+    c.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    c.add_argument("--round-timeout", type=float, default=60.0, help="seconds per step")
+    c.add_argument("--seed", type=int, default=0)
+
+
+def _fl(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``fl start|status|runs``, ``model history``, ``agent data add``, ``sim fl``."""
+    mod = "edgefleet._cli_fl"
+    home = _home("EDGEFLEET_COORDINATOR_HOME")
+    p = sub.add_parser("fl", help="federated learning over the fleet").add_subparsers(
+        dest="cmd", required=True
+    )
+    c = p.add_parser("start", help="run federated rounds; each round's model is a version")
+    c.add_argument("--home", **home)
+    c.add_argument("--name", required=True, help="the model name the rounds register")
+    c.add_argument("--rounds", type=int, required=True)
+    c.add_argument("--run-id", default="", help="default: <name>-<unix time>; an existing "
+                   "run's id resumes it after its last registered round")
+    c.add_argument("--min-clients", type=int, default=2, help="devices sampled, at least")
+    c.add_argument("--quorum", type=int, default=0, help="valid updates to aggregate "
+                   "(default: --min-clients)")
+    c.add_argument("--fraction", type=float, default=1.0, help="share of devices sampled")
+    c.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a strategy parameter, e.g. proximal_mu=0.1")
+    _fl_train_options(c)
+    c.add_argument("--family", default="mlp", choices=["mlp", "linear"])
+    c.add_argument("--hidden", type=int, nargs="*", default=[64])
+    c.add_argument("--features", type=int, default=64)
+    c.add_argument("--classes", type=int, default=10)
+    c.add_argument("--max-update-norm", type=float, default=None)
+    c.add_argument("--dp-noise", type=float, default=None, help="noise multiplier z")
+    c.add_argument("--dp-clip", type=float, default=None, help="clipping norm C")
+    c.add_argument("--release-to", default="", help="group:G | device:ID[,ID…] | all")
+    c.add_argument("--release-if-better", default="", metavar="METRIC",
+                   help="release the best round by METRIC if it beats the released model")
+    c.add_argument("--presence", type=float, default=120.0,
+                   help="seconds since a device's last status for it to be sampled")
+    c.add_argument("--wait-devices", type=float, default=30.0,
+                   help="seconds to wait for --min-clients devices")
+    c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
+    c.set_defaults(run=_lazy(mod, "fl_start"))
+    c = p.add_parser("status", help="the latest (or a named) run, round by round")
+    c.add_argument("--home", **home)
+    c.add_argument("--run", default="", help="run id (default: the latest)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(run=_lazy(mod, "fl_status"))
+    c = p.add_parser("runs", help="federated runs in the registry")
+    c.add_argument("--home", **home)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(run=_lazy(mod, "fl_runs"))
+    model = _subcommands(sub.choices["model"])
+    c = model.add_parser("history", help="a model's versions with their lineage")
+    c.add_argument("--home", **home)
+    c.add_argument("--name", required=True)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(run=_lazy(mod, "model_history"))
+    data = _subcommands(sub.choices["agent"]).add_parser(
+        "data", help="local training data").add_subparsers(dest="dcmd", required=True)
+    c = data.add_parser("add", help="append labelled samples (.npz x, y or .csv, label last)")
+    c.add_argument("--home", **_home("EDGEFLEET_AGENT_HOME"))
+    c.add_argument("file", type=Path)
+    c.set_defaults(run=_lazy(mod, "agent_data_add"))
+    s = sub.add_parser("sim", help="simulations").add_subparsers(dest="cmd", required=True)
+    c = s.add_parser("fl", help="N agents with non-IID digits, R rounds, accuracy per round")
+    c.add_argument("--agents", type=int, default=5)
+    c.add_argument("--rounds", type=int, default=10)
+    c.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew")
+    c.add_argument("--broker", default="memory", choices=["memory", "mosquitto", "amqtt"])
+    c.add_argument("--hidden", type=int, default=64)
+    c.add_argument("--out", type=Path, default=Path("fl-sim"), help="CSV (and PNG) go here")
+    _fl_train_options(c)
+    c.set_defaults(run=_lazy(mod, "sim_fl"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefleet", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="group", required=True)
-    for add in (_agent, _coordinator, _model, _bundle, _fleet, _demo):
+    for add in (_agent, _coordinator, _model, _bundle, _fleet, _demo, _fl):
         add(sub)
     _add_verbose(parser, 0)
     return parser

@@ -205,6 +205,7 @@ class ReleasePolicy:
 class FlOutcome:
     result: RunResult
     released: Released | None
+    released_version: str | None  # the model version released
     release_note: str  # why it was (not) released
     round_seconds: tuple[float, ...]  # wall time of each round, s
 
@@ -323,10 +324,9 @@ class FlService:
         finally:
             self.grid = None
         log.info("fl run %s: done, grid %s", spec.run_id, grid.stats)
-        released, note = self._release(spec, run, result, release)
-        return FlOutcome(
-            result=result, released=released, release_note=note, round_seconds=tuple(times)
-        )
+        released, version, note = self._release(spec, run, result, release)
+        return FlOutcome(result=result, released=released, released_version=version,
+                         release_note=note, round_seconds=tuple(times))  # fmt: skip
 
     def _device_key(self, device_id: str) -> bytes | None:
         d = self.coordinator.registry.device(device_id)
@@ -334,18 +334,18 @@ class FlService:
 
     def _release(
         self, spec: RunSpec, run: FederatedRun, result: RunResult, policy: ReleasePolicy | None
-    ) -> tuple[Released | None, str]:
+    ) -> tuple[Released | None, str | None, str]:
         if policy is None:
-            return None, "no release asked for"
+            return None, None, "no release asked for"
         history = run.history()
         if not history:
-            return None, "nothing registered: nothing to release"
+            return None, None, "nothing registered: nothing to release"
         pick = history[-1]
         if policy.if_better:
             pick, note = self._better(spec, history, policy)
             if pick is None:
                 log.warning("fl run %s: not released: %s", spec.run_id, note)
-                return None, note
+                return None, None, note
         else:
             note = f"last round {pick.lineage['fl']['round']}"
         from edgefleet.coordinator import release as releases
@@ -355,7 +355,7 @@ class FlService:
         )
         log.info("fl run %s: released %s %s as release %d (%s)", spec.run_id,
                  spec.model_name, pick.version, done.sequence, note)  # fmt: skip
-        return done, note
+        return done, pick.version, note
 
     def _better(self, spec: RunSpec, history: list[Any], policy: ReleasePolicy) -> tuple[Any, str]:
         name = policy.if_better

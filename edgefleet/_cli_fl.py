@@ -1,0 +1,252 @@
+"""Federated-learning commands: ``fl start|status|runs``, ``model history``, ``agent data
+add``, ``sim fl``. Flower and scikit-learn are imported inside the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["agent_data_add", "fl_runs", "fl_start", "fl_status", "model_history", "sim_fl"]
+
+BAR = 20  # characters of the per-round progress bar
+
+
+def _coordinator(args: argparse.Namespace) -> Any:
+    from edgefleet.coordinator.home import Coordinator
+
+    from ._cli_coordinator import storage_key_from_env
+
+    return Coordinator.open(args.home, broker=getattr(args, "broker", None),
+                            storage_key=storage_key_from_env(args.home))  # fmt: skip
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    from edgefleet.federated.runs import RunSpec
+    from edgefleet.federated.strategies import DpSpec, StrategySpec, UpdatePolicy
+    from edgefleet.federated.trainer import ModelSpec, TrainConfig
+
+    k = args.min_clients
+    dp = None
+    if args.dp_noise is not None or args.dp_clip is not None:
+        if args.dp_noise is None or args.dp_clip is None:
+            raise ValueError("differential privacy needs both --dp-noise and --dp-clip")
+        dp = DpSpec(noise_multiplier=args.dp_noise, clipping_norm=args.dp_clip)
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param expects NAME=VALUE, got {item!r}")
+        params[key] = float(value)
+    return RunSpec(
+        run_id=args.run_id or f"{args.name}-{int(time.time())}",
+        model_name=args.name,
+        rounds=args.rounds,
+        model=ModelSpec(family=args.family, n_features=args.features, n_classes=args.classes,
+                        hidden=tuple(args.hidden)),
+        train=TrainConfig(local_epochs=args.local_epochs, lr=args.lr, optimizer=args.optimizer,
+                          seed=args.seed),
+        strategy=StrategySpec(name=args.strategy, params=params, fraction_train=args.fraction,
+                              fraction_evaluate=args.fraction, min_train_nodes=k,
+                              min_evaluate_nodes=k, min_available_nodes=k, dp=dp),
+        policy=UpdatePolicy(quorum=args.quorum or k, max_update_norm=args.max_update_norm),
+        round_timeout=args.round_timeout,
+        seed=args.seed,
+    )  # fmt: skip
+
+
+def _round_line(record: Any, rounds: int) -> str:
+    done = int(BAR * record.round / rounds)
+    head = f"round {record.round}/{rounds} [{'#' * done:<{BAR}}]"
+    if record.version is None:
+        return f"{head} not aggregated: {record.skipped}"
+    fl = record.lineage["fl"]
+    metrics = {**fl["metrics"]["train"], **fl["metrics"]["eval"], **fl["metrics"]["central"]}
+    shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+    return (f"{head} version {record.version}: {len(fl['contributors'])} devices, "
+            f"{fl['num_examples']} samples, {len(fl['rejected'])} rejected; {shown}"
+            + (f" eps={fl['dp']['epsilon']:.3g}" if fl.get("dp") and fl["dp"]["epsilon"]
+               else ""))  # fmt: skip
+
+
+def fl_start(args: argparse.Namespace) -> int:
+    from edgefleet.coordinator.service import mqtt_config_for
+    from edgefleet.federated.service import FlService, ReleasePolicy
+
+    spec = _spec(args)
+    if args.release_if_better and not args.release_to:
+        raise ValueError("--release-if-better needs --release-to")
+    policy = (ReleasePolicy(selector=args.release_to, if_better=args.release_if_better or "")
+              if args.release_to else None)  # fmt: skip
+    c = _coordinator(args)
+    if not c.config.broker:
+        raise ValueError("no broker: pass --broker mqtt://host:port or set broker in "
+                         "coordinator.toml")  # fmt: skip
+    mqtt = mqtt_config_for(c, client_id=f"fl-{os.getpid()}")
+    print(f"run {spec.run_id}: {spec.rounds} rounds of {spec.strategy.name} on {spec.model_name}",
+          flush=True)  # fmt: skip
+    with FlService(c, mqtt, presence_window=args.presence) as service:
+        outcome = service.run(
+            spec,
+            on_round=lambda r: print(_round_line(r, spec.rounds), flush=True),
+            release=policy,
+            wait_devices=args.wait_devices,
+        )
+    result = outcome.result
+    registered = [r for r in result.rounds if r.version]
+    print(f"run {spec.run_id}: {len(registered)} of {len(result.rounds)} rounds registered; "
+          f"final version {result.version}")  # fmt: skip
+    if policy is not None:
+        if outcome.released is None:
+            print(f"not released: {outcome.release_note}")
+        else:
+            print(f"release {outcome.released.sequence}: {spec.model_name} "
+                  f"{outcome.released_version} to "
+                  f"{len(outcome.released.targets)} devices ({outcome.release_note})")
+    return 0 if registered else 3
+
+
+def _runs(c: Any) -> dict[str, list[Any]]:
+    """run id -> its registered versions, by round."""
+    runs: dict[str, list[Any]] = defaultdict(list)
+    for mv in c.registry.models():
+        fl = (mv.lineage or {}).get("fl")
+        if fl:
+            runs[fl["run_id"]].append(mv)
+    return {k: sorted(v, key=lambda m: int(m.lineage["fl"]["round"])) for k, v in runs.items()}
+
+
+def _run_row(run_id: str, versions: list[Any]) -> dict[str, Any]:
+    last = versions[-1]
+    fl = last.lineage["fl"]
+    return {
+        "run_id": run_id,
+        "model": last.name,
+        "rounds_done": int(fl["round"]),
+        "rounds": int(fl["rounds"]),
+        "strategy": fl["strategy"]["name"],
+        "last_version": last.version,
+        "eval": fl["metrics"]["eval"],
+        "created": last.created,
+    }
+
+
+def fl_runs(args: argparse.Namespace) -> int:
+    rows = [_run_row(k, v) for k, v in _runs(_coordinator(args)).items()]
+    rows.sort(key=lambda r: r["created"])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no federated runs")
+    for r in rows:
+        acc = r["eval"].get("eval-accuracy")
+        print(f"{r['run_id']}: {r['model']} rounds {r['rounds_done']}/{r['rounds']} "
+              f"{r['strategy']}, version {r['last_version']}"
+              + ("" if acc is None else f", eval-accuracy {acc:.4f}"))  # fmt: skip
+    return 0
+
+
+def fl_status(args: argparse.Namespace) -> int:
+    runs = _runs(_coordinator(args))
+    if not runs:
+        raise LookupError("no federated runs registered")
+    run_id = args.run or max(runs, key=lambda k: runs[k][-1].created)
+    if run_id not in runs:
+        raise LookupError(f"no federated run {run_id!r} (known: {', '.join(sorted(runs))})")
+    row = _run_row(run_id, runs[run_id])
+    if args.json:
+        print(json.dumps({**row, "versions": [m.version for m in runs[run_id]]}, indent=2))
+        return 0
+    state = "complete" if row["rounds_done"] >= row["rounds"] else "incomplete (resumable)"
+    print(f"{run_id}: {row['model']}, {row['strategy']}, round {row['rounds_done']} of "
+          f"{row['rounds']}: {state}")  # fmt: skip
+    for mv in runs[run_id]:
+        print("  " + _history_line(mv))
+    return 0
+
+
+def _history_line(mv: Any) -> str:
+    lineage = mv.lineage or {}
+    fl = lineage.get("fl")
+    parent = lineage.get("parent")
+    head = f"{mv.name} {mv.version}" + (f" <- {parent}" if parent else "")
+    if not fl:
+        return f"{head}: registered" + (f", accuracy {mv.metrics['accuracy']:.4f}"
+                                        if "accuracy" in (mv.metrics or {}) else "")
+    metrics = {**fl["metrics"]["eval"], **fl["metrics"]["central"]}
+    shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+    devices = ",".join(c["device_id"] for c in fl["contributors"])
+    dp = fl.get("dp")
+    eps = (f" dp z={dp['noise_multiplier']} C={dp['clipping_norm']} eps={dp['epsilon']}"
+           if dp else "")  # fmt: skip
+    return (f"{head}: run {fl['run_id']} round {fl['round']}/{fl['rounds']} "
+            f"{fl['strategy']['name']}, {fl['num_examples']} samples from [{devices}]"
+            f"{', ' + str(len(fl['rejected'])) + ' rejected' if fl['rejected'] else ''}; "
+            f"{shown}{eps}")  # fmt: skip
+
+
+def model_history(args: argparse.Namespace) -> int:
+    versions = [m for m in _coordinator(args).registry.models() if m.name == args.name]
+    if not versions:
+        raise LookupError(f"no versions of model {args.name!r}")
+    if args.json:
+        print(json.dumps([{"version": m.version, "created": m.created, "metrics": m.metrics,
+                           "lineage": m.lineage} for m in versions], indent=2))  # fmt: skip
+        return 0
+    for mv in versions:
+        print(_history_line(mv))
+    return 0
+
+
+def agent_data_add(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edgefleet.agent.config import AgentConfig
+    from edgefleet.federated.agent import data_dir
+    from edgefleet.federated.data import add_samples, load_dir
+
+    config = AgentConfig.load(args.home)
+    src: Path = args.file
+    if src.suffix not in (".npz", ".csv"):
+        raise ValueError(f"{src}: expected a .npz (arrays x, y) or .csv (label last) file")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # read (and check) it as the trainer will
+        (Path(tmp) / f"new{src.suffix}").write_bytes(src.read_bytes())
+        data = load_dir(Path(tmp), test_fraction=0.0)
+    out = add_samples(data_dir(config), data.x_train, data.y_train)
+    classes = np.unique(data.y_train)
+    print(f"added {data.num_train} samples ({len(classes)} labels) to {out}")
+    if not config.fl_enabled:
+        print("note: fl_enabled is false in agent.toml; this device takes no part in rounds",
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def sim_fl(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from edgefleet.simulations.fl import FlSimConfig, run_fl, write_report
+
+    cfg = FlSimConfig(agents=args.agents, rounds=args.rounds, alpha=args.alpha, seed=args.seed,
+                      broker=args.broker, strategy=args.strategy, hidden=args.hidden,
+                      local_epochs=args.local_epochs, lr=args.lr, optimizer=args.optimizer,
+                      round_timeout=args.round_timeout)  # fmt: skip
+    out: Path = args.out
+    with tempfile.TemporaryDirectory(prefix="edgefleet-simfl-") as work:
+        result = run_fl(Path(work), cfg,
+                        on_round=lambda r: print(_round_line(r, cfg.rounds), flush=True))
+    for path in write_report(result, out):
+        print(f"wrote {path}")
+    best = max(result.accuracy) if result.accuracy else 0.0
+    print(f"centralized {result.centralized:.4f}; federated final "
+          f"{result.accuracy[-1] if result.accuracy else 0:.4f}, best {best:.4f} "
+          f"({best / result.centralized:.3f}x); served by {len(result.served)} agents: "
+          f"{min(result.served.values(), default=0):.4f} accuracy")  # fmt: skip
+    return 0
