@@ -156,7 +156,7 @@ def fl_status(args: argparse.Namespace) -> int:
     runs = _runs(_coordinator(args))
     if not runs:
         raise LookupError("no federated runs registered")
-    run_id = args.run or max(runs, key=lambda k: runs[k][-1].created)
+    run_id = args.run_id or max(runs, key=lambda k: runs[k][-1].created)
     if run_id not in runs:
         raise LookupError(f"no federated run {run_id!r} (known: {', '.join(sorted(runs))})")
     row = _run_row(run_id, runs[run_id])
@@ -181,7 +181,7 @@ def _history_line(mv: Any) -> str:
                                         if "accuracy" in (mv.metrics or {}) else "")
     metrics = {**fl["metrics"]["eval"], **fl["metrics"]["central"]}
     shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
-    devices = ",".join(c["device_id"] for c in fl["contributors"])
+    devices = ",".join(sorted(c["device_id"] for c in fl["contributors"]))
     dp = fl.get("dp")
     eps = (f" dp z={dp['noise_multiplier']} C={dp['clipping_norm']} eps={dp['epsilon']}"
            if dp else "")  # fmt: skip
@@ -217,9 +217,15 @@ def agent_data_add(args: argparse.Namespace) -> int:
         raise ValueError(f"{src}: expected a .npz (arrays x, y) or .csv (label last) file")
     import tempfile
 
+    from edgefleet.protocol.errors import ConfigError
+
     with tempfile.TemporaryDirectory() as tmp:  # read (and check) it as the trainer will
-        (Path(tmp) / f"new{src.suffix}").write_bytes(src.read_bytes())
-        data = load_dir(Path(tmp), test_fraction=0.0)
+        copy = Path(tmp) / src.name
+        copy.write_bytes(src.read_bytes())
+        try:
+            data = load_dir(Path(tmp), test_fraction=0.0)
+        except ConfigError as exc:  # name the operator's file, not our copy
+            raise ConfigError(str(exc).replace(str(copy), str(src))) from exc
     out = add_samples(data_dir(config), data.x_train, data.y_train)
     classes = np.unique(data.y_train)
     print(f"added {data.num_train} samples ({len(classes)} labels) to {out}")

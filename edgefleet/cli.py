@@ -290,7 +290,7 @@ def _fl(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.set_defaults(run=_lazy(mod, "fl_start"))
     c = p.add_parser("status", help="the latest (or a named) run, round by round")
     c.add_argument("--home", **home)
-    c.add_argument("--run", default="", help="run id (default: the latest)")
+    c.add_argument("--run", dest="run_id", default="", help="run id (default: the latest)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(run=_lazy(mod, "fl_status"))
     c = p.add_parser("runs", help="federated runs in the registry")

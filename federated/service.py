@@ -65,8 +65,8 @@ log = logging.getLogger(__name__)
 PRESENCE_WINDOW = 120.0  # s: 4 default heartbeats (30 s) of an agent
 
 
-class NotEnoughDevicesError(RuntimeError):
-    """Fewer eligible devices than the run needs (within the wait)."""
+class NotEnoughDevicesError(TimeoutError):
+    """Fewer eligible devices than the run needs within the wait (the CLI: one line)."""
 
 
 class Presence:

@@ -1,0 +1,91 @@
+"""The FL commands: ``fl start`` on a coordinator home against a running broker with agents
+(2 rounds, per-round metrics), ``fl runs`` / ``fl status`` / ``model history`` list them,
+``agent data add`` appends samples, and operator errors are one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from edgefleet.federated.data import load_dir
+from edgefleet.simulations.fl import FlSimConfig, fl_fleet
+
+from edgefleet.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: Any) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def fl_world(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    cfg = FlSimConfig(agents=3, broker="mosquitto", release="")
+    with fl_fleet(tmp_path_factory.mktemp("cli-fl"), cfg) as sim:
+        yield sim
+
+
+def test_fl_start_runs_rounds_and_they_are_listed(fl_world: Any,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    home = fl_world.fleet.coordinator.home
+    code, out, err = run(capsys, "fl", "start", "--home", home, "--name", "digits-cli",
+                         "--rounds", 2, "--min-clients", 3, "--run-id", "cli-1",
+                         "--local-epochs", 2, "--round-timeout", 60,
+                         "--release-to", "all", "--release-if-better", "accuracy")
+    assert code == 0, err
+    lines = out.splitlines()
+    rounds = [ln for ln in lines if ln.startswith("round ")]
+    assert [ln.split()[1] for ln in rounds] == ["1/2", "2/2"]
+    assert all("3 devices" in ln and "eval-accuracy=" in ln for ln in rounds), rounds
+    assert "final version 2" in out
+    # the bootstrap model the fleet serves (released to all) is better than 2 short rounds
+    assert any(ln.startswith("not released: best accuracy") and "does not beat the released"
+               in ln for ln in lines), out
+    code, out, _ = run(capsys, "fl", "runs", "--home", home)
+    assert code == 0 and "cli-1: digits-cli rounds 2/2 fedavg, version 2" in out
+    code, out, err = run(capsys, "fl", "status", "--home", home)
+    assert code == 0, err
+    assert out.startswith("cli-1: digits-cli, fedavg, round 2 of 2: complete")
+    code, out, _ = run(capsys, "model", "history", "--home", home, "--name", "digits-cli")
+    history = out.splitlines()
+    assert code == 0 and len(history) == 2
+    assert history[0].startswith("digits-cli 1: run cli-1 round 1/2 fedavg")
+    assert history[1].startswith("digits-cli 2 <- 1: run cli-1 round 2/2")
+    assert "[fl-0,fl-1,fl-2]" in history[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["fl", "start", "--name", "x", "--rounds", 1, "--min-clients", 9, "--wait-devices",
+          0], "3 eligible devices"),
+        (["fl", "start", "--name", "x", "--rounds", 1, "--dp-noise", 1.0], "--dp-clip"),
+        (["fl", "start", "--name", "x", "--rounds", 1, "--release-if-better", "accuracy"],
+         "--release-to"),
+        (["fl", "status", "--run", "nope"], "no federated run 'nope'"),
+        (["model", "history", "--name", "nope"], "no versions of model 'nope'"),
+    ],
+)  # fmt: skip
+def test_operator_errors_are_one_line(fl_world: Any, capsys: pytest.CaptureFixture[str],
+                                      argv: list[Any], message: str) -> None:
+    home = fl_world.fleet.coordinator.home
+    code, _, err = run(capsys, *argv[:2], "--home", home, *argv[2:])
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_agent_data_add(tmp_path: Path, fl_world: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    home = fl_world.fleet.homes["fl-0"]
+    before = load_dir(home / "fl-data", test_fraction=0.0).num_train
+    x = np.random.default_rng(0).random((7, 64), dtype=np.float32)
+    np.savez(tmp_path / "new.npz", x=x, y=np.arange(7))
+    code, out, err = run(capsys, "agent", "data", "add", "--home", home, tmp_path / "new.npz")
+    assert code == 0 and out.startswith("added 7 samples (7 labels)"), err
+    assert load_dir(home / "fl-data", test_fraction=0.0).num_train == before + 7
+    (tmp_path / "bad.csv").write_text("1,2,x\n")
+    code, _, err = run(capsys, "agent", "data", "add", "--home", home, tmp_path / "bad.csv")
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert f"{tmp_path / 'bad.csv'}: not a data file" in err
