@@ -46,7 +46,7 @@ def agent_run(args: argparse.Namespace) -> int:
 
         server = InferenceServer(agent, home=config.home, port=config.http_port)
         server.start()
-        log.warning("local inference API on %s", server.url)
+        log.info("local inference API on %s", server.url)
     fl = None
     if config.fl_enabled:  # federated learning: the client trains on its own thread
         from edgefleet.federated.agent import DeviceFl
@@ -58,7 +58,7 @@ def agent_run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if fl is not None:
         fl.bind(daemon)
-        log.warning("federated learning enabled: local data in %s", fl.data_dir)
+        log.info("federated learning enabled: local data in %s", fl.data_dir)
     stop = _stop_on_signals()
     daemon.start()
     try:
@@ -115,7 +115,7 @@ def coordinator_serve(args: argparse.Namespace) -> int:
     client_id = args.client_id or f"coordinator-{socket.gethostname()}-{os.getpid()}"
     svc = CoordinatorService(c, mqtt_config_for(c, client_id=client_id))
     svc.start()
-    log.warning("coordinator serving on %s as %s", c.config.broker, client_id)
+    log.info("coordinator serving on %s as %s", c.config.broker, client_id)
     try:
         stop.wait()
     finally:

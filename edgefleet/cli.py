@@ -368,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = logging.WARNING if daemon or args.group == "demo" else logging.ERROR
     level = max(logging.DEBUG, base - 10 * verbosity(args))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if daemon:  # its own state changes at INFO (installs, connects); libraries stay at WARNING
+        logging.getLogger("edgefleet").setLevel(min(level, logging.INFO))
     from edgefleet.protocol.errors import EdgeFleetError
 
     try:
