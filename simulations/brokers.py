@@ -5,20 +5,38 @@
 - ``mosquitto`` / ``amqtt``: an ``EmbeddedBroker`` on a free loopback port with a generated
   config (passwords, ACL), reached through ``MqttLink``; agents may also be processes.
 - ``external``: a broker someone else started (e.g. ``mosquitto -c`` from ``broker-config``).
+- ``hardened``: ``hardened()`` (an ``open_fleet`` broker) / ``start_hardened``: mosquitto
+  started from ``coordinator broker-config`` output (``write_broker_config``: the
+  dynamic-security plugin, client ids bound to accounts, ``BrokerLimits``), exactly what
+  operators deploy; ``SimBroker.pid`` and ``log_file`` for memory and log checks.
 """
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from edgefleet.infra.broker import EmbeddedBroker, edgefleet_acl
+from edgefleet.infra.broker import (
+    BrokerLimits,
+    EmbeddedBroker,
+    _accepts,
+    _free_port,
+    _which,
+    edgefleet_acl,
+)
 from edgefleet.infra.link import InMemoryBroker, LinkFactory
 from edgefleet.protocol import topics
 
-__all__ = ["BrokerKind", "SimBroker", "external_broker", "start_broker"]
+if TYPE_CHECKING:
+    from edgefleet.coordinator.home import Coordinator
+
+    from .homes import FleetHomes
+
+__all__ = ["BrokerKind", "SimBroker", "external_broker", "hardened", "start_broker",
+           "start_hardened"]  # fmt: skip
 
 #: "auto" = mosquitto where it is installed, else amqtt (the demo's embedded default)
 BrokerKind = Literal["memory", "mosquitto", "amqtt", "auto"]
@@ -36,6 +54,11 @@ class SimBroker:
     memory: InMemoryBroker | None = None
     #: the EmbeddedBroker (port, process) of a started mosquitto/amqtt; None otherwise
     embedded: EmbeddedBroker | None = None
+    #: a hardened broker's limits, config file and log (None for the other kinds)
+    limits: BrokerLimits | None = None
+    config_file: Path | None = None
+    log_file: Path | None = None
+    _pid: Callable[[], int | None] | None = field(default=None, repr=False)
     _restart: Callable[[], None] | None = field(default=None, repr=False)
     _close: Callable[[], None] | None = field(default=None, repr=False)
     _stop: Callable[[], None] | None = field(default=None, repr=False)
@@ -45,6 +68,11 @@ class SimBroker:
     def networked(self) -> bool:
         """True if agents in other processes can reach it (``Fleet.spawn_agent``)."""
         return self.memory is None
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (a real mosquitto), else None."""
+        return None if self._pid is None else self._pid()
 
     def restart(self) -> None:
         """Every client is disconnected; retained messages and persistent sessions stay."""
@@ -116,6 +144,7 @@ def start_broker(
         _close=close,
         _stop=real.stop,
         _start=real.start,
+        _pid=lambda: real._proc.pid if real._proc is not None else None,
     )
 
 
@@ -131,3 +160,106 @@ def external_broker(
         link_factory=_mqtt_link_factory(),
         _close=close,
     )
+
+
+class _Mosquitto:
+    """``mosquitto -c <conf>`` on a fixed port; stop keeps the data dir for a restart."""
+
+    def __init__(self, conf: Path, port: int, log_file: Path, start_timeout: float) -> None:
+        binary = _which("mosquitto")
+        if binary is None:
+            raise RuntimeError("a hardened broker needs the mosquitto binary on PATH")
+        self._cmd = [binary, "-c", str(conf)]
+        self.port, self.log_file, self._timeout = port, log_file, start_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if self.proc is not None:
+            raise RuntimeError("broker already running")
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        with open(self.log_file.with_name("mosquitto.stderr"), "ab") as err:
+            self.proc = subprocess.Popen(self._cmd, stdin=subprocess.DEVNULL, stdout=err,
+                                         stderr=err)  # fmt: skip
+        from .wait import wait_until
+
+        try:  # "running" in our own log proves the listener is ours
+            wait_until(lambda: self._exited() or (" running" in self._log(offset)
+                                                  and _accepts(self.port)),
+                       f"mosquitto to listen on {self.port}", self._timeout)  # fmt: skip
+        except TimeoutError:
+            self.stop()
+            raise
+        if self._exited():
+            self.proc = None
+            raise RuntimeError(f"mosquitto exited at start-up: {self._log(offset)[-1000:]}")
+
+    def _exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def _log(self, offset: int) -> str:
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.terminate()  # SIGTERM: mosquitto saves its persistence database
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def start_hardened(
+    coordinator: Coordinator,
+    out: Path,
+    *,
+    limits: BrokerLimits | None = None,
+    port: int | None = None,
+    start_timeout: float = 10.0,  # s
+) -> SimBroker:
+    """``edgefleet coordinator broker-config --out OUT`` (``write_broker_config``) for the
+    coordinator's enrolled devices on a free loopback port, then ``mosquitto -c`` on it."""
+    from edgefleet.coordinator.brokerconf import write_broker_config
+
+    port = port or _free_port()
+    files = write_broker_config(coordinator, out, port=port, limits=limits)
+    broker = _Mosquitto(files.config, port, out / "data" / "mosquitto.log", start_timeout)
+    broker.start()
+    return SimBroker(
+        kind="hardened",
+        url=f"mqtt://127.0.0.1:{port}",
+        protocol=5,
+        link_factory=_mqtt_link_factory(),
+        limits=limits or BrokerLimits(),
+        config_file=files.config,
+        log_file=broker.log_file,
+        _pid=lambda: broker.proc.pid if broker.proc is not None else None,
+        _restart=broker.restart,
+        _close=broker.stop,
+        _stop=broker.stop,
+        _start=broker.start,
+    )
+
+
+def hardened(
+    out: Path | None = None, *, limits: BrokerLimits | None = None
+) -> Callable[[FleetHomes], SimBroker]:
+    """A ``broker=`` for ``open_fleet``: ``start_hardened`` for the fleet's coordinator, its
+    files in ``out`` (default ``<coordinator home>/broker``, where ``broker-config`` puts them)."""
+
+    def start(homes: FleetHomes) -> SimBroker:
+        c = homes.coordinator
+        return start_hardened(c, out or c.home / "broker", limits=limits)
+
+    return start
