@@ -82,6 +82,10 @@ class SoakConfig:
     install_timeout: float = 300.0  # s for a release to reach every agent
     releases: int = 5  # timed releases unattacked (under attack: as many as fit, >= 1)
     attacks: tuple[str, ...] | None = None  # names of the attacks to run (None: all)
+    # s between the starts of two releases, at least: the first agent to ask for a new
+    # release pays a registry lookup, and the service allows a device one a second
+    # (ServiceLimits.lookup_rate); faster releases would time that agent's requests out.
+    release_every: float = 1.25
     sample_every: float = 0.05  # s between RSS samples
 
     def __post_init__(self) -> None:
@@ -440,8 +444,11 @@ def _soak(fleet: Fleet, coord: _CoordinatorProcess, devices: list[str], bundle_i
     )  # fmt: skip
     pids = {"broker": broker.pid, "coordinator": coord.proc.pid}
     versions = itertools.cycle(VERSIONS)
+    last = [-cfg.release_every]
     with _publisher(c) as link:
         def release() -> float:
+            time.sleep(max(0.0, last[0] + cfg.release_every - time.monotonic()))  # pacing
+            last[0] = time.monotonic()
             return _timed_release(fleet, link, agents, next(versions), cfg.install_timeout)
 
         release()  # warm-up: first loads of the runtime, caches, connections
@@ -460,7 +467,7 @@ def _soak(fleet: Fleet, coord: _CoordinatorProcess, devices: list[str], bundle_i
                            "the coordinator to drop the rogue's work", interval=0.1)
                 attacked = [release()]
                 # More releases while the next one still fits inside the attack.
-                while time.monotonic() + 2 * max(attacked) < ends:
+                while time.monotonic() + cfg.release_every + 2 * max(attacked) < ends:
                     attacked.append(release())
                 done = rogue.next(cfg.attack_seconds + CHILD_TIMEOUT)
             finally:

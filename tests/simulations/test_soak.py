@@ -77,6 +77,7 @@ def _check(r: SoakReport, cfg: SoakConfig) -> None:
     assert drops.get("too large", 0) > 0  # telemetry over the cap
     assert svc["queue_dropped"].get(ROGUE, 0) > 0  # requests beyond its window
     assert all(n == 0 for d, n in svc["queue_dropped"].items() if d != ROGUE)
+    assert [k for k in svc["drops"] if not k.startswith(f"{ROGUE}|")] == []  # none of theirs
     assert svc["received"]["up/chunkreq"] >= a["amplify_requests"] + a["flood_requests"] // 2
 
 
