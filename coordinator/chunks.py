@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,6 +112,8 @@ class ChunkServer:
         max_releases: int = 64,
         max_unknown: int = 4096,
         max_files: int = 8,
+        resend_after: float = 0.5,  # s before the same segment is sent to a device again
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._lookup = lookup
         self._open = open_payload
@@ -123,6 +126,13 @@ class ChunkServer:
         self.sent_bytes = 0
         self.refused = 0
         self.lookups = 0  # registry lookups (cache misses)
+        # Amplification: a device that asks for the same segments again and again without
+        # reading them makes the broker hold every copy. An agent re-asks only after its
+        # request timeout (seconds), so one copy per segment per ``resend_after`` is enough:
+        # device -> (bundle id, {index: when sent}); one bundle per device, so bounded.
+        self._resend_after, self._clock = resend_after, clock
+        self._sent: dict[str, tuple[str, dict[int, float]]] = {}
+        self.held_back = 0  # segments not sent again within resend_after
 
     def cached(self, bundle_id: str) -> bool:
         """True if answering ``bundle_id`` needs no registry lookup."""
@@ -162,7 +172,21 @@ class ChunkServer:
             reason = f"{device_id} is not a target of release {facts.sequence}"
             log.warning("refused chunk request from %s: %s", device_id, reason)
             return self._replies(req, "refused", reason)
-        return [self._chunk(facts, req, i) for i in req.indexes]
+        return [self._chunk(facts, req, i) for i in self._fresh(device_id, req)]
+
+    def _fresh(self, device_id: str, req: ChunkRequest) -> list[int]:
+        """The requested indexes not sent to this device within ``resend_after``."""
+        now = self._clock()
+        with self._lock:
+            bundle, sent = self._sent.get(device_id, ("", {}))
+            if bundle != req.bundle_id:
+                sent = {}
+                self._sent[device_id] = (req.bundle_id, sent)
+            fresh = [i for i in req.indexes if now - sent.get(i, -1e18) >= self._resend_after]
+            for i in fresh:
+                sent[i] = now
+            self.held_back += len(req.indexes) - len(fresh)
+        return fresh
 
     @staticmethod
     def _replies(req: ChunkRequest, status: str, reason: str) -> list[ChunkReply]:

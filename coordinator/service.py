@@ -71,6 +71,7 @@ class ServiceLimits:
     max_releases: int = 64  # release facts (manifests) cached
     max_unknown: int = 4096  # unknown bundle ids cached (negative lookups)
     max_files: int = 8  # payload blobs open at once
+    resend_after: float = 0.5  # s before the same segment goes to the same device again
     lookup_rate: float = 1.0  # registry lookups of uncached bundle ids per device per second
     lookup_burst: int = 8  # ... in a burst
     lookups_queued: int = 256  # chunk requests waiting for a lookup, all devices
@@ -126,6 +127,8 @@ class CoordinatorService:
             max_releases=limits.max_releases,
             max_unknown=limits.max_unknown,
             max_files=limits.max_files,
+            resend_after=limits.resend_after,
+            clock=monotonic,
         )
         self.queues = ChunkQueues(window=limits.window)
         self.budget = LookupBudget(rate=limits.lookup_rate, burst=limits.lookup_burst,

@@ -171,6 +171,7 @@ def _stats(svc: CoordinatorService) -> dict[str, Any]:
         "largest_received": svc.largest_received,
         "sent_chunks": svc.chunks.sent_chunks,
         "sent_bytes": svc.chunks.sent_bytes,
+        "held_back": svc.chunks.held_back,
         "refused": svc.chunks.refused,
         "lookups": svc.chunks.lookups,
         "open_files": svc.chunks.open_files,

@@ -131,3 +131,37 @@ def test_the_lookup_budget_refills_on_the_injected_clock() -> None:
     assert budget.allow("dev-b")  # a budget per device
     now[0] += 1.0  # two more tokens
     assert [budget.allow("rogue") for _ in range(3)] == [True, True, False]
+
+
+class _Manifest:
+    segments = 4
+
+    @staticmethod
+    def segment_span(i: int) -> tuple[int, int]:
+        return i * 8, 8
+
+
+class _Payload:
+    def read_at(self, offset: int, length: int) -> bytes:
+        return bytes([offset // 8]) * length
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_segment_is_not_sent_to_the_same_device_again_within_resend_after() -> None:
+    """Amplification: asking for the same segments over and over without reading them gets
+    one copy per ``resend_after``; an agent's re-request (after its timeout) is answered."""
+    now = [100.0]
+    facts = ReleaseFacts(sequence=1, targets=frozenset({"dev-a", "dev-b"}),
+                         manifest=_Manifest(), payload_blob="p")  # type: ignore[arg-type]
+    server = ChunkServer(lambda _b: facts, lambda _blob: _Payload(), resend_after=0.5,
+                         clock=lambda: now[0])
+    assert [r.index for r in server.answer("dev-a", req("dev-a", 0, 1))] == [0, 1]
+    assert server.answer("dev-a", req("dev-a", 0, 1)) == []  # the same again at once: held
+    assert [r.index for r in server.answer("dev-a", req("dev-a", 1, 2))] == [2]
+    assert [r.index for r in server.answer("dev-b", req("dev-b", 0, 1))] == [0, 1]  # per device
+    assert server.held_back == 3
+    now[0] += 0.5
+    assert [r.index for r in server.answer("dev-a", req("dev-a", 0, 1))] == [0, 1]  # later
+    assert server.answer("dev-a", req("dev-a", 0, 1, bundle_id="cd" * 16))[0].data == b"\0" * 8
