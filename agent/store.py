@@ -206,7 +206,9 @@ class ModelStore:
                     log.info("removing unreferenced version %s", p.name)
                     shutil.rmtree(p, ignore_errors=True)
         if self.state.active and not (self.root / "versions" / self.state.active).is_dir():
-            raise StoreError(f"active version {self.state.active} is missing from {self.root}")
+            # Not fatal: the agent serves another kept version or nothing, and a valid newer
+            # release (over the air or from a file) still installs and repairs the device.
+            log.error("active version %s is missing from %s", self.state.active, self.root)
 
     # -- reading ---------------------------------------------------------------------------
     def version(self, dirname: str) -> InstalledVersion:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import edgefleet.agent.agent as agent_module
@@ -164,6 +165,22 @@ def test_start_up_without_a_loadable_version_serves_nothing_and_can_be_repaired(
         assert _versions(home) == before  # nothing deleted
         agent.install_file(fleet.bundles["v2"])  # a valid newer release repairs it
         assert agent.broken is None and agent.status().broken is None
+        np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v2", x_test), atol=1e-5)
+
+
+def test_a_missing_active_version_directory_does_not_brick_the_device(
+        fleet: Fleet, tmp_path: Path, x_test: np.ndarray) -> None:
+    """The store used to refuse to open when the active version's directory was gone."""
+    home = fleet.agent_home(tmp_path / "home", installed=["v1"])
+    agent = open_agent(home)
+    active = agent.store.active()
+    assert active is not None
+    agent.close()
+    shutil.rmtree(active.dir)
+    with open_agent(home) as agent:
+        assert agent.active is None and agent.broken is not None
+        agent.install_file(fleet.bundles["v2"])  # a valid newer release repairs it
+        assert agent.broken is None
         np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v2", x_test), atol=1e-5)
 
 

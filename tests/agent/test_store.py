@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from pathlib import Path
 from typing import Any
@@ -123,13 +124,27 @@ def test_recommitting_the_same_release_replaces_it(tmp_path: Path) -> None:
     (b"not json", "unreadable"),
     (b'{"active": null}', "unreadable"),
     (b'{"active": null, "history": [], "highest_sequence": "x"}', "unreadable"),
-    (b'{"active": "gone", "history": ["gone"], "highest_sequence": 1}', "missing"),
 ])
 def test_unusable_pointer_is_a_store_error(tmp_path: Path, pointer: bytes, match: str) -> None:
     ModelStore(tmp_path)
     (tmp_path / POINTER).write_bytes(pointer)
     with pytest.raises(StoreError, match=match):
         ModelStore(tmp_path)
+
+
+def test_a_missing_active_version_is_logged_not_fatal(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The pointer is intact (so the accepted sequence is known): the store opens, and the
+    agent above serves another kept version or nothing until a newer release repairs it."""
+    ModelStore(tmp_path)
+    (tmp_path / POINTER).write_bytes(b'{"active": "gone", "history": ["gone"], '
+                                     b'"highest_sequence": 1}')
+    with caplog.at_level(logging.ERROR):
+        store = ModelStore(tmp_path)
+    assert store.state.highest_sequence == 1
+    assert any("missing" in r.getMessage() for r in caplog.records)
+    with pytest.raises(StoreError):
+        store.active()
 
 
 def test_keep_must_be_positive(tmp_path: Path) -> None:
