@@ -20,17 +20,20 @@ import logging
 from pathlib import Path
 
 from edgefleet.infra.fsutil import atomic_write, os_errors, private_dir
-from edgefleet.protocol._fields import check_keys, field
-from edgefleet.protocol.canonical import b64d, b64e, canonical_json, decode_json_object
 from edgefleet.protocol.errors import BundleError, CorruptStateError, StoreError
-from edgefleet.protocol.keyring import MAX_KEYRING, MAX_SIGNATURE, Keyring
+from edgefleet.protocol.keyring import (
+    MAX_KEYRING_FILE,
+    Keyring,
+    decode_keyring_file,
+    encode_keyring_file,
+)
 from edgefleet.protocol.keys import decode_public_key, encode_public_key
 from edgefleet.protocol.verify import verify_keyring, verify_keyring_signature
 
 __all__ = ["TrustStore"]
 
 log = logging.getLogger(__name__)
-MAX_STORED = 2 * (MAX_KEYRING + MAX_SIGNATURE)  # both, base64-encoded, in one JSON object
+MAX_STORED = MAX_KEYRING_FILE  # bytes read of keyring.json
 
 
 class TrustStore:
@@ -61,10 +64,9 @@ class TrustStore:
         """Verify a keyring from the network; persist it if it is newer than ours."""
         keyring = verify_keyring(self.root_public, raw, sig, now=now, current=self.keyring)
         if self.keyring is None or keyring.version > self.keyring.version:
-            doc = {"keyring": b64e(raw), "signature": b64e(sig)}
             path = self.dir / self.KEYRING
             with os_errors(f"{path}: cannot save keyring v{keyring.version}"):
-                atomic_write(path, canonical_json(doc))
+                atomic_write(path, encode_keyring_file(raw, sig))
             log.info(
                 "trusted keyring is now v%d (%d release keys)", keyring.version, len(keyring.keys)
             )
@@ -78,10 +80,7 @@ class TrustStore:
             except FileNotFoundError:
                 return None  # none accepted yet
         try:
-            doc = decode_json_object(data, max_size=MAX_STORED, what="stored keyring")
-            check_keys(doc, {"keyring", "signature"}, "stored keyring")
-            raw = b64d(field(doc, "keyring", str, "stored keyring"), what="stored keyring")
-            sig = b64d(field(doc, "signature", str, "stored keyring"), what="stored signature")
+            raw, sig = decode_keyring_file(data, "stored keyring")
         except BundleError as exc:
             raise CorruptStateError(f"{path}: not a stored keyring file ({exc})") from exc
         try:

@@ -23,7 +23,13 @@ from edgefleet.infra.fsutil import atomic_write, os_errors, private_dir
 from edgefleet.protocol._fields import check_keys, field
 from edgefleet.protocol.canonical import b64d, b64e, canonical_json, decode_json_object
 from edgefleet.protocol.errors import BundleError, ConfigError, CorruptStateError, KeyExpiredError
-from edgefleet.protocol.keyring import MAX_KEYRING, MAX_SIGNATURE, KeyEntry, Keyring, Signature
+from edgefleet.protocol.keyring import (
+    KeyEntry,
+    Keyring,
+    Signature,
+    decode_keyring_file,
+    encode_keyring_file,
+)
 from edgefleet.protocol.keys import SigningKey, decode_public_key, encode_public_key
 from edgefleet.protocol.verify import verify_keyring_signature
 
@@ -68,10 +74,7 @@ def _load_keyring(home: Path) -> tuple[bytes, bytes]:
     except BundleError as exc:
         raise CorruptStateError(f"{root_path}: not a public key file ({exc})") from exc
     try:
-        d = decode_json_object(data, max_size=2 * (MAX_KEYRING + MAX_SIGNATURE), what="keyring")
-        check_keys(d, {"keyring", "signature"}, "keyring file")
-        raw = b64d(field(d, "keyring", str, "keyring file"), what="keyring")
-        sig = b64d(field(d, "signature", str, "keyring file"), what="keyring signature")
+        raw, sig = decode_keyring_file(data)
     except BundleError as exc:
         raise CorruptStateError(f"{path}: not a keyring file ({exc})") from exc
     try:
@@ -126,7 +129,7 @@ class CoordinatorKeys:
     def _save_keyring(home: Path, raw: bytes, sig: bytes) -> None:
         path = home / "keyring.json"
         with os_errors(f"{path}: cannot save the keyring"):
-            atomic_write(path, canonical_json({"keyring": b64e(raw), "signature": b64e(sig)}))
+            atomic_write(path, encode_keyring_file(raw, sig))
 
     @classmethod
     def load(cls, home: Path) -> CoordinatorKeys:

@@ -14,7 +14,7 @@ from .canonical import b64d, b64e, canonical_json, decode_json_object
 from .errors import DecodeError, UntrustedSignerError
 from .keys import key_id
 
-__all__ = ["KeyEntry", "Keyring", "Signature"]
+__all__ = ["KeyEntry", "Keyring", "Signature", "decode_keyring_file", "encode_keyring_file"]
 
 MAX_KEYRING = 64 * 1024
 MAX_SIGNATURE = 1024
@@ -126,3 +126,24 @@ class Keyring:
             f"release key {keyid!r:.40}: not in keyring v{self.version} "
             f"(trusted: {[k.keyid for k in self.keys]})"
         )
+
+
+#: bytes: a stored keyring file (the keyring and its root signature, base64, in one object)
+MAX_KEYRING_FILE = 2 * (MAX_KEYRING + MAX_SIGNATURE)
+
+
+def encode_keyring_file(raw: bytes, sig: bytes) -> bytes:
+    """``keyring.json`` as the agent's trust store and the coordinator keep it: the keyring
+    bytes as signed and the root's signature over them (verified again whenever loaded)."""
+    return canonical_json({"keyring": b64e(raw), "signature": b64e(sig)})
+
+
+def decode_keyring_file(data: bytes, what: str = "keyring file") -> tuple[bytes, bytes]:
+    """``(keyring bytes, signature bytes)`` of a stored keyring file; ``DecodeError`` if it
+    is not one (the signature is NOT checked here: callers verify against their root)."""
+    doc = decode_json_object(data, max_size=MAX_KEYRING_FILE, what=what)
+    check_keys(doc, {"keyring", "signature"}, what)
+    raw = b64d(field(doc, "keyring", str, what), what=f"{what}: keyring", max_len=MAX_KEYRING)
+    sig = b64d(field(doc, "signature", str, what), what=f"{what}: signature",
+               max_len=MAX_SIGNATURE)  # fmt: skip
+    return raw, sig
