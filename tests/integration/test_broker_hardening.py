@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import socket
-import struct
 from collections.abc import Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -26,6 +25,7 @@ from edgefleet.infra.link.mqtt import MqttConfig, MqttLink
 from edgefleet.protocol import topics
 from edgefleet.protocol.keys import decode_public_key
 from edgefleet.protocol.messages import ChunkRequest
+from edgefleet.simulations.attacks import RawMqtt, publish_packet
 from edgefleet.simulations.homes import provision_fleet
 
 from edgefleet.cli import main
@@ -66,41 +66,11 @@ def _rss(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def _str(s: str) -> bytes:
-    b = s.encode()
-    return struct.pack("!H", len(b)) + b
-
-
-def _varint(n: int) -> bytes:
-    out = b""
-    while True:
-        n, digit = divmod(n, 128)
-        out += bytes([digit | (0x80 if n else 0)])
-        if not n:
-            return out
-
-
-def _packet(kind: int, body: bytes) -> bytes:
-    return bytes([kind]) + _varint(len(body)) + body
-
-
-class RawClient:
+def _raw(port: int, client_id: str, user: str, password: str) -> RawMqtt:
     """A bare MQTT 3.1.1 socket that reads only when told to: a client that stops reading."""
-
-    def __init__(self, port: int, client_id: str, user: str, password: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        flags = 0x80 | 0x40 | 0x02  # username, password, clean session
-        body = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", 0)  # no keepalive
-        self.sock.sendall(_packet(0x10, body + _str(client_id) + _str(user) + _str(password)))
-        assert self.sock.recv(4) == b"\x20\x02\x00\x00", "CONNACK: connection refused"
-
-    def subscribe(self, topic: str, qos: int) -> int:
-        self.sock.sendall(_packet(0x82, struct.pack("!H", 1) + _str(topic) + bytes([qos])))
-        return self.sock.recv(5)[-1]  # SUBACK return code
-
-    def close(self) -> None:
-        self.sock.close()
+    raw = RawMqtt("127.0.0.1", port, client_id, user, password)
+    assert raw.return_code == 0, "CONNACK: connection refused"
+    return raw
 
 
 def _port(broker: ExternalBroker) -> int:
@@ -157,8 +127,8 @@ def test_a_slow_reader_costs_the_broker_a_bounded_amount(
 ) -> None:
     limits = _conf_limits(tmp_path / "broker" / "mosquitto.conf")
     chunk = topics.chunk("dev-a")
-    slow = RawClient(_port(running), "agent-dev-a", "dev-a", brokerconf.credentials(homes)["dev-a"])
-    assert slow.subscribe(chunk, qos=1) == 1
+    slow = _raw(_port(running), "agent-dev-a", "dev-a", brokerconf.credentials(homes)["dev-a"])
+    assert slow.subscribe(chunk, wait=True) == 1
     coord, _, _ = _link(running, homes, "coordinator", "coordinator-flood")
     frame = 64 * 1024  # a release with 64 KiB segments: ~65 KiB chunk packets
     count = 3000  # 192 MiB: three times the bound of the QoS 0 path
@@ -275,10 +245,10 @@ def test_a_device_cannot_retain_large_or_stray_messages(
     dev.stop()
     # A 20 MB retained publish from a client that ignores the announced maximum: mosquitto
     # closes the connection on the packet's length, before reading (or storing) the payload.
-    raw = RawClient(_port(running), "agent-dev-a", "dev-a", brokerconf.credentials(homes)["dev-a"])
-    body = _str(up + "telemetry") + b"\x00" * (20 << 20)
+    raw = _raw(_port(running), "agent-dev-a", "dev-a", brokerconf.credentials(homes)["dev-a"])
+    packet = publish_packet(up + "telemetry", b"\x00" * (20 << 20), retain=True)  # QoS 0
     before = _rss(running.proc.pid)
-    assert _closed_by_peer(raw.sock, _packet(0x31, body))  # PUBLISH, QoS 0, retain
+    assert _closed_by_peer(raw.sock, packet)
     raw.close()
     assert _rss(running.proc.pid) - before < 10 << 20
     _, _, seen = _link(running, homes, "coordinator", "watch", subscribe=(up + "#",))
