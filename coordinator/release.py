@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -220,15 +221,28 @@ def _ignore(topic: str, payload: bytes, props: MessageProps) -> None:
 
 @contextmanager
 def connect(
-    config: MqttConfig, *, link_factory: LinkFactory = MqttLink, timeout: float = 15.0
+    config: MqttConfig,
+    *,
+    link_factory: LinkFactory = MqttLink,
+    timeout: float = 15.0,
+    attempts: int = 3,
 ) -> Iterator[Link]:
-    """A started, connected publishing link, stopped on exit (``ConnectionError`` if the
-    broker is not reachable within ``timeout`` seconds)."""
-    link = link_factory(config, _ignore)
+    """A started, connected publishing link, stopped on exit. ``ConnectionError`` if the
+    broker is not reachable within ``timeout`` seconds or refused ``attempts`` connection
+    attempts in a row (a command should not wait out its timeout on a dead broker)."""
+    failed = threading.Semaphore(0)
+    link = link_factory(config, _ignore, on_disconnect=lambda _reason: failed.release())
     link.start()
     try:
-        if not link.wait_connected(timeout):
-            raise ConnectionError(f"cannot reach the broker at {config.url}: {link.last_error}")
+        deadline, refused = time.monotonic() + timeout, 0
+        while not link.wait_connected(0):
+            left = deadline - time.monotonic()
+            if left <= 0 or refused >= attempts:
+                raise ConnectionError(
+                    f"cannot reach the broker at {config.url}: {link.last_error}"
+                )
+            if failed.acquire(timeout=min(left, 0.1)):  # an attempt failed
+                refused += 1
         yield link
     finally:
         link.stop()
