@@ -23,13 +23,11 @@ weights on any broker whatever order replies arrive in.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +55,6 @@ __all__ = [
     "Presence",
     "ReleasePolicy",
     "metric_of",
-    "seeded_sampling",
 ]
 
 log = logging.getLogger(__name__)
@@ -170,22 +167,6 @@ class _FleetGrid(MqttGrid):
             and (d := self.device_of(m.metadata.dst_node_id)) is not None
         )
         return sorted(replies, key=lambda m: m.metadata.src_node_id)
-
-
-@contextlib.contextmanager
-def seeded_sampling(seed: int) -> Iterator[None]:
-    """Flower's ``sample_nodes`` draws from the ``random`` module; give it a seeded
-    generator of its own meanwhile (a Flower internal: pinned with ``flwr``)."""
-    from flwr.serverapp.strategy import strategy_utils
-
-    if getattr(strategy_utils, "random", None) is not random:
-        raise RuntimeError("flwr's strategy_utils no longer samples with the random module")
-    setattr(strategy_utils, "random", random.Random(seed))  # noqa: B010
-    try:
-        yield
-    finally:
-        setattr(strategy_utils, "random", random)  # noqa: B010
-
 
 @dataclass(frozen=True, kw_only=True)
 class ReleasePolicy:
@@ -319,7 +300,7 @@ class FlService:
         self.grid = grid
         try:
             grid.start_run(uuid.uuid4().int >> 66)  # a fresh Flower run id: devices' replay
-            with seeded_sampling(spec.seed):  # guards know nothing of an earlier attempt
+            with wire.seeded_sampling(spec.seed):  # guards know nothing of an earlier attempt
                 result = run.execute(grid)
         finally:
             self.grid = None

@@ -16,6 +16,9 @@ This module imports Flower: import it only when a round starts.
 
 from __future__ import annotations
 
+import contextlib
+import random
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from edgefleet.protocol import topics
@@ -35,6 +38,7 @@ __all__ = [
     "instruction_topic",
     "reply_topic",
     "set_message_id",
+    "seeded_sampling",
     "set_task_identity",
 ]
 
@@ -94,3 +98,19 @@ def empty_run(run_id: int) -> Run:
     from flwr.supercore.run import Run
 
     return Run.create_empty(run_id)
+
+
+
+@contextlib.contextmanager
+def seeded_sampling(seed: int) -> Iterator[None]:
+    """Flower's ``sample_nodes`` draws from the ``random`` module; give it a seeded
+    generator of its own meanwhile (a Flower internal: pinned with ``flwr``)."""
+    from flwr.serverapp.strategy import strategy_utils
+
+    if getattr(strategy_utils, "random", None) is not random:
+        raise RuntimeError("flwr's strategy_utils no longer samples with the random module")
+    setattr(strategy_utils, "random", random.Random(seed))  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(strategy_utils, "random", random)  # noqa: B010

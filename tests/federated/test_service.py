@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from edgefleet.federated import wire
 from edgefleet.federated.app import build_client_app, train_reply
 from edgefleet.federated.data import load_dir
 from edgefleet.federated.service import (
@@ -16,7 +17,6 @@ from edgefleet.federated.service import (
     NotEnoughDevicesError,
     Presence,
     metric_of,
-    seeded_sampling,
 )
 from edgefleet.infra.link import InMemoryBroker, MqttConfig
 from edgefleet.protocol.messages import DeviceStatus
@@ -86,7 +86,7 @@ def test_sampling_is_seeded_for_the_run_and_restored_after() -> None:
     from flwr.serverapp.strategy import strategy_utils
 
     def draws(seed: int) -> list[list[int]]:
-        with seeded_sampling(seed):
+        with wire.seeded_sampling(seed):
             return [strategy_utils.random.sample(range(100), 5) for _ in range(3)]
 
     assert draws(7) == draws(7) != draws(8)
