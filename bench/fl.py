@@ -1,0 +1,183 @@
+"""Federated learning: round time over MQTT on mosquitto, device RSS, coordinator overhead.
+
+One fleet on a real mosquitto (``simulations.fl``'s rig: Dirichlet(0.5) digits partitions, the
+bootstrap release so every agent holds the keyring), N agents (quick: 3) of which one is an
+``edgefleet agent run`` process with FL enabled and the others agent daemons as threads of this
+process; plus one more ``edgefleet agent run`` process with FL disabled (not sampled). R rounds
+of FedAvg (quick: 2).
+
+* round time: the FL service's wall time per round on mosquitto, against the same run on the
+  in-memory broker (same seeds), i.e. what the real broker and the agent process add; and, if
+  the native deployment ran (``bench.fl`` runs it only when ``EDGEFLEET_BENCH_NATIVE=1``:
+  ~30 s per round), against Flower's own SuperLink/SuperNode on loopback.
+* device RSS during a round: ``VmHWM`` of the FL agent process after the rounds, against the
+  same agent without FL (``VmHWM`` of the FL-disabled process, which saw the same release; it
+  is stopped before the run, since the service would sample it and wait out its timeout).
+* idle RSS: ``VmRSS`` of the FL-enabled process after the bootstrap release, before any round,
+  against the FL-disabled process at the same point.
+* coordinator time per round (validation + aggregation + export + registration, from
+  ``RoundRecord.coordinator_seconds``) against the strategy's own ``aggregate_train``
+  (``RoundRecord.aggregate_seconds``).
+
+MB = 10^6 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._util import Row, median
+
+if TYPE_CHECKING:
+    from edgefleet.simulations.fleet import Fleet
+
+NAME = "fl"
+_NOTES: list[str] = []
+
+
+def notes() -> list[str]:
+    return list(_NOTES)
+
+
+def _status_mb(pid: int, key: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024 / 1e6
+    raise KeyError(key)
+
+
+def _wait_log(fleet: Fleet, device: str, needle: str, proc: subprocess.Popen[bytes],
+              timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{device} exited: {fleet.log_of(device)[-2000:]}")
+        if needle in fleet.log_of(device):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{device}: no {needle!r} in its log after {timeout} s")
+
+
+def _mqtt_run(work: Path, agents: int, rounds: int) -> dict[str, object]:
+    """The measured fleet: one FL agent process, agents-1 thread agents, one non-FL process."""
+    import numpy as np
+    from edgefleet.coordinator.service import mqtt_config_for
+    from edgefleet.federated.data import add_samples, digits_federation
+    from edgefleet.federated.service import FlService
+    from edgefleet.simulations.fl import BOOTSTRAP, FlSimConfig, _bootstrap_model, _start_agent
+    from edgefleet.simulations.fleet import open_fleet
+
+    cfg = FlSimConfig(agents=agents, rounds=rounds, broker="mosquitto", release="")
+    devices = [f"fl-{i}" for i in range(agents)]
+    proc_dev, off_dev = devices[0], "nofl-0"
+    federation = digits_federation(n_clients=agents, alpha=cfg.alpha, seed=cfg.seed)
+    base = _bootstrap_model(work / "bootstrap", cfg.seed)
+    out: dict[str, object] = {}
+    with open_fleet(work, [*devices, off_dev], models=[base], broker="mosquitto") as fleet:
+        for device, part in zip(devices, federation.clients, strict=True):
+            fleet.set_agent(device, fl_enabled=True, fl_data_dir="fl-data")
+            add_samples(fleet.homes[device] / "fl-data",
+                        np.concatenate([part.x_train, part.x_test]),
+                        np.concatenate([part.y_train, part.y_test]))  # fmt: skip
+        fleet.start_service()
+        fl_proc = fleet.spawn_agent(proc_dev)
+        off_proc = fleet.spawn_agent(off_dev)
+        threads = [_start_agent(fleet, d, cfg.heartbeat, None)[1] for d in devices[1:]]
+        service = None
+        try:
+            _wait_log(fleet, proc_dev, "federated learning enabled", fl_proc)
+            fleet.wait_active([*devices, off_dev],
+                              fleet.release(base.version, name=BOOTSTRAP).sequence, timeout=60)
+            time.sleep(1.0)  # both processes idle with the model active
+            out["idle_fl"] = _status_mb(fl_proc.pid, "VmRSS")
+            out["idle_nofl"] = _status_mb(off_proc.pid, "VmRSS")
+            out["hwm_nofl"] = _status_mb(off_proc.pid, "VmHWM")  # it has no part in a round
+            # the service samples it despite FL being off in its agent.toml (it would cost a
+            # round_timeout per round): it leaves before the run
+            off_proc.terminate()
+            off_proc.wait(10)
+            time.sleep(1.5)
+            c = fleet.coordinator
+            mqtt = mqtt_config_for(c, client_id="coordinator-fl", broker=fleet.broker.url,
+                                   password=fleet.users[c.config.username],
+                                   protocol=fleet.protocol)  # fmt: skip
+            service = FlService(c, mqtt, link_factory=fleet.broker.link_factory)
+            service.start()
+            outcome = service.run(cfg.spec("bench"))
+            out["hwm_fl"] = _status_mb(fl_proc.pid, "VmHWM")
+            out["round_seconds"] = list(outcome.round_seconds)
+            records = [r for r in outcome.result.rounds if r.version]
+            if len(records) != rounds:
+                raise AssertionError(f"{len(records)} of {rounds} rounds aggregated")
+            out["aggregate"] = [r.aggregate_seconds for r in records]
+            out["coordinator"] = [r.coordinator_seconds for r in records]
+        finally:
+            for fl in threads:
+                fl.stop(timeout=5)
+            if service is not None:
+                service.stop()
+    return out
+
+
+def _memory_round_seconds(work: Path, agents: int, rounds: int) -> list[float]:
+    from edgefleet.simulations.fl import FlSimConfig, run_fl
+
+    cfg = FlSimConfig(agents=agents, rounds=rounds, broker="memory", release="")
+    return list(run_fl(work, cfg).outcome.round_seconds)
+
+
+def _native_round_seconds(work: Path, nodes: int, rounds: int) -> float | None:
+    if os.environ.get("EDGEFLEET_BENCH_NATIVE") != "1":
+        return None
+    try:
+        from edgefleet.federated.native import run_native
+    except ImportError:
+        return None
+    return run_native(work, nodes=nodes, rounds=rounds).seconds_per_round
+
+
+def run(quick: bool) -> list[Row]:
+    _NOTES.clear()
+    agents, rounds = (3, 2) if quick else (5, 3)
+    with tempfile.TemporaryDirectory(prefix="bench-fl-") as tmp:
+        work = Path(tmp)
+        m = _mqtt_run(work / "mqtt", agents, rounds)
+        mem = _memory_round_seconds(work / "memory", agents, rounds)
+        native = _native_round_seconds(work / "native", agents, rounds)
+    secs: list[float] = m["round_seconds"]  # type: ignore[assignment]
+    agg: list[float] = m["aggregate"]  # type: ignore[assignment]
+    coord: list[float] = m["coordinator"]  # type: ignore[assignment]
+    rows = [
+        Row(key="round_s:mosquitto", metric=f"round time, {agents} agents, digits, MqttGrid on "
+            "mosquitto (1 agent a process), rounds after the 1st", value=median(secs[1:] or secs),
+            unit="s",
+            baseline="same run on the in-memory broker", baseline_value=median(mem)),
+        Row(key="hwm_mb:agent_fl", metric="device VmHWM after the rounds, `agent run` with FL",
+            value=float(m["hwm_fl"]), unit="MB",  # type: ignore[arg-type]
+            baseline="same agent, FL disabled", baseline_value=float(m["hwm_nofl"])),  # type: ignore[arg-type]
+        Row(key="idle_rss_mb:agent_fl", metric="idle agent VmRSS, FL enabled, no round yet",
+            value=float(m["idle_fl"]), unit="MB",  # type: ignore[arg-type]
+            baseline="same agent, FL disabled", baseline_value=float(m["idle_nofl"]),  # type: ignore[arg-type]
+            aim="<= 1.05"),
+        Row(key="coordinator_s:round", metric="coordinator time per round (validate + "
+            "aggregate + export + register)", value=median(coord), unit="s",
+            baseline="strategy's own aggregate_train", baseline_value=median(agg)),
+    ]
+    if native is not None:
+        rows.append(Row(key="round_s:native_ratio", metric=f"round time, {agents} agents, "
+                        "MqttGrid on mosquitto", value=median(secs[1:] or secs), unit="s",
+                        baseline="Flower native SuperLink/SuperNode, loopback",
+                        baseline_value=native, aim="<= 0.01"))
+    else:
+        _NOTES.append("native SuperLink/SuperNode row skipped (set EDGEFLEET_BENCH_NATIVE=1)")
+    _NOTES.append("round 1 waits out round_timeout for the stopped FL-disabled agent, which "
+                  "the service still samples (presence not yet expired): excluded")
+    _NOTES.append(f"{agents} agents, {rounds} rounds; per-round medians; mosquitto round "
+                  f"seconds {', '.join(f'{s:.3f}' for s in secs)}")
+    return rows
+
