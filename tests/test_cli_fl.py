@@ -13,6 +13,7 @@ from edgefleet.federated.data import load_dir
 from edgefleet.simulations.fl import FlSimConfig, fl_fleet
 
 from edgefleet.cli import main
+from tests.integration.brokers import HAVE_MOSQUITTO, NEED_MOSQUITTO
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: Any) -> tuple[int, str, str]:
@@ -23,6 +24,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: Any) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def fl_world(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    if not HAVE_MOSQUITTO:
+        pytest.skip(NEED_MOSQUITTO)
     cfg = FlSimConfig(agents=3, broker="mosquitto", release="")
     with fl_fleet(tmp_path_factory.mktemp("cli-fl"), cfg) as sim:
         yield sim

@@ -25,12 +25,16 @@ from edgefleet.simulations.wait import wait_until
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from tests.integration.brokers import HAVE_MOSQUITTO, NEED_MOSQUITTO
+
 WAIT = 60.0  # s: the most any one wait may take; passing runs stay far below it
 CFG = FlSimConfig(agents=5, rounds=10, alpha=0.5, seed=0, hidden=64, round_timeout=WAIT)
 
 
 @pytest.fixture(scope="module")
 def mosquitto_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FlSimResult]:
+    if not HAVE_MOSQUITTO:
+        pytest.skip(NEED_MOSQUITTO)
     work = tmp_path_factory.mktemp("fl-mosquitto")
     return work, run_fl(work, dataclasses.replace(CFG, broker="mosquitto"))
 

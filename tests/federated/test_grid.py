@@ -29,6 +29,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAvg, Result
 
+from tests.integration.brokers import HAVE_MOSQUITTO, NEED_MOSQUITTO
+
 WAIT = 20.0  # s: the most any single wait may take; passing runs stay far below it
 RELEASE = SigningKey.generate()
 FAR = 4_000_000_000
@@ -195,6 +197,7 @@ def test_fedavg_rounds_over_the_in_memory_broker() -> None:
         assert all(c.counts["replied"] == 6 for c in r.clients.values())
 
 
+@pytest.mark.skipif(not HAVE_MOSQUITTO, reason=NEED_MOSQUITTO)
 def test_fedavg_rounds_over_mosquitto() -> None:
     broker = start_broker("mosquitto", users=USERS)  # with the EdgeFleet ACL
     try:
