@@ -8,6 +8,8 @@ plain SQL for the same reason, and read back through today's Registry API.
 
 from __future__ import annotations
 
+import threading
+
 from edgefleet.coordinator.registry import Registry
 from sqlalchemy import Engine, text
 
@@ -225,3 +227,23 @@ def assert_old_rows(reg: Registry) -> None:
     new = reg.add_model(name="digits", version=None, format="onnx", blob="00" * 32, size=1,
                         meta={})
     assert (new.version, new.id) == ("2", mv.id + 1)
+
+
+def open_concurrently(url: str, n: int = 4) -> list[BaseException]:
+    """``n`` coordinators opening the registry at the same instant; the errors they raised."""
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def open_registry() -> None:
+        barrier.wait()
+        try:
+            Registry(url).engine.dispose()
+        except BaseException as exc:  # reported by the caller's assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_registry) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return errors

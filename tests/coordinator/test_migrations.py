@@ -8,7 +8,6 @@ and the revisions agree (``alembic check``), so a model change without a revisio
 from __future__ import annotations
 
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from sqlalchemy import Column, Engine, Integer, MetaData, inspect, text
 
 from edgefleet.cli import main
 
-from .legacy_registry import DDL, assert_old_rows, make_old_registry
+from .legacy_registry import DDL, assert_old_rows, make_old_registry, open_concurrently
 
 
 @pytest.fixture
@@ -147,22 +146,7 @@ def test_the_cli_reports_an_unknown_revision_in_one_line(
 
 def test_concurrent_opens_migrate_once(url: str, engine: Engine) -> None:
     """Several coordinators starting together on a fresh database: one creates the tables."""
-    barrier = threading.Barrier(4)
-    errors: list[BaseException] = []
-
-    def open_registry() -> None:
-        barrier.wait()
-        try:
-            Registry(url).engine.dispose()
-        except BaseException as exc:  # reported by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_registry) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
+    assert open_concurrently(url) == []
     assert versions(engine) == [migrations.head()]
 
 

@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from tests.conftest import Digits
-from tests.coordinator.legacy_registry import assert_old_rows, make_old_registry
+from tests.coordinator.legacy_registry import assert_old_rows, make_old_registry, open_concurrently
 
 from .fleet import make_agent_home
 
@@ -275,22 +275,7 @@ def test_a_database_made_before_migrations_keeps_its_rows(db_url: str) -> None:
 
 def test_concurrent_opens_migrate_once(db_url: str) -> None:
     """Coordinators starting together on an empty database: one of them creates the tables."""
-    barrier = threading.Barrier(4)
-    errors: list[BaseException] = []
-
-    def open_registry() -> None:
-        barrier.wait()
-        try:
-            Registry(db_url).engine.dispose()
-        except BaseException as exc:  # reported by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_registry) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
+    assert open_concurrently(db_url) == []
     assert _versions(db_url) == [migrations.head()]
 
 
