@@ -15,7 +15,6 @@ from typing import Any, cast
 
 from edgefleet.protocol.errors import StoreError
 from sqlalchemy import (
-    JSON,
     BigInteger,
     Column,
     ForeignKey,
@@ -31,16 +30,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
+from . import tables as _tables  # noqa: F401  (every table on Base.metadata)
 from .migrations import upgrade
+from .tables.base import Base
 from .vault import Vault, content_key_aad
 
-__all__ = ["Device", "Group", "ModelVersion", "Registry", "Release", "ReleaseTarget"]
-
-
-class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+__all__ = ["Base", "Device", "Group", "ModelVersion", "Registry", "Release", "ReleaseTarget"]
 
 
 group_members = Table(

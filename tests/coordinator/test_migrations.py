@@ -80,9 +80,9 @@ def test_an_older_revision_is_upgraded_in_batch_mode(tmp_path: Path, engine: Eng
     """A later revision that alters a table (SQLite: copy and move) runs on a 0001 database."""
     scripts = tmp_path / "migrations"
     shutil.copytree(migrations.SCRIPTS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "v0002_flag.py").write_text(
-        'import sqlalchemy as sa\nfrom alembic import op\n\nrevision = "0002"\n'
-        'down_revision = "0001"\n\n\ndef upgrade():\n'
+    (scripts / "versions" / "v9002_flag.py").write_text(
+        'import sqlalchemy as sa\nfrom alembic import op\n\nrevision = "9002"\n'
+        f'down_revision = "{migrations.head()}"\n\n\ndef upgrade():\n'
         '    with op.batch_alter_table("devices") as batch:\n'
         '        batch.add_column(sa.Column("flag", sa.Integer(), nullable=False,'
         ' server_default="7"))\n'
@@ -92,7 +92,7 @@ def test_an_older_revision_is_upgraded_in_batch_mode(tmp_path: Path, engine: Eng
     migrations.upgrade(engine, revision=BASELINE)
     assert versions(engine) == [BASELINE]
     migrations.upgrade(engine, scripts=scripts)
-    assert versions(engine) == ["0002"]
+    assert versions(engine) == ["9002"]
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT device_id, kem, flag FROM devices ORDER BY device_id"))
         assert rows.all() == [("dev-a", "x25519", 7), ("dev-b", "x25519", 7)]

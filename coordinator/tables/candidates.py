@@ -1,0 +1,3 @@
+"""Registry tables: candidates (none yet)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Registry tables: drift (none yet)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Registry tables: fl (none yet)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Registry tables: rollouts (none yet)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Registry tables: scale (none yet)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Registry tables: telemetry (none yet)."""
+
+from __future__ import annotations
