@@ -315,10 +315,15 @@ class DeviceStatus:
     last_result: InstallResult | None = None
     progress: DownloadProgress | None = None
     counter: int = 0  # increases with every report from one agent process
+    # what the device takes part in beyond releases, e.g. ("fl",): opted in to federated
+    # rounds. Sent only when non-empty (a status without it decodes as ()), sorted, unique.
+    capabilities: tuple[str, ...] = ()
     type: str = "status"
     schema_version: int = 1
 
     STATES = ("idle", "downloading", "installing", "error", "offline")
+    FL = "fl"  # the capability of a device that opted in to federated learning
+    MAX_CAPABILITIES = 16
 
     def __post_init__(self) -> None:
         F.name(self.device_id, "status.device_id")
@@ -326,6 +331,7 @@ class DeviceStatus:
             raise DecodeError(
                 f"status.state: expected one of {self.STATES}, saw {self.state!r:.20}"
             )
+        _check_capabilities(self.capabilities, self.MAX_CAPABILITIES)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -339,7 +345,7 @@ class DeviceStatus:
             "last_result": _plain(self.last_result),
             "progress": _plain(self.progress),
             "counter": self.counter,
-        }
+        } | ({"capabilities": sorted(self.capabilities)} if self.capabilities else {})
 
     def encode(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -349,7 +355,10 @@ class DeviceStatus:
         w = "status"
         d = decode_json_object(data, max_size=MAX_STATUS, what=w)
         F.check_header(d, "status", 1, w)
-        F.check_keys(d, set(cls(device_id="x", time=0, state="idle").to_dict()), w)
+        F.check_keys(d, {*cls(device_id="x", time=0, state="idle").to_dict(), "capabilities"}, w)
+        caps = d.get("capabilities", [])
+        if not isinstance(caps, list):
+            raise DecodeError(f"status.capabilities: expected a list, saw {type(caps).__name__}")
         return cls(
             device_id=F.field(d, "device_id", str, w),
             time=_u63(d.get("time"), "status.time"),
@@ -363,7 +372,19 @@ class DeviceStatus:
             progress=_typed(
                 DownloadProgress, d.get("progress"), DownloadProgress.SCHEMA, "status.progress"
             ),
+            capabilities=tuple(caps),
         )
+
+
+def _check_capabilities(caps: object, limit: int) -> None:
+    """A tuple of at most ``limit`` distinct names (``F.name``), sorted."""
+    what = "status.capabilities"
+    if not isinstance(caps, tuple) or len(caps) > limit:
+        raise DecodeError(f"{what}: expected at most {limit} names, saw {caps!r:.80}")
+    for c in caps:
+        F.name(c, what)
+    if list(caps) != sorted(set(caps)):
+        raise DecodeError(f"{what}: expected sorted, distinct names, saw {list(caps)!r:.80}")
 
 
 MAX_METRIC_DEPTH = 4  # nesting of objects/lists in telemetry metrics
