@@ -106,7 +106,10 @@ class AgentDaemon:
             monotonic=monotonic,
             heartbeat=heartbeat,
             buffer=agent.config.telemetry_buffer,
-        )
+            # opted in (agent.toml fl_enabled) and listening for instructions: FL presence
+            capabilities=(DeviceStatus.FL,) if agent.config.fl_enabled and "fl" in self._extra
+            else (),
+        )  # fmt: skip
         self._q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1000)
         self._q_lock = threading.Lock()
         self._q_bytes = 0  # payload bytes in _q; guarded by _q_lock

@@ -73,8 +73,10 @@ class Reporter:
         monotonic: Callable[[], float],  # seconds, for the heartbeat
         heartbeat: float = 30.0,  # seconds between heartbeats
         buffer: int = 1000,  # telemetry messages kept while offline
+        capabilities: tuple[str, ...] = (),  # DeviceStatus.capabilities, e.g. ("fl",)
     ) -> None:
         self.link, self.device_id = link, device_id
+        self.capabilities = tuple(sorted(set(capabilities)))
         self._facts, self._metrics = facts, metrics
         self._clock, self._monotonic, self.heartbeat = clock, monotonic, heartbeat
         self._telemetry: collections.deque[bytes] = collections.deque(maxlen=buffer)
@@ -100,6 +102,7 @@ class Reporter:
             last_result=f.last_result,
             progress=f.progress,
             counter=self._counter,
+            capabilities=self.capabilities,
         )
 
     def report(self) -> None:

@@ -6,14 +6,14 @@ subscribed to every device's ``up/fl`` (fed to the grid) and ``up/status`` (pres
 ``ReleasePolicy``, releases the last (or best) round through the signed release path
 (``coordinator.release``) on the same link; agents fetch it from ``coordinator serve``.
 
-Who is sampled (``Presence``): enrolled, not revoked, not reported ``offline``, and seen
-within ``presence_window`` seconds — the newest of the registry's ``last_seen`` (ingested by
+Who is sampled (``Presence``): enrolled, not revoked, opted in — its newest status seen on
+this link (retained ones arrive on subscribe) carries the ``fl`` capability, which the agent
+sets from ``fl_enabled`` in ``agent.toml``; a status without it (an agent that has not opted
+in, or predates the field) is never sampled — not reported ``offline``, and seen within
+``presence_window`` seconds: the newest of the registry's ``last_seen`` (ingested by
 ``coordinator serve``) and the ``time`` of the statuses this link sees. A device that left an
 instruction unanswered is not sampled again until a status of it arrives after the miss (so a
-dead device is out of the next round without waiting for its presence to age). The status
-message has no FL opt-in field: a device that is online but has not opted in
-(``fl_enabled``) is sampled, drops the instruction, and counts as a miss until its next
-heartbeat.
+dead device is out of the next round without waiting for its presence to age).
 
 Determinism: devices are offered to Flower in id order, Flower's node sampling
 (``random.sample`` in ``strategy_utils``) is seeded from the run's seed for the run's length,
@@ -80,7 +80,7 @@ class Presence:
         self.registry, self.window = registry, window
         self.clock, self.monotonic = clock, monotonic
         self._cond = threading.Condition()
-        self._seen: dict[str, tuple[int, str]] = {}  # device -> (status time, state)
+        self._seen: dict[str, tuple[int, str, bool]] = {}  # device -> (time, state, opted in)
         self._arrived: dict[str, float] = {}  # device -> monotonic arrival of a live status
         self._missed: dict[str, float] = {}  # device -> monotonic time it missed a reply
 
@@ -93,7 +93,7 @@ class Presence:
         if st.device_id != device_id:
             return
         with self._cond:
-            self._seen[device_id] = (st.time, st.state)
+            self._seen[device_id] = (st.time, st.state, DeviceStatus.FL in st.capabilities)
             if not retained:
                 self._arrived[device_id] = self.monotonic()
             self._cond.notify_all()
@@ -113,9 +113,9 @@ class Presence:
         for d in self.registry.devices():
             if d.revoked:
                 continue
-            status_time, state = seen.get(d.device_id, (0, d.state))
+            status_time, state, opted_in = seen.get(d.device_id, (0, d.state, False))
             last = max(status_time, d.last_seen or 0)
-            if state == "offline" or now - last > self.window:
+            if not opted_in or state == "offline" or now - last > self.window:
                 continue
             if d.device_id in missed and arrived.get(d.device_id, -1.0) <= missed[d.device_id]:
                 continue
@@ -269,7 +269,8 @@ class FlService:
         devices = self.presence.wait(need, wait_devices)
         if len(devices) < need:
             raise NotEnoughDevicesError(
-                f"{len(devices)} eligible devices (enrolled, online) after {wait_devices:g} s: "
+                f"{len(devices)} eligible devices (enrolled, online, opted in) after "
+                f"{wait_devices:g} s: "
                 f"{', '.join(devices) or 'none'}; the run needs {need}"
             )
         grid = _FleetGrid(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +129,7 @@ def fl_fleet(
     cfg: FlSimConfig,
     *,
     apps: dict[str, Callable[[], ClientApp]] | None = None,  # device -> its own ClientApp
+    opted_out: Collection[str] = (),  # devices with fl_enabled = false (they hold data too)
 ) -> Iterator[FlFleet]:
     """A running fleet whose agents hold their partitions and the keyring, an FL service."""
     devices = [f"fl-{i}" for i in range(cfg.agents)]
@@ -136,7 +137,7 @@ def fl_fleet(
     base = _bootstrap_model(work / "bootstrap", cfg.seed)
     with open_fleet(work, devices, models=[base], broker=cfg.broker) as fleet:
         for device, part in zip(devices, federation.clients, strict=True):
-            fleet.set_agent(device, fl_enabled=True, fl_data_dir="fl-data")
+            fleet.set_agent(device, fl_enabled=device not in opted_out, fl_data_dir="fl-data")
             add_samples(fleet.homes[device] / "fl-data",
                         np.concatenate([part.x_train, part.x_test]),
                         np.concatenate([part.y_train, part.y_test]))  # fmt: skip

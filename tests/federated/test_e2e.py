@@ -156,3 +156,30 @@ def test_an_agent_killed_mid_round_the_quorum_completes_and_survivors_go_on(
         assert all(sent.count(d) == 6 for d in survivors)
         for rec in records:
             assert rec.lineage["fl"]["metrics"]["central"]["accuracy"] > 0.5
+
+
+# -- a device that has not opted in -------------------------------------------------------
+
+
+def test_a_device_that_did_not_opt_in_is_never_sampled(tmp_path: Path) -> None:
+    """fl-3 runs, is enrolled and online, but ``fl_enabled = false``: its status has no ``fl``
+    capability, so no instruction goes to it and no round waits for its reply."""
+    cfg = FlSimConfig(agents=4, rounds=2, min_clients=3, round_timeout=WAIT, release="")
+    with fl_fleet(tmp_path, cfg, opted_out={"fl-3"}) as sim:
+        sent: list[str] = []
+        sim.fleet.client(
+            sim.fleet.coordinator.config.username, "fl-spy", ["ef/v1/dev/+/fl"],
+            on_message=lambda t, p, m: sent.append(t.split("/")[3]),
+        )
+        assert sim.fleet.agents["fl-3"].daemon.status().capabilities == ()
+        assert sim.fleet.agents["fl-0"].daemon.status().capabilities == ("fl",)
+        outcome = sim.service.run(cfg.spec(), central_eval=sim.central_eval)
+        records = outcome.result.rounds
+        assert [rec.round for rec in records if rec.version] == [1, 2]
+        for rec in records:
+            fl = rec.lineage["fl"]
+            assert sorted(x["device_id"] for x in fl["contributors"]) == ["fl-0", "fl-1", "fl-2"]
+        wait_until(lambda: len(sent) >= 2 * 2 * 3, "every instruction seen")
+        assert "fl-3" not in sent and sorted(set(sent)) == ["fl-0", "fl-1", "fl-2"]
+        assert sim.service.presence.eligible() == ["fl-0", "fl-1", "fl-2"]  # no misses either
+        assert sim.fl["fl-3"].client.counts.get("dropped:not_opted_in", 0) == 0

@@ -3,6 +3,7 @@ too few devices as one error, and a release installing while a round is running.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from pathlib import Path
@@ -38,8 +39,9 @@ class Clock:
         self.mono += s
 
 
-def _status(device: str, t: int, state: str = "idle") -> bytes:
-    return DeviceStatus(device_id=device, time=t, state=state).encode()
+def _status(device: str, t: int, state: str = "idle", *, fl: bool = True) -> bytes:
+    caps = (DeviceStatus.FL,) if fl else ()
+    return DeviceStatus(device_id=device, time=t, state=state, capabilities=caps).encode()
 
 
 @pytest.fixture
@@ -67,6 +69,22 @@ def test_only_enrolled_recently_seen_devices_are_eligible(presence: Any) -> None
     assert p.eligible() == ["a"]
     coordinator.registry.update_device("c", last_seen=int(clock.wall))  # ... or serve saw c
     assert p.eligible() == ["a", "c"]
+
+
+def test_only_devices_whose_status_says_opted_in_are_eligible(presence: Any) -> None:
+    p, clock, coordinator = presence
+    p.status("a", _status("a", T), retained=True)
+    p.status("b", _status("b", T, fl=False), retained=False)  # online, not opted in
+    old = {"type": "status", "schema_version": 1, "device_id": "c", "time": T, "state": "idle",
+           "active": None, "highest_sequence": 0, "last_result": None, "progress": None,
+           "counter": 1}  # fmt: skip
+    p.status("c", json.dumps(old).encode(), retained=False)  # an agent before the field
+    coordinator.registry.update_device("d", last_seen=T)  # serve saw d, this link did not
+    assert p.eligible() == ["a"]
+    p.status("b", _status("b", T + 1), retained=False)  # b opts in (restarted with fl_enabled)
+    assert p.eligible() == ["a", "b"]
+    p.status("a", _status("a", T + 1, fl=False), retained=False)  # ... and a opts out
+    assert p.eligible() == ["b"]
 
 
 def test_a_device_that_missed_a_reply_waits_for_a_live_status(presence: Any) -> None:
