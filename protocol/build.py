@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .candidate import CandidateSpec
 from .container import encode_envelopes, encode_header
 from .envelope import Envelope, wrap_key
 from .keyring import Signature
@@ -40,6 +41,7 @@ class ReleaseSpec:
     smoke: tuple[SmokeVector, ...] = ()
     reference_stats: Mapping[str, Any] = field(default_factory=dict)
     lineage: Mapping[str, Any] = field(default_factory=dict)
+    candidate: CandidateSpec | None = None  # signed: a shadow / A/B candidate release
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +125,7 @@ def build_release(
         smoke=spec.smoke,
         reference_stats=spec.reference_stats,
         lineage=spec.lineage,
+        candidate=spec.candidate,
     )
     raw = manifest.encode()
     sig = Signature(keyid=release_key.keyid, sig=release_key.sign(raw)).encode()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _fields as F
+from .candidate import CandidateSpec
 from .canonical import canonical_json, decode_json_object, hexbytes
 from .errors import DecodeError
 from .segments import MAX_SEGMENT, MIN_SEGMENT, ciphertext_size, segment_count
@@ -127,6 +128,7 @@ _FIELDS = {
     "smoke",
     "reference_stats",
     "lineage",
+    "candidate",
 }
 
 
@@ -150,6 +152,9 @@ class Manifest:
     smoke: tuple[SmokeVector, ...] = ()
     reference_stats: Mapping[str, Any] = field(default_factory=dict)
     lineage: Mapping[str, Any] = field(default_factory=dict)
+    # a candidate release (shadow / A/B, ``protocol.candidate``); None: an ordinary release.
+    # Encoded only when set, so an ordinary manifest's bytes are what they always were.
+    candidate: CandidateSpec | None = None
     type: str = "manifest"
     schema_version: int = 1
 
@@ -229,7 +234,7 @@ class Manifest:
             "smoke": [s.to_dict() for s in self.smoke],
             "reference_stats": dict(self.reference_stats),
             "lineage": dict(self.lineage),
-        }
+        } | ({} if self.candidate is None else {"candidate": self.candidate.to_dict()})
 
     def encode(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -260,6 +265,7 @@ class Manifest:
             ),
             reference_stats=F.field(d, "reference_stats", dict, w),
             lineage=F.field(d, "lineage", dict, w),
+            candidate=CandidateSpec.from_dict(d["candidate"]) if "candidate" in d else None,
         )
 
     @classmethod
