@@ -61,6 +61,7 @@ def provision_fleet(
     segment_size: int | None = None,  # bytes of plaintext per segment; None = the default
     now: int | None = None,  # unix seconds the coordinator's keys are made at
     coordinator_home: Path | None = None,
+    database: str = "",  # SQLAlchemy URL of the registry; "" = SQLite in the home
     **agent_config: Any,
 ) -> FleetHomes:
     """A coordinator in ``work/coordinator`` (or ``coordinator_home``) with ``models``
@@ -69,7 +70,7 @@ def provision_fleet(
     ``devices`` may map each device id to its KEM (``protocol.keys.KEM_*``).
     """
     kems = dict(devices) if isinstance(devices, Mapping) else dict.fromkeys(devices, KEM_X25519)
-    c = Coordinator.init(coordinator_home or work / "coordinator", now=now)
+    c = Coordinator.init(coordinator_home or work / "coordinator", database=database, now=now)
     if segment_size is not None:
         c.update_config(segment_size=segment_size)
     for m in models:
