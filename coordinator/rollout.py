@@ -179,6 +179,8 @@ class Health:
     def metric(self, name: str) -> float | None:
         if name == "error_rate":
             return self.errors / self.count if self.count else None
+        if name == "p95_latency":
+            return self.p95_ms
         value: float | None = getattr(self, name)
         return value
 
