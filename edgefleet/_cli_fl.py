@@ -60,9 +60,10 @@ def _spec(args: argparse.Namespace) -> Any:
     )  # fmt: skip
 
 
-def _round_line(record: Any, rounds: int) -> str:
+def _round_line(record: Any, rounds: int, seconds: float | None = None) -> str:
     done = int(BAR * record.round / rounds)
-    head = f"round {record.round}/{rounds} [{'#' * done:<{BAR}}]"
+    head = f"round {record.round}/{rounds} [{'#' * done:<{BAR}}]" + (
+        "" if seconds is None else f" {seconds:.1f} s")
     if record.version is None:
         return f"{head} not aggregated: {record.skipped}"
     fl = record.lineage["fl"]
@@ -72,6 +73,36 @@ def _round_line(record: Any, rounds: int) -> str:
             f"{fl['num_examples']} samples, {len(fl['rejected'])} rejected; {shown}"
             + (f" eps={fl['dp']['epsilon']:.3g}" if fl.get("dp") and fl["dp"]["epsilon"]
                else ""))  # fmt: skip
+
+
+def _dp_text(dp: Any) -> str:
+    return "" if dp is None else f", dp z={dp.noise_multiplier:g} C={dp.clipping_norm:g}"
+
+
+def _resume_point(c: Any, spec: Any) -> Any:
+    """The run's last registered version (None: a new run); a run id of another model is
+    refused (``--run-id`` resumes the same run)."""
+    versions = _runs(c).get(spec.run_id, [])
+    if versions and (other := versions[-1].name) != spec.model_name:
+        raise ValueError(f"run {spec.run_id!r} trains {other!r}, not {spec.model_name!r}: "
+                         f"pass --name {other} to resume it, or another --run-id")  # fmt: skip
+    return versions[-1] if versions else None
+
+
+def _summary(spec: Any, outcome: Any) -> str:
+    result = outcome.result
+    registered = [r for r in result.rounds if r.version]
+    line = (f"run {spec.run_id}: {len(registered)} of {len(result.rounds)} rounds registered; "
+            f"final version {result.version}")  # fmt: skip
+    if registered:
+        fl = registered[-1].lineage["fl"]
+        acc = {**fl["metrics"]["eval"], **fl["metrics"]["central"]}
+        acc = acc.get("accuracy", acc.get("eval-accuracy"))
+        line += "" if acc is None else f"; accuracy {acc:.4f}"
+        dp = fl.get("dp") or {}
+        if dp.get("epsilon") is not None:
+            line += f"; eps {dp['epsilon']:.3g} at delta {dp['delta']:g}"
+    return line
 
 
 def fl_start(args: argparse.Namespace) -> int:
@@ -87,20 +118,32 @@ def fl_start(args: argparse.Namespace) -> int:
     if not c.config.broker:
         raise ValueError("no broker: pass --broker mqtt://host:port or set broker in "
                          "coordinator.toml")  # fmt: skip
+    last = _resume_point(c, spec)
+    done = int(last.lineage["fl"]["round"]) if last is not None else 0
+    if done >= spec.rounds:
+        print(f"run {spec.run_id}: all {done} rounds already registered; final version "
+              f"{last.version}")  # fmt: skip
+        return 0
     mqtt = mqtt_config_for(c, client_id=f"fl-{os.getpid()}")
-    print(f"run {spec.run_id}: {spec.rounds} rounds of {spec.strategy.name} on {spec.model_name}",
-          flush=True)  # fmt: skip
+    if last is not None:
+        print(f"run {spec.run_id}: resuming after round {done} of {spec.rounds} (version "
+              f"{last.version})", flush=True)  # fmt: skip
+    else:
+        print(f"run {spec.run_id}: {spec.rounds} rounds of {spec.strategy.name} on "
+              f"{spec.model_name}{_dp_text(spec.strategy.dp)}", flush=True)  # fmt: skip
+    started = [time.monotonic()]
+
+    def show(record: Any) -> None:
+        now = time.monotonic()
+        print(_round_line(record, spec.rounds, now - started[0]), flush=True)
+        started[0] = now
+
     with FlService(c, mqtt, presence_window=args.presence) as service:
-        outcome = service.run(
-            spec,
-            on_round=lambda r: print(_round_line(r, spec.rounds), flush=True),
-            release=policy,
-            wait_devices=args.wait_devices,
-        )
+        started[0] = time.monotonic()
+        outcome = service.run(spec, on_round=show, release=policy, wait_devices=args.wait_devices)
     result = outcome.result
     registered = [r for r in result.rounds if r.version]
-    print(f"run {spec.run_id}: {len(registered)} of {len(result.rounds)} rounds registered; "
-          f"final version {result.version}")  # fmt: skip
+    print(_summary(spec, outcome), flush=True)
     if policy is not None:
         if outcome.released is None:
             print(f"not released: {outcome.release_note}")
@@ -183,8 +226,8 @@ def _history_line(mv: Any) -> str:
     shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
     devices = ",".join(sorted(c["device_id"] for c in fl["contributors"]))
     dp = fl.get("dp")
-    eps = (f" dp z={dp['noise_multiplier']} C={dp['clipping_norm']} eps={dp['epsilon']}"
-           if dp else "")  # fmt: skip
+    eps = (f" dp z={dp['noise_multiplier']} C={dp['clipping_norm']} eps="
+           + ("-" if dp["epsilon"] is None else f"{dp['epsilon']:.3g}") if dp else "")  # fmt: skip
     return (f"{head}: run {fl['run_id']} round {fl['round']}/{fl['rounds']} "
             f"{fl['strategy']['name']}, {fl['num_examples']} samples from [{devices}]"
             f"{', ' + str(len(fl['rejected'])) + ' rejected' if fl['rejected'] else ''}; "

@@ -13,7 +13,9 @@ in, or predates the field) is never sampled — not reported ``offline``, and se
 ``presence_window`` seconds: the newest of the registry's ``last_seen`` (ingested by
 ``coordinator serve``) and the ``time`` of the statuses this link sees. A device that left an
 instruction unanswered is not sampled again until a status of it arrives after the miss (so a
-dead device is out of the next round without waiting for its presence to age).
+dead device is out of the next round without waiting for its presence to age). Since opt-in
+is only in the status, ``run`` first waits (at most ``SETTLE`` s) until every device the
+registry saw recently has shown its (retained) status on this link.
 
 Determinism: devices are offered to Flower in id order, Flower's node sampling
 (``random.sample`` in ``strategy_utils``) is seeded from the run's seed for the run's length,
@@ -60,6 +62,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PRESENCE_WINDOW = 120.0  # s: 4 default heartbeats (30 s) of an agent
+SETTLE = 5.0  # s at most for the retained statuses of the devices the registry saw recently
 
 
 class NotEnoughDevicesError(TimeoutError):
@@ -121,6 +124,22 @@ class Presence:
                 continue
             out.append(d.device_id)
         return sorted(out)
+
+    def settle(self, timeout: float) -> bool:
+        """Until every device the registry saw within the window has shown a status on this
+        link (the broker's retained ones arrive just after subscribing), at most ``timeout``
+        s: opt-in is only in the status, so sampling before that would miss devices."""
+        deadline = self.monotonic() + timeout
+        while True:
+            now = self.clock()
+            with self._cond:
+                missing = [d.device_id for d in self.registry.devices()
+                           if not d.revoked and now - (d.last_seen or 0) <= self.window
+                           and d.device_id not in self._seen]  # fmt: skip
+                left = deadline - self.monotonic()
+                if not missing or left <= 0:
+                    return not missing
+                self._cond.wait(min(left, 0.5))
 
     def wait(self, n: int, timeout: float) -> list[str]:
         """Until ``n`` devices are eligible (re-checked on every status); the last list seen."""
@@ -266,6 +285,7 @@ class FlService:
         wait_devices: float = 30.0,  # s to wait for min_available_nodes eligible devices
     ) -> FlOutcome:
         need = max(spec.strategy.min_available_nodes, spec.policy.quorum)
+        self.presence.settle(SETTLE)
         devices = self.presence.wait(need, wait_devices)
         if len(devices) < need:
             raise NotEnoughDevicesError(

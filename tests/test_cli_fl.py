@@ -4,6 +4,11 @@
 
 from __future__ import annotations
 
+import json
+import queue
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +97,93 @@ def test_agent_data_add(tmp_path: Path, fl_world: Any, capsys: pytest.CaptureFix
     code, _, err = run(capsys, "agent", "data", "add", "--home", home, tmp_path / "bad.csv")
     assert code != 0 and len(err.strip().splitlines()) == 1, err
     assert f"{tmp_path / 'bad.csv'}: not a data file" in err
+
+
+def _start(home: Path, name: str, run_id: str, rounds: int, *extra: Any) -> list[str]:
+    return ["fl", "start", "--home", str(home), "--name", name, "--rounds", str(rounds),
+            "--min-clients", "3", "--run-id", run_id, "--local-epochs", "2",
+            "--round-timeout", "60", *map(str, extra)]  # fmt: skip
+
+
+def test_dp_through_the_cli_records_noise_clip_and_epsilon(
+    fl_world: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = fl_world.fleet.coordinator.home
+    code, out, err = run(capsys, *_start(home, "digits-dp", "dp-1", 2, "--dp-noise", 1.0,
+                                         "--dp-clip", 5.0))  # fmt: skip
+    assert code == 0, err
+    rounds = [ln for ln in out.splitlines() if ln.startswith("round ")]
+    assert len(rounds) == 2 and all("eval-accuracy=" in ln and " eps=" in ln for ln in rounds)
+    assert "dp z=1 C=5" in out and "eps" in out.splitlines()[-1]  # the summary line
+    code, out, _ = run(capsys, "model", "history", "--home", home, "--name", "digits-dp")
+    history = out.splitlines()
+    assert code == 0 and len(history) == 2
+    assert all("dp z=1.0 C=5.0 eps=" in ln for ln in history), history
+    code, out, _ = run(capsys, "model", "history", "--home", home, "--name", "digits-dp",
+                       "--json")  # fmt: skip
+    dps = [v["lineage"]["fl"]["dp"] for v in json.loads(out)]
+    assert [(d["noise_multiplier"], d["clipping_norm"], d["delta"]) for d in dps] == [
+        (1.0, 5.0, 1e-5)] * 2
+    assert 0 < dps[0]["epsilon"] < dps[1]["epsilon"]  # ε accumulates over the rounds
+    accuracy = [v["lineage"]["fl"]["metrics"]["eval"]["eval-accuracy"] for v in json.loads(out)]
+    assert all(0.0 <= a <= 1.0 for a in accuracy)
+
+
+def _lines(proc: subprocess.Popen[str]) -> queue.Queue[str]:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put("")  # end of output
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _read_until(lines: queue.Queue[str], prefix: str, seen: list[str]) -> None:
+    while True:
+        line = lines.get(timeout=120)
+        seen.append(line)
+        if line.startswith(prefix):
+            return
+        assert line, f"no {prefix!r} before the end of output: {seen}"
+
+
+def test_a_run_killed_after_a_round_resumes_through_the_cli(
+    fl_world: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fl start`` in its own process is SIGKILLed once round 2 is registered; the same
+    command again picks up after the last registered round: the lineage is one chain, no
+    round is registered twice."""
+    home = fl_world.fleet.coordinator.home
+    argv = _start(home, "digits-resume", "resume-1", 4)
+    proc = subprocess.Popen([sys.executable, "-m", "edgefleet", *argv], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    try:
+        _read_until(_lines(proc), "round 2/4", seen)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    code, out, _ = run(capsys, "fl", "status", "--home", home, "--run", "resume-1")
+    assert code == 0 and "incomplete (resumable)" in out.splitlines()[0], out
+    done = len(out.splitlines()) - 1  # round 2, or 3 if it was registered before the kill
+    assert done in (2, 3), (out, seen)
+    code, out, err = run(capsys, *argv)  # the same command, the same run id
+    assert code == 0, err
+    resumed = [ln.split()[1] for ln in out.splitlines() if ln.startswith("round ")]
+    assert resumed == [f"{r}/4" for r in range(done + 1, 5)], out
+    assert out.splitlines()[0] == f"run resume-1: resuming after round {done} of 4 (version {done})"
+    code, out, _ = run(capsys, "model", "history", "--home", home, "--name", "digits-resume",
+                       "--json")  # fmt: skip
+    versions = json.loads(out)
+    assert [v["lineage"]["fl"]["round"] for v in versions] == [1, 2, 3, 4]  # none twice
+    parents = [v["lineage"]["parent"] for v in versions]
+    assert parents == [None, *(v["version"] for v in versions[:-1])]  # one chain across the kill
+    assert {v["lineage"]["fl"]["run_id"] for v in versions} == {"resume-1"}
+    code, out, _ = run(capsys, "fl", "status", "--home", home, "--run", "resume-1")
+    assert "round 4 of 4: complete" in out.splitlines()[0]
+    code, out, _ = run(capsys, *argv)  # once more: nothing left to do, nothing registered
+    assert code == 0 and "all 4 rounds already registered" in out, out

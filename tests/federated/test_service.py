@@ -87,6 +87,18 @@ def test_only_devices_whose_status_says_opted_in_are_eligible(presence: Any) -> 
     assert p.eligible() == ["b"]
 
 
+def test_settle_waits_for_the_status_of_every_device_the_registry_saw(presence: Any) -> None:
+    p, _, coordinator = presence
+    for d in ("a", "b", "c"):
+        coordinator.registry.update_device(d, last_seen=T)  # coordinator serve saw them
+    coordinator.revoke("c")
+    p.status("a", _status("a", T), retained=True)
+    assert not p.settle(0)  # b's retained status has not come in yet
+    p.status("b", _status("b", T, fl=False), retained=True)
+    assert p.settle(0)  # d was never seen: nothing to wait for
+    assert p.eligible() == ["a"]
+
+
 def test_a_device_that_missed_a_reply_waits_for_a_live_status(presence: Any) -> None:
     p, clock, _ = presence
     for d in ("a", "b"):
