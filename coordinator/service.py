@@ -13,6 +13,9 @@ device and reason (``drops``). Three worker threads do the rest:
 - ``ingest`` stores statuses (the latest per device, coalesced) and telemetry (a queue
   bounded in messages and bytes) through ``ingest.Ingest``, in batches.
 
+Release offers go out on a second connection of their own (``offer_link``): a fan-out's chunk
+replies, queued on the main link, never delay them.
+
 The link announces ``MAX_INCOMING`` as its MQTT 5 maximum packet size, so the broker never
 sends it anything larger. Several ``coordinator serve`` processes can run against one registry:
 chunk requests arrive through a shared subscription and are split between them.
@@ -34,7 +37,7 @@ from pathlib import Path
 from edgefleet.infra.fsutil import os_errors
 from edgefleet.infra.link.config import HEADER_ALLOWANCE
 from edgefleet.infra.link.mqtt import MqttConfig, MqttLink
-from edgefleet.infra.link.port import LinkFactory, MessageProps
+from edgefleet.infra.link.port import Link, LinkFactory, MessageProps
 from edgefleet.infra.settings import mqtt_config
 from edgefleet.protocol import topics
 from edgefleet.protocol.errors import EdgeFleetError, StoreError
@@ -85,6 +88,10 @@ class ServiceLimits:
                 raise ValueError(f"ServiceLimits.{name} must be > 0, got {value}")
 
 
+def _no_messages(topic: str, payload: bytes, props: MessageProps) -> None:
+    """The offer link subscribes to nothing."""
+
+
 def _worth_logging(n: int) -> bool:
     """Log the 1st, 2nd, 4th, 8th… drop of a kind per device: a flood is visible in the log
     without flooding it (``drops`` has every count)."""
@@ -117,6 +124,7 @@ class CoordinatorService:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         limits: ServiceLimits = ServiceLimits(),  # noqa: B008 - frozen
+        separate_offers: bool = True,  # offers on a connection of their own (offer_link)
     ) -> None:
         self.coordinator = coordinator
         self.registry = coordinator.registry
@@ -137,6 +145,7 @@ class CoordinatorService:
         if mqtt.protocol == 5 and mqtt.max_incoming is None:
             mqtt = dataclasses.replace(mqtt, max_incoming=MAX_INCOMING)
         self.link = link_factory(mqtt, self._on_message)
+        self.offer_link = self._make_offer_link(link_factory, mqtt, separate_offers)
         self._shared = mqtt.protocol == 5
         self._lookup_q: queue.Queue[tuple[str, ChunkRequest] | None] = queue.Queue(
             maxsize=limits.lookups_queued
@@ -206,6 +215,8 @@ class CoordinatorService:
         self.link.subscribe(topics.up_all("status"), qos=1)
         self.link.subscribe(topics.up_all("telemetry"), qos=0)
         self.link.start()
+        if self.offer_link is not self.link:
+            self.offer_link.start()
         if not self.link.wait_connected(timeout):
             log.warning("coordinator not connected to the broker yet (%s)", self.link.last_error)
 
@@ -218,17 +229,30 @@ class CoordinatorService:
         for t in self._threads:
             t.join(timeout=5)
         self.link.stop()
+        if self.offer_link is not self.link:
+            self.offer_link.stop()
         self.chunks.close()
 
     def release(self, sequence: int) -> int:
         """Publish the offers of release ``sequence`` (built earlier); return their bytes."""
-        return releases.publish_sequence(self.registry, self.link, sequence).bytes
+        return releases.publish_sequence(self.registry, self.offer_link, sequence).bytes
 
     def release_model(
         self, name: str, version: str, selector: str, *, now: int | None = None
     ) -> releases.Released:
         """Build a release (signed at ``now``, unix seconds) and publish it on this link."""
-        return releases.release(self.coordinator, self.link, name, version, selector, now=now)
+        return releases.release(self.coordinator, self.offer_link, name, version, selector,
+                                now=now)
+
+    def _make_offer_link(self, factory: LinkFactory, mqtt: MqttConfig, separate: bool) -> Link:
+        """The link offers go out on: with ``separate``, a second connection (client id
+        ``<id>-offers``, subscribed to nothing), so an offer never waits behind the chunk
+        replies queued on the main link (up to ``UNSENT_LIMIT`` bytes, QoS 0) nor for its
+        network thread; without, the main link itself."""
+        if not separate:
+            return self.link
+        cfg = dataclasses.replace(mqtt, client_id=f"{mqtt.client_id}-offers", max_incoming=1024)
+        return factory(cfg, _no_messages)
 
     # -- the link's thread: route only -----------------------------------------------------
     def _drop(self, device_id: str, reason: str, what: str) -> None:
