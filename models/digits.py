@@ -10,6 +10,7 @@ atomically, into one directory::
     digits.tflite      TFLite flatbuffer (batch 1, resizable)
     digits_test.npz    the held-out split: ``x`` float32 [N, 64], ``y`` int64 [N]
     digits.json        metadata: tensor specs, accuracy, labels, smoke vectors, feature stats
+                       (drift reference: ``models.refstats``)
 
 A second, different version (for a "v2" release) comes from another ``hidden`` size or seed.
 """
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from edgefleet.infra.fsutil import atomic_write
 from edgefleet.models.onnx_export import mlp_to_onnx
+from edgefleet.models.refstats import training_stats
 from edgefleet.models.tflite_export import mlp_to_tflite
 from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
@@ -179,10 +181,7 @@ def _metadata(
             "probabilities": clf.predict_proba(smoke_x).tolist(),
             "atol": SMOKE_ATOL,
         },
-        "feature_stats": {
-            "mean": split.X_train.astype(np.float64).mean(axis=0).tolist(),
-            "std": split.X_train.astype(np.float64).std(axis=0).tolist(),
-        },
+        "feature_stats": training_stats(split.X_train, split.y_train, n_classes=len(classes)),
     }
 
 

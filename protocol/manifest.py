@@ -176,6 +176,10 @@ class Manifest:
         self._check_sizes()
         if len(self.smoke) > MAX_SMOKE:
             raise DecodeError(f"manifest.smoke: expected at most {MAX_SMOKE} vectors")
+        if "drift_schema" in self.reference_stats:  # drift statistics: validated strictly
+            from .drift import ReferenceStats
+
+            ReferenceStats.from_dict(self.reference_stats)
 
     def _check_sizes(self) -> None:
         if not MIN_SEGMENT <= self.segment_size <= MAX_SEGMENT:
