@@ -232,6 +232,15 @@ class CoordinatorService:
         if self.offer_link is not self.link:
             self.offer_link.stop()
         self.chunks.close()
+        self._log_served()
+
+    def _log_served(self) -> None:
+        """One INFO line of what this process served (several ``serve`` processes split the
+        chunk requests: their lines add up to the fleet's)."""
+        c = self.chunks
+        log.info("coordinator stopped: sent %d chunks (%d bytes), %d refused, %d held back, "
+                 "%d registry lookups, %d messages dropped", c.sent_chunks, c.sent_bytes,
+                 c.refused, c.held_back, c.lookups, self.queue_drops)  # fmt: skip
 
     def release(self, sequence: int) -> int:
         """Publish the offers of release ``sequence`` (built earlier); return their bytes."""
