@@ -54,6 +54,7 @@ MAX_BINS = 64  # histogram bins per feature
 MAX_CLASSES = 1024
 MAX_VALUES = 40_000  # numbers in all of the reference statistics (keeps the manifest small)
 SCHEMA = 1
+_CHUNK = 1 << 20  # comparisons per step of ``Sketch.update`` (its scratch memory)
 _KEYS = {"drift_schema", "n", "cuts", "ref", "quantiles", "mean", "var", "std", "class_prior"}
 
 
@@ -241,9 +242,12 @@ class Sketch:
             outputs = None if outputs is None else np.asarray(outputs)[ok]
         if not len(x):
             return
-        bins = (x[:, :, None] > self._cuts[None, :, :]).sum(axis=2)  # [B, F]
-        flat = np.bincount((bins + self._offsets).ravel(), minlength=self.counts.size)
-        self.counts += flat.reshape(self.counts.shape)
+        step = max(1, _CHUNK // self._cuts.size)  # rows per comparison: bounded scratch
+        for i in range(0, len(x), step):
+            part = x[i : i + step]
+            bins = (part[:, :, None] > self._cuts[None, :, :]).sum(axis=2)  # [B, F]
+            flat = np.bincount((bins + self._offsets).ravel(), minlength=self.counts.size)
+            self.counts += flat.reshape(self.counts.shape)
         self._merge_moments(x)
         if outputs is not None and len(self.classes):
             out = np.asarray(outputs)
