@@ -43,7 +43,8 @@ from edgefleet.protocol.segments import MAX_SEGMENT
 from . import flow as F
 from .agent import Agent
 from .download import Download
-from .reporter import Facts, Reporter, active_model
+from .observe import Recorder
+from .reporter import Facts, Reporter, active_model, offline_will
 
 __all__ = ["MAX_CHUNK_FRAME", "MAX_INCOMING", "AgentDaemon", "mqtt_config_for"]
 
@@ -80,6 +81,9 @@ class AgentDaemon:
     ) -> None:
         if mqtt.max_incoming is None:
             mqtt = dataclasses.replace(mqtt, max_incoming=MAX_INCOMING)
+        if mqtt.will is None:  # the broker says "offline" for us if we vanish
+            will = offline_will(agent.identity.device_id, int(clock()))
+            mqtt = dataclasses.replace(mqtt, will=will)
         self.agent = agent
         self.device_id = agent.identity.device_id
         self.request_timeout = request_timeout
@@ -110,6 +114,9 @@ class AgentDaemon:
             capabilities=(DeviceStatus.FL,) if agent.config.fl_enabled and "fl" in self._extra
             else (),
         )  # fmt: skip
+        #: predict with recording (the HTTP API uses it): the ``inference`` telemetry source
+        self.recorder = Recorder(agent)
+        self.reporter.add_source("inference", self.recorder.telemetry)
         self._q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1000)
         self._q_lock = threading.Lock()
         self._q_bytes = 0  # payload bytes in _q; guarded by _q_lock
@@ -150,6 +157,7 @@ class AgentDaemon:
         self._installer.join(timeout=60)  # an install under way finishes first
         if self.flow.download is not None:
             self.flow.download.close()
+        self.reporter.goodbye()  # a clean DISCONNECT discards the will: say "offline" ourselves
         self.link.stop()
 
     def serve_forever(self) -> None:

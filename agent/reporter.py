@@ -6,6 +6,19 @@ offline is flushed, oldest first, once the link is up; past ``buffer`` messages 
 are dropped. Heartbeats (a status and a telemetry message every ``heartbeat`` seconds) are
 timed with the injected monotonic clock. It runs on the daemon's worker thread only.
 
+Telemetry sources: ``add_source(namespace, fn)`` registers ``fn() -> dict | None``; each
+telemetry message's ``metrics`` is ``{namespace: fn()}`` over the sources (a source returning
+None, or raising, is left out of that message; a raise is logged). ``metrics`` given to the
+constructor is the ``agent`` source. A message over the ``Telemetry`` bounds (depth, 1,024
+items, ``MAX_TELEMETRY`` bytes) sheds its largest namespaces until it fits, counted in
+``telemetry_shed`` with a WARNING. Sources report the time since their previous call (deltas),
+so what waits in the offline buffer is not counted twice nor lost.
+
+Presence: ``offline_will(device_id, now)`` is the MQTT last will the daemon connects with (a
+retained ``offline`` status on the device's own status topic, which the broker publishes when
+the connection drops uncleanly or its keep-alive expires); ``goodbye()`` publishes the same on
+a clean stop, since a clean DISCONNECT discards the will.
+
 On a (re)connect the link's ``on_connect`` comes before the broker acknowledged our
 subscriptions, so ``connected()`` only notes it; the report and the flush follow on the first
 ``tick`` that finds ``link.connected`` set.
@@ -15,14 +28,17 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edgefleet.infra.link.config import Will
 from edgefleet.infra.link.port import Link
 from edgefleet.protocol import topics
-from edgefleet.protocol.errors import TransportError
+from edgefleet.protocol.errors import DecodeError, TransportError
 from edgefleet.protocol.messages import (
+    MAX_TELEMETRY,
     ActiveModel,
     DeviceStatus,
     DownloadProgress,
@@ -32,7 +48,10 @@ from edgefleet.protocol.messages import (
 
 from .store import InstalledVersion
 
-__all__ = ["Facts", "Reporter", "active_model"]
+__all__ = ["NAMESPACE", "Facts", "Reporter", "Source", "active_model", "offline_will"]
+
+Source = Callable[[], dict[str, Any] | None]  # a telemetry source: its payload, or None
+NAMESPACE = re.compile(r"[a-z][a-z0-9_]{0,31}")  # telemetry source names
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +87,7 @@ class Reporter:
         *,
         device_id: str,
         facts: Callable[[], Facts],
-        metrics: Callable[[], dict[str, Any]],
+        metrics: Source | None = None,  # the ``agent`` telemetry source
         clock: Callable[[], float],  # unix seconds, for the messages' time
         monotonic: Callable[[], float],  # seconds, for the heartbeat
         heartbeat: float = 30.0,  # seconds between heartbeats
@@ -77,7 +96,11 @@ class Reporter:
     ) -> None:
         self.link, self.device_id = link, device_id
         self.capabilities = tuple(sorted(set(capabilities)))
-        self._facts, self._metrics = facts, metrics
+        self._facts = facts
+        self._sources: dict[str, Source] = {}
+        if metrics is not None:
+            self.add_source("agent", metrics)
+        self.telemetry_shed = 0  # messages that had namespaces left out to fit the bounds
         self._clock, self._monotonic, self.heartbeat = clock, monotonic, heartbeat
         self._telemetry: collections.deque[bytes] = collections.deque(maxlen=buffer)
         self.telemetry_dropped = 0  # oldest telemetry dropped past the buffer
@@ -129,8 +152,56 @@ class Reporter:
             self.flush()
         if self._last_beat is None or now - self._last_beat >= self.heartbeat:
             self._last_beat = now
-            self.telemetry(self._metrics())
+            self.telemetry(self.collect())
             self.report()
+
+    def add_source(self, namespace: str, fn: Source) -> None:
+        """Put ``fn()`` under ``namespace`` in every telemetry message from now on."""
+        if not NAMESPACE.fullmatch(namespace):
+            raise ValueError(f"telemetry namespace must match {NAMESPACE.pattern}: {namespace!r}")
+        if namespace in self._sources:
+            raise ValueError(f"telemetry namespace {namespace!r} is taken")
+        self._sources[namespace] = fn
+
+    def collect(self) -> dict[str, Any]:
+        """``{namespace: payload}`` from every source, shed to fit the ``Telemetry`` bounds."""
+        metrics: dict[str, Any] = {}
+        for namespace, fn in list(self._sources.items()):
+            try:
+                payload = fn()
+            except Exception:
+                log.exception("telemetry source %r failed: left out", namespace)
+                continue
+            if payload is not None:
+                metrics[namespace] = payload
+        return self._fit(metrics)
+
+    def _fit(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        shed: list[str] = []
+        while metrics:
+            try:
+                size = len(Telemetry(device_id=self.device_id, time=0, metrics=metrics).encode())
+            except DecodeError:
+                size = MAX_TELEMETRY + 1  # too deep, too many items, not finite: shed
+            if size <= MAX_TELEMETRY - 64:  # room for a longer time field
+                break
+            biggest = max(metrics, key=lambda k: len(repr(metrics[k])))
+            shed.append(biggest)
+            metrics = {k: v for k, v in metrics.items() if k != biggest}
+        if shed:
+            self.telemetry_shed += 1
+            log.warning("telemetry over its bounds: left out %s", ", ".join(shed))
+        return metrics
+
+    def goodbye(self) -> None:
+        """A clean stop: publish the ``offline`` status the will would have (best effort)."""
+        if not self.link.connected.is_set():
+            return
+        will = offline_will(self.device_id, int(self._clock()))
+        try:
+            self.link.publish(will.topic, will.payload, qos=1, retain=True).wait(2.0)
+        except TransportError as exc:
+            log.warning("offline status not sent: %s", exc)
 
     def telemetry(self, metrics: dict[str, Any]) -> None:
         """Queue a telemetry message and send what the link takes."""
@@ -148,3 +219,9 @@ class Reporter:
             except TransportError:
                 return
             self._telemetry.popleft()
+
+
+def offline_will(device_id: str, now: int) -> Will:
+    """The last will of ``device_id``'s connection: a retained ``offline`` status."""
+    status = DeviceStatus(device_id=device_id, time=now, state="offline")
+    return Will(topic=topics.up(device_id, "status"), payload=status.encode(), qos=1, retain=True)

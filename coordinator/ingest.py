@@ -4,8 +4,16 @@ Free of MQTT: the service's worker calls ``add`` for each message it took off it
 ``flush`` once the queue is empty (or a batch is full), so a fan-out in which every agent
 reports several times costs one commit per batch, not one per message. Within a batch the
 updates of one device are merged, later messages winning. Every message is counted: decoded,
-dropped (the sender's fault: malformed, oversize, or a status naming another device),
-ignored (nothing to store), stored, or from a device that is not enrolled.
+dropped (the sender's fault: malformed, oversize, or a status or telemetry naming another
+device), ignored (nothing to store), stored, or from a device that is not enrolled.
+
+Telemetry is kept, not only counted: every message of an enrolled device becomes one
+``telemetry`` row per namespace (a second transaction of the same flush), and its
+``inference`` windows are added to ``inference_totals``. Retention (``TelemetryRetention``):
+at most ``rows_per_device`` rows per device (the oldest go first) and none older than
+``max_age``, pruned every ``prune_every`` seconds. An ``offline`` status (the agent's last
+will, published by the broker when its connection dropped) sets only the state: the model
+columns and ``last_seen`` keep what the device last said itself.
 """
 
 from __future__ import annotations
@@ -18,10 +26,13 @@ from typing import Any
 
 from edgefleet.protocol.errors import DecodeError, EdgeFleetError
 from edgefleet.protocol.messages import DeviceStatus, Telemetry
+from sqlalchemy import delete, func, select
 
 from .registry import Registry
+from .tables.telemetry import InferenceTotalRow, TelemetryRow
+from .telemetry import INFERENCE, merge_inference
 
-__all__ = ["STATUS", "TELEMETRY", "Ingest", "status_values"]
+__all__ = ["STATUS", "TELEMETRY", "Ingest", "TelemetryRetention", "status_values"]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +47,17 @@ def _plain(obj: Any) -> dict[str, Any] | None:
     return {k: v for k, v in dataclasses.asdict(obj).items() if v is not None}
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TelemetryRetention:
+    rows_per_device: int = 2000  # telemetry rows kept per device (all namespaces)
+    max_age: int = 7 * 86400  # s: older rows are deleted
+    prune_every: float = 60.0  # s between prunes
+
+
 def status_values(st: DeviceStatus, now: int) -> dict[str, Any]:
-    """The registry columns one status sets."""
+    """The registry columns one status sets (an ``offline`` will: the state only)."""
+    if st.state == "offline":
+        return {"state": "offline"}
     a = st.active
     return {
         "last_seen": now,
@@ -52,10 +72,21 @@ def status_values(st: DeviceStatus, now: int) -> dict[str, Any]:
 class Ingest:
     """Decode, coalesce and store upstream messages; one instance per worker thread."""
 
-    def __init__(self, registry: Registry, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        clock: Callable[[], float] = time.time,
+        retention: TelemetryRetention = TelemetryRetention(),  # noqa: B008 - frozen
+    ) -> None:
         self.registry = registry
         self.clock = clock
+        self.retention = retention
         self._pending: dict[str, dict[str, Any]] = {}
+        self._rows: list[tuple[str, Telemetry, int]] = []  # (device, message, received)
+        self._next_prune = 0.0
+        self.telemetry_stored = 0  # telemetry messages kept as rows
+        self.telemetry_pruned = 0  # rows deleted by retention
         self.decoded = 0  # messages that became an update
         self.dropped = 0  # malformed or misaddressed: the sender's fault
         self.ignored = 0  # cleared retained statuses, kinds we do not ingest
@@ -87,7 +118,10 @@ class Ingest:
         now = int(self.clock())
         if kind == TELEMETRY:
             t = Telemetry.decode(payload)
-            log.debug("telemetry from %s: %s", t.device_id, t.metrics)
+            if t.device_id != device_id:
+                raise DecodeError(f"telemetry on {device_id}'s topic names {t.device_id}")
+            if t.metrics:
+                self._rows.append((device_id, t, now))
             return {"last_seen": now}
         if kind != STATUS or not payload:
             return None  # a cleared retained status, or nothing we ingest
@@ -100,9 +134,13 @@ class Ingest:
         """Write what is pending in one transaction (per device if that fails); return the
         number of statuses stored."""
         updates, self._pending = self._pending, {}
+        rows, self._rows = self._rows, []
         if not updates:
             return 0
         found = self._store(updates)
+        if rows:
+            self._store_telemetry([r for r in rows if r[0] in found])
+        self._prune()
         for device_id in sorted(set(updates) - found):
             log.warning("status from unenrolled device %s ignored", device_id)
         statuses = sum(1 for d in found if "state" in updates[d])
@@ -123,3 +161,81 @@ class Ingest:
             except Exception:
                 log.exception("storing the update of %s failed", device_id)
         return found
+
+    # -- telemetry rows -------------------------------------------------------------------
+    def _store_telemetry(self, rows: list[tuple[str, Telemetry, int]]) -> None:
+        """One transaction: a row per namespace, and the inference totals."""
+        totals: dict[tuple[str, str], tuple[list[dict[str, Any]], int]] = {}
+        for device_id, t, received in rows:
+            for window in _windows(t.metrics.get(INFERENCE)):
+                key, w = window
+                seen, last = totals.get((device_id, key), ([], 0))
+                seen.append(w)
+                totals[device_id, key] = (seen, max(last, min(t.time, received)))
+        try:
+            with self.registry.session() as s:
+                s.add_all(
+                    TelemetryRow(device_id=d, namespace=ns, time=min(t.time, received),
+                                 received=received, payload=payload)  # fmt: skip
+                    for d, t, received in rows
+                    for ns, payload in t.metrics.items()
+                    if isinstance(payload, dict)
+                )
+                for (device_id, key), (windows, at) in totals.items():
+                    _add_totals(s, device_id, key, merge_inference(windows), at)
+        except Exception:  # the statuses are stored; these rows are lost, loudly
+            log.exception("storing %d telemetry messages failed", len(rows))
+            return
+        self.telemetry_stored += len(rows)
+
+    def _prune(self) -> None:
+        now = self.clock()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + self.retention.prune_every
+        r = self.retention
+        try:
+            with self.registry.session() as s:
+                old = s.execute(delete(TelemetryRow).where(TelemetryRow.received < now - r.max_age))
+                pruned = getattr(old, "rowcount", 0) or 0
+                over = s.execute(
+                    select(TelemetryRow.device_id)
+                    .group_by(TelemetryRow.device_id)
+                    .having(func.count() > r.rows_per_device)
+                ).scalars().all()
+                for device_id in over:
+                    cut = s.execute(
+                        select(TelemetryRow.id)
+                        .where(TelemetryRow.device_id == device_id)
+                        .order_by(TelemetryRow.id.desc())
+                        .offset(r.rows_per_device)
+                        .limit(1)
+                    ).scalar_one()
+                    res = s.execute(delete(TelemetryRow).where(
+                        TelemetryRow.device_id == device_id, TelemetryRow.id <= cut))  # fmt: skip
+                    pruned += getattr(res, "rowcount", 0) or 0
+        except Exception:
+            log.exception("pruning telemetry failed (retried in %g s)", r.prune_every)
+            return
+        self.telemetry_pruned += pruned
+
+
+def _windows(inference: object) -> list[tuple[str, dict[str, Any]]]:
+    if not isinstance(inference, dict):
+        return []
+    return [(k, w) for k, w in inference.items() if isinstance(w, dict) and len(k) <= 130]
+
+
+def _add_totals(s: Any, device_id: str, key: str, m: dict[str, Any], at: int) -> None:
+    row = s.get(InferenceTotalRow, (device_id, key))
+    if row is None:
+        s.add(InferenceTotalRow(device_id=device_id, model=key, count=m["count"],
+                                errors=m["errors"], rows=m["rows"], lat=m["lat"],
+                                classes=m["classes"], first_time=at, last_time=at))  # fmt: skip
+        return
+    merged = merge_inference([{"lat": row.lat, "classes": row.classes}, m])
+    row.count += m["count"]
+    row.errors += m["errors"]
+    row.rows += m["rows"]
+    row.lat, row.classes = merged["lat"], merged["classes"]
+    row.last_time = max(row.last_time, at)

@@ -387,6 +387,14 @@ def _check_capabilities(caps: object, limit: int) -> None:
         raise DecodeError(f"{what}: expected sorted, distinct names, saw {list(caps)!r:.80}")
 
 
+#: ms: upper bounds of the inference latency histogram in ``inference`` telemetry (filled by
+#: ``agent/observe.py``, merged by ``coordinator/telemetry.py``): a geometric ladder, factor
+#: sqrt(2), 4 µs to ~12 s; bucket ``i`` counts latencies <= bound ``i`` (and > bound ``i-1``),
+#: one more bucket past the end counts the rest. Lists of counts may be cut after the last
+#: non-zero one.
+LATENCY_BOUNDS_MS = tuple(round(0.004 * 2 ** (i / 2), 6) for i in range(44))
+#: the confidence histogram of ``inference`` telemetry: 10 equal bins over [0, 1]
+CONFIDENCE_BINS = 10
 MAX_METRIC_DEPTH = 4  # nesting of objects/lists in telemetry metrics
 MAX_METRIC_ITEMS = 1024  # keys and list items in one telemetry message, all levels
 
@@ -422,7 +430,14 @@ def _check_metrics(value: object, what: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class Telemetry:
-    """Periodic metrics from a device (buffered while offline). Validated like the others."""
+    """Periodic metrics from a device (buffered while offline). Validated like the others.
+
+    ``metrics`` is ``{namespace: payload}``, one entry per telemetry source of the agent's
+    ``Reporter`` (``agent``: the daemon's own counters; ``inference``: per model key
+    ``name@version``, see ``agent/observe.py``; ``drift``, ``shadow``, ``ab``: their features).
+    Each payload covers the time since the previous message (counts are deltas), so buffered
+    messages lose nothing. Bounded as a whole: depth 4, 1,024 keys and items, ``MAX_TELEMETRY``.
+    """
 
     device_id: str
     time: int  # unix seconds

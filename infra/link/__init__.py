@@ -6,7 +6,7 @@ Importing this package does not import paho: unit tests and simulations run on
 
 from __future__ import annotations
 
-from .config import HEADER_ALLOWANCE, MqttConfig
+from .config import HEADER_ALLOWANCE, MqttConfig, Will
 from .memory import DROP_REASONS, DropRule, InMemoryBroker, InMemoryLink
 from .port import Delivery, Link, LinkFactory, MessageProps, OnMessage
 
@@ -22,4 +22,5 @@ __all__ = [
     "MessageProps",
     "MqttConfig",
     "OnMessage",
+    "Will",
 ]

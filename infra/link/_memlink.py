@@ -25,7 +25,7 @@ from .config import HEADER_ALLOWANCE
 from .port import MessageProps, OnMessage
 
 if TYPE_CHECKING:
-    from .config import MqttConfig
+    from .config import MqttConfig, Will
     from .memory import InMemoryBroker
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class Conn(Generic[S]):
         self.session = session
         self.inbox: deque[Queued] = deque()
         self.closed: str | None = None  # the reason, once the broker closed it
+        self.will: Will | None = None  # from the CONNECT; set by the broker
 
 
 def packet_size(msg: Message, qos: int, *, v5: bool) -> int:
@@ -155,6 +156,7 @@ class InMemoryLink:
         self._unsent = 0  # bytes of publishes in the outbox
         self._up = False  # connected and re-subscribed: QoS 0 may be sent
         self._stopped = False
+        self._dead = False  # killed: the thread ends without a DISCONNECT
         self._thread: threading.Thread | None = None
         self._max_packet = config.default_max_packet
         self._last_error: str | None = None
@@ -278,6 +280,12 @@ class InMemoryLink:
             self._stopped = True
             self._cond.notify_all()
 
+    def _die(self) -> None:
+        """The client process died: stop at once, say nothing to the broker."""
+        with self._cond:
+            self._stopped = self._dead = True
+            self._cond.notify_all()
+
     def _push(self, conn: Conn[Any], item: Queued, *, limit: int) -> bool:
         with self._cond:
             if len(conn.inbox) >= limit:
@@ -354,6 +362,9 @@ class InMemoryLink:
                 self._send(conn, op)
             if item is not None:
                 self._deliver(item)
+        if self._dead:
+            self.connected.clear()
+            return True
         if conn.closed is None:
             self._broker._disconnect(conn)
         self._down(conn.closed or "Normal disconnection")

@@ -8,11 +8,27 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-__all__ = ["HEADER_ALLOWANCE", "MqttConfig"]
+__all__ = ["HEADER_ALLOWANCE", "MqttConfig", "Will"]
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 #: bytes kept free in ``max_payload`` for fixed header, topic, packet id and v5 properties
 HEADER_ALLOWANCE = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class Will:
+    """The last will: what the broker publishes for us when our connection ends uncleanly (the
+    socket drops, the keep-alive expires: mosquitto waits 1.5 keep-alives, a taken-over
+    session) and not after a clean DISCONNECT."""
+
+    topic: str
+    payload: bytes = field(repr=False)
+    qos: int = 1
+    retain: bool = True
+
+    def __post_init__(self) -> None:
+        if self.qos not in (0, 1, 2) or not self.topic or "#" in self.topic or "+" in self.topic:
+            raise ValueError(f"a will needs a plain topic and qos 0-2, got {self.topic!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +52,7 @@ class MqttConfig:
     # bytes: largest packet we accept, announced as CONNECT MaximumPacketSize (v5 only; 3.1.1
     # has no way to say it). None = no limit (the broker's own, 256 MB for mosquitto).
     max_incoming: int | None = None
+    will: Will | None = None  # published by the broker if the connection ends uncleanly
 
     def __post_init__(self) -> None:
         _parse_url(self.url)

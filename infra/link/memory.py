@@ -44,15 +44,22 @@ What it models (mosquitto 2.0 with a password file and an ``acl_file``):
   mosquitto keeps for a slow subscriber); more are dropped ("queue_full").
 - **MQTT 3.1.1** (``config.protocol == 311``): response topic and correlation data are not
   carried, and ``max_incoming`` cannot be announced.
+- **Wills** (``config.will``): a will whose topic the client may not write is refused at
+  CONNECT ("Not authorized", as mosquitto 2.0 does); the will is published, as if by the
+  client, when its connection ends uncleanly: ``kill(client_id)`` (the process died: the
+  socket closes at once), ``kill(client_id, hang=True)`` (it hung: the broker notices when 1.5
+  keep-alives pass without a packet, on a timer) and a session take-over. A clean DISCONNECT,
+  ``disconnect()`` (an administrative kick, as the dynamic-security plugin does it) and
+  ``restart()`` do not publish it.
 - **Fault injection**: ``drop(predicate)``, ``disconnect(client_id)``, ``restart()`` (every
   client disconnected, QoS 0 in flight lost, retained messages and persistent sessions kept;
   clients reconnect after their backoff).
 
 Delivery is asynchronous and ordered: a publish is handed to the broker on the publishing
 link's thread, which fans it out into each subscriber's pipe; each link's own thread runs its
-callbacks. Not modelled: keepalive, wills, QoS 2 handshakes (QoS 2 is treated as QoS 1),
-session expiry by time, mosquitto's disconnect of a client sending an oversize packet (the
-message is dropped and counted instead).
+callbacks. Not modelled: keep-alive pings (a live link never expires), QoS 2 handshakes (QoS
+2 is treated as QoS 1), session expiry by time, mosquitto's disconnect of a client sending an
+oversize packet (the message is dropped and counted instead).
 """
 
 from __future__ import annotations
@@ -67,6 +74,9 @@ from edgefleet.protocol.topics import AclRule, Filter, Topic, allowed, may_subsc
 
 from ._memlink import Conn, InMemoryLink, Message, Queued, Refused, packet_size
 from .port import OnMessage
+
+if TYPE_CHECKING:
+    from .config import Will
 
 if TYPE_CHECKING:
     from .config import MqttConfig
@@ -230,6 +240,30 @@ class InMemoryBroker:
         log.info("in-memory broker: kicked %s", client_id)
         return True
 
+    def kill(self, client_id: str, *, hang: bool = False) -> bool:
+        """The client's process dies (``hang``: stops responding): its link stops without a
+        DISCONNECT and the broker publishes its will, at once or, with ``hang``, once 1.5
+        keep-alives have passed (a timer). False if it was not online."""
+        with self._lock:
+            session = self._sessions.get(client_id)
+            if session is None or session.conn is None:
+                return False
+            conn = session.conn
+            conn.link._die()
+            if not hang:
+                self._close(conn, "Unspecified error", will=True)
+        if hang:
+            timer = threading.Timer(1.5 * conn.link._config.keepalive, self._expire, (conn,))
+            timer.daemon = True
+            timer.start()
+        log.info("in-memory broker: %s %s", client_id, "hung" if hang else "died")
+        return True
+
+    def _expire(self, conn: Conn[_Session]) -> None:
+        with self._lock:
+            if conn.session.conn is conn and not self._closed:
+                self._close(conn, "Keep alive timeout", will=True)
+
     def restart(self) -> None:
         """Disconnect every client; keep retained messages and persistent sessions."""
         with self._lock:
@@ -274,9 +308,12 @@ class InMemoryBroker:
             bound = self._client_ids.get(cfg.username or "")
             if bound is not None and cfg.client_id != bound:
                 raise Refused("Not authorized")  # the plugin's clientid check
+            if cfg.will is not None and self._acl is not None:
+                if not allowed(self._acl, cfg.username, "write", cfg.will.topic):
+                    raise Refused("Not authorized")  # mosquitto checks the will at CONNECT
             session = self._sessions.get(cfg.client_id)
             if session is not None and session.conn is not None:
-                self._close(session.conn, "Session taken over")
+                self._close(session.conn, "Session taken over", will=True)
                 session = self._sessions.get(cfg.client_id)
             present = session is not None and not cfg.clean_start
             if session is None or not present:
@@ -290,6 +327,7 @@ class InMemoryBroker:
             session.max_incoming = cfg.max_incoming if v5 else None
             session.persistent = not cfg.clean_start and (not v5 or cfg.session_expiry > 0)
             conn = session.conn = Conn(link, session)
+            conn.will = cfg.will
             queued, session.queue = session.queue, deque()
             for item in queued:
                 self._to_conn(conn, item)
@@ -416,15 +454,38 @@ class InMemoryBroker:
         else:
             session.queue.append(item)
 
+    def _publish_will(self, session: _Session, will: Will) -> None:
+        msg = Message(
+            topic=will.topic,
+            payload=will.payload,
+            qos=will.qos,
+            retain=will.retain,
+            response_topic=None,
+            correlation_data=None,
+            sender=session.client_id,
+        )
+        size = packet_size(msg, msg.qos, v5=session.v5)
+        if self.max_packet is not None and size > self.max_packet:
+            self._count("too_large")
+            return
+        if msg.retain and msg.payload:
+            self._retained[msg.topic] = msg
+        elif msg.retain:
+            self._retained.pop(msg.topic, None)
+        self._fan_out(msg)
+
     def _to_conn(self, conn: Conn[_Session], item: Queued) -> None:
         if not conn.link._push(conn, item, limit=self.max_inflight + self.max_queued):
             self._count("queue_full")
 
-    def _close(self, conn: Conn[_Session], reason: str) -> None:
-        """Close a connection: what is still in its pipe is lost or requeued."""
+    def _close(self, conn: Conn[_Session], reason: str, *, will: bool = False) -> None:
+        """Close a connection: what is still in its pipe is lost or requeued; ``will``: the
+        connection ended uncleanly, so its will (if any) is published."""
         session = conn.session
         pending = conn.link._close_pipe(conn, reason)
         session.conn = None
+        if will and conn.will is not None:
+            self._publish_will(session, conn.will)
         if session.persistent:
             kept = [item for item in pending if item.qos > 0]
             self._count("disconnect", len(pending) - len(kept))

@@ -275,6 +275,9 @@ class MqttLink:
         client.reconnect_delay_set(cast(int, cfg.reconnect_min), cast(int, cfg.reconnect_max))
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(cfg.max_queued)
+        if cfg.will is not None:  # sent in every CONNECT, reconnects included
+            w = cfg.will
+            client.will_set(w.topic, w.payload, qos=w.qos, retain=w.retain)
         client.on_socket_open = self._handle_socket_open
         client.on_connect = self._handle_connect  # type: ignore[assignment]  # paho's union
         client.on_connect_fail = self._handle_connect_fail

@@ -103,7 +103,7 @@ def test_heartbeat_follows_the_injected_clock(broker: InMemoryBroker, inbox: Inb
     r.tick()  # due
     statuses = inbox.wait("status", 2)
     assert [DeviceStatus.decode(s).counter for s in statuses] == [1, 2]
-    assert [Telemetry.decode(t).metrics["n"] for t in inbox.wait("telemetry", 2)] == [100, 130]
+    assert [Telemetry.decode(t).metrics["agent"]["n"] for t in inbox.wait("telemetry", 2)] == [100, 130]
     link.stop()
 
 
