@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -75,6 +76,17 @@ def _round_line(record: Any, rounds: int, seconds: float | None = None) -> str:
                else ""))  # fmt: skip
 
 
+def _quiet_flower(args: argparse.Namespace) -> None:
+    """Flower logs every strategy step at INFO on its own handler; our round lines say what
+    matters, so without ``-v`` only its warnings show."""
+    from edgefleet.cli import verbosity
+
+    if verbosity(args) == 0:
+        import flwr.supercore.logger  # sets its logger to DEBUG on import: set ours after
+
+        logging.getLogger(flwr.supercore.logger.LOGGER_NAME).setLevel(logging.WARNING)
+
+
 def _dp_text(dp: Any) -> str:
     return "" if dp is None else f", dp z={dp.noise_multiplier:g} C={dp.clipping_norm:g}"
 
@@ -125,6 +137,7 @@ def fl_start(args: argparse.Namespace) -> int:
               f"{last.version}")  # fmt: skip
         return 0
     mqtt = mqtt_config_for(c, client_id=f"fl-{os.getpid()}")
+    _quiet_flower(args)
     if last is not None:
         print(f"run {spec.run_id}: resuming after round {done} of {spec.rounds} (version "
               f"{last.version})", flush=True)  # fmt: skip
@@ -288,6 +301,7 @@ def sim_fl(args: argparse.Namespace) -> int:
                       local_epochs=args.local_epochs, lr=args.lr, optimizer=args.optimizer,
                       round_timeout=args.round_timeout)  # fmt: skip
     out: Path = args.out
+    _quiet_flower(args)
     with tempfile.TemporaryDirectory(prefix="edgefleet-simfl-") as work:
         result = run_fl(Path(work), cfg,
                         on_round=lambda r: print(_round_line(r, cfg.rounds), flush=True))

@@ -154,36 +154,36 @@ def _read_until(lines: queue.Queue[str], prefix: str, seen: list[str]) -> None:
 def test_a_run_killed_after_a_round_resumes_through_the_cli(
     fl_world: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``fl start`` in its own process is SIGKILLed once round 2 is registered; the same
+    """``fl start`` in its own process is SIGKILLed once round 1 is registered; the same
     command again picks up after the last registered round: the lineage is one chain, no
     round is registered twice."""
     home = fl_world.fleet.coordinator.home
-    argv = _start(home, "digits-resume", "resume-1", 4)
+    argv = _start(home, "digits-resume", "resume-1", 3)
     proc = subprocess.Popen([sys.executable, "-m", "edgefleet", *argv], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: list[str] = []
     try:
-        _read_until(_lines(proc), "round 2/4", seen)
+        _read_until(_lines(proc), "round 1/3", seen)
     finally:
         proc.kill()
         proc.wait(30)
     code, out, _ = run(capsys, "fl", "status", "--home", home, "--run", "resume-1")
     assert code == 0 and "incomplete (resumable)" in out.splitlines()[0], out
-    done = len(out.splitlines()) - 1  # round 2, or 3 if it was registered before the kill
-    assert done in (2, 3), (out, seen)
+    done = len(out.splitlines()) - 1  # round 1, or 2 if it was registered before the kill
+    assert done in (1, 2), (out, seen)
     code, out, err = run(capsys, *argv)  # the same command, the same run id
     assert code == 0, err
     resumed = [ln.split()[1] for ln in out.splitlines() if ln.startswith("round ")]
-    assert resumed == [f"{r}/4" for r in range(done + 1, 5)], out
-    assert out.splitlines()[0] == f"run resume-1: resuming after round {done} of 4 (version {done})"
+    assert resumed == [f"{r}/3" for r in range(done + 1, 4)], out
+    assert out.splitlines()[0] == f"run resume-1: resuming after round {done} of 3 (version {done})"
     code, out, _ = run(capsys, "model", "history", "--home", home, "--name", "digits-resume",
                        "--json")  # fmt: skip
     versions = json.loads(out)
-    assert [v["lineage"]["fl"]["round"] for v in versions] == [1, 2, 3, 4]  # none twice
+    assert [v["lineage"]["fl"]["round"] for v in versions] == [1, 2, 3]  # none twice
     parents = [v["lineage"]["parent"] for v in versions]
     assert parents == [None, *(v["version"] for v in versions[:-1])]  # one chain across the kill
     assert {v["lineage"]["fl"]["run_id"] for v in versions} == {"resume-1"}
     code, out, _ = run(capsys, "fl", "status", "--home", home, "--run", "resume-1")
-    assert "round 4 of 4: complete" in out.splitlines()[0]
+    assert "round 3 of 3: complete" in out.splitlines()[0]
     code, out, _ = run(capsys, *argv)  # once more: nothing left to do, nothing registered
-    assert code == 0 and "all 4 rounds already registered" in out, out
+    assert code == 0 and "all 3 rounds already registered" in out, out
