@@ -7,12 +7,16 @@ process; plus one more ``edgefleet agent run`` process with FL disabled (not sam
 of FedAvg (quick: 2).
 
 * round time: the FL service's wall time per round on mosquitto, against the same run on the
-  in-memory broker (same seeds), i.e. what the real broker and the agent process add; and, if
-  the native deployment ran (``bench.fl`` runs it only when ``EDGEFLEET_BENCH_NATIVE=1``:
-  ~30 s per round), against Flower's own SuperLink/SuperNode on loopback.
+  in-memory broker (same seeds), i.e. what the real broker and the agent process add; and
+  against Flower's own deployment of the same app (``federated.native.run_native``: a
+  SuperLink and N SuperNodes on loopback, same partitions, strategy and training settings;
+  ~35 s per round, so only in the full run, or with ``--quick`` when
+  ``EDGEFLEET_BENCH_NATIVE=1``).
 * device RSS during a round: ``VmHWM`` of the FL agent process after the rounds, against the
   same agent without FL (``VmHWM`` of the FL-disabled process, which saw the same release; it
-  is stopped before the run, since the service would sample it and wait out its timeout).
+  is stopped before the run, since the service would sample it and wait out its timeout); and
+  against a native device: the peak RSS of one SuperNode's whole process tree (SuperNode +
+  superexec + the ``flwr-clientapp`` it starts per message), the largest of the N.
 * idle RSS: ``VmRSS`` of the FL-enabled process after the bootstrap release, before any round,
   against the FL-disabled process at the same point.
 * coordinator time per round (validation + aggregation + export + registration, from
@@ -34,6 +38,7 @@ from typing import TYPE_CHECKING
 from ._util import Row, median
 
 if TYPE_CHECKING:
+    from edgefleet.federated.native import NativeResult
     from edgefleet.simulations.fleet import Fleet
 
 NAME = "fl"
@@ -131,14 +136,12 @@ def _memory_round_seconds(work: Path, agents: int, rounds: int) -> list[float]:
     return list(run_fl(work, cfg).outcome.round_seconds)
 
 
-def _native_round_seconds(work: Path, nodes: int, rounds: int) -> float | None:
-    if os.environ.get("EDGEFLEET_BENCH_NATIVE") != "1":
+def _native(work: Path, nodes: int, rounds: int, quick: bool) -> NativeResult | None:
+    if quick and os.environ.get("EDGEFLEET_BENCH_NATIVE") != "1":
         return None
-    try:
-        from edgefleet.federated.native import run_native
-    except ImportError:
-        return None
-    return run_native(work, nodes=nodes, rounds=rounds).seconds_per_round
+    from edgefleet.federated.native import run_native
+
+    return run_native(work, nodes=nodes, rounds=rounds)
 
 
 def run(quick: bool) -> list[Row]:
@@ -153,7 +156,7 @@ def run(quick: bool) -> list[Row]:
         work = Path(tmp)
         m = _mqtt_run(work / "mqtt", agents, rounds)
         mem = _memory_round_seconds(work / "memory", agents, rounds)
-        native = _native_round_seconds(work / "native", agents, rounds)
+        native = _native(work / "native", agents, rounds, quick)
     secs: list[float] = m["round_seconds"]  # type: ignore[assignment]
     agg: list[float] = m["aggregate"]  # type: ignore[assignment]
     coord: list[float] = m["coordinator"]  # type: ignore[assignment]
@@ -175,12 +178,26 @@ def run(quick: bool) -> list[Row]:
             baseline="strategy's own aggregate_train", baseline_value=median(agg)),
     ]
     if native is not None:
-        rows.append(Row(key="round_s:native_ratio", metric=f"round time, {agents} agents, "
-                        "MqttGrid on mosquitto", value=median(secs[1:] or secs), unit="s",
-                        baseline="Flower native SuperLink/SuperNode, loopback",
-                        baseline_value=native, aim="<= 0.01"))
+        rows.append(Row(key="round_s:native", metric=f"round time, {agents} agents, digits, "
+                        "MqttGrid on mosquitto, rounds after the 1st",
+                        value=median(secs[1:] or secs), unit="s",
+                        baseline=f"Flower native: SuperLink + {agents} SuperNodes, loopback, "
+                        "same app and settings", baseline_value=native.seconds_per_round,
+                        aim="<= 0.01", note="stretch 1/300"))
+        rows.append(Row(key="hwm_mb:native", metric="device peak RSS during the rounds, "
+                        "`agent run` with FL (VmHWM)", value=float(m["hwm_fl"]),  # type: ignore[arg-type]
+                        unit="MB", baseline="native SuperNode + superexec + flwr-clientapp "
+                        "tree, peak (psutil)", baseline_value=native.device_peak_rss_max / 1e6,
+                        aim="<= 0.333", note="stretch 1/4"))
+        _NOTES.append(
+            f"native: {native.rounds} rounds, seconds "
+            f"{', '.join(f'{s:.1f}' for s in native.round_seconds)}; "
+            f"accuracy {', '.join(f'{a:.3f}' for a in native.accuracy)}; device tree peaks "
+            f"{', '.join(f'{r / 1e6:.0f}' for r in native.device_peak_rss)} MB; SuperLink tree "
+            f"{native.superlink_peak_rss / 1e6:.0f} MB; {native.samples} RSS samples")
     else:
-        _NOTES.append("native SuperLink/SuperNode row skipped (set EDGEFLEET_BENCH_NATIVE=1)")
+        _NOTES.append("native SuperLink/SuperNode rows skipped in --quick "
+                      "(EDGEFLEET_BENCH_NATIVE=1 runs them)")
     _NOTES.append("round 1 waits out round_timeout for the stopped FL-disabled agent, which "
                   "the service still samples (presence not yet expired): excluded")
     _NOTES.append(f"{agents} agents, {rounds} rounds; per-round medians; mosquitto round "
