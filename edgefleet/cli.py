@@ -317,6 +317,8 @@ def _fl(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--broker", default="memory", choices=["memory", "mosquitto", "amqtt"])
     c.add_argument("--hidden", type=int, default=64)
     c.add_argument("--out", type=Path, default=Path("fl-sim"), help="CSV (and PNG) go here")
+    c.add_argument("--dp-noise", type=float, default=None, help="central DP: noise multiplier z")
+    c.add_argument("--dp-clip", type=float, default=None, help="central DP: clipping norm C")
     _fl_train_options(c)
     c.set_defaults(run=_lazy(mod, "sim_fl"))
 
