@@ -28,6 +28,7 @@ from edgefleet.protocol.errors import EdgeFleetError, StoreError
 from edgefleet.protocol.manifest import Manifest
 from edgefleet.protocol.messages import ActiveModel, InstallResult, ReleaseOffer
 
+from .candidate import CandidateSlot, SlotStore
 from .config import AgentConfig
 from .identity import DeviceIdentity
 from .reporter import active_model
@@ -85,9 +86,10 @@ class Agent:
         home = config.home
         self.identity = DeviceIdentity.load(home / "keys")
         self.trust = TrustStore(home / "trust")
-        self.store = ModelStore(
-            home / "store", keep=config.keep, checkpoint=checkpoint, readonly=readonly
-        )
+        self.store: ModelStore = SlotStore(  # refuses candidate releases (agent.candidate)
+            home / "store", candidate=False, keep=config.keep, checkpoint=checkpoint,
+            readonly=readonly,
+        )  # fmt: skip
         self.updater = Updater(
             self.identity,
             self.trust,
@@ -105,6 +107,9 @@ class Agent:
         self._runtime: Runtime | None = None  # what predict() runs
         self._serving: tuple[InstalledVersion, Runtime] | None = None  # the same, labelled
         self.broken: str | None = None  # why nothing is served though a model is active
+        # A/B (agent.ab): while set, ``predict_versioned`` hands every request to it
+        self.router: Callable[[np.ndarray], tuple[InstalledVersion, np.ndarray]] | None = None
+        self.candidate: CandidateSlot | None = None  # the shadow / A/B slot, once opened
         self._last: InstallResult | None = self._read_last()  # the file is only the report
         try:
             self._load_active()
@@ -175,6 +180,21 @@ class Agent:
         self.broken = None
 
     @property
+    def serving(self) -> tuple[InstalledVersion, Runtime] | None:
+        """The active version and its runtime, as one snapshot (the shadow's baseline)."""
+        return self._serving
+
+    def open_candidate(self) -> CandidateSlot:
+        """The candidate slot (``<home>/candidate/``), opened on first use; closed with us."""
+        if self.candidate is None:
+            cfg = self.updater.config
+            self.candidate = CandidateSlot(
+                self.config.home, self.identity, self.trust, clock=self._clock, config=cfg,
+                readonly=self.readonly,
+            )  # fmt: skip
+        return self.candidate
+
+    @property
     def active(self) -> InstalledVersion | None:
         """The version being served (cheap: no disk access)."""
         serving = self._serving
@@ -195,7 +215,15 @@ class Agent:
 
     def predict_versioned(self, x: np.ndarray) -> tuple[InstalledVersion, np.ndarray]:
         """Like ``predict``, with the version that produced the output (one snapshot: a
-        concurrent swap cannot pair one model's output with another's name)."""
+        concurrent swap cannot pair one model's output with another's name). While an A/B
+        candidate is served, ``router`` picks the model (``agent.ab``)."""
+        router = self.router
+        if router is not None:
+            return router(x)
+        return self.predict_active(x)
+
+    def predict_active(self, x: np.ndarray) -> tuple[InstalledVersion, np.ndarray]:
+        """``predict_versioned`` on the active model, whatever the router says."""
         serving = self._serving
         if serving is None:
             raise RuntimeError(self._no_model())
@@ -336,6 +364,8 @@ class Agent:
         serving, self._serving, self._runtime = self._serving, None, None
         if serving is not None:
             serving[1].close()
+        if self.candidate is not None:
+            self.candidate.close()
         self.store.close()
 
 
