@@ -36,10 +36,14 @@ class AgentConfig:
     telemetry_buffer: int = 1000  # messages kept while the broker is unreachable
     fl_enabled: bool = False  # opt in to federated-learning rounds (edgefleet.federated)
     fl_data_dir: str = ""  # local training data (.npz/.csv); "" = <home>/fl-data
+    shadow_sample: float = 0.1  # share of requests a shadow candidate also runs on (0 = none)
+    shadow_queue: int = 64  # samples waiting for the shadow; more are dropped and counted
 
     def __post_init__(self) -> None:
         if self.keep < 1 or self.threads < 1 or self.window < 1:
             raise ValueError("keep, threads and window must be >= 1")
+        if not 0.0 <= self.shadow_sample <= 1.0 or self.shadow_queue < 1:
+            raise ValueError("shadow_sample must be in [0, 1] and shadow_queue >= 1")
         if self.mqtt_protocol not in (5, 311):
             raise ValueError(f"mqtt_protocol must be 5 or 311, got {self.mqtt_protocol}")
 
