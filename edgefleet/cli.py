@@ -33,7 +33,7 @@ def _home(env: str) -> dict[str, object]:
 # The extra that brings each command group's optional dependencies.
 _EXTRAS = {"agent": "agent", "coordinator": "coordinator", "model": "coordinator",
            "bundle": "coordinator", "fleet": "coordinator", "demo": "all", "fl": "fl",
-           "sim": "all"}  # fmt: skip
+           "sim": "all", "rollout": "coordinator"}  # fmt: skip
 
 
 class MissingExtraError(Exception):
@@ -323,10 +323,58 @@ def _fl(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.set_defaults(run=_lazy(mod, "sim_fl"))
 
 
+def _rollout(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``rollout start|run|status|pause|resume|abort|rollback`` (staged rollouts)."""
+    mod = "edgefleet._cli_rollout"
+    home = _home("EDGEFLEET_COORDINATOR_HOME")
+    p = sub.add_parser("rollout", help="staged rollouts with health gates").add_subparsers(
+        dest="cmd", required=True)
+    c = p.add_parser("start", help="canary, then waves, each gated on the devices' telemetry")
+    c.add_argument("--home", **home)
+    c.add_argument("--name", required=True)
+    c.add_argument("--version", required=True)
+    c.add_argument("--canary", default="10%", help="N%% | device:ID[,ID…] | group:G")
+    c.add_argument("--waves", default="10%,50%,100%", help="shares of the fleet after each wave")
+    c.add_argument("--gate", action="append", default=[], metavar="METRIC<N",
+                   help="error_rate<0.01, p95_latency<1.5x, class_shift<0.25, drift<0.2, "
+                   "agreement>0.95, accuracy>0.9 (repeatable)")
+    c.add_argument("--bake", default="10m", help="time each stage bakes (30s, 10m, 1h)")
+    c.add_argument("--min-samples", type=int, default=50,
+                   help="inferences per device before its gates are judged")
+    c.add_argument("--wave-timeout", default="10m",
+                   help="time to install, and after the bake to become healthy, before a halt")
+    c.add_argument("--follow", action="store_true", help="drive it here until it finishes")
+    c.add_argument("--interval", type=float, default=2.0, help="seconds between steps")
+    c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
+    c.set_defaults(run=_lazy(mod, "start"))
+    c = p.add_parser("run", help="drive a rollout (default: the latest) until it finishes")
+    c.add_argument("--home", **home)
+    c.add_argument("id", type=int, nargs="?")
+    c.add_argument("--interval", type=float, default=2.0, help="seconds between steps")
+    c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
+    c.set_defaults(run=_lazy(mod, "run"))
+    c = p.add_parser("status", help="phase, wave, devices and every decision with its evidence")
+    c.add_argument("--home", **home)
+    c.add_argument("id", type=int, nargs="?")
+    c.add_argument("--last", type=int, default=0, help="only the last N decisions")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(run=_lazy(mod, "status"))
+    for name, text in (("pause", "hold the rollout where it is"),
+                       ("resume", "continue a paused rollout"),
+                       ("abort", "stop it; devices keep what they run"),
+                       ("rollback", "release each moved device its previous version again")):
+        c = p.add_parser(name, help=text)
+        c.add_argument("--home", **home)
+        c.add_argument("id", type=int, nargs="?")
+        if name == "rollback":
+            c.add_argument("--broker", default=None, help="mqtt://host:port")
+        c.set_defaults(run=_lazy(mod, name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefleet", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="group", required=True)
-    for add in (_agent, _coordinator, _model, _bundle, _fleet, _demo, _fl):
+    for add in (_agent, _coordinator, _model, _bundle, _fleet, _demo, _fl, _rollout):
         add(sub)
     _add_verbose(parser, 0)
     return parser
