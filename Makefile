@@ -7,7 +7,7 @@ PIP_FLAGS ?= --disable-pip-version-check --quiet
 
 .PHONY: test demo bench lint typecheck clean
 # The folders that install as edgefleet.<name> (pyproject's package-dir).
-SUBPACKAGES := protocol infra agent coordinator models simulations federated
+SUBPACKAGES := protocol infra agent coordinator models simulations federated console
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

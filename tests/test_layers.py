@@ -3,6 +3,7 @@
 Every folder installs as ``edgefleet.<folder>``; imports may only point down these layers:
 
     cli          edgefleet/*.py — composition root: CLI, demo, progress (may import anything)
+    console      the operator's HTTP API and dashboard      -> federated, coordinator, ...
     simulations  fleets of agents and coordinators          -> federated, agent, coordinator, ...
     federated    Flower apps and their MQTT transport       -> coordinator, models, infra, protocol
     agent        the device                                 -> infra, protocol (no models/SQL)
@@ -26,7 +27,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPACKAGES = (
-    "protocol", "infra", "models", "agent", "coordinator", "federated", "simulations",
+    "protocol", "infra", "models", "agent", "coordinator", "federated", "simulations", "console",
 )
 ALLOWED: dict[str, set[str]] = {
     "protocol": set(),
@@ -36,7 +37,9 @@ ALLOWED: dict[str, set[str]] = {
     "coordinator": {"protocol", "infra", "models"},
     "federated": {"protocol", "infra", "models", "coordinator"},
     "simulations": {"protocol", "infra", "models", "agent", "coordinator", "federated"},
-    "cli": {"protocol", "infra", "models", "agent", "coordinator", "federated", "simulations"},
+    "console": {"protocol", "infra", "models", "coordinator", "federated"},
+    "cli": {"protocol", "infra", "models", "agent", "coordinator", "federated", "simulations",
+            "console"},
 }
 PROTOCOL_FORBIDDEN = {
     # network, files, processes, wall clock

@@ -1,0 +1,345 @@
+"""The operator's HTTP API (FastAPI) and the dashboard it serves, over one coordinator home.
+
+``create_app(coordinator, publisher=...)`` builds the app; ``edgefleet console serve`` or
+``edgefleet coordinator serve --api HOST:PORT`` run it on uvicorn. The OpenAPI schema is at
+``/api/openapi.json`` (Swagger UI at ``/api/docs``). Every ``/api/v1`` route needs
+``Authorization: Bearer eft_…`` (a token made by ``edgefleet token create``); the role decides
+what it may do (``coordinator/access.py``). Views are read straight from the registry; every
+state change goes through ``coordinator/operations.py`` — the same functions the CLI calls —
+which checks the role and writes the audit row.
+
+Errors are JSON ``{"error": "<one line>"}``: 401 (no or bad token), 403 (role), 404, 409
+(a state change the registry refuses), 422 (a malformed body: the first problem, named by its
+field, e.g. ``body.version: Field required``).
+
+Long operations return 202 with an operation handle at once; ``GET /api/v1/operations/{id}``
+is its state and ``GET /api/v1/operations/{id}/events`` streams its progress as server-sent
+events (one ``data:`` line of JSON per event, ``event: end`` last).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from edgefleet.coordinator import access, fleet, operations
+from edgefleet.coordinator.access import Principal
+from edgefleet.coordinator.home import Coordinator
+from edgefleet.coordinator.operations import Forbidden
+from edgefleet.infra.link.port import Link
+from edgefleet.protocol.device import DevicePublic
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from . import views
+
+__all__ = ["Operation", "create_app"]
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_OPERATIONS = 256  # finished operations kept for their handles (oldest forgotten first)
+MAX_EVENTS = 1024  # events kept per operation
+
+Publisher = Callable[[], AbstractContextManager[Link]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Operation:
+    """A long operation's handle: its events (bounded) and its end state."""
+
+    id: str
+    kind: str
+    target: str
+    state: str = "running"  # running | done | failed
+    events: list[dict[str, Any]] = field(default_factory=list)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def emit(self, **event: Any) -> None:
+        with self.changed:
+            if len(self.events) < MAX_EVENTS:
+                self.events.append({"time": time.time(), **event})
+            self.changed.notify_all()
+
+    def finish(self, state: str, **event: Any) -> None:
+        with self.changed:
+            self.state = state
+        self.emit(end=True, state=state, **event)
+
+    def summary(self) -> dict[str, Any]:
+        with self.changed:
+            return {
+                "id": self.id, "kind": self.kind, "target": self.target, "state": self.state,
+                "events": list(self.events),
+            }  # fmt: skip
+
+
+class Operations:
+    def __init__(self) -> None:
+        self._ops: dict[str, Operation] = {}
+        self._lock = threading.Lock()
+
+    def new(self, kind: str, target: str) -> Operation:
+        op = Operation(id=uuid.uuid4().hex[:16], kind=kind, target=target)
+        with self._lock:
+            if len(self._ops) >= MAX_OPERATIONS:
+                done = [k for k, o in self._ops.items() if o.state != "running"]
+                for k in done[: len(self._ops) - MAX_OPERATIONS + 1]:
+                    del self._ops[k]
+            self._ops[op.id] = op
+        return op
+
+    def get(self, op_id: str) -> Operation:
+        with self._lock:
+            op = self._ops.get(op_id)
+        if op is None:
+            raise ApiError(404, f"no operation {op_id!r}")
+        return op
+
+
+# -- bodies ---------------------------------------------------------------------------------------
+_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class GroupBody(BaseModel):
+    devices: list[Annotated[str, Field(pattern=_ID)]] = Field(min_length=1, max_length=10_000)
+
+
+class ReleaseBody(BaseModel):
+    name: str = Field(pattern=_ID)
+    version: str = Field(pattern=_ID)
+    to: str = Field(min_length=1, max_length=200, description="all | group:G | device:ID,…")
+    wait: float = Field(default=60.0, ge=0, le=3600, description="seconds to follow progress")
+
+
+class EnrollBody(BaseModel):
+    public_key: str = Field(min_length=1, max_length=8192, description="the device.pub file")
+    groups: list[Annotated[str, Field(pattern=_ID)]] = Field(default=[], max_length=64)
+
+
+def create_app(
+    coordinator: Coordinator,
+    *,
+    publisher: Publisher | None = None,
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """The API over ``coordinator``; ``publisher()`` opens a link for releases (None: the
+    release routes answer 503)."""
+    app = FastAPI(
+        title="EdgeFleet coordinator API",
+        version="1",
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    registry = coordinator.registry
+    ops = Operations()
+
+    @app.exception_handler(ApiError)
+    def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(Forbidden)
+    def _forbidden(_req: Request, exc: Forbidden) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=403)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse(
+            {"error": f"{where}: {first.get('msg')}", "problems": len(errors)}, status_code=422
+        )
+
+    def principal(request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "missing token: send Authorization: Bearer eft_…")
+        who = access.authenticate(registry, token.strip())
+        if who is None:
+            raise ApiError(401, "invalid or revoked token")
+        return who
+
+    Who = Annotated[Principal, Depends(principal)]
+
+    def viewer(who: Who) -> Principal:
+        if not who.may("view"):
+            raise ApiError(403, f"role {who.role} may not view")
+        return who
+
+    View = Annotated[Principal, Depends(viewer)]
+
+    def source(request: Request) -> str:
+        return f"http:{request.client.host}" if request.client else "http"
+
+    # -- views ------------------------------------------------------------------------------------
+    @app.get("/api/v1/me")
+    def me(who: Who) -> dict[str, Any]:
+        return {"name": who.name, "role": who.role,
+                "may": {a: who.may(a) for a in access.ACTIONS}}  # fmt: skip
+
+    @app.get("/api/v1/devices")
+    def devices(_: View) -> dict[str, Any]:
+        rows = fleet.rows(registry, int(clock()))
+        return {"devices": [r.to_dict() | {"in_sync": r.in_sync} for r in rows]}
+
+    @app.get("/api/v1/groups")
+    def groups(_: View) -> dict[str, Any]:
+        return {"groups": registry.groups()}
+
+    @app.get("/api/v1/models")
+    def models(_: View) -> dict[str, Any]:
+        return {"models": views.models(registry)}
+
+    @app.get("/api/v1/releases")
+    def releases(_: View) -> dict[str, Any]:
+        return {"releases": views.releases(registry)}
+
+    @app.get("/api/v1/fl/runs")
+    def fl_runs(_: View) -> dict[str, Any]:
+        return {"runs": views.fl_runs(registry)}
+
+    @app.get("/api/v1/audit")
+    def audit(who: Who, since: int = 0, limit: int = 200) -> dict[str, Any]:
+        if not who.may("audit.read"):
+            raise Forbidden(f"refused: role {who.role} may not audit.read")
+        return {"entries": [views.audit_row(e) for e in
+                            access.audit_log(registry, since=since, limit=limit)]}  # fmt: skip
+
+    @app.get("/api/v1/operations/{op_id}")
+    def operation(op_id: str, _: View) -> dict[str, Any]:
+        return ops.get(op_id).summary()
+
+    @app.get("/api/v1/operations/{op_id}/events")
+    def operation_events(op_id: str, _: View) -> StreamingResponse:
+        op = ops.get(op_id)
+        return StreamingResponse(_stream(op), media_type="text/event-stream")
+
+    # -- state changes ----------------------------------------------------------------------------
+    @app.post("/api/v1/groups/{group}")
+    def group_add(group: str, body: GroupBody, who: Who, request: Request) -> dict[str, Any]:
+        _check_id(group, "group")
+        with _conflicts():
+            operations.group_add(coordinator, who, source(request), group, body.devices)
+        return {"group": group, "added": body.devices}
+
+    @app.post("/api/v1/devices", status_code=201)
+    def enroll(body: EnrollBody, who: Who, request: Request) -> dict[str, Any]:
+        try:
+            public = DevicePublic.decode(body.public_key.encode())
+        except ValueError as exc:
+            raise ApiError(422, f"body.public_key: {exc}") from exc
+        with _conflicts():
+            operations.enroll(coordinator, who, source(request), public, body.groups)
+        return {"device": public.device_id, "kem": public.kem.kem}
+
+    @app.post("/api/v1/devices/{device_id}/revoke")
+    def revoke(device_id: str, who: Who, request: Request) -> dict[str, Any]:
+        _check_id(device_id, "device")
+        with _conflicts():
+            operations.revoke(coordinator, who, source(request), device_id)
+        return {"device": device_id, "revoked": True}
+
+    @app.post("/api/v1/releases", status_code=202)
+    def release(body: ReleaseBody, who: Who, request: Request) -> dict[str, Any]:
+        if not who.may("release"):  # refuse (and audit) before starting anything
+            operations.audited(coordinator, who, "release", body.to, source(request), _never)
+        if publisher is None:
+            raise ApiError(503, "this API runs without a broker connection: releases are off")
+        op = ops.new("release", f"{body.name}@{body.version} to {body.to}")
+        threading.Thread(
+            target=_run_release, args=(op, who, source(request), body), daemon=True,
+            name=f"api-release-{op.id}",
+        ).start()  # fmt: skip
+        return {"operation": op.id, "events": f"/api/v1/operations/{op.id}/events"}
+
+    def _run_release(op: Operation, who: Principal, src: str, body: ReleaseBody) -> None:
+        assert publisher is not None
+        try:
+            with publisher() as link:
+                done = operations.publish_release(
+                    coordinator, who, src, link, body.name, body.version, body.to
+                )
+            op.emit(sequence=done.sequence, targets=len(done.targets), phase="published")
+            deadline = clock() + body.wait
+            targets = list(done.targets)
+            while True:
+                states = fleet.targets_state(registry, done.sequence, targets)
+                arrived = sum(1 for s in states if s.arrived)
+                op.emit(phase="progress", arrived=arrived, of=len(targets))
+                if arrived == len(targets) or clock() >= deadline:
+                    break
+                time.sleep(0.5)
+            op.finish("done" if arrived == len(targets) else "timed out",
+                      sequence=done.sequence, arrived=arrived, of=len(targets))  # fmt: skip
+        except Exception as exc:  # reported on the operation; the audit row says it too
+            op.finish("failed", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+
+    # -- dashboard --------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> Response:
+        return Response('{"ok": true}', media_type="application/json")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _never() -> None:  # pragma: no cover - audited() refuses before it would run
+    raise AssertionError("unreachable")
+
+
+def _check_id(value: str, what: str) -> None:
+    import re
+
+    if not re.fullmatch(_ID, value):
+        raise ApiError(422, f"path.{what}: {value[:80]!r} is not a valid {what} id")
+
+
+@contextlib.contextmanager
+def _conflicts() -> Iterator[None]:
+    """A registry refusal (unknown device, duplicate enrolment, ...) -> 409, one line."""
+    try:
+        yield
+    except (LookupError, ValueError) as exc:
+        raise ApiError(409, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+
+
+def _stream(op: Operation) -> Iterator[bytes]:
+    sent = 0
+    while True:
+        with op.changed:
+            while sent >= len(op.events) and op.state == "running":
+                op.changed.wait(timeout=15)
+                if sent >= len(op.events) and op.state == "running":
+                    break  # keep-alive comment below
+            batch = op.events[sent:]
+        if not batch:
+            yield b": keep-alive\n\n"
+            continue
+        for event in batch:
+            sent += 1
+            kind = "end" if event.get("end") else "progress"
+            yield f"event: {kind}\ndata: {json.dumps(event)}\n\n".encode()
+            if event.get("end"):
+                return

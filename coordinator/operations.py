@@ -1,0 +1,112 @@
+"""The operator's state changes, one function each, audited: what the CLI and the HTTP API call.
+
+Each takes the ``Principal`` asking (a token's name and role for the API; ``cli:<user>`` as
+admin for a command run on the coordinator's host, whose file permissions already decide who
+may run it) and where the request came from. Each checks the role (``access.allowed``), runs,
+and appends one audit row with the result: ``ok``, ``refused: <why>`` (role), or
+``failed: <error>`` (the error is re-raised for the caller to report). Read-only views are not
+audited.
+"""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from edgefleet.infra.link.port import Link
+from edgefleet.protocol.device import DevicePublic
+
+from . import access
+from .access import Principal
+from .home import Coordinator
+from .registry import Device
+from .release import Released, release
+
+__all__ = ["Forbidden", "cli_principal", "enroll", "group_add", "publish_release", "revoke"]
+
+T = TypeVar("T")
+
+
+class Forbidden(PermissionError):
+    """The principal's role may not do this (HTTP 403)."""
+
+
+def cli_principal() -> Principal:
+    """The local operator: whoever can read the coordinator's home runs as admin."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = "unknown"
+    return Principal(name=f"cli:{user}"[:64], role="admin")
+
+
+def audited(
+    c: Coordinator,
+    who: Principal,
+    action: str,
+    target: str,
+    source: str,
+    run: Callable[[], T],
+    detail: Callable[[T], dict[str, Any]] | None = None,
+) -> T:
+    """Check ``who`` may do ``action``, run it, and record the outcome either way."""
+    if not who.may(action):
+        why = f"refused: role {who.role} may not {action}"
+        access.audit(c.registry, who, action=action, target=target, source=source, result=why)
+        raise Forbidden(f"{why} (needs {access.ACTIONS.get(action, 'an unknown action')})")
+    try:
+        out = run()
+    except Exception as exc:
+        access.audit(
+            c.registry, who, action=action, target=target, source=source,
+            result=f"failed: {exc}",
+        )  # fmt: skip
+        raise
+    access.audit(
+        c.registry, who, action=action, target=target, source=source, result="ok",
+        detail=detail(out) if detail else None,
+    )  # fmt: skip
+    return out
+
+
+def group_add(
+    c: Coordinator, who: Principal, source: str, group: str, device_ids: Sequence[str]
+) -> None:
+    audited(
+        c, who, "group.add", f"group:{group}", source,
+        lambda: c.registry.add_to_group(group, list(device_ids)),
+    )  # fmt: skip
+
+
+def enroll(
+    c: Coordinator, who: Principal, source: str, public: DevicePublic, groups: Sequence[str] = ()
+) -> Device:
+    def run() -> Device:
+        d = c.enroll(public)
+        for g in groups:
+            c.registry.add_to_group(g, [public.device_id])
+        return d
+
+    return audited(c, who, "device.enroll", f"device:{public.device_id}", source, run)
+
+
+def revoke(c: Coordinator, who: Principal, source: str, device_id: str) -> None:
+    audited(c, who, "device.revoke", f"device:{device_id}", source, lambda: c.revoke(device_id))
+
+
+def publish_release(
+    c: Coordinator,
+    who: Principal,
+    source: str,
+    link: Link,
+    name: str,
+    version: str,
+    selector: str,
+) -> Released:
+    """Build and publish a release (``release.release``), audited."""
+    return audited(
+        c, who, "release", f"{name}@{version} to {selector}", source,
+        lambda: release(c, link, name, version, selector),
+        lambda done: {"sequence": done.sequence, "targets": len(done.targets)},
+    )  # fmt: skip
