@@ -294,22 +294,30 @@ def agent_data_add(args: argparse.Namespace) -> int:
 def sim_fl(args: argparse.Namespace) -> int:
     import tempfile
 
-    from edgefleet.simulations.fl import FlSimConfig, run_fl, write_report
+    from edgefleet.simulations.fl import FlSimConfig, epsilons, run_fl, write_report
 
     cfg = FlSimConfig(agents=args.agents, rounds=args.rounds, alpha=args.alpha, seed=args.seed,
                       broker=args.broker, strategy=args.strategy, hidden=args.hidden,
                       local_epochs=args.local_epochs, lr=args.lr, optimizer=args.optimizer,
-                      round_timeout=args.round_timeout)  # fmt: skip
+                      round_timeout=args.round_timeout, dp_noise=args.dp_noise,
+                      dp_clip=args.dp_clip)  # fmt: skip
+    cfg.spec()  # bad DP flags: one line before any agent starts
     out: Path = args.out
     _quiet_flower(args)
     with tempfile.TemporaryDirectory(prefix="edgefleet-simfl-") as work:
         result = run_fl(Path(work), cfg,
                         on_round=lambda r: print(_round_line(r, cfg.rounds), flush=True))
-    for path in write_report(result, out):
+    written = write_report(result, out)
+    for path in written:
         print(f"wrote {path}")
+    if len(written) < 2:
+        print("note: no plot: matplotlib is not installed (pip install 'edgefleet[plots]')",
+              file=sys.stderr)  # fmt: skip
     best = max(result.accuracy) if result.accuracy else 0.0
     print(f"centralized {result.centralized:.4f}; federated final "
           f"{result.accuracy[-1] if result.accuracy else 0:.4f}, best {best:.4f} "
           f"({best / result.centralized:.3f}x); served by {len(result.served)} agents: "
-          f"{min(result.served.values(), default=0):.4f} accuracy")  # fmt: skip
+          f"{min(result.served.values(), default=0):.4f} accuracy"
+          + (f"; eps {eps[-1]:.3g}" if (eps := epsilons(result)) and eps[-1] is not None
+             else ""))  # fmt: skip
     return 0

@@ -29,7 +29,7 @@ from edgefleet.federated.agent import DeviceFl
 from edgefleet.federated.data import Federation, add_samples, digits_federation
 from edgefleet.federated.runs import RoundRecord, RunSpec
 from edgefleet.federated.service import FlOutcome, FlService, ReleasePolicy
-from edgefleet.federated.strategies import StrategySpec, UpdatePolicy
+from edgefleet.federated.strategies import DpSpec, StrategySpec, UpdatePolicy
 from edgefleet.federated.trainer import ModelSpec, TrainConfig, Trainer
 
 from .brokers import BrokerKind
@@ -65,9 +65,16 @@ class FlSimConfig:
     round_timeout: float = 60.0  # s
     release: str = "all"  # selector the last round is released to; "" = none
     heartbeat: float = 0.5  # s between agent statuses
+    dp_noise: float | None = None  # central DP (FedAvg): noise multiplier z, with dp_clip
+    dp_clip: float | None = None  # the L2 clipping norm C of each update
 
     def spec(self, run_id: str = "sim") -> RunSpec:
         k = self.min_clients or self.agents
+        dp = None
+        if self.dp_noise is not None or self.dp_clip is not None:
+            if self.dp_noise is None or self.dp_clip is None:
+                raise ValueError("differential privacy needs both a noise multiplier and a clip")
+            dp = DpSpec(noise_multiplier=self.dp_noise, clipping_norm=self.dp_clip)
         return RunSpec(
             run_id=run_id,
             model_name=self.name,
@@ -77,7 +84,7 @@ class FlSimConfig:
                               local_epochs=self.local_epochs, seed=self.seed),
             strategy=StrategySpec(name=self.strategy, fraction_train=self.fraction,
                                   min_train_nodes=k, min_evaluate_nodes=k,
-                                  min_available_nodes=k),
+                                  min_available_nodes=k, dp=dp),
             policy=UpdatePolicy(quorum=self.quorum or k, max_update_norm=100.0),
             round_timeout=self.round_timeout,
             seed=self.seed,
@@ -177,6 +184,8 @@ class FlSimResult:
     records: tuple[RoundRecord, ...]
     outcome: FlOutcome
     served: dict[str, float]  # device -> test accuracy of the model it serves after release
+    strategy: str = "fedavg"
+    agents: int = 0
 
     @property
     def weights(self) -> dict[str, np.ndarray]:
@@ -220,38 +229,64 @@ def run_fl(
         records=tuple(records),
         outcome=outcome,
         served=served,
+        strategy=cfg.strategy,
+        agents=cfg.agents,
     )
 
 
+def epsilons(result: FlSimResult) -> tuple[float | None, ...]:
+    """ε after each registered round (None without DP)."""
+    return tuple((r.lineage["fl"].get("dp") or {}).get("epsilon") for r in result.records
+                 if r.version)  # fmt: skip
+
+
 def write_report(result: FlSimResult, out: Path) -> list[Path]:
-    """``accuracy.csv`` (round, version, accuracy, centralized, seconds) and, if matplotlib
-    is importable, ``accuracy.png``."""
+    """``accuracy.csv`` (round, version, accuracy, centralized, seconds, epsilon) and, if
+    matplotlib is importable, ``accuracy.png``: accuracy per round against the centralized
+    model and, with DP, accuracy against ε beside it. Returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for r in result.records if r.version]
     seconds: Sequence[float] = result.outcome.round_seconds
+    eps = epsilons(result)
     path = out / "accuracy.csv"
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["round", "version", "accuracy", "centralized", "seconds"])
-        for r, acc, s in zip(rows, result.accuracy, seconds, strict=False):
-            w.writerow([r.round, r.version, f"{acc:.4f}", f"{result.centralized:.4f}", f"{s:.3f}"])
-    written = [path]
+        w.writerow(["round", "version", "accuracy", "centralized", "seconds", "epsilon"])
+        for r, acc, s, e in zip(rows, result.accuracy, seconds, eps, strict=False):
+            w.writerow([r.round, r.version, f"{acc:.4f}", f"{result.centralized:.4f}", f"{s:.3f}",
+                        "" if e is None else f"{e:.4f}"])  # fmt: skip
+    png = _plot(result, [r.round for r in rows], eps, out / "accuracy.png")
+    return [path] if png is None else [path, png]
+
+
+def _plot(result: FlSimResult, rounds: list[int], eps: Sequence[float | None],
+          png: Path) -> Path | None:  # fmt: skip
+    """The PNG, or None if matplotlib is not installed (the ``plots`` extra)."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # no display; before pyplot
         import matplotlib.pyplot as plt
     except ImportError:
-        log.info("matplotlib not installed: wrote %s only", path)
-        return written
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r.round for r in rows], result.accuracy, marker="o", label="federated (global)")
+        log.info("matplotlib not installed: no %s", png.name)
+        return None
+    with_dp = bool(eps) and all(e is not None for e in eps)
+    fig, axes = plt.subplots(1, 2 if with_dp else 1, figsize=(10 if with_dp else 6, 4),
+                             squeeze=False, dpi=100)  # fmt: skip
+    ax = axes[0][0]
+    ax.plot(rounds, result.accuracy, marker="o", label="federated (global)")
     ax.axhline(result.centralized, linestyle="--", color="gray", label="centralized")
     ax.axhline(0.97 * result.centralized, linestyle=":", color="gray", label="0.97 x centralized")
-    ax.set(xlabel="round", ylabel="test accuracy", title="FedAvg on digits")
-    ax.legend()
+    ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1.02),
+           title=f"{result.strategy} on digits, {result.agents} agents")  # fmt: skip
+    ax.legend(loc="lower right")
+    if with_dp:
+        ax = axes[0][1]
+        ax.plot([float(e) for e in eps if e is not None], result.accuracy, marker="o")
+        delta = next(r.lineage["fl"]["dp"]["delta"] for r in result.records if r.version)
+        ax.set(xlabel=f"epsilon (delta = {delta:g})", ylabel="test accuracy", ylim=(0, 1.02),
+               title="accuracy against privacy spent")  # fmt: skip
     fig.tight_layout()
-    png = out / "accuracy.png"
     fig.savefig(png)
     plt.close(fig)
-    return [*written, png]
+    return png
