@@ -234,6 +234,9 @@ def _demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     c.add_argument("--agents", type=int, default=3)
     c.add_argument("--keep", action="store_true", help="keep the workdir afterwards")
+    c.add_argument("--fl", action="store_true", help="then federated rounds on the agents' "
+                   "own non-IID data, the last round's model released and served")
+    c.add_argument("--fl-rounds", type=int, default=5, help="rounds with --fl")
     c.set_defaults(run=_lazy("edgefleet.demo", "main"))
 
 
