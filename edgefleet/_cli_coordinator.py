@@ -52,10 +52,10 @@ def enroll(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{args.public_key} is for device {public.device_id!r}, not {args.device_id!r}"
         )
+    from edgefleet.coordinator import operations
+
     c = _open(args.home)
-    c.enroll(public)
-    for g in args.group:
-        c.registry.add_to_group(g, [public.device_id])
+    operations.enroll(c, operations.cli_principal(), "cli", public, args.group)
     print(f"enrolled {public.device_id} ({public.kem.kem})")
     from edgefleet.coordinator.brokerconf import sync_enrolled
 
@@ -115,7 +115,10 @@ def build(args: argparse.Namespace) -> int:
 
 
 def group_add(args: argparse.Namespace) -> int:
-    _open(args.home).registry.add_to_group(args.group, args.devices)
+    from edgefleet.coordinator import operations
+
+    operations.group_add(_open(args.home), operations.cli_principal(), "cli", args.group,
+                         args.devices)  # fmt: skip
     print(f"group {args.group}: added {', '.join(args.devices)}")
     return 0
 
@@ -232,10 +235,11 @@ def _stale(rows: list[FleetRow]) -> str | None:
 
 
 def revoke(args: argparse.Namespace) -> int:
+    from edgefleet.coordinator import operations
     from edgefleet.coordinator.brokerconf import sync_revoked
 
     c = _open(args.home)
-    c.revoke(args.device_id)
+    operations.revoke(c, operations.cli_principal(), "cli", args.device_id)
     print(f"revoked {args.device_id}: no future release includes it")
     print(sync_revoked(c, args.device_id))
     return 0

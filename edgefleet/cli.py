@@ -33,7 +33,8 @@ def _home(env: str) -> dict[str, object]:
 # The extra that brings each command group's optional dependencies.
 _EXTRAS = {"agent": "agent", "coordinator": "coordinator", "model": "coordinator",
            "bundle": "coordinator", "fleet": "coordinator", "demo": "all", "fl": "fl",
-           "sim": "all", "rollout": "coordinator"}  # fmt: skip
+           "sim": "all", "rollout": "coordinator", "token": "coordinator",
+           "audit": "coordinator", "console": "coordinator"}  # fmt: skip
 
 
 class MissingExtraError(Exception):
@@ -83,6 +84,7 @@ def _agent(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--http-port", type=int, default=None, help="local API port (0 = any free)")
     c.add_argument("--no-http", action="store_true", help="do not serve the local HTTP API")
     c.add_argument("--heartbeat", type=float, default=30.0, help="seconds between status reports")
+    _log_format(c)
     c.set_defaults(run=_lazy("edgefleet._cli_daemon", "agent_run"))
     c = p.add_parser("install", help="verify, install and activate a bundle file")
     c.add_argument("--home", **home)
@@ -153,6 +155,11 @@ def _coordinator(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     c.add_argument("--home", **home)
     c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
     c.add_argument("--client-id", default=None, help="default: coordinator-<host>-<pid>")
+    c.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus /metrics there (loopback, e.g. 127.0.0.1:9108)")
+    _log_format(c)
+    c.add_argument("--api", default=None, metavar="HOST:PORT",
+                   help="also serve the HTTP API and dashboard there (e.g. 127.0.0.1:8080)")
     c.set_defaults(run=_lazy("edgefleet._cli_daemon", "coordinator_serve"))
     c = p.add_parser("broker-config", help="write a locked-down mosquitto config, passwords, ACL")
     c.add_argument("--home", **home)
@@ -227,6 +234,14 @@ def _fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
     c.add_argument("--json", action="store_true")
     c.set_defaults(run=_lazy("edgefleet._cli_coordinator", "fleet_status"))
+    c = p.add_parser("drift", help="input/output drift per version, group and device; alerts")
+    c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
+    c.add_argument("--name", default="", help="only this model")
+    c.add_argument("--threshold", type=float, default=0.2, help="drift (PSI) of an alert")
+    c.add_argument("--min-samples", type=float, default=100, help="rows a device's report needs")
+    c.add_argument("--window", type=int, default=3600, help="seconds of reports looked at")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(run=_lazy("edgefleet._cli_drift", "fleet_drift"))
 
 
 def _demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -300,6 +315,37 @@ def _fl(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--home", **home)
     c.add_argument("--json", action="store_true")
     c.set_defaults(run=_lazy(mod, "fl_runs"))
+    c = p.add_parser("retrain-on-drift", help="drift alerts (or a schedule) start FL runs "
+                     "released to a canary selector")  # fmt: skip
+    c.add_argument("--home", **home)
+    c.add_argument("--name", required=True, help="the model name the rounds register")
+    c.add_argument("--watch", dest="drift_name", default="", metavar="NAME",
+                   help="the deployed model whose drift triggers a run (default: --name)")
+    c.add_argument("--rounds", type=int, required=True)
+    c.add_argument("--release-to", required=True, help="group:G | device:ID[,ID…] | all")
+    c.add_argument("--release-if-better", default="", metavar="METRIC")
+    c.add_argument("--threshold", type=float, default=0.2, help="drift (PSI) of an alert")
+    c.add_argument("--min-samples", type=float, default=100, help="rows a device's report needs")
+    c.add_argument("--min-devices", type=int, default=1, help="drifting devices to start a run")
+    c.add_argument("--cooldown", type=float, default=3600.0, help="seconds between drift runs")
+    c.add_argument("--schedule", type=float, default=None, metavar="SECONDS",
+                   help="also start a run this often without drift")
+    c.add_argument("--window", type=int, default=3600, help="seconds of reports looked at")
+    c.add_argument("--interval", type=float, default=60.0, help="seconds between checks")
+    c.add_argument("--once", action="store_true", help="check once (and run if due), then exit")
+    c.add_argument("--min-clients", type=int, default=2)
+    c.add_argument("--quorum", type=int, default=0)
+    c.add_argument("--fraction", type=float, default=1.0)
+    _fl_train_options(c)
+    c.add_argument("--family", default="mlp", choices=["mlp", "linear"])
+    c.add_argument("--hidden", type=int, nargs="*", default=[64])
+    c.add_argument("--features", type=int, default=64)
+    c.add_argument("--classes", type=int, default=10)
+    c.add_argument("--presence", type=float, default=120.0)
+    c.add_argument("--wait-devices", type=float, default=30.0)
+    c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
+    c.set_defaults(run=_lazy("edgefleet._cli_drift", "fl_retrain_on_drift"), param=[],
+                   dp_noise=None, dp_clip=None, max_update_norm=None, run_id="")
     model = _subcommands(sub.choices["model"])
     c = model.add_parser("history", help="a model's versions with their lineage")
     c.add_argument("--home", **home)
@@ -324,6 +370,40 @@ def _fl(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--dp-clip", type=float, default=None, help="central DP: clipping norm C")
     _fl_train_options(c)
     c.set_defaults(run=_lazy(mod, "sim_fl"))
+
+
+def _console(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    mod = "edgefleet._cli_console"
+    home = _home("EDGEFLEET_COORDINATOR_HOME")
+    p = sub.add_parser("token", help="API tokens (viewer, deployer, admin)").add_subparsers(
+        dest="cmd", required=True
+    )
+    c = p.add_parser("create", help="a new API token; printed once")
+    c.add_argument("--home", **home)
+    c.add_argument("--name", required=True, help="who holds it (shown in the audit log)")
+    c.add_argument("--role", required=True, choices=["viewer", "deployer", "admin"])
+    c.set_defaults(run=_lazy(mod, "token_create"))
+    c = p.add_parser("list", help="every token: id, name, role, state")
+    c.add_argument("--home", **home)
+    c.set_defaults(run=_lazy(mod, "token_list"))
+    c = p.add_parser("revoke", help="revoke a token at once")
+    c.add_argument("--home", **home)
+    c.add_argument("token_id", help="its id (eft_<id>.… or the 16 hex digits)")
+    c.set_defaults(run=_lazy(mod, "token_revoke"))
+    c = sub.add_parser("audit", help="the audit log of state changes, oldest first")
+    c.add_argument("--home", **home)
+    c.add_argument("--since", type=int, default=0, metavar="SECONDS", help="only the last N s")
+    c.add_argument("--limit", type=int, default=200)
+    c.add_argument("--action", default=None, help="only this action (e.g. release)")
+    c.add_argument("--json", action="store_true", help="one JSON object per line")
+    c.set_defaults(run=_lazy(mod, "audit"))
+    p = sub.add_parser("console", help="the HTTP API and dashboard").add_subparsers(
+        dest="cmd", required=True
+    )
+    c = p.add_parser("serve", help="serve the API and dashboard (no MQTT chunk serving)")
+    c.add_argument("--home", **home)
+    c.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
+    c.set_defaults(run=_lazy(mod, "console_serve"))
 
 
 def _rollout(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -377,7 +457,7 @@ def _rollout(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefleet", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="group", required=True)
-    for add in (_agent, _coordinator, _model, _bundle, _fleet, _demo, _fl, _rollout):
+    for add in (_agent, _coordinator, _model, _bundle, _fleet, _demo, _fl, _rollout, _console):
         add(sub)
     _add_verbose(parser, 0)
     return parser
@@ -406,6 +486,11 @@ def _add_verbose(parser: argparse.ArgumentParser, depth: int) -> None:
                 _add_verbose(child, depth + 1)
 
 
+def _log_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one JSON object per line (time, level, logger, message)")
+
+
 def verbosity(args: argparse.Namespace) -> int:
     """How many ``-v`` were given, wherever they were."""
     return sum(int(v) for k, v in vars(args).items() if k.startswith(_VERBOSE))
@@ -417,10 +502,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon = [args.group, getattr(args, "cmd", None)] in (
         ["agent", "run"],
         ["coordinator", "serve"],
+        ["console", "serve"],
     )
     base = logging.WARNING if daemon or args.group == "demo" else logging.ERROR
     level = max(logging.DEBUG, base - 10 * verbosity(args))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edgefleet._cli_log import setup as setup_logging
+
+    setup_logging(level, getattr(args, "log_format", "text"))
     if daemon:  # its own state changes at INFO (installs, connects); libraries stay at WARNING
         logging.getLogger("edgefleet").setLevel(min(level, logging.INFO))
     from edgefleet.protocol.errors import EdgeFleetError
