@@ -4,6 +4,8 @@
                        -> {"outputs": [[...]], "argmax": [...], "model": {name, version, sequence}}
     GET  /v1/status    -> Agent.status()
     GET  /healthz      -> {"ok": true, "active": bool}        (the only route without the token)
+    GET  /metrics      -> Prometheus text format: the predict recorder's counters and histogram
+                          (``agent/observe.py``); scrape with the token as a bearer credential
 
 Every other route needs ``Authorization: Bearer <token>``, the token being ``<home>/http.token``
 (0600). While serving, ``<home>/run/http.json`` names the port and pid, so ``predict_via_http``
@@ -55,6 +57,7 @@ from edgefleet.protocol.manifest import TensorSpec
 
 if TYPE_CHECKING:
     from .agent import Agent
+    from .observe import Recorder
 
 __all__ = [
     "BODY_TIMEOUT",
@@ -162,6 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self._body_read = False
+        self._content_type = "application/json"  # a route may set another
         self.server.count()
         try:
             needs_token, handler = self._route(method)
@@ -243,7 +247,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers = self.headers
         unread = "Transfer-Encoding" in headers or headers.get("Content-Length", "0") != "0"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        ctype = self._content_type if status == 200 else "application/json"
+        self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         if status == 401:
             self.send_header("WWW-Authenticate", "Bearer")
@@ -348,7 +353,7 @@ class _InferenceHandler(_Handler):
         active = self.server.agent.active
         x = parse_inputs(body, active.manifest.inputs[0] if active is not None else None)
         try:  # version and output from one snapshot: the label names the model that answered
-            version, out = self.server.agent.predict_versioned(x)
+            version, out = self.server.predict_versioned(x)
         except (ValueError, TypeError) as exc:
             raise HttpError(400, str(exc)) from exc
         except RuntimeError as exc:  # no model active, or closed by a concurrent swap
@@ -376,10 +381,17 @@ class _InferenceHandler(_Handler):
     def _healthz(self) -> bytes:
         return _json({"ok": True, "active": self.server.agent.active is not None})
 
+    def _metrics(self) -> bytes:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        self._content_type = CONTENT_TYPE_LATEST
+        return generate_latest(self.server.metrics)
+
     routes = {
         ("POST", "/v1/predict"): (True, _predict),
         ("GET", "/v1/status"): (True, _status),
         ("GET", "/healthz"): (False, _healthz),
+        ("GET", "/metrics"): (True, _metrics),
     }
 
 
@@ -403,6 +415,8 @@ class _HttpServer(ThreadingHTTPServer):
         body_timeout: float,
     ) -> None:
         self.auth, self.agent, self.requests = auth, agent, 0
+        self.predict_versioned = agent.predict_versioned  # or a recorder's (InferenceServer)
+        self.metrics: Any = None  # a prometheus CollectorRegistry (InferenceServer)
         self.body_timeout = body_timeout
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
@@ -492,6 +506,7 @@ class _Server:
             agent=self.agent,
             body_timeout=self.body_timeout,
         )
+        self._prepare(self._httpd)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             args=(POLL_INTERVAL,),
@@ -500,6 +515,9 @@ class _Server:
         )
         self._thread.start()
         log.info("%s serving on %s", type(self).__name__, self.url)
+
+    def _prepare(self, httpd: _HttpServer) -> None:
+        """Before the first request is served (subclasses add to the server here)."""
 
     def stop(self) -> None:
         httpd, self._httpd = self._httpd, None
@@ -534,9 +552,20 @@ class InferenceServer(_Server):
         port: int = 0,
         host: str = "127.0.0.1",
         body_timeout: float = BODY_TIMEOUT,
+        recorder: Recorder | None = None,  # predict records through it (default: its own)
     ) -> None:
         super().__init__(agent, home=home, port=port, host=host, body_timeout=body_timeout)
         self._run_data = b""
+        from .observe import Recorder
+
+        self.recorder = recorder if recorder is not None else Recorder(agent)
+
+    def _prepare(self, httpd: _HttpServer) -> None:
+        from prometheus_client import CollectorRegistry
+
+        httpd.predict_versioned = self.recorder.predict_versioned
+        httpd.metrics = CollectorRegistry(auto_describe=False)
+        httpd.metrics.register(self.recorder.collector())
 
     def start(self) -> None:
         super().start()

@@ -213,7 +213,7 @@ class CoordinatorService:
             topics.chunk_requests_shared() if self._shared else topics.up_all("chunkreq"), qos=1
         )
         self.link.subscribe(topics.up_all("status"), qos=1)
-        self.link.subscribe(topics.up_all("telemetry"), qos=0)
+        self.link.subscribe(topics.up_all("telemetry"), qos=1)  # agents send QoS 1: keep it
         self.link.start()
         if self.offer_link is not self.link:
             self.offer_link.start()
@@ -329,6 +329,11 @@ class CoordinatorService:
         pending.append(payload)
         self._status_bytes += len(payload)
         return True
+
+    @property
+    def ingest_queue(self) -> tuple[int, int]:
+        """(statuses, telemetry messages) waiting for ingest now (``/metrics``)."""
+        return sum(len(p) for p in list(self._statuses.values())), len(self._telemetry)
 
     @property
     def ingest_bytes(self) -> int:

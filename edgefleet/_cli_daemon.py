@@ -40,13 +40,6 @@ def agent_run(args: argparse.Namespace) -> int:
     )
     _need_broker(config.broker, "agent.toml")
     agent = Agent(config)
-    server = None
-    if not args.no_http:
-        from edgefleet.agent.http import InferenceServer
-
-        server = InferenceServer(agent, home=config.home, port=config.http_port)
-        server.start()
-        log.info("local inference API on %s", server.url)
     fl = None
     if config.fl_enabled:  # federated learning: the client trains on its own thread
         from edgefleet.federated.agent import DeviceFl
@@ -59,6 +52,15 @@ def agent_run(args: argparse.Namespace) -> int:
     if fl is not None:
         fl.bind(daemon)
         log.info("federated learning enabled: local data in %s", fl.data_dir)
+    server = None
+    if not args.no_http:
+        from edgefleet.agent.http import InferenceServer
+
+        server = InferenceServer(
+            agent, home=config.home, port=config.http_port, recorder=daemon.recorder
+        )  # predict, /metrics and the daemon's inference telemetry share one recorder
+        server.start()
+        log.info("local inference API on %s", server.url)
     stop = _stop_on_signals()
     daemon.start()
     try:
@@ -114,13 +116,26 @@ def coordinator_serve(args: argparse.Namespace) -> int:
     _need_broker(c.config.broker, "coordinator.toml")
     client_id = args.client_id or f"coordinator-{socket.gethostname()}-{os.getpid()}"
     svc = CoordinatorService(c, mqtt_config_for(c, client_id=client_id))
+    metrics = _serve_metrics(svc, args.metrics)
     svc.start()
     log.info("coordinator serving on %s as %s", c.config.broker, client_id)
     try:
         stop.wait()
     finally:
         svc.stop()
+        if metrics is not None:
+            metrics.shutdown()
     return 0
+
+
+def _serve_metrics(svc: Any, address: str | None) -> Any:
+    """``--metrics HOST:PORT``: Prometheus ``/metrics`` (before the service starts, so a bad
+    address or a port in use is one line and nothing is left running)."""
+    if not address:
+        return None
+    from edgefleet.coordinator.metrics import serve_metrics
+
+    return serve_metrics(svc, address)
 
 
 def model_release(args: argparse.Namespace) -> int:

@@ -3,12 +3,15 @@ confidence match a direct computation; observers see their share and never break
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from edgefleet.agent.agent import Agent
+from edgefleet.agent.http import InferenceServer, load_token
 from edgefleet.agent.observe import FOLD_EVERY, NO_MODEL, Recorder, model_key, quantile_ms
 from edgefleet.protocol.messages import CONFIDENCE_BINS, LATENCY_BOUNDS_MS, Telemetry
 from prometheus_client import CollectorRegistry, generate_latest
@@ -140,3 +143,29 @@ def test_the_prometheus_view_parses(agent: Agent, x_test: np.ndarray) -> None:
     rows = sum(s.value for s in families["edgefleet_inference_class_rows"].samples
                if s.name.endswith("_total"))  # fmt: skip
     assert rows == 40
+
+
+def test_the_http_api_predicts_through_the_recorder_and_serves_metrics(
+    agent: Agent, x_test: np.ndarray
+) -> None:
+    home = agent.config.home
+    rec = Recorder(agent)
+    with InferenceServer(agent, home=home, recorder=rec) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        token = {"Authorization": f"Bearer {load_token(home)}"}
+        for i in range(3):
+            body = json.dumps({"inputs": x_test[i : i + 2].tolist()})
+            conn.request("POST", "/v1/predict", body, {**token, "Content-Type": "application/json"})
+            assert conn.getresponse().read() and True
+        conn.request("GET", "/metrics")
+        refused = conn.getresponse()
+        assert refused.status == 401 and refused.read()
+        conn.request("GET", "/metrics", headers=token)
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        assert resp.status == 200 and resp.getheader("Content-Type", "").startswith("text/plain")
+        conn.close()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    calls = [s.value for s in families["edgefleet_inference_calls"].samples
+             if s.name.endswith("_total")]  # fmt: skip
+    assert calls == [3.0] and rec.totals()["digits@1"]["rows"] == 6
