@@ -177,7 +177,9 @@ class ABRouter:
         return None if about is None else {**_describe(about), **totals}
 
     def close(self) -> None:
-        self.slot.listeners.remove(self._reset)
+        """Detach from the agent (idempotent)."""
+        if self._reset in self.slot.listeners:
+            self.slot.listeners.remove(self._reset)
         self._attach(None)
 
 

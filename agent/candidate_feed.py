@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from edgefleet.infra.fsutil import os_errors
 from edgefleet.infra.link.port import Link
@@ -30,7 +31,12 @@ from . import flow as F
 from .candidate import CandidateSlot
 from .download import Download
 
-__all__ = ["CandidateFeed"]
+if TYPE_CHECKING:
+    from .agent import Agent
+    from .observe import Recorder
+    from .reporter import Reporter
+
+__all__ = ["CandidateFeed", "CandidateSide"]
 
 log = logging.getLogger(__name__)
 
@@ -135,5 +141,54 @@ class CandidateFeed:
                             window=self.window, timeout=self.request_timeout)  # fmt: skip
 
     def close(self) -> None:
-        if self.flow.download is not None:
-            self.flow.download.close()
+        d, self.flow.download = self.flow.download, None
+        if d is not None:
+            d.close()
+
+
+class _DaemonLike(Protocol):
+    agent: Agent
+    link: Link
+    recorder: Recorder
+    reporter: Reporter
+
+
+class CandidateSide:
+    """Everything the daemon runs for candidates, built from its agent, link, recorder and
+    reporter: the slot, its feed, the ``Shadow`` (registered as a recorder observer, sampling
+    ``shadow_sample`` of the calls, once a shadow candidate is first served) and the
+    ``ABRouter`` (the agent's router while an ``ab`` candidate is served); the ``shadow`` and
+    ``ab`` telemetry sources."""
+
+    def __init__(self, daemon: _DaemonLike, *, window: int, request_timeout: float) -> None:
+        from .ab import ABRouter
+        from .shadow import Shadow
+
+        agent = daemon.agent
+        self.slot = agent.open_candidate()
+        self.feed = CandidateFeed(self.slot, daemon.link, device_id=agent.identity.device_id,
+                                  window=window, request_timeout=request_timeout)  # fmt: skip
+        self.feed.on_change = daemon.reporter.report
+        self.shadow = Shadow(self.slot, lambda: agent.serving,
+                             queue_size=agent.config.shadow_queue)  # fmt: skip
+        self.ab = ABRouter(self.slot, agent.predict_active,
+                           attach=lambda router: setattr(agent, "router", router))  # fmt: skip
+        self._recorder, self._sample = daemon.recorder, agent.config.shadow_sample
+        self._observing = False
+        self.slot.listeners.append(self._observe)
+        self._observe(self.slot.serving)
+        daemon.reporter.add_source("shadow", self.shadow.telemetry)
+        daemon.reporter.add_source("ab", self.ab.telemetry)
+
+    def _observe(self, serving: object) -> None:
+        if not self._observing and self.shadow.running and self._sample > 0:
+            self._recorder.add_observer(self.shadow.observe, share=self._sample)
+            self._observing = True
+
+    def close(self) -> None:
+        """Idempotent (the daemon's ``stop`` may run twice)."""
+        if self._observe in self.slot.listeners:
+            self.slot.listeners.remove(self._observe)
+        self.feed.close()
+        self.shadow.close()
+        self.ab.close()

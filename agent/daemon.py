@@ -42,6 +42,7 @@ from edgefleet.protocol.segments import MAX_SEGMENT
 
 from . import flow as F
 from .agent import Agent
+from .candidate_feed import CandidateSide
 from .download import Download
 from .observe import Recorder
 from .reporter import Facts, Reporter, active_model, offline_will
@@ -57,7 +58,7 @@ MAX_CHUNK_FRAME = MAX_SEGMENT + 16 + 2048
 MAX_COMMAND = 64 * 1024  # bytes, anything on the cmd topic
 #: bytes: the largest MQTT packet the agent accepts (CONNECT MaximumPacketSize, MQTT 5)
 MAX_INCOMING = max(MAX_OFFER, MAX_CHUNK_FRAME) + HEADER_ALLOWANCE
-_LIMITS = {"release": MAX_OFFER, "chunk": MAX_CHUNK_FRAME}
+_LIMITS = {"release": MAX_OFFER, "chunk": MAX_CHUNK_FRAME, "candidate": MAX_OFFER}
 
 
 class AgentDaemon:
@@ -78,6 +79,7 @@ class AgentDaemon:
         # topic kind (ef/v1/dev/<id>/<kind>) -> handler, e.g. {"fl": FlClient.handle}: subscribed,
         # size-capped like chunks, called on the worker thread (never the network or installer)
         extra_handlers: Mapping[str, Callable[[bytes], None]] | None = None,
+        candidates: bool = True,  # shadow / A/B candidates on cmd/candidate (agent.candidate_feed)
     ) -> None:
         if mqtt.max_incoming is None:
             mqtt = dataclasses.replace(mqtt, max_incoming=MAX_INCOMING)
@@ -117,6 +119,12 @@ class AgentDaemon:
         #: predict with recording (the HTTP API uses it): the ``inference`` telemetry source
         self.recorder = Recorder(agent)
         self.reporter.add_source("inference", self.recorder.telemetry)
+        #: the candidate slot's own release flow, shadow and A/B (``shadow``, ``ab`` telemetry)
+        self.candidate = (
+            CandidateSide(self, window=agent.config.window, request_timeout=request_timeout)
+            if candidates and not agent.readonly
+            else None
+        )
         self._q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1000)
         self._q_lock = threading.Lock()
         self._q_bytes = 0  # payload bytes in _q; guarded by _q_lock
@@ -141,6 +149,7 @@ class AgentDaemon:
             topics.chunk(self.device_id),
             topics.cmd(self.device_id),
             *(f"{topics.PREFIX}/dev/{self.device_id}/{kind}" for kind in self._extra),
+            *(() if self.candidate is None else (self.candidate.feed.topic,)),
         ):
             self.link.subscribe(topic, qos=1)
         self.link.start()
@@ -157,6 +166,8 @@ class AgentDaemon:
         self._installer.join(timeout=60)  # an install under way finishes first
         if self.flow.download is not None:
             self.flow.download.close()
+        if self.candidate is not None:
+            self.candidate.close()
         self.reporter.goodbye()  # a clean DISCONNECT discards the will: say "offline" ourselves
         self.link.stop()
 
@@ -177,11 +188,13 @@ class AgentDaemon:
         kind = "other" if route is None or route.device_id != self.device_id else route.kind
         if (own := topics.device_of(topic)) and own[0] == self.device_id and own[1] in self._extra:
             kind = own[1]
+        if self.candidate is not None and topic == self.candidate.feed.topic:
+            kind = "candidate"
         limit = _LIMITS.get(kind, MAX_CHUNK_FRAME if kind in self._extra else MAX_COMMAND)
         if len(payload) > limit:
             self._drop(topic, f"{len(payload)} bytes, limit {limit}")
             return
-        if kind == "chunk" and not self.flow.downloading:
+        if kind == "chunk" and not self.flow.downloading and not self._candidate_downloading():
             log.debug("ignored chunk reply on %s: no download under way", topic)
             return
         with self._q_lock:
@@ -198,6 +211,9 @@ class AgentDaemon:
         except queue.Full:
             self._unqueued(payload)
             self._drop(topic, "agent queue full")
+
+    def _candidate_downloading(self) -> bool:
+        return self.candidate is not None and self.candidate.feed.flow.downloading
 
     def _drop(self, topic: str, why: str) -> None:
         self.dropped += 1
@@ -222,6 +238,8 @@ class AgentDaemon:
                 self._carry_out(self._feed(kind, payload))
                 if self.link.connected.is_set():
                     self._carry_out(self.flow.tick(self.monotonic()))
+                if self.candidate is not None:
+                    self.candidate.feed.tick(self.monotonic())
                 self.reporter.tick()
             except Exception:  # never let one bad message kill the daemon
                 log.exception("agent daemon: unexpected error handling %s", kind)
@@ -252,11 +270,19 @@ class AgentDaemon:
         if kind == "release":
             return self.flow.offer(payload)
         if kind == "chunk":
+            if self.candidate is not None and self.candidate.feed.claims(payload):
+                self.candidate.feed.chunk(payload)
+                return []
             return self.flow.chunk(payload)
+        if kind == "candidate" and self.candidate is not None:
+            self.candidate.feed.offer(payload)
+            return []
         if kind == "installed":
             return self.flow.install_finished(payload)
         if kind == "connected":
             self.reporter.connected()
+            if self.candidate is not None:
+                self.candidate.feed.connected()
             return self.flow.connected()
         if kind in self._extra:
             self._extra[kind](payload)

@@ -213,6 +213,9 @@ class Shadow:
         return True
 
     def close(self) -> None:
+        """Stop the worker (idempotent)."""
+        if self._reset not in self.slot.listeners:
+            return
         self.slot.listeners.remove(self._reset)
         try:
             self._q.put(None, timeout=1.0)
