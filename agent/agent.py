@@ -33,7 +33,7 @@ from .config import AgentConfig
 from .identity import DeviceIdentity
 from .reporter import active_model
 from .runtime import Runtime, RuntimeLoadError, load_runtime
-from .store import InstalledVersion, ModelStore
+from .store import InstalledVersion, ModelStore, StoreState
 from .trust import TrustStore
 from .updater import AlreadyAcceptedError, Progress, SegmentSource, Updater, UpdaterConfig
 
@@ -51,8 +51,8 @@ class KeptVersion:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AgentStatus:
-    """What ``edgefleet agent status`` and ``GET /v1/status`` show (cheap: one small read of
-    the kept manifests, no runtime call)."""
+    """What ``edgefleet agent status`` and ``GET /v1/status`` show (cheap: from memory, no
+    disk read once the kept manifests were read, no runtime call)."""
 
     device_id: str
     active: ActiveModel | None
@@ -111,6 +111,7 @@ class Agent:
         self.router: Callable[[np.ndarray], tuple[InstalledVersion, np.ndarray]] | None = None
         self.candidate: CandidateSlot | None = None  # the shadow / A/B slot, once opened
         self._last: InstallResult | None = self._read_last()  # the file is only the report
+        self._kept: tuple[StoreState, tuple[KeptVersion, ...]] | None = None  # status() cache
         try:
             self._load_active()
         except BaseException:
@@ -309,7 +310,12 @@ class Agent:
         with self._recording:
             self._last = last
             try:
-                atomic_write(self.config.home / "last_install.json", canonical_json(_plain(last)))
+                # A report, not state (ACTIVE.json is): replaced atomically, but not fsynced.
+                atomic_write(
+                    self.config.home / "last_install.json",
+                    canonical_json(_plain(last)),
+                    durable=False,
+                )
             except OSError as exc:
                 log.error("cannot record the install result %s: %s", last.code, exc)
 
@@ -345,19 +351,29 @@ class Agent:
             active=active_model(self.active),
             highest_sequence=self.store.state.highest_sequence,
             keyring_version=self.trust.keyring.version if self.trust.keyring else None,
-            kept=tuple(
-                KeptVersion(
-                    dir=k.dir.name,
-                    name=k.manifest.name,
-                    version=k.manifest.model_version,
-                    sequence=k.manifest.sequence,
-                    format=k.manifest.format,
-                )
-                for k in self.store.kept()
-            ),
+            kept=self._kept_versions(),
             last_install=self._last,
             broken=self.broken,
         )
+
+    def _kept_versions(self) -> tuple[KeptVersion, ...]:
+        """The kept versions, cached while the store's state is the same object: every
+        install, rollback or fall-back makes a new one. A status report reads no disk."""
+        state, cached = self.store.state, self._kept
+        if cached is not None and cached[0] is state:
+            return cached[1]
+        kept = tuple(
+            KeptVersion(
+                dir=k.dir.name,
+                name=k.manifest.name,
+                version=k.manifest.model_version,
+                sequence=k.manifest.sequence,
+                format=k.manifest.format,
+            )
+            for k in self.store.kept()
+        )
+        self._kept = (state, kept)
+        return kept
 
     def close(self) -> None:
         """Release the runtime and the store lock (idempotent)."""

@@ -5,6 +5,11 @@ The state machine is driven by the daemon: ``pump(now)`` returns the chunk reque
 against the signed segment hash and writes it at its offset. On (re)start the part file is
 re-hashed, so only missing chunks are fetched after a crash or restart.
 
+Every segment in the part file was checked against its signed hash on its way in (in
+``accept``, or by the re-hash on start), so a finished download says ``verified`` and the
+installer does not hash it again. The part file is never fsynced: it is a cache of verified
+ciphertext, re-hashed after a crash, and what must survive one is the installed version.
+
 Chunk reply frames are not signed, so a "refused" reply is only a hint (anyone who can get a
 frame onto our chunk topic can forge one, and a rogue device can make the coordinator send
 them): it never ends the download. The refused request is sent again after a back-off that
@@ -102,6 +107,12 @@ class Download:
         return not self.missing
 
     @property
+    def verified(self) -> bool:
+        """Every segment of the part file matched its signed hash as it was written: the
+        installer need not hash them again (True once the download is done)."""
+        return self.done
+
+    @property
     def bytes_done(self) -> int:
         return self._done_bytes
 
@@ -180,9 +191,6 @@ class Download:
         self.refusals = 0
         self._done_bytes += length
         self.stats.fetched += 1
-        if self.done:
-            with self._io("fsync"):
-                os.fsync(self._fd)
         return True
 
     def _refuse(self, reply: ChunkReply) -> None:
@@ -204,7 +212,7 @@ class Download:
         )
 
     def read(self, offset: int, length: int) -> bytes:
-        """The part file as the installer's ``SegmentSource``."""
+        """The part file as the installer's ``SegmentSource`` (thread-safe: ``pread``)."""
         with self._io(f"reading {length} bytes at {offset}"):
             return os.pread(self._fd, length, offset)
 

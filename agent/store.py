@@ -14,6 +14,16 @@ only thing that says what is active, so after a crash at any point either the ol
 new version is active and complete. Directories the pointer does not name are leftovers and
 are removed on open. The anti-rollback sequence is bumped in the same write as the switch.
 
+An install costs seven fsyncs, the least POSIX asks for this layout: the three files of the
+version (model, manifest, signature; issued together from one helper thread while the caller's
+``check`` runs, e.g. hashing the model back), the staged directory (their names), ``versions/``
+(the renamed directory), and the pointer (its temporary file, then the store root for the
+replace). A rollback costs the pointer's two. Pruning needs none: a leftover goes on open.
+
+Kept versions are immutable once committed (a directory name includes the bundle id), so a
+writer remembers the ones it committed or read: ``kept()`` and ``version()`` then read
+nothing from disk (a status report costs no I/O). A read-only store reads every time.
+
 One writer: a writing ``ModelStore`` takes ``LOCK`` (non-blocking) before it reads the
 pointer and holds it until ``close``, so no other process can change the store meanwhile.
 That is why ``state`` is read once, at open, and never re-read before a check or a switch:
@@ -33,16 +43,17 @@ Pruning after a switch only logs a failure: the leftover goes on the next open.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from edgefleet.infra.fsutil import atomic_write, fsync_dir, os_errors, private_dir, strerror
 from edgefleet.protocol.canonical import canonical_json
@@ -89,17 +100,28 @@ class InstalledVersion:
 
 @dataclass
 class Staging:
-    """A version being written; becomes visible only through ``ModelStore.commit``."""
+    """A version being written; becomes visible only through ``ModelStore.commit``.
+
+    ``fd`` is the model file, open read-write: write at offsets (``os.pwrite``, any order,
+    any thread) or append with ``write``; set ``written`` to the bytes it holds.
+    """
 
     dir: Path
-    model: BinaryIO
+    fd: int
     written: int = 0
     extra: dict[str, bytes] = field(default_factory=dict)
 
     def write(self, data: bytes) -> None:
         with os_errors(f"staging {self.dir.name}: cannot write the model"):
-            self.model.write(data)
-        self.written += len(data)
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(self.fd, view, self.written)
+                view, self.written = view[n:], self.written + n
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def version_dirname(m: Manifest) -> str:
@@ -122,6 +144,7 @@ class ModelStore:
         self.root, self.keep, self.readonly = root, keep, readonly
         self._cp = checkpoint or (lambda label: None)
         self._lock_fd: int | None = None
+        self._versions: dict[str, InstalledVersion] = {}  # committed or read (writer only)
         if readonly:
             self.state = self._load_state()
             return
@@ -216,9 +239,18 @@ class ModelStore:
             return self._read_version(dirname)
 
     def _read_version(self, dirname: str) -> InstalledVersion:
+        known = self._versions.get(dirname)
+        if known is not None:
+            return known
         d = self.root / "versions" / dirname
         raw = (d / "manifest.json").read_bytes()
-        return InstalledVersion(d, Manifest.decode(raw), raw)
+        version = InstalledVersion(d, Manifest.decode(raw), raw)
+        self._remember(version)
+        return version
+
+    def _remember(self, version: InstalledVersion) -> None:
+        if not self.readonly:  # a reader's versions may be pruned under it: always re-read
+            self._versions[version.dir.name] = version
 
     def active(self) -> InstalledVersion | None:
         return self.version(self.state.active) if self.state.active else None
@@ -242,30 +274,38 @@ class ModelStore:
             with os_errors("cannot start staging a version"):
                 d.mkdir(mode=0o700)
                 self._cp("staging:created")
-                return Staging(d, _private_writer(d / f"model.{manifest.format}"))
+                return Staging(d, _private_file(d / f"model.{manifest.format}", os.O_RDWR))
         except StoreError:
             shutil.rmtree(d, ignore_errors=True)
             raise
 
     def abort(self, staging: Staging) -> None:
-        with contextlib.suppress(OSError):  # e.g. flushing onto a full disk: it goes anyway
-            staging.model.close()
+        with contextlib.suppress(OSError):
+            staging.close()
         shutil.rmtree(staging.dir, ignore_errors=True)
 
     def commit(
-        self, staging: Staging, manifest_raw: bytes, signature_raw: bytes, manifest: Manifest
+        self,
+        staging: Staging,
+        manifest_raw: bytes,
+        signature_raw: bytes,
+        manifest: Manifest,
+        *,
+        check: Callable[[], None] | None = None,
     ) -> InstalledVersion:
         """Make the staged version durable and visible under ``versions/`` (not active).
 
-        On failure (``StoreError``) nothing of it is under ``versions/``; the caller aborts
-        the staging.
+        ``check`` runs in this thread while the staged files are fsynced (e.g. hashing the
+        model back); what it raises leaves once the fsyncs are over, before anything is
+        renamed. On failure nothing of the version is under ``versions/``; the caller aborts
+        the staging. OS errors leave as ``StoreError``.
         """
         self._writable()
         target = self.root / "versions" / version_dirname(manifest)
         renamed = False
         try:
             with os_errors(f"cannot commit {target.name}"):
-                self._write_version(staging, target, manifest_raw, signature_raw)
+                self._write_version(staging, target, manifest_raw, signature_raw, check)
                 renamed = True
                 self._cp("version:renamed")
                 fsync_dir(target.parent)
@@ -274,23 +314,35 @@ class ModelStore:
             if renamed and target.name not in self.state.history:  # never activated: drop it
                 shutil.rmtree(target, ignore_errors=True)
             raise
-        return InstalledVersion(target, manifest, manifest_raw)
+        version = InstalledVersion(target, manifest, manifest_raw)
+        self._remember(version)
+        return version
 
     def _write_version(
-        self, staging: Staging, target: Path, manifest_raw: bytes, signature_raw: bytes
+        self,
+        staging: Staging,
+        target: Path,
+        manifest_raw: bytes,
+        signature_raw: bytes,
+        check: Callable[[], None] | None,
     ) -> None:
         """Sync the staged files and rename the directory to ``target`` (OSError on failure)."""
-        staging.model.flush()
-        os.fsync(staging.model.fileno())
-        staging.model.close()
-        self._cp("model:synced")
-        for fname, data in (("manifest.json", manifest_raw), ("manifest.sig", signature_raw)):
-            with open(staging.dir / fname, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            self._cp(f"{fname}:synced")
+        fds = [staging.fd]
+        try:
+            for fname, data in (("manifest.json", manifest_raw), ("manifest.sig", signature_raw)):
+                fds.append(fd := _private_file(staging.dir / fname, os.O_WRONLY))
+                os.write(fd, data)  # small: one write (a short one is caught below)
+                if os.fstat(fd).st_size != len(data):
+                    raise OSError(errno.EIO, f"short write of {fname}")
+            _sync_while(fds, check or (lambda: None))
+        finally:
+            staging.fd = -1
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._cp("files:synced")
         fsync_dir(staging.dir)
+        self._cp("staging:synced")
         if target.exists():  # same release installed before (e.g. replayed after a crash)
             shutil.rmtree(target)
         os.rename(staging.dir, target)
@@ -302,6 +354,7 @@ class ModelStore:
             raise RuntimeError(f"{version.dir.name} is kept; use rollback instead")
         with os_errors(f"cannot discard {version.dir.name}"):
             self._trash(version.dir.name)
+        self._versions.pop(version.dir.name, None)
 
     def activate(self, version: InstalledVersion) -> None:
         """Atomically make ``version`` active and raise the accepted sequence to its own.
@@ -337,6 +390,7 @@ class ModelStore:
                 log.warning("cannot prune %s (%s); it goes on the next open", dirname, exc)
 
     def _trash(self, dirname: str) -> None:
+        self._versions.pop(dirname, None)
         src = self.root / "versions" / dirname
         if src.exists():
             dst = self.root / "trash" / f"{dirname}.{uuid.uuid4().hex[:8]}"
@@ -345,11 +399,41 @@ class ModelStore:
             shutil.rmtree(dst, ignore_errors=True)
 
 
-def _private_writer(path: Path) -> BinaryIO:
-    """A new file open for writing, mode 0600 whatever the umask (a decrypted model)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    os.fchmod(fd, 0o600)
-    return os.fdopen(fd, "wb")
+def _private_file(path: Path, access: int) -> int:
+    """A new file's descriptor (``access``: ``os.O_WRONLY`` / ``O_RDWR``), mode 0600 whatever
+    the umask (a decrypted model)."""
+    fd = os.open(path, access | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _sync_while(fds: list[int], work: Callable[[], None]) -> None:
+    """fsync ``fds`` in a helper thread while ``work`` runs here; raise the first error.
+
+    fsync releases the GIL and mostly waits for the disk, so ``work`` (CPU) overlaps it even
+    on one core. An error of ``work`` wins over one of the fsyncs (it is the more specific).
+    """
+    errors: list[BaseException] = []
+
+    def sync() -> None:
+        try:
+            for fd in fds:
+                os.fsync(fd)
+        except BaseException as exc:  # handed to the caller below
+            errors.append(exc)
+
+    helper = threading.Thread(target=sync, name="store-fsync", daemon=True)
+    helper.start()
+    try:
+        work()
+    finally:
+        helper.join()
+    if errors:
+        raise errors[0]
 
 
 def _lock(path: Path) -> int:

@@ -1,23 +1,24 @@
 """The install path: verify, decrypt, store, load, smoke-test, switch — in that order.
 
 This is the I/O shell around ``protocol.verify``: it reads segments from a ``SegmentSource``
-(a side-loaded ``.efb`` file or a downloaded ``.part`` file), writes plaintext into the
-store's staging area, and activates only a version whose model loads and reproduces the
-signed smoke vectors, and whose loaded input/output tensors have the signed dtypes and shapes
-(a symbolic batch dimension matches any size). Any failure raises a ``BundleError`` (or
+(a side-loaded ``.efb`` file or a downloaded ``.part`` file), decrypts them straight into the
+staged model file (``agent.opener``: one signed-hash check per segment, none again for a
+download that checked each on arrival; several cores open segments in parallel), and
+activates only a version whose model loads and reproduces the signed smoke vectors, and whose
+loaded input/output tensors have the signed dtypes and shapes (a symbolic batch dimension
+matches any size). The signed plaintext digest is checked by hashing the staged file back
+while it is fsynced. Any failure raises a ``BundleError`` (or
 ``StoreError``, which is also what operating-system errors such as a full disk become) and
 leaves the previously active version active, with nothing of the new one left behind.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from edgefleet.infra.fsutil import os_errors
@@ -35,12 +36,13 @@ from edgefleet.protocol.errors import (
 )
 from edgefleet.protocol.manifest import Manifest, TensorSpec
 from edgefleet.protocol.messages import ReleaseOffer
-from edgefleet.protocol.segments import SegmentCipher, sha256_hex
+from edgefleet.protocol.segments import SegmentCipher
 from edgefleet.protocol.verify import Policy, check_envelopes, select_envelope, verify_manifest
 
 from .identity import DeviceIdentity
+from .opener import SegmentOpener, SegmentSource, default_workers, plaintext_check
 from .runtime import Runtime, RuntimeLoadError, load_runtime
-from .store import InstalledVersion, ModelStore, Staging
+from .store import InstalledVersion, ModelStore
 from .trust import TrustStore
 
 __all__ = [
@@ -62,6 +64,7 @@ class UpdaterConfig:
     max_payload: int = 512 * 1024 * 1024  # bytes; larger releases are refused before download
     offline_grace: int = 0  # seconds a manifest is still accepted past its expiry
     threads: int = 1  # runtime intra-op threads
+    open_workers: int = 0  # threads opening segments; 0: one per core (at most 4), 1: none
 
 
 class AlreadyAcceptedError(RollbackError):
@@ -77,10 +80,6 @@ class AlreadyAcceptedError(RollbackError):
     def __init__(self, message: str, *, manifest: Manifest, version: InstalledVersion | None):
         super().__init__(message)
         self.manifest, self.version = manifest, version
-
-
-class SegmentSource(Protocol):
-    def read(self, offset: int, length: int) -> bytes: ...
 
 
 class FileSource:
@@ -157,6 +156,7 @@ class Updater:
         self.identity, self.trust, self.store = identity, trust, store
         self.clock, self.config = clock, config
         self._policy = Policy(offline_grace=config.offline_grace)
+        self.workers = config.open_workers or default_workers()  # segment-open threads
 
     def check(self, offer: ReleaseOffer) -> Manifest:
         """Verify keyring and manifest (no payload yet): is this release for us, and new?
@@ -284,47 +284,35 @@ class Updater:
         source: SegmentSource,
         progress: Progress | None,
     ) -> InstalledVersion:
+        """Decrypt every segment into a staged version and commit it (durable, not active).
+
+        A source whose ``verified`` is True (a finished ``Download``) checked every segment
+        against its signed hash as it arrived; its segments are not hashed again (AES-GCM
+        still authenticates each one as it is read back)."""
         cipher = SegmentCipher(key, bytes.fromhex(m.bundle_id), m.segment_size)
-        digest = hashlib.sha256()
+        opener = SegmentOpener(m, cipher, verified=getattr(source, "verified", False) is True)
+
+        def done(i: int) -> None:
+            self.store._cp(f"segment:{i}")
+            if progress:
+                offset, length = m.segment_span(i)
+                progress(offset + length, m.payload_size)
+
         staging = self.store.begin(m)
         try:  # OS errors the store did not map already (e.g. at the segment checkpoint)
             with os_errors(f"release {m.sequence}: cannot stage it"):
-                self._decrypt_into(staging, m, cipher, digest, source, progress)
-                return self.store.commit(staging, offer.manifest, offer.signature, m)
+                fd = staging.fd
+                staging.written = opener.open_into(source, fd, workers=self.workers, done=done)
+                if staging.written != m.plaintext_size:
+                    raise IntegrityError(
+                        f"plaintext: expected {m.plaintext_size} bytes, "
+                        f"decrypted {staging.written}"
+                    )
+                check = lambda: plaintext_check(m, fd)  # noqa: E731 (while the fsyncs run)
+                return self.store.commit(staging, offer.manifest, offer.signature, m, check=check)
         except BaseException:
             self.store.abort(staging)
             raise
-
-    def _decrypt_into(
-        self,
-        staging: Staging,
-        m: Manifest,
-        cipher: SegmentCipher,
-        digest: hashlib._Hash,
-        source: SegmentSource,
-        progress: Progress | None,
-    ) -> None:
-        for i in range(m.segments):
-            offset, length = m.segment_span(i)
-            ct = source.read(offset, length)
-            if len(ct) != length or sha256_hex(ct) != m.segment_hashes[i]:
-                raise IntegrityError(
-                    f"segment {i}: expected {length} bytes with SHA-256 "
-                    f"{m.segment_hashes[i][:16]}…, saw {len(ct)} bytes "
-                    f"hashing to {sha256_hex(ct)[:16]}…"
-                )
-            plain = cipher.open(i, ct, final=i == m.segments - 1)
-            digest.update(plain)
-            staging.write(plain)
-            self.store._cp(f"segment:{i}")
-            if progress:
-                progress(offset + length, m.payload_size)
-        if staging.written != m.plaintext_size or digest.hexdigest() != m.plaintext_sha256:
-            raise IntegrityError(
-                f"plaintext: expected {m.plaintext_size} bytes with SHA-256 "
-                f"{m.plaintext_sha256[:16]}…, saw {staging.written} bytes "
-                f"hashing to {digest.hexdigest()[:16]}…"
-            )
 
     def _load_and_smoke(self, version: InstalledVersion) -> Runtime:
         try:

@@ -1,30 +1,36 @@
-"""Open-bundle throughput: the agent's verify → per-segment hash → decrypt → write path.
+"""Open-bundle throughput and one device's install, each against the floor of its work.
 
 A random payload (32 MB; quick: 2 MB) is registered at a real coordinator and built for one
-device (segment size 256 KiB), then written as an ``.efb``. "Ours" is what
-``Updater.install_file`` does before loading a model: parse the header, ``Updater.check``
-(keyring and manifest signatures, sequence, expiry, target), envelope checks, HPKE
-``unwrap_key``, then ``Updater._write`` (pread each segment, SHA-256 it against the signed
-hash, AES-GCM open it, update the plaintext digest, write it to staging, fsync and commit);
-the committed version is then discarded (so the same bundle can be opened again). A random
-payload cannot be loaded by a runtime, which keeps ONNX loading out of this figure.
+device (segment size 256 KiB), then written as an ``.efb``. Rows (ratios = ours / floor,
+repetitions interleaved with their floors, medians):
 
-Baseline: raw ``AESGCM.decrypt`` of the same ciphertext segments with the same nonces and
-associated data, from memory (no hashing, no I/O). Repetitions are interleaved (raw, ours,
-ours, raw, ...) and the median taken. A second row times the crypto pipeline alone (hash +
-open + digest from memory, no file I/O) to separate crypto from I/O, and one ``_write`` is
-run under cProfile to say what dominates.
+- crypto of an open: ``SegmentOpener.open`` (the product's per-segment check: one SHA-256
+  against the signed hash + one AES-GCM open) over every segment from memory, against the
+  one-core crypto floor (raw ``hashlib.sha256`` + raw ``AESGCM.decrypt`` per segment). With two
+  workers (``open_into``, segments written to ``/dev/null``) against the same one-core floor.
+- open with a durable write: what ``Updater.install_file`` does before loading a model (parse
+  the header, verify keyring and manifest, envelope checks, HPKE ``unwrap_key``, then
+  ``Updater._write``: open every segment into the staged file, fsync the version's three files
+  while the plaintext digest is checked by reading the file back, fsync the staged directory,
+  rename, fsync ``versions/``), sequential and with two workers, against the I/O floor (pread +
+  SHA-256 + decrypt + write of each segment into a new file, one fsync). The committed version
+  is discarded, untimed, so the same bundle opens again. A random payload cannot be loaded by
+  a runtime, which keeps ONNX loading out of this figure.
+- one device's install: ``Agent.install_file`` of the digits model (both formats: verify,
+  decrypt, store, load, smoke test, atomic switch, prune) against its raw local floor: decrypt
+  the same segments from memory, write them to a new file, fsync it, load it in the raw
+  runtime and run it once.
 
-Also: full ``Agent.install_file`` of the digits model (both formats; verify, decrypt, store,
-load, smoke test, atomic switch) against loading the same model file into the raw runtime.
+Also the fsyncs of one install, counted, and cProfile of one open and one install.
 """
 
 from __future__ import annotations
 
 import cProfile
 import hashlib
+import os
 import pstats
-import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +79,6 @@ def _open_bundle(updater: Any, path: Path) -> Any:
         source.close()
 
 
-# cProfile function names -> the stage they belong to (first match wins)
-_STAGES = (
-    ("signature + HPKE + manifest decode", ("hpke", "verify", "decode", "(check)")),
-    ("AES-GCM decrypt", ("decrypt",)),
-    ("SHA-256 of ciphertext segments", ("openssl_sha256", "sha256")),
-    ("SHA-256 of plaintext (digest.update)", ("update",)),
-    ("write to staging", ("BufferedWriter", "write")),
-    ("fsync (commit)", ("fsync",)),
-    ("pread", ("pread",)),
-)
-
-
 def _top_notes(title: str, prof: cProfile.Profile, count: int) -> None:
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in stats.values())
@@ -95,29 +89,22 @@ def _top_notes(title: str, prof: cProfile.Profile, count: int) -> None:
         _NOTES.append(f"  {tt * 1e3:8.2f} ms  {100 * tt / total:5.1f}%  {nc:5d} calls  {label}")
 
 
-def _profile(updater: Any, path: Path) -> list[tuple[str, float]]:
-    prof = cProfile.Profile()
-    prof.enable()
-    version = _open_bundle(updater, path)
-    prof.disable()
-    updater.store.discard(version)
-    stats = pstats.Stats(prof)
-    total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
-    shares: dict[str, float] = {}
-    top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)  # type: ignore[attr-defined]
-    for (file, line, func), (_cc, _nc, tt, _ct, _callers) in top:
-        label = f"{Path(file).name}:{line}({func})" if line else func
-        stage = next((s for s, keys in _STAGES if any(k in label for k in keys)), "other")
-        shares[stage] = shares.get(stage, 0.0) + tt
-    _top_notes("cProfile of one open", prof, 8)
-    return sorted(((s, 100 * t / total) for s, t in shares.items()), key=lambda st: -st[1])
+class _Memory:
+    """Segments from memory as a ``SegmentSource``."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.payload[offset: offset + length]
 
 
 def _open_bench(quick: bool) -> list[Row]:
     import numpy as np
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from edgefleet.agent.agent import Agent
-    from edgefleet.protocol.segments import SegmentCipher, sha256_hex
+    from edgefleet.agent.opener import SegmentOpener
+    from edgefleet.protocol.segments import SegmentCipher
 
     size = (2 if quick else 32) * 1024 * 1024
     reps = 5 if quick else 15
@@ -132,121 +119,189 @@ def _open_bench(quick: bool) -> list[Row]:
     assert m.segment_size == SEGMENT, m.segment_size
     agent = Agent.open(home)  # no model active: nothing loads
     updater = agent.updater
+    cores = os.cpu_count() or 1
 
-    # raw baseline inputs: the same segments, nonces and AAD, precomputed
     bundle_id = bytes.fromhex(m.bundle_id)
     cipher = SegmentCipher(built.content_key, bundle_id, m.segment_size)
     n = len(built.segments)
     jobs = [(*cipher._nonce_aad(i, i == n - 1), ct) for i, ct in enumerate(built.segments)]
+    memory = _Memory(b"".join(built.segments))
+    base = path.stat().st_size - m.payload_size
+    scratch = fl.root / "floor"
+    scratch.mkdir(exist_ok=True)
 
-    def raw() -> None:
+    def floor() -> None:  # one core: one SHA-256 + one decrypt per segment, from memory
         aead = AESGCM(built.content_key)
         for nonce, aad, ct in jobs:
+            hashlib.sha256(ct).digest()
             aead.decrypt(nonce, ct, aad)
 
-    def ours_memory() -> None:  # the _write loop without its I/O: hash, open, digest
-        c = SegmentCipher(built.content_key, bundle_id, m.segment_size)
-        digest = hashlib.sha256()
-        hashes = m.segment_hashes
+    def crypto() -> None:  # the product's per-segment check + open, from memory
+        opener = SegmentOpener(m, SegmentCipher(built.content_key, bundle_id, SEGMENT),
+                               verified=False)
         for i, ct in enumerate(built.segments):
-            if sha256_hex(ct) != hashes[i]:
-                raise AssertionError(f"segment {i} hash")
-            digest.update(c.open(i, ct, final=i == n - 1))
-        if digest.hexdigest() != m.plaintext_sha256:
-            raise AssertionError("plaintext digest")
+            opener.open(i, ct)
 
-    def floor() -> None:  # the least work the design needs: hash + decrypt each segment
+    def crypto_parallel() -> None:
+        opener = SegmentOpener(m, SegmentCipher(built.content_key, bundle_id, SEGMENT),
+                               verified=False)
+        fd = os.open(os.devnull, os.O_WRONLY)
+        try:
+            opener.open_into(memory, fd, workers=2)
+        finally:
+            os.close(fd)
+
+    def io_floor() -> Path:  # pread + SHA-256 + decrypt + write, one fsync, into a new file
+        out = scratch / uuid.uuid4().hex
         aead = AESGCM(built.content_key)
-        for nonce, aad, ct in jobs:
-            hashlib.sha256(ct).digest()
-            aead.decrypt(nonce, ct, aad)
+        src = os.open(path, os.O_RDONLY)
+        dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for i, (nonce, aad, _ct) in enumerate(jobs):
+                off, length = m.segment_span(i)
+                ct = os.pread(src, length, base + off)
+                hashlib.sha256(ct).digest()
+                os.write(dst, aead.decrypt(nonce, ct, aad))
+            os.fsync(dst)
+        finally:
+            os.close(src)
+            os.close(dst)
+        return out
 
-    def sha_only() -> None:
-        for _nonce, _aad, ct in jobs:
-            hashlib.sha256(ct).digest()
+    def open_with(workers: int) -> Any:
+        updater.workers = workers
+        return _open_bundle(updater, path)
 
     # correctness first (and warm-up: page cache, first-call costs)
-    raw()
-    ours_memory()
-    updater.store.discard(_open_bundle(updater, path))
+    crypto()
+    crypto_parallel()
+    updater.store.discard(open_with(1))
+    io_floor().unlink()
 
-    t = interleaved({"raw": raw, "open": lambda: _open_bundle(updater, path),
-                     "mem": ours_memory, "floor": floor, "sha": sha_only}, reps,
-                    after={"open": updater.store.discard})
+    load = os.getloadavg()
+    t = interleaved({"floor": floor, "crypto": crypto, "crypto2": crypto_parallel,
+                     "io_floor": io_floor, "open": lambda: open_with(1),
+                     "open2": lambda: open_with(2)}, reps,
+                    after={"open": updater.store.discard, "open2": updater.store.discard,
+                           "io_floor": Path.unlink})
+    load_after = os.getloadavg()
     mb = m.plaintext_size / 1e6
-    raw_mbs = mb / median(t["raw"])
+
+    def rate(k: str) -> float:
+        return mb / median(t[k])
+
     label = f"{m.plaintext_size / 2**20:.0f} MiB, {n} segments of {m.segment_size // 1024} KiB"
-    base = "raw AESGCM.decrypt, memory"
+    par_aim = ">= 1.8" if cores >= 2 else None
+    crypto_floor = "one core: SHA-256 + AES-GCM decrypt per segment, memory"
+    io_base = "one core: pread + SHA-256 + decrypt + write + 1 fsync"
     rows = [
-        Row(key="open_mb_s", metric=f"open bundle: check+unwrap+hash+decrypt+write+fsync ({label})",
-            value=mb / median(t["open"]), unit="MB/s", baseline=base, baseline_value=raw_mbs,
-            aim=">= 0.7"),
-        Row(key="crypto_mb_s",
-            metric="crypto pipeline only: segment SHA-256 + open + digest, memory",
-            value=mb / median(t["mem"]), unit="MB/s", baseline=base, baseline_value=raw_mbs,
-            aim=">= 0.7"),
-        Row(key="floor_mb_s", metric="floor: raw SHA-256 + raw decrypt per segment, memory",
-            value=mb / median(t["floor"]), unit="MB/s", baseline=base, baseline_value=raw_mbs),
-        Row(key="sha256_mb_s", metric="raw SHA-256 alone, memory",
-            value=mb / median(t["sha"]), unit="MB/s", baseline=base, baseline_value=raw_mbs),
-        Row(key="open_vs_floor_mb_s", metric="open bundle vs the floor",
-            value=mb / median(t["open"]), unit="MB/s", baseline="floor (SHA-256 + decrypt)",
-            baseline_value=mb / median(t["floor"])),
-        Row(key="crypto_vs_floor_mb_s", metric="crypto pipeline vs the floor",
-            value=mb / median(t["mem"]), unit="MB/s", baseline="floor (SHA-256 + decrypt)",
-            baseline_value=mb / median(t["floor"])),
+        Row(key="crypto_mb_s", metric=f"crypto of an open, one core, memory ({label})",
+            value=rate("crypto"), unit="MB/s", baseline=crypto_floor,
+            baseline_value=rate("floor"), aim=">= 0.95"),
+        Row(key="crypto_parallel_mb_s", metric="crypto of an open, 2 workers, memory",
+            value=rate("crypto2"), unit="MB/s", baseline=crypto_floor,
+            baseline_value=rate("floor"), aim=par_aim),
+        Row(key="open_mb_s",
+            metric="open with a durable write, 1 worker (verify+unwrap+open+commit)",
+            value=rate("open"), unit="MB/s", baseline=io_base, baseline_value=rate("io_floor"),
+            aim=">= 1.0"),
+        Row(key="open_parallel_mb_s", metric="open with a durable write, 2 workers",
+            value=rate("open2"), unit="MB/s", baseline=io_base,
+            baseline_value=rate("io_floor"), aim=par_aim),
+        Row(key="floor_mb_s", metric="the one-core crypto floor", value=rate("floor"),
+            unit="MB/s", baseline="the I/O floor", baseline_value=rate("io_floor")),
     ]
-    _NOTES.append(f"open: median of {reps} interleaved repetitions, ms: " + ", ".join(
-        f"{k} {median(v) * 1e3:.1f} (min {min(v) * 1e3:.1f})" for k, v in t.items()))
-    for stage, share in _profile(updater, path):
-        rows.append(Row(key="open_share:" + stage, metric=f"share of open time: {stage}",
-                        value=share, unit="%", note="cProfile tottime"))
+    _NOTES.append(
+        f"open: {cores} cores, load average {load[0]:.1f} before / {load_after[0]:.1f} after; "
+        f"median of {reps} interleaved repetitions, ms: " + ", ".join(
+            f"{k} {median(v) * 1e3:.1f} (min {min(v) * 1e3:.1f})" for k, v in t.items()))
+    prof = cProfile.Profile()
+    version = prof.runcall(open_with, 1)
+    updater.store.discard(version)
+    _top_notes("cProfile of one open (1 worker)", prof, 8)
     agent.close()
     return rows
 
 
-def _install_bench(quick: bool) -> list[Row]:
-    """Full ``Agent.install_file`` of the digits model vs the raw runtime loading it."""
-    import numpy as np
-    from edgefleet.agent.agent import Agent
+def _count_fsyncs(run: Any) -> int:
+    real, calls = os.fsync, [0]
 
-    reps = 3 if quick else 7
+    def counting(fd: int) -> None:
+        calls[0] += 1
+        real(fd)
+
+    os.fsync = counting
+    try:
+        run()
+    finally:
+        os.fsync = real
+    return calls[0]
+
+
+def _install_bench(quick: bool) -> list[Row]:
+    """Full ``Agent.install_file`` of the digits model vs its raw local floor."""
+    reps = 5 if quick else 15
     fl = fleet()
+    scratch = fl.root / "install-floor"
+    scratch.mkdir(exist_ok=True)
+    return [row for fmt in Fleet.FORMATS for row in _install_one(fl, fmt, reps, scratch)]
+
+
+def _install_one(fl: Fleet, fmt: str, reps: int, scratch: Path) -> list[Row]:
+    import numpy as np
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from edgefleet.agent.agent import Agent
+    from edgefleet.protocol.segments import SegmentCipher
+
     x = fl.test_inputs()[:1]
-    rows = []
-    for fmt in Fleet.FORMATS:
-        device = f"bench-install-{fmt}"
-        home = fl.new_agent(device)
-        bundles = [fl.bundle(fl.models[fmt], device)[0] for _ in range(reps + 2)]
-        agent = Agent.open(home)
-        model_path = fl.model_paths[fmt]
-        load_raw = _raw_loader(fmt)
-        agent.install_file(bundles[0])  # warm-up: imports, first session
-        load_raw(model_path, x)
-        t_ours: list[float] = []
-        t_raw: list[float] = []
-        for r, b in enumerate(bundles[1:-1]):
-            for what in (("raw", "ours") if r % 2 == 0 else ("ours", "raw")):
-                t0 = time.perf_counter()
-                if what == "ours":
-                    agent.install_file(b)
-                    t_ours.append(time.perf_counter() - t0)
-                else:
-                    load_raw(model_path, x)
-                    t_raw.append(time.perf_counter() - t0)
-        np.testing.assert_allclose(agent.predict(x), load_raw(model_path, x), atol=1e-6)
-        prof = cProfile.Profile()
-        prof.runcall(agent.install_file, bundles[-1])
-        _top_notes(f"cProfile of one Agent.install_file ({fmt})", prof, 6)
-        agent.close()
-        size = model_path.stat().st_size
-        rows.append(Row(
-            key=f"install_ms:{fmt}",
-            metric=f"Agent.install_file, digits {fmt} ({size / 1e3:.0f} kB)",
-            value=median(t_ours) * 1e3, unit="ms",
-            baseline=f"raw {'ORT session' if fmt == 'onnx' else 'LiteRT interpreter'} load + 1 run",
-            baseline_value=median(t_raw) * 1e3, note=f"median of {reps}"))
-    return rows
+    device = f"bench-install-{fmt}"
+    home = fl.new_agent(device)
+    built_bundles = [fl.bundle(fl.models[fmt], device) for _ in range(reps + 3)]
+    bundles = [b for b, _ in built_bundles]
+    built = built_bundles[0][1]
+    m = built.manifest
+    cipher = SegmentCipher(built.content_key, bytes.fromhex(m.bundle_id), m.segment_size)
+    n = len(built.segments)
+    jobs = [(*cipher._nonce_aad(i, i == n - 1), ct) for i, ct in enumerate(built.segments)]
+    agent = Agent.open(home)
+    load_raw = _raw_loader(fmt)
+
+    def floor() -> Any:  # decrypt + write + fsync a new file, raw load + 1 run
+        out = scratch / f"{uuid.uuid4().hex}.{fmt}"
+        aead = AESGCM(built.content_key)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for nonce, aad, ct in jobs:
+                os.write(fd, aead.decrypt(nonce, ct, aad))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        result = load_raw(out, x)
+        out.unlink()  # inside: ours prunes the version it replaces too
+        return result
+
+    agent.install_file(bundles[0])  # warm-up: imports, first session
+    floor()
+    todo = iter(bundles[1:-2])
+    t = interleaved({"floor": floor, "ours": lambda: agent.install_file(next(todo))}, reps)
+    np.testing.assert_allclose(agent.predict(x), floor(), atol=1e-6)
+    fsyncs = _count_fsyncs(lambda: agent.install_file(bundles[-2]))
+    prof = cProfile.Profile()
+    prof.runcall(agent.install_file, bundles[-1])
+    _top_notes(f"cProfile of one Agent.install_file ({fmt})", prof, 6)
+    agent.close()
+    size = fl.model_paths[fmt].stat().st_size
+    raw = "ORT session" if fmt == "onnx" else "LiteRT interpreter"
+    return [
+        Row(key=f"install_ms:{fmt}",
+            metric=f"one device's install: Agent.install_file, digits {fmt} ({size / 1e3:.0f} kB)",
+            value=median(t["ours"]) * 1e3, unit="ms",
+            baseline=f"decrypt + write + fsync + raw {raw} load + 1 run",
+            baseline_value=median(t["floor"]) * 1e3, aim="<= 1.2",
+            note=f"median of {reps}, load average {os.getloadavg()[0]:.1f}"),
+        Row(key=f"install_fsyncs:{fmt}", metric=f"fsyncs of one install ({fmt})",
+            value=fsyncs, unit="calls", aim="<= 7"),
+    ]
 
 
 def _raw_loader(fmt: str) -> Any:

@@ -83,12 +83,17 @@ def private_file(path: Path, *, mode: int = 0o600) -> Path:
     return path
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file.
 
     The temporary next to ``path`` has a unique name, so threads or processes writing the
     same file never share one (the last ``os.replace`` wins, whole). The file gets ``mode``
     less the umask, as ``os.open`` would give it, before any data is written.
+
+    ``durable`` (two fsyncs: the file before the replace, its directory after) makes the new
+    file survive a power loss once this returns. ``durable=False`` is for reports that may
+    be lost: readers still never see a partial file, but after a crash ``path`` may be the
+    old one (or, on a file system that does not order data before the rename, empty).
     """
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     tmp = Path(name)
@@ -97,13 +102,15 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             os.fchmod(f.fileno(), mode & ~_umask())
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def _umask() -> int:

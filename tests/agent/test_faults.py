@@ -10,6 +10,7 @@ Each time the install is refused as a ``StoreError`` (code ``store``), recorded 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 from pathlib import Path
@@ -28,9 +29,8 @@ BEFORE_SWITCH = [
     "staging:created",
     "segment:0",
     "segment:17",
-    "model:synced",
-    "manifest.json:synced",
-    "manifest.sig:synced",
+    "files:synced",
+    "staging:synced",
     "version:renamed",
     "version:synced",
     "pointer:before",
@@ -84,6 +84,23 @@ def test_disk_full_before_the_switch_is_a_recorded_store_error(
         assert again.install_file(fleet.bundles["v2"]).manifest.sequence == 3
 
 
+def test_failing_fsync_is_a_store_error_and_is_recorded(
+    fleet: Fleet, tmp_path: Path, x_test: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``last_install.json`` is a report, written without fsync: it records the failure."""
+    home = fleet.agent_home(tmp_path / "home", installed=["v1"])
+    agent = open_agent(home)
+    before = snapshot(home, agent, x_test)
+    monkeypatch.setattr(os, "fsync", io_error)
+    with pytest.raises(StoreError, match="Input/output error"):
+        agent.install_file(fleet.bundles["v2"])
+    monkeypatch.undo()
+    last = json.loads((home / "last_install.json").read_bytes())
+    assert (last["ok"], last["code"]) == (False, "store")
+    assert_unchanged(home, agent, x_test, before)
+    agent.close()
+
+
 def test_failing_fsync_is_a_store_error_even_when_it_cannot_be_recorded(
     fleet: Fleet,
     tmp_path: Path,
@@ -94,7 +111,9 @@ def test_failing_fsync_is_a_store_error_even_when_it_cannot_be_recorded(
     home = fleet.agent_home(tmp_path / "home", installed=["v1"])
     agent = open_agent(home)
     before = snapshot(home, agent, x_test)
-    monkeypatch.setattr(os, "fsync", io_error)  # last_install.json cannot be written either
+    (home / "last_install.json").unlink(missing_ok=True)
+    (home / "last_install.json").mkdir()  # the report cannot be replaced either
+    monkeypatch.setattr(os, "fsync", io_error)
     with (
         caplog.at_level(logging.ERROR, logger="edgefleet.agent.agent"),
         pytest.raises(StoreError, match="Input/output error"),
