@@ -161,9 +161,12 @@ def candidates(registry: Registry) -> list[Candidate]:
     return [_candidate(r) for r in rows]
 
 
-def candidate_facts(registry: Registry, bundle_id: str) -> ReleaseFacts | None:
+def candidate_facts(
+    registry: Registry, bundle_id: str, *, busy_timeout: float | None = None
+) -> ReleaseFacts | None:
     """What the chunk server needs to serve a candidate's chunks (None: not a candidate)."""
-    with registry.session() as s:
+    kwargs = {} if busy_timeout is None else {"busy_timeout": busy_timeout}
+    with registry.session(**kwargs) as s:
         row = s.scalar(select(CandidateRow).where(CandidateRow.bundle_id == bundle_id))
     if row is None:
         return None

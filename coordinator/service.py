@@ -45,6 +45,7 @@ from edgefleet.protocol.manifest import Manifest
 from edgefleet.protocol.messages import MAX_REQUEST, MAX_STATUS, MAX_TELEMETRY, ChunkRequest
 
 from . import release as releases
+from .candidates import candidate_facts
 from .chunks import ChunkQueues, ChunkServer, LookupBudget, ReleaseFacts
 from .home import Coordinator
 from .ingest import STATUS, TELEMETRY, Ingest
@@ -192,8 +193,8 @@ class CoordinatorService:
 
     def _facts(self, bundle_id: str) -> ReleaseFacts | None:
         r = self.registry.release_by_bundle(bundle_id, busy_timeout=LOOKUP_BUSY_TIMEOUT)
-        if r is None:
-            return None
+        if r is None:  # a shadow / A/B candidate is served like a release (coordinator.candidates)
+            return candidate_facts(self.registry, bundle_id, busy_timeout=LOOKUP_BUSY_TIMEOUT)
         return ReleaseFacts(
             sequence=r.sequence,
             targets=frozenset(t.device_id for t in r.targets),
