@@ -6,7 +6,11 @@ Every federated-learning message travels in one frame:
     Ed25519 signature (64 bytes) over everything before it, as received | payload
 
 The payload is one Flower ``Message`` in Flower's own serde (opaque here); the signed header
-binds it by size and SHA-256 and says who sent it to whom, for which run, round and message:
+binds it by size and SHA-256 and says who sent it to whom, for which run, round and message.
+A payload larger than ``MAX_PAYLOAD`` travels like a bundle (``seal_message``): a signed header
+frame with an empty payload whose ``chunks`` lists the SHA-256 of each ``CHUNK_SIZE`` piece,
+then one unsigned ``EFL2`` chunk frame per piece, in order (``protocol.flchunk``: reassembled
+into a bounded buffer, each chunk hashed against the verified header on arrival):
 
 - an **instruction** (coordinator -> device, topic ``ef/v1/dev/<id>/fl``) is signed by one of
   the coordinator's release keys; the device verifies it with the keyring it already trusts;
@@ -17,7 +21,8 @@ binds it by size and SHA-256 and says who sent it to whom, for which run, round 
 Flower round of train + evaluate is two steps); it only ever grows within a run.
 ``ReplayGuard`` rejects a message id seen before and a round below the highest seen for the
 run. Check order (TUF's): size cap -> framing -> header shape -> signer -> signature over the
-bytes as received -> payload size and digest -> addressing -> expiry -> replay.
+bytes as received -> payload size and digest (of a chunked message: after reassembly) ->
+addressing -> expiry -> replay.
 
 Flower node ids are derived from device ids (``node_id_for``): both sides compute the same
 stable 63-bit id with no table to keep in sync.
@@ -50,22 +55,28 @@ from .keyring import Keyring
 from .keys import SigningKey, key_id, verify_signature
 
 __all__ = [
+    "CHUNK_SIZE",
     "COORDINATOR",
     "MAX_FRAME",
+    "MAX_MESSAGE",
     "MAX_PAYLOAD",
     "FlHeader",
     "Opened",
     "ReplayGuard",
+    "check_payload",
     "node_id_for",
     "open_instruction",
     "open_reply",
     "parse",
     "seal",
+    "seal_message",
 ]
 
 MAGIC = b"EFL1"
-MAX_HEADER = 4096  # bytes
-MAX_PAYLOAD = 240 * 1024  # bytes: one serialized Flower Message (a digits train one is ~39 KB)
+MAX_HEADER = 24 * 1024  # bytes: room for the chunk digests of a MAX_MESSAGE payload
+MAX_PAYLOAD = 240 * 1024  # bytes in one frame (a digits train message is ~39 KB)
+CHUNK_SIZE = MAX_PAYLOAD  # bytes per chunk of a larger message (the last may be shorter)
+MAX_MESSAGE = 64 * 1024 * 1024  # bytes: the largest chunked message (273 chunks)
 MAX_FRAME = len(MAGIC) + 4 + MAX_HEADER + 64 + MAX_PAYLOAD
 MAX_SKEW = 300  # s a header's issued_at may lie in the receiver's future
 #: the sender (and recipient) name of the coordinator side
@@ -74,7 +85,7 @@ MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 Kind = Literal["instruction", "reply"]
 _FIELDS = {
     "type", "schema_version", "kind", "run_id", "round", "message_id", "reply_to", "sender",
-    "recipient", "keyid", "issued_at", "expires", "payload_sha256", "payload_size",
+    "recipient", "keyid", "issued_at", "expires", "payload_sha256", "payload_size", "chunks",
 }
 _U63 = (1 << 63) - 1
 
@@ -102,7 +113,8 @@ class FlHeader:
     issued_at: int  # unix seconds
     expires: int  # unix seconds
     payload_sha256: str
-    payload_size: int  # bytes
+    payload_size: int  # bytes (of the whole message when chunked)
+    chunks: tuple[str, ...] = ()  # SHA-256 hex of each CHUNK_SIZE piece; () = payload inline
     type: str = "fl-envelope"
     schema_version: int = 1
 
@@ -123,16 +135,36 @@ class FlHeader:
         if coord != COORDINATOR:
             raise DecodeError(f"fl header: the coordinator side must be {COORDINATOR!r}")
         hexbytes(self.payload_sha256, what="fl header.payload_sha256", length=32)
-        if not 0 <= self.payload_size <= MAX_PAYLOAD or self.expires < self.issued_at:
-            raise DecodeError("fl header: payload_size out of range or expires < issued_at")
+        if self.expires < self.issued_at:
+            raise DecodeError("fl header: expires < issued_at")
+        if not self.chunks:
+            if not 0 <= self.payload_size <= MAX_PAYLOAD:
+                raise DecodeError(f"fl header: payload_size {self.payload_size} out of range")
+            return
+        if not MAX_PAYLOAD < self.payload_size <= MAX_MESSAGE:
+            raise DecodeError(f"fl header: chunked payload_size {self.payload_size} out of "
+                              f"range ({MAX_PAYLOAD}, {MAX_MESSAGE}]")  # fmt: skip
+        if len(self.chunks) != -(-self.payload_size // CHUNK_SIZE):
+            raise DecodeError(f"fl header: {len(self.chunks)} chunk digests for "
+                              f"{self.payload_size} bytes")  # fmt: skip
+        for digest in self.chunks:
+            hexbytes(digest, what="fl header.chunks[]", length=32)
 
     @property
     def device_id(self) -> str:
         """The device end of this message (recipient of an instruction, sender of a reply)."""
         return self.recipient if self.kind == "instruction" else self.sender
 
+    def chunk_bounds(self, index: int) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of chunk ``index`` in the payload."""
+        start = index * CHUNK_SIZE
+        return start, min(start + CHUNK_SIZE, self.payload_size)
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in sorted(_FIELDS)}
+        d = {k: getattr(self, k) for k in sorted(_FIELDS - {"chunks"})}
+        if self.chunks:  # absent from single frames: their bytes are as before chunking
+            d["chunks"] = list(self.chunks)
+        return d
 
     def encode(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -147,7 +179,13 @@ class FlHeader:
         strs = {k: field(d, k, str, "fl header") for k in
                 ("kind", "message_id", "reply_to", "sender", "recipient", "keyid",
                  "payload_sha256")}
-        return cls(**ints, **strs)  # type: ignore[arg-type]  # kind is checked in __post_init__
+        chunks: tuple[str, ...] = ()
+        if "chunks" in d:
+            listed = field(d, "chunks", list, "fl header")
+            if not listed or not all(isinstance(c, str) for c in listed):
+                raise DecodeError("fl header.chunks: expected a non-empty list of digests")
+            chunks = tuple(listed)
+        return cls(**ints, **strs, chunks=chunks)  # type: ignore[arg-type]  # kind: __post_init__
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,11 +211,12 @@ def seal(
     issued_at: int,
     expires: int,
 ) -> bytes:
-    """The signed frame carrying ``payload`` (``ValueError`` if it is too large for one)."""
+    """The signed frame carrying ``payload`` (``ValueError`` if it is too large for one:
+    ``seal_message`` chunks those)."""
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(
             f"FL payload is {len(payload)} bytes; at most {MAX_PAYLOAD} fit in one frame "
-            "(chunking is not implemented)"
+            "(seal_message chunks larger ones)"
         )
     ends = (COORDINATOR, device_id) if kind == "instruction" else (device_id, COORDINATOR)
     header = FlHeader(
@@ -186,9 +225,50 @@ def seal(
         expires=expires, payload_sha256=hashlib.sha256(payload).hexdigest(),
         payload_size=len(payload),
     )
+    return _signed(header, signer) + payload
+
+
+def seal_message(
+    payload: bytes,
+    signer: SigningKey,
+    *,
+    kind: Kind,
+    run_id: int,
+    round: int,
+    message_id: str,
+    reply_to: str = "",
+    device_id: str,
+    issued_at: int,
+    expires: int,
+) -> list[bytes]:
+    """The frames carrying ``payload``, to publish in order: one ``seal`` frame if it fits,
+    else a signed header naming every chunk's SHA-256, then the ``EFL2`` chunk frames.
+    ``ValueError`` above ``MAX_MESSAGE``."""
+    from . import flchunk
+
+    if len(payload) <= MAX_PAYLOAD:
+        return [seal(payload, signer, kind=kind, run_id=run_id, round=round,
+                     message_id=message_id, reply_to=reply_to, device_id=device_id,
+                     issued_at=issued_at, expires=expires)]  # fmt: skip
+    if len(payload) > MAX_MESSAGE:
+        raise ValueError(f"FL payload is {len(payload)} bytes; the limit is {MAX_MESSAGE}")
+    view = memoryview(payload)
+    pieces = [view[i : i + CHUNK_SIZE] for i in range(0, len(payload), CHUNK_SIZE)]
+    ends = (COORDINATOR, device_id) if kind == "instruction" else (device_id, COORDINATOR)
+    header = FlHeader(
+        kind=kind, run_id=run_id, round=round, message_id=message_id, reply_to=reply_to,
+        sender=ends[0], recipient=ends[1], keyid=signer.keyid, issued_at=issued_at,
+        expires=expires, payload_sha256=hashlib.sha256(payload).hexdigest(),
+        payload_size=len(payload), chunks=tuple(hashlib.sha256(p).hexdigest() for p in pieces),
+    )
+    return [_signed(header, signer),
+            *(flchunk.chunk_frame(message_id, i, p) for i, p in enumerate(pieces))]
+
+
+def _signed(header: FlHeader, signer: SigningKey) -> bytes:
     body = header.encode()
     signed = MAGIC + struct.pack(">I", len(body)) + body
-    return signed + signer.sign(signed) + payload
+    return signed + signer.sign(signed)
 
 
 def parse(frame: bytes) -> Opened:
@@ -208,15 +288,23 @@ def parse(frame: bytes) -> Opened:
 def _check(opened: Opened, public: bytes, now: int) -> None:
     h = opened.header
     verify_signature(public, opened.signature, opened.signed, what=f"fl {h.kind} {h.message_id}")
-    if len(opened.payload) != h.payload_size:
-        raise IntegrityError(f"fl payload: expected {h.payload_size} bytes, saw "
-                             f"{len(opened.payload)}")
-    if hashlib.sha256(opened.payload).hexdigest() != h.payload_sha256:
-        raise IntegrityError(f"fl payload of {h.message_id}: SHA-256 does not match the header")
+    if h.chunks:  # each chunk and the whole are checked by flchunk.Reassembler
+        if opened.payload:
+            raise IntegrityError(f"fl {h.message_id}: a chunked header carries no payload")
+    else:
+        check_payload(h, opened.payload)
     if now >= h.expires:
         raise ExpiredError(f"fl {h.kind} {h.message_id}: expired at {h.expires}, now {now}")
     if h.issued_at > now + MAX_SKEW:
         raise ExpiredError(f"fl {h.kind} {h.message_id}: issued at {h.issued_at}, in the future")
+
+
+def check_payload(h: FlHeader, payload: bytes) -> None:
+    """``payload`` is the one ``h`` signed: its size and SHA-256."""
+    if len(payload) != h.payload_size:
+        raise IntegrityError(f"fl payload: expected {h.payload_size} bytes, saw {len(payload)}")
+    if hashlib.sha256(payload).hexdigest() != h.payload_sha256:
+        raise IntegrityError(f"fl payload of {h.message_id}: SHA-256 does not match the header")
 
 
 def open_instruction(frame: bytes, *, device_id: str, keyring: Keyring | None,
