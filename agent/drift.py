@@ -7,15 +7,17 @@ in that model's signed manifest (a model whose manifest carries none, or whose f
 does not match, is not sketched). At most ``MAX_MODELS`` sketches are kept (the least recently
 fed is dropped).
 
-``telemetry()`` is the ``drift`` source for ``Reporter.add_source``: per model key, the
-summary of its window — ``n`` (rows, decayed), ``psi`` and ``ks`` per feature (rounded to 4
-decimals; past ``MAX_REPORTED`` features only the highest-PSI ones, with their indexes in
-``features``), ``max_psi``, ``max_ks``, ``output_psi`` (predicted classes against the
-training class prior) and ``nonfinite`` rows. No input value ever leaves the device. After
-each report every sketch decays by ``decay`` (0.5: the window is about the last two
-heartbeats' traffic, weighted to the newest), so drift that starts late is not diluted by a
-long healthy past, and a report is the state of the window, not a delta: the coordinator
-keeps the latest one per device and model.
+``telemetry()`` is the ``drift`` source for ``Reporter.add_source``: per model key fed since
+the previous report, the summary of its window: ``n`` (rows, decayed), ``psi`` and ``ks`` per
+feature (4 decimals; past ``MAX_REPORTED`` features only the highest-PSI ones, their indexes
+in ``features``), ``max_psi``, ``max_ks``, ``output_psi`` (predicted classes against the
+training class prior) and ``nonfinite`` rows. No input value ever leaves the device.
+
+A reported sketch decays by ``decay`` when its next sample arrives (0.5: the window is about
+the last two reports' traffic, weighted to the newest), so drift that starts late is not
+diluted by a long healthy past, and an idle model keeps its last window (and is not reported
+again). A report is the state of the window, not a delta: the coordinator keeps the latest
+one per device and model.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class DriftMonitor:
         self.agent, self.decay = agent, decay
         self._lock = threading.Lock()  # the observer thread feeds, the worker reports
         self._sketches: OrderedDict[str, Sketch | None] = OrderedDict()  # None: not sketched
+        self._fed: set[str] = set()  # keys fed since their last report
+        self._reported: set[str] = set()  # keys to decay before their next sample
         self.skipped = 0  # samples not sketched (unknown model, no reference, bad shape)
 
     def attach(self, recorder: Recorder, reporter: Reporter, *, share: float = DEFAULT_SHARE
@@ -78,7 +82,9 @@ class DriftMonitor:
             return None  # a model we cannot find (yet): try again on its next sample
         self._sketches[key] = sketch
         while len(self._sketches) > MAX_MODELS:
-            self._sketches.popitem(last=False)
+            gone, _ = self._sketches.popitem(last=False)
+            self._fed.discard(gone)
+            self._reported.discard(gone)
         return sketch
 
     def _candidates(self) -> list[InstalledVersion]:
@@ -93,21 +99,29 @@ class DriftMonitor:
             if sketch is None:
                 self.skipped += 1
                 return
-            try:
-                sketch.update(np.asarray(inputs).reshape(len(inputs), -1), outputs)
-            except ValueError as exc:
+            x = np.asarray(inputs)
+            if x.ndim == 0 or not len(x):
+                return
+            if x.reshape(len(x), -1).shape[1] != sketch.reference.features:
                 self.skipped += 1
-                log.debug("drift: sample of %s not sketched: %s", key, exc)
+                log.debug("drift: sample of %s not sketched: shape %s", key, x.shape)
+                return
+            if key in self._reported:
+                self._reported.discard(key)
+                sketch.decay(self.decay)
+            sketch.update(x.reshape(len(x), -1), outputs)
+            self._fed.add(key)
 
     def telemetry(self) -> dict[str, Any] | None:
         """The ``drift`` source: per model key its window's summary (None: nothing seen)."""
         out: dict[str, Any] = {}
         with self._lock:
             for key, sketch in self._sketches.items():
-                if sketch is None or sketch.n <= 0:
+                if sketch is None or key not in self._fed or sketch.n <= 0:
                     continue
                 out[key] = _report(sketch)
-                sketch.decay(self.decay)
+                self._reported.add(key)
+            self._fed.clear()
         return out or None
 
 
