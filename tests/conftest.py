@@ -32,6 +32,8 @@ from edgefleet.protocol.manifest import SmokeVector, TensorSpec
 from edgefleet.simulations.homes import ModelFile, provision_fleet
 from sklearn.neural_network import MLPClassifier
 
+from tests.databases import db_url, pg_url  # noqa: F401  (fixtures: SQLite and PostgreSQL)
+
 T0 = 1_700_000_000  # unix seconds: when the fixture coordinator made its keys and releases
 NOW = T0 + 60  # the agents' clock
 SEGMENT = 1024  # bytes of plaintext per segment: a ~40 KB model gives ~40 segments

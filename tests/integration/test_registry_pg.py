@@ -17,51 +17,17 @@ import pytest
 from alembic import command
 from edgefleet.coordinator import migrations
 from edgefleet.coordinator.home import Coordinator
-from edgefleet.coordinator.registry import Base, Registry, Release, ReleaseTarget, engine_for
+from edgefleet.coordinator.registry import Registry, Release, ReleaseTarget, engine_for
 from edgefleet.protocol.manifest import Manifest
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from tests.conftest import Digits
 from tests.coordinator.legacy_registry import assert_old_rows, make_old_registry, open_concurrently
 
 from .fleet import make_agent_home
 
-PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT",
-                          connect_args={"connect_timeout": 3})
-    name = f"edgefleet_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"no PostgreSQL reachable at {PG_SERVER} ({str(exc).splitlines()[0]})")
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'registry.db'}"
-        return
-    url = request.getfixturevalue("pg_url")
-    yield url
-    engine = create_engine(url)
-    Base.metadata.drop_all(engine)  # the next test starts from an empty schema
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    engine.dispose()
 
 
 @pytest.fixture
