@@ -242,14 +242,6 @@ def _fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--window", type=int, default=3600, help="seconds of reports looked at")
     c.add_argument("--json", action="store_true")
     c.set_defaults(run=_lazy("edgefleet._cli_drift", "fleet_drift"))
-    c = p.add_parser("drift", help="input/output drift per version, group and device; alerts")
-    c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
-    c.add_argument("--name", default="", help="only this model")
-    c.add_argument("--threshold", type=float, default=0.2, help="drift (PSI) of an alert")
-    c.add_argument("--min-samples", type=float, default=100, help="rows a device's report needs")
-    c.add_argument("--window", type=int, default=3600, help="seconds of reports looked at")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(run=_lazy("edgefleet._cli_drift", "fleet_drift"))
 
 
 def _demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -323,37 +315,6 @@ def _fl(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--home", **home)
     c.add_argument("--json", action="store_true")
     c.set_defaults(run=_lazy(mod, "fl_runs"))
-    c = p.add_parser("retrain-on-drift", help="drift alerts (or a schedule) start FL runs "
-                     "released to a canary selector")  # fmt: skip
-    c.add_argument("--home", **home)
-    c.add_argument("--name", required=True, help="the model name the rounds register")
-    c.add_argument("--watch", dest="drift_name", default="", metavar="NAME",
-                   help="the deployed model whose drift triggers a run (default: --name)")
-    c.add_argument("--rounds", type=int, required=True)
-    c.add_argument("--release-to", required=True, help="group:G | device:ID[,ID…] | all")
-    c.add_argument("--release-if-better", default="", metavar="METRIC")
-    c.add_argument("--threshold", type=float, default=0.2, help="drift (PSI) of an alert")
-    c.add_argument("--min-samples", type=float, default=100, help="rows a device's report needs")
-    c.add_argument("--min-devices", type=int, default=1, help="drifting devices to start a run")
-    c.add_argument("--cooldown", type=float, default=3600.0, help="seconds between drift runs")
-    c.add_argument("--schedule", type=float, default=None, metavar="SECONDS",
-                   help="also start a run this often without drift")
-    c.add_argument("--window", type=int, default=3600, help="seconds of reports looked at")
-    c.add_argument("--interval", type=float, default=60.0, help="seconds between checks")
-    c.add_argument("--once", action="store_true", help="check once (and run if due), then exit")
-    c.add_argument("--min-clients", type=int, default=2)
-    c.add_argument("--quorum", type=int, default=0)
-    c.add_argument("--fraction", type=float, default=1.0)
-    _fl_train_options(c)
-    c.add_argument("--family", default="mlp", choices=["mlp", "linear"])
-    c.add_argument("--hidden", type=int, nargs="*", default=[64])
-    c.add_argument("--features", type=int, default=64)
-    c.add_argument("--classes", type=int, default=10)
-    c.add_argument("--presence", type=float, default=120.0)
-    c.add_argument("--wait-devices", type=float, default=30.0)
-    c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
-    c.set_defaults(run=_lazy("edgefleet._cli_drift", "fl_retrain_on_drift"), param=[],
-                   dp_noise=None, dp_clip=None, max_update_norm=None, run_id="")
     c = p.add_parser("retrain-on-drift", help="drift alerts (or a schedule) start FL runs "
                      "released to a canary selector")  # fmt: skip
     c.add_argument("--home", **home)
