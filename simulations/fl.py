@@ -270,21 +270,26 @@ def _plot(result: FlSimResult, rounds: list[int], eps: Sequence[float | None],
     except ImportError:
         log.info("matplotlib not installed: no %s", png.name)
         return None
+    from matplotlib.ticker import MaxNLocator
+
     with_dp = bool(eps) and all(e is not None for e in eps)
+    dp = next(r.lineage["fl"]["dp"] for r in result.records if r.version) if with_dp else {}
     fig, axes = plt.subplots(1, 2 if with_dp else 1, figsize=(10 if with_dp else 6, 4),
                              squeeze=False, dpi=100)  # fmt: skip
     ax = axes[0][0]
     ax.plot(rounds, result.accuracy, marker="o", label="federated (global)")
     ax.axhline(result.centralized, linestyle="--", color="gray", label="centralized")
     ax.axhline(0.97 * result.centralized, linestyle=":", color="gray", label="0.97 x centralized")
-    ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1.02),
-           title=f"{result.strategy} on digits, {result.agents} agents")  # fmt: skip
-    ax.legend(loc="lower right")
+    title = f"{result.strategy} on digits, {result.agents} agents"
+    if dp:
+        title += f", DP z={dp['noise_multiplier']:g} C={dp['clipping_norm']:g}"
+    ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1.02), title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="best")
     if with_dp:
         ax = axes[0][1]
         ax.plot([float(e) for e in eps if e is not None], result.accuracy, marker="o")
-        delta = next(r.lineage["fl"]["dp"]["delta"] for r in result.records if r.version)
-        ax.set(xlabel=f"epsilon (delta = {delta:g})", ylabel="test accuracy", ylim=(0, 1.02),
+        ax.set(xlabel=f"epsilon (delta = {dp['delta']:g})", ylabel="test accuracy", ylim=(0, 1.02),
                title="accuracy against privacy spent")  # fmt: skip
     fig.tight_layout()
     fig.savefig(png)

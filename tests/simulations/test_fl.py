@@ -54,7 +54,8 @@ def _dp_result(rounds: int = 3) -> FlSimResult:
     """A report's input as a DP run leaves it (the numbers are made up)."""
     records = tuple(
         RoundRecord(round=r, version=str(r), parent=str(r - 1) if r > 1 else None,
-                    lineage={"fl": {"dp": {"epsilon": 2.0 * r, "delta": 1e-5}}})
+                    lineage={"fl": {"dp": {"epsilon": 2.0 * r, "delta": 1e-5,
+                                           "noise_multiplier": 1.0, "clipping_norm": 5.0}}})
         for r in range(1, rounds + 1)
     )  # fmt: skip
     result = RunResult(run_id="sim", rounds=records, weights={}, version=str(rounds))
