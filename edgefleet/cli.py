@@ -204,7 +204,16 @@ def _model(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=0.0,
         help="seconds to wait for every target to report the new version",
     )
-    c.set_defaults(run=_lazy("edgefleet._cli_daemon", "model_release"))
+    c.add_argument("--candidate", choices=["shadow", "ab"], default=None,
+                   help="a candidate beside the active model, never made active")
+    c.add_argument("--share", type=float, default=None,
+                   help="--candidate ab: share of requests it answers (default 0.1)")
+    c.set_defaults(run=_lazy("edgefleet._cli_shadow", "model_release"))
+    c = p.add_parser("drop-candidate", help="stop the shadow / A/B candidate on devices")
+    c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
+    c.add_argument("--to", required=True, help="group:G | device:ID[,ID…] | all")
+    c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
+    c.set_defaults(run=_lazy("edgefleet._cli_shadow", "drop_candidate"))
     c = p.add_parser("list", help="registered model versions")
     c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
     c.add_argument("--json", action="store_true")
@@ -242,6 +251,11 @@ def _fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--window", type=int, default=3600, help="seconds of reports looked at")
     c.add_argument("--json", action="store_true")
     c.set_defaults(run=_lazy("edgefleet._cli_drift", "fleet_drift"))
+    c = p.add_parser("shadow", help="shadow agreement and A/B arms per device and candidate")
+    c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
+    c.add_argument("--window", type=int, default=3600, help="seconds of telemetry looked at")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(run=_lazy("edgefleet._cli_shadow", "fleet_shadow"))
 
 
 def _demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -1,0 +1,105 @@
+"""``model release --candidate``, ``model drop-candidate``, ``fleet shadow``: shadow and A/B."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+
+def model_release(args: argparse.Namespace) -> int:
+    """``model release``: an ordinary release, or with ``--candidate`` a shadow / A/B one."""
+    from ._cli_daemon import model_release as ordinary
+
+    if not args.candidate:
+        if args.share is not None:
+            raise ValueError("--share applies to --candidate ab only")
+        return ordinary(args)
+    from edgefleet.coordinator import release
+    from edgefleet.coordinator.candidates import build_candidate, publish_candidate
+    from edgefleet.protocol.candidate import CandidateSpec
+    from edgefleet.protocol.errors import DecodeError
+
+    if args.wait:
+        raise ValueError("--wait applies to ordinary releases; watch `edgefleet fleet shadow`")
+    share = args.share if args.share is not None else (0.1 if args.candidate == "ab" else 0.0)
+    try:
+        spec = CandidateSpec(mode=args.candidate, share=share)
+    except DecodeError as exc:  # a bad flag, not a bad message
+        raise ValueError(str(exc).replace("manifest.candidate.", "--")) from exc
+    c, cfg = _coordinator(args)
+    cand = build_candidate(c, args.name, args.version, args.to, spec)
+    with release.connect(cfg) as link:
+        sent = publish_candidate(link, cand)
+    what = "shadow" if spec.mode == "shadow" else f"A/B, {spec.share:g} of requests"
+    print(f"candidate {cand.sequence}: {args.name} {args.version} ({what}) to "
+          f"{len(cand.targets)} devices ({sent} bytes of offers); never made active")  # fmt: skip
+    return 0
+
+
+def drop_candidate(args: argparse.Namespace) -> int:
+    from edgefleet.coordinator import release
+    from edgefleet.coordinator.candidates import clear_candidate
+
+    c, cfg = _coordinator(args)
+    devices = c.registry.resolve(args.to)
+    if not devices:
+        raise LookupError(f"selector {args.to!r} matches no enrolled device")
+    with release.connect(cfg) as link:
+        n = clear_candidate(link, devices)
+    print(f"candidate dropped on {n} devices (their active models are unchanged)")
+    return 0
+
+
+def _coordinator(args: argparse.Namespace) -> tuple[Any, Any]:
+    from edgefleet.coordinator.home import Coordinator
+    from edgefleet.coordinator.service import mqtt_config_for
+
+    from ._cli_coordinator import storage_key_from_env
+    from ._cli_daemon import _need_broker, _registry_unlocked
+
+    _registry_unlocked(args)
+    c = Coordinator.open(args.home, broker=args.broker, storage_key=storage_key_from_env(args.home))
+    _need_broker(c.config.broker, "coordinator.toml")
+    return c, mqtt_config_for(c, client_id=f"candidate-{os.getpid()}")
+
+
+def fleet_shadow(args: argparse.Namespace) -> int:
+    """Per device and candidate: shadow agreement, latency ratio, confidence delta; A/B arms."""
+    from edgefleet.coordinator.candidates import ab_summary, shadow_summary
+    from edgefleet.coordinator.home import Coordinator
+    from edgefleet.coordinator.telemetry import recent
+
+    c = Coordinator.open(args.home)
+    since = int(time.time()) - args.window
+    out: list[dict[str, Any]] = []
+    for namespace, summarize in (("shadow", shadow_summary), ("ab", ab_summary)):
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for device, _, payload in recent(c.registry, namespace=namespace, since=since):
+            key = str(payload.get("candidate" if namespace == "shadow" else "model", "?"))
+            groups.setdefault((device, key), []).append(payload)
+        for (device, key), windows in sorted(groups.items()):
+            out.append({"device": device, "mode": namespace, "candidate": key,
+                        **summarize(windows)})  # fmt: skip
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if not out:
+        print(f"no shadow or A/B telemetry in the last {args.window} s")
+        return 0
+    for r in out:
+        if r["mode"] == "shadow":
+            print(f"{r['device']:<16} shadow {r['candidate']:<20} compared {r['compared']:>7}  "
+                  f"agreement {_num(r['agreement'])}  latency {_num(r['latency_ratio'])}x  "
+                  f"conf delta {_num(r['conf_delta_mean'])}  dropped {r['dropped']}")  # fmt: skip
+        else:
+            arms = "  ".join(f"{arm} {a['count']} req, {_num(a['error_rate'])} err"
+                             for arm, a in r.items() if isinstance(a, dict))  # fmt: skip
+            print(f"{r['device']:<16} A/B    {r['candidate']:<20} {arms}")
+    return 0
+
+
+def _num(value: object) -> str:
+    return "-" if value is None else f"{float(value):.3f}"  # type: ignore[arg-type]
