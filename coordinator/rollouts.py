@@ -25,6 +25,7 @@ publishing link of its own), or anything holding a link (tests use the rig's ser
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -159,8 +160,10 @@ def _decision_row(rollout_id: int, d: Decision, now: int,
 # -- adapters: registry rows and telemetry into the controller's input ---------------------------
 def fleet_rows(registry: Registry, spec: RolloutSpec, now: float,
                offline_after: float = OFFLINE_AFTER) -> list[DeviceRow]:  # fmt: skip
-    """Every enrolled, unrevoked device; ``online`` = a status or telemetry within
-    ``offline_after`` seconds and not reported offline (the broker's last will)."""
+    """Every enrolled, unrevoked device; ``online`` as ``telemetry.is_online`` has it: heard
+    from within ``offline_after`` seconds and its last status is not the ``offline`` will."""
+    from .telemetry import is_online
+
     groups = registry.groups()
     out = []
     for d in registry.devices():
@@ -168,13 +171,13 @@ def fleet_rows(registry: Registry, spec: RolloutSpec, now: float,
             continue
         last = d.last_result or {}
         failed = last.get("sequence") if last.get("ok") is False else None
-        seen = d.last_seen is not None and now - d.last_seen <= offline_after
+        mine = d.active_name == spec.name
         out.append(DeviceRow(
             device_id=d.device_id,
             groups=tuple(g for g, members in groups.items() if d.device_id in members),
-            online=seen and d.state != "offline",
-            version=d.active_version if d.active_name == spec.name else None,
-            sequence=d.active_sequence if d.active_name == spec.name else None,
+            online=is_online(d, int(now), int(offline_after)),
+            version=d.active_version if mine else None,
+            sequence=d.active_sequence if mine else None,
             failed_sequence=failed, failed_reason=str(last.get("reason", ""))[:200],
         ))  # fmt: skip
     return out
@@ -185,33 +188,65 @@ class EvidenceSource(Protocol):
 
 
 def telemetry_evidence(registry: Registry, r: Rollout, now: float) -> Evidence:
-    """The candidate on the wave's devices since its bake began, and each previous version on
-    its devices over ``BASELINE_WINDOW`` before the rollout, from ``coordinator.telemetry``."""
+    """From ``coordinator.telemetry``: the candidate on the wave's devices since its bake
+    began (``inference`` windows merged; ``drift``: the newest window's ``max_psi``;
+    ``shadow``: agreement over the windows where it was the shadow), and each previous
+    version over ``BASELINE_WINDOW`` seconds before the rollout, on every device that ran it
+    (a moved device's own baseline is its own previous version)."""
     from . import telemetry
 
-    st = r.state
+    st, spec = r.state, r.spec
     if st.phase != "baking" or st.since is None:
         return Evidence()
-    candidate = _healths(telemetry.version_health(
-        registry, name=r.spec.name, version=r.spec.version, since=int(st.since),
-        device_ids=list(st.wave_devices)))  # fmt: skip
+    wave, since = list(st.wave_devices), int(st.since)
+    healths = telemetry.version_health(registry, name=spec.name, version=spec.version,
+                                       since=since, device_ids=wave, now=int(now))  # fmt: skip
+    key = f"{spec.name}@{spec.version}"
+    drift = _drift(telemetry.recent(registry, namespace="drift", since=since, device_ids=wave),
+                   key)  # fmt: skip
+    agreement = _agreement(telemetry.recent(registry, namespace="shadow", since=int(
+        r.created - BASELINE_WINDOW), device_ids=wave), key)  # fmt: skip
+    candidate = {d: _health(h, drift=drift.get(d), agreement=agreement.get(d))
+                 for d, h in healths.items()}  # fmt: skip
     baseline: dict[str, Health] = {}
-    since = int(r.created - BASELINE_WINDOW)
-    for version in sorted({v for v in st.previous.values() if v}):
-        baseline.update(_healths(telemetry.version_health(
-            registry, name=r.spec.name, version=version, since=since)))  # fmt: skip
+    for version in sorted({v for v in st.previous.values() if v and v != spec.version}):
+        before = telemetry.version_health(registry, name=spec.name, version=version,
+                                          since=int(r.created - BASELINE_WINDOW), now=int(now))
+        baseline.update({d: _health(h) for d, h in before.items()  # a moved device: its own
+                         if h.count and st.previous.get(d, version) == version})  # fmt: skip
     return Evidence(candidate=candidate, baseline=baseline)
 
 
-def _healths(per_device: Any) -> dict[str, Health]:
+def _health(h: Any, **extra: float | None) -> Health:
+    return Health(count=h.count, errors=h.errors, p95_ms=h.p95_ms,
+                  class_counts=dict(h.class_counts), **extra)  # fmt: skip
+
+
+def _number(v: object) -> float | None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None  # type: ignore[arg-type]
+
+
+def _drift(rows: list[tuple[str, int, dict[str, Any]]], key: str) -> dict[str, float]:
+    """Each device's newest ``max_psi`` for ``key`` (a drift report is the window's state)."""
     out = {}
-    for device, h in dict(per_device).items():
-        get = h.get if isinstance(h, dict) else lambda k, h=h: getattr(h, k, None)
-        out[device] = Health(
-            count=int(get("count") or 0), errors=int(get("errors") or 0),
-            p95_ms=get("p95_ms"), class_counts=dict(get("class_counts") or {}),
-            drift=get("drift"), agreement=get("agreement"), accuracy=get("accuracy"))  # fmt: skip
+    for device, _, payload in rows:  # oldest first: the newest wins
+        w = payload.get(key)
+        value = _number(w.get("max_psi")) if isinstance(w, dict) else None
+        if value is not None:
+            out[device] = value
     return out
+
+
+def _agreement(rows: list[tuple[str, int, dict[str, Any]]], key: str) -> dict[str, float]:
+    """Each device's shadow agreement of ``key`` with its active model, over every window."""
+    agree: dict[str, list[float]] = {}
+    for device, _, p in rows:
+        compared, agreed = _number(p.get("compared")), _number(p.get("agree"))
+        if p.get("candidate") == key and compared and agreed is not None:
+            a = agree.setdefault(device, [0.0, 0.0])
+            a[0], a[1] = a[0] + agreed, a[1] + compared
+    return {d: a / n for d, (a, n) in agree.items() if n}
 
 
 # -- the service ----------------------------------------------------------------------------------
