@@ -44,6 +44,7 @@ from . import flow as F
 from .agent import Agent
 from .candidate_feed import CandidateSide
 from .download import Download
+from .drift import DriftMonitor
 from .observe import Recorder
 from .reporter import Facts, Reporter, active_model, offline_will
 
@@ -119,6 +120,10 @@ class AgentDaemon:
         #: predict with recording (the HTTP API uses it): the ``inference`` telemetry source
         self.recorder = Recorder(agent)
         self.reporter.add_source("inference", self.recorder.telemetry)
+        #: sketches of sampled inputs/outputs per model against the manifest's reference
+        #: statistics: the ``drift`` telemetry source (``agent.drift``)
+        self.drift = DriftMonitor(agent)
+        self.drift.attach(self.recorder, self.reporter)
         #: the candidate slot's own release flow, shadow and A/B (``shadow``, ``ab`` telemetry)
         self.candidate = (
             CandidateSide(self, window=agent.config.window, request_timeout=request_timeout)
