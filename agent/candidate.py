@@ -68,9 +68,10 @@ def check_role(manifest: Manifest, *, candidate: bool) -> None:
     what = f"release {manifest.sequence} ({manifest.name} {manifest.model_version})"
     if candidate:
         raise RoleError(f"{what}: expected a candidate release, saw an ordinary one")
+    mode = manifest.candidate.mode if manifest.candidate is not None else "?"
     raise RoleError(
-        f"{what}: expected an ordinary release, saw a {manifest.candidate.mode} candidate "
-        "(it installs only into the candidate slot)"  # type: ignore[union-attr]
+        f"{what}: expected an ordinary release, saw a {mode} candidate "
+        "(it installs only into the candidate slot)"
     )
 
 

@@ -165,8 +165,10 @@ def candidate_facts(
     registry: Registry, bundle_id: str, *, busy_timeout: float | None = None
 ) -> ReleaseFacts | None:
     """What the chunk server needs to serve a candidate's chunks (None: not a candidate)."""
-    kwargs = {} if busy_timeout is None else {"busy_timeout": busy_timeout}
-    with registry.session(**kwargs) as s:
+    session = registry.session() if busy_timeout is None else registry.session(
+        busy_timeout=busy_timeout
+    )
+    with session as s:
         row = s.scalar(select(CandidateRow).where(CandidateRow.bundle_id == bundle_id))
     if row is None:
         return None
