@@ -18,8 +18,8 @@ HEADER_ALLOWANCE = 1024
 @dataclass(frozen=True, kw_only=True)
 class Will:
     """The last will: what the broker publishes for us when our connection ends uncleanly (the
-    socket drops, the keep-alive expires: mosquitto waits 1.5 keep-alives, a taken-over
-    session) and not after a clean DISCONNECT."""
+    socket drops; the keep-alive expires: mosquitto waits 1.5 keep-alives; a take-over by a
+    clean start) and not after a clean DISCONNECT nor a take-over that resumes the session."""
 
     topic: str
     payload: bytes = field(repr=False)

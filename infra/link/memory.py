@@ -48,7 +48,8 @@ What it models (mosquitto 2.0 with a password file and an ``acl_file``):
   CONNECT ("Not authorized", as mosquitto 2.0 does); the will is published, as if by the
   client, when its connection ends uncleanly: ``kill(client_id)`` (the process died: the
   socket closes at once), ``kill(client_id, hang=True)`` (it hung: the broker notices when 1.5
-  keep-alives pass without a packet, on a timer) and a session take-over. A clean DISCONNECT,
+  keep-alives pass without a packet, on a timer) and a take-over by a clean start (one that
+  resumes the session publishes nothing, as with mosquitto 2.0). A clean DISCONNECT,
   ``disconnect()`` (an administrative kick, as the dynamic-security plugin does it) and
   ``restart()`` do not publish it.
 - **Fault injection**: ``drop(predicate)``, ``disconnect(client_id)``, ``restart()`` (every
@@ -313,7 +314,8 @@ class InMemoryBroker:
                     raise Refused("Not authorized")  # mosquitto checks the will at CONNECT
             session = self._sessions.get(cfg.client_id)
             if session is not None and session.conn is not None:
-                self._close(session.conn, "Session taken over", will=True)
+                # mosquitto publishes the old connection's will only if the session ends here
+                self._close(session.conn, "Session taken over", will=cfg.clean_start)
                 session = self._sessions.get(cfg.client_id)
             present = session is not None and not cfg.clean_start
             if session is None or not present:

@@ -162,3 +162,34 @@ def test_message_over_max_incoming_is_not_delivered(backend: Backend) -> None:
     assert big.wait_for(lambda ms: len(ms) == 2)
     small.wait_topic("m/sentinel")
     assert small.topics() == ["m/sentinel"]
+
+
+def _will(topic: str = "w/dev") -> Any:
+    from edgefleet.infra.link import Will
+
+    return Will(topic=topic, payload=b"offline", qos=1, retain=True)
+
+
+def test_a_clean_stop_discards_the_will(backend: Backend) -> None:
+    _, inbox, _ = backend.make("watch", subscribe=("w/#",))
+    dev, _, _ = backend.make("dev", will=_will())
+    dev.stop()
+    marker, _, _ = backend.make("marker")
+    assert marker.publish("w/marker", b"after", qos=1).wait(TIMEOUT)
+    inbox.wait_topic("w/marker")
+    assert inbox.topics() == ["w/marker"]
+
+
+@pytest.mark.parametrize("clean_start", [False, True])
+def test_a_session_takeover_publishes_the_will_only_if_the_session_ends(
+    backend: Backend, clean_start: bool
+) -> None:
+    """As mosquitto 2.0 does: the same client resuming its session is not its death; a clean
+    start (the old session discarded) is."""
+    _, inbox, _ = backend.make("watch", subscribe=("w/#",))
+    backend.make("dev", will=_will())
+    backend.make("dev", clean_start=clean_start)  # the same client id: the first is taken over
+    marker, _, _ = backend.make("marker")
+    assert marker.publish("w/marker", b"after", qos=1).wait(TIMEOUT)
+    inbox.wait_topic("w/marker")
+    assert sorted(inbox.topics()) == (["w/dev", "w/marker"] if clean_start else ["w/marker"])

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from edgefleet.infra.link import InMemoryBroker, InMemoryLink, LinkFactory
+from edgefleet.infra.link import InMemoryBroker, InMemoryLink, LinkFactory, MessageProps
 from edgefleet.infra.link.mqtt import MqttConfig
 from edgefleet.protocol import topics
 from edgefleet.protocol.errors import TransportError
@@ -545,3 +546,66 @@ def test_close_stops_every_link_and_refuses_new_ones() -> None:
     assert events.disconnects == ["Server shutting down"]
     with pytest.raises(RuntimeError, match="closed"):
         made.make("late")
+
+
+# -- wills --------------------------------------------------------------------------------------
+def _will_cfg(client_id: str, **kw: object) -> MqttConfig:
+    from edgefleet.infra.link import Will
+
+    will = Will(topic=f"ef/v1/dev/{client_id}/up/status", payload=b"gone", qos=1, retain=True)
+    return MqttConfig(url=InMemoryBroker.url, client_id=client_id, will=will,
+                      reconnect_min=0.05, reconnect_max=0.2, **kw)  # type: ignore[arg-type]
+
+
+def test_a_killed_client_s_will_is_published_at_once_and_it_stays_down() -> None:
+    got: list[tuple[str, bytes, bool]] = []
+    seen = threading.Event()
+
+    def watch(topic: str, payload: bytes, props: MessageProps) -> None:
+        got.append((topic, payload, props.retain))
+        seen.set()
+
+    with InMemoryBroker() as broker:
+        watcher = broker.link(MqttConfig(url=broker.url, client_id="watch"), watch)
+        watcher.subscribe("ef/v1/dev/+/up/status")
+        watcher.start()
+        assert watcher.wait_connected(10)
+        dev = broker.link(_will_cfg("d1"), lambda *a: None)
+        dev.start()
+        assert dev.wait_connected(10)
+        assert broker.kill("d1") and not broker.kill("nobody")
+        assert seen.wait(10)
+        assert got == [("ef/v1/dev/d1/up/status", b"gone", False)]
+        assert broker.retained["ef/v1/dev/d1/up/status"] == b"gone"
+        assert "d1" not in broker.connected_clients()  # a dead process does not reconnect
+
+
+def test_a_hung_client_s_will_waits_for_one_and_a_half_keepalives() -> None:
+    seen = threading.Event()
+    with InMemoryBroker() as broker:
+        watcher = broker.link(MqttConfig(url=broker.url, client_id="watch"),
+                              lambda *a: seen.set())  # fmt: skip
+        watcher.subscribe("ef/v1/dev/+/up/status")
+        watcher.start()
+        assert watcher.wait_connected(10)
+        dev = broker.link(_will_cfg("d2", keepalive=1), lambda *a: None)
+        dev.start()
+        assert dev.wait_connected(10)
+        assert broker.kill("d2", hang=True)
+        assert "d2" in broker.connected_clients()  # the broker has not noticed yet
+        assert seen.wait(10)  # after 1.5 s
+        assert "d2" not in broker.connected_clients()
+
+
+def test_a_will_the_acl_forbids_is_refused_at_connect() -> None:
+    acl = topics.acl()
+    with InMemoryBroker(acl=acl) as broker:
+        events: list[str] = []
+        cfg = MqttConfig(url=broker.url, client_id="agent-d3", username="d3",
+                         reconnect_min=0.05, reconnect_max=0.1,
+                         will=_will_cfg("other").will)  # another device's status topic
+        link = broker.link(cfg, lambda *a: None, on_disconnect=events.append)
+        link.start()
+        assert not link.wait_connected(0.5)
+        assert "Not authorized" in events
+        link.stop()
