@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from edgefleet.agent.reporter import Facts, Reporter
+from edgefleet.agent.reporter import Facts, Reporter, offline_will
 from edgefleet.infra.link import InMemoryBroker, Link, MessageProps, MqttConfig
 from edgefleet.protocol import topics
 from edgefleet.protocol.messages import ActiveModel, DeviceStatus, InstallResult, Telemetry
@@ -103,7 +103,8 @@ def test_heartbeat_follows_the_injected_clock(broker: InMemoryBroker, inbox: Inb
     r.tick()  # due
     statuses = inbox.wait("status", 2)
     assert [DeviceStatus.decode(s).counter for s in statuses] == [1, 2]
-    assert [Telemetry.decode(t).metrics["agent"]["n"] for t in inbox.wait("telemetry", 2)] == [100, 130]
+    beats = [Telemetry.decode(t).metrics for t in inbox.wait("telemetry", 2)]
+    assert [m["agent"]["n"] for m in beats] == [100, 130]  # the constructor's ``metrics``
     link.stop()
 
 
@@ -125,4 +126,56 @@ def test_telemetry_buffer_is_bounded_and_flushed_on_connect(
     got = [Telemetry.decode(t).metrics for t in inbox.wait("telemetry", 4)]
     assert got[:3] == [{"i": 2}, {"i": 3}, {"i": 4}] and r.buffered == 0
     assert inbox.wait("status", 1)
+    link.stop()
+
+
+def test_sources_are_namespaces_and_a_failing_one_is_left_out(
+    broker: InMemoryBroker, inbox: Inbox
+) -> None:
+    link = broker.link(cfg("agent-dev-a"), lambda *a: None)
+    link.start()
+    assert link.wait_connected(TIMEOUT)
+    mono = [0.0]
+    r = reporter(link, mono)
+    calls = [0]
+
+    def drift() -> dict[str, Any] | None:
+        calls[0] += 1
+        return {"psi": 0.25} if calls[0] == 1 else None  # nothing new: left out
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("source bug")
+
+    r.add_source("drift", drift)
+    r.add_source("shadow", broken)
+    for bad in ("agent", "Bad-Name", ""):  # taken, or not a namespace
+        with pytest.raises(ValueError):
+            r.add_source(bad, drift)
+    r.tick()
+    mono[0] += 31
+    r.tick()
+    got = [Telemetry.decode(t).metrics for t in inbox.wait("telemetry", 2)]
+    assert got == [{"agent": {"n": 0.0}, "drift": {"psi": 0.25}}, {"agent": {"n": 31.0}}]
+    link.stop()
+
+
+def test_a_message_over_the_bounds_sheds_its_largest_namespace(broker: InMemoryBroker) -> None:
+    r = reporter(broker.link(cfg("agent-dev-a"), lambda *a: None), [0.0])
+    r.add_source("huge", lambda: {f"k{i}": "x" * 400 for i in range(200)})  # ~82 kB
+    r.add_source("deep", lambda: {"a": {"b": {"c": {"d": 1}}}})  # deeper than allowed
+    r.add_source("drift", lambda: {"psi": 0.1})
+    assert r.collect() == {"agent": {"n": 0.0}, "drift": {"psi": 0.1}}
+    assert r.telemetry_shed == 1
+
+
+def test_the_will_and_the_goodbye_say_offline(broker: InMemoryBroker, inbox: Inbox) -> None:
+    will = offline_will(DEVICE, 1_700_000_000)
+    status = DeviceStatus.decode(will.payload)
+    assert (will.topic, will.retain, status.state, status.device_id) == (
+        topics.up(DEVICE, "status"), True, "offline", DEVICE)
+    link = broker.link(cfg("agent-dev-a"), lambda *a: None)
+    link.start()
+    assert link.wait_connected(TIMEOUT)
+    reporter(link, [0.0]).goodbye()
+    assert DeviceStatus.decode(inbox.wait("status", 1)[0]).state == "offline"
     link.stop()
