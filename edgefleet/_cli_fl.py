@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,25 @@ def _quiet_flower(args: argparse.Namespace) -> None:
         import flwr.supercore.logger  # sets its logger to DEBUG on import: set ours after
 
         logging.getLogger(flwr.supercore.logger.LOGGER_NAME).setLevel(logging.WARNING)
+        # scikit-learn on a device whose partition is smaller than a batch (sim fl trains here)
+        warnings.filterwarnings("ignore", message="Got `batch_size` less than 1 or larger",
+                                category=UserWarning)  # fmt: skip
+
+
+class _RoundPrinter:
+    """``on_round``: a progress line per round, with the seconds it took."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+        self.restart()
+
+    def restart(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, record: Any) -> None:
+        now = time.monotonic()
+        print(_round_line(record, self.rounds, now - self.started), flush=True)
+        self.started = now
 
 
 def _dp_text(dp: Any) -> str:
@@ -108,8 +128,8 @@ def _summary(spec: Any, outcome: Any) -> str:
             f"final version {result.version}")  # fmt: skip
     if registered:
         fl = registered[-1].lineage["fl"]
-        acc = {**fl["metrics"]["eval"], **fl["metrics"]["central"]}
-        acc = acc.get("accuracy", acc.get("eval-accuracy"))
+        metrics = {**fl["metrics"]["eval"], **fl["metrics"]["central"]}
+        acc = metrics.get("accuracy", metrics.get("eval-accuracy"))
         line += "" if acc is None else f"; accuracy {acc:.4f}"
         dp = fl.get("dp") or {}
         if dp.get("epsilon") is not None:
@@ -144,15 +164,9 @@ def fl_start(args: argparse.Namespace) -> int:
     else:
         print(f"run {spec.run_id}: {spec.rounds} rounds of {spec.strategy.name} on "
               f"{spec.model_name}{_dp_text(spec.strategy.dp)}", flush=True)  # fmt: skip
-    started = [time.monotonic()]
-
-    def show(record: Any) -> None:
-        now = time.monotonic()
-        print(_round_line(record, spec.rounds, now - started[0]), flush=True)
-        started[0] = now
-
+    show = _RoundPrinter(spec.rounds)
     with FlService(c, mqtt, presence_window=args.presence) as service:
-        started[0] = time.monotonic()
+        show.restart()
         outcome = service.run(spec, on_round=show, release=policy, wait_devices=args.wait_devices)
     result = outcome.result
     registered = [r for r in result.rounds if r.version]
@@ -306,7 +320,7 @@ def sim_fl(args: argparse.Namespace) -> int:
     _quiet_flower(args)
     with tempfile.TemporaryDirectory(prefix="edgefleet-simfl-") as work:
         result = run_fl(Path(work), cfg,
-                        on_round=lambda r: print(_round_line(r, cfg.rounds), flush=True))
+                        on_round=_RoundPrinter(cfg.rounds))
     written = write_report(result, out)
     for path in written:
         print(f"wrote {path}")
