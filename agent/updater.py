@@ -6,10 +6,12 @@ staged model file (``agent.opener``: one signed-hash check per segment, none aga
 download that checked each on arrival; several cores open segments in parallel), and
 activates only a version whose model loads and reproduces the signed smoke vectors, and whose
 loaded input/output tensors have the signed dtypes and shapes (a symbolic batch dimension
-matches any size). The signed plaintext digest is checked by hashing the staged file back
-while it is fsynced. Any failure raises a ``BundleError`` (or
-``StoreError``, which is also what operating-system errors such as a full disk become) and
-leaves the previously active version active, with nothing of the new one left behind.
+matches any size). While the staged files are fsynced, the signed plaintext digest is checked
+by hashing the staged file back, and the model is loaded and smoke-tested: only the rename
+into ``versions/`` and the pointer switch wait for the disk. Any failure raises a
+``BundleError`` (or ``StoreError``, which is also what operating-system errors such as a full
+disk become) and leaves the previously active version active, with nothing of the new one
+left behind.
 """
 
 from __future__ import annotations
@@ -255,12 +257,18 @@ class Updater:
     ) -> tuple[InstalledVersion, Runtime]:
         """Install a verified release; ``offer.envelope`` is this device's, already checked."""
         key = unwrap_key(offer.envelope, self.identity.kem, bundle_id=manifest.bundle_id)
-        version = self._write(manifest, offer, key, source, progress)
+        loaded: list[Runtime] = []
+
+        def load(model: Path) -> None:  # while the staged files are being fsynced
+            loaded.append(self._load_and_smoke(model, manifest))
+
         try:
-            runtime = self._load_and_smoke(version)
-        except BundleError:
-            self._discard(version)
+            version = self._write(manifest, offer, key, source, progress, during_sync=load)
+        except BaseException:
+            for rt in loaded:  # loaded, then the commit failed
+                rt.close()
             raise
+        runtime = loaded[0]
         try:
             self.store.activate(version)
         except StoreError:
@@ -283,12 +291,17 @@ class Updater:
         key: bytes,
         source: SegmentSource,
         progress: Progress | None,
+        *,
+        during_sync: Callable[[Path], None] | None = None,
     ) -> InstalledVersion:
         """Decrypt every segment into a staged version and commit it (durable, not active).
 
         A source whose ``verified`` is True (a finished ``Download``) checked every segment
         against its signed hash as it arrived; its segments are not hashed again (AES-GCM
-        still authenticates each one as it is read back)."""
+        still authenticates each one as it is read back). While the staged files are
+        fsynced, the plaintext digest is checked and then ``during_sync(staged model path)``
+        runs (the install loads and smoke-tests the model there: the file is complete, and
+        only the rename waits for the disk). What either raises aborts the staging."""
         cipher = SegmentCipher(key, bytes.fromhex(m.bundle_id), m.segment_size)
         opener = SegmentOpener(m, cipher, verified=getattr(source, "verified", False) is True)
 
@@ -308,20 +321,26 @@ class Updater:
                         f"plaintext: expected {m.plaintext_size} bytes, "
                         f"decrypted {staging.written}"
                     )
-                check = lambda: plaintext_check(m, fd)  # noqa: E731 (while the fsyncs run)
+                model = staging.dir / f"model.{m.format}"
+
+                def check() -> None:  # runs while the fsyncs do
+                    plaintext_check(m, fd)
+                    if during_sync is not None:
+                        during_sync(model)
+
                 return self.store.commit(staging, offer.manifest, offer.signature, m, check=check)
         except BaseException:
             self.store.abort(staging)
             raise
 
-    def _load_and_smoke(self, version: InstalledVersion) -> Runtime:
+    def _load_and_smoke(self, model: Path, manifest: Manifest) -> Runtime:
         try:
-            runtime = load_runtime(version.model_path, version.manifest.format, self.config.threads)
+            runtime = load_runtime(model, manifest.format, self.config.threads)
         except RuntimeLoadError as exc:
-            raise ModelLoadError(f"{version.manifest.format} model does not load: {exc}") from exc
+            raise ModelLoadError(f"{manifest.format} model does not load: {exc}") from exc
         try:
-            check_specs(runtime, version.manifest)
-            smoke_test(runtime, version.manifest)
+            check_specs(runtime, manifest)
+            smoke_test(runtime, manifest)
         except BundleError:
             runtime.close()
             raise

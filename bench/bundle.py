@@ -240,7 +240,7 @@ def _count_fsyncs(run: Any) -> int:
 
 def _install_bench(quick: bool) -> list[Row]:
     """Full ``Agent.install_file`` of the digits model vs its raw local floor."""
-    reps = 5 if quick else 15
+    reps = 3 if quick else 15
     fl = fleet()
     scratch = fl.root / "install-floor"
     scratch.mkdir(exist_ok=True)

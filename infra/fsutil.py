@@ -11,14 +11,24 @@ instead of writing its own ``try/except OSError``::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgefleet.protocol.errors import StoreError
 
-__all__ = ["atomic_write", "fsync_dir", "os_errors", "private_dir", "private_file", "strerror"]
+__all__ = [
+    "atomic_write",
+    "fsync_dir",
+    "os_errors",
+    "private_dir",
+    "private_file",
+    "start_writeback",
+    "strerror",
+]
 
 
 def strerror(exc: OSError) -> str:
@@ -50,6 +60,33 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_RANGE = _sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages in ``[offset, offset + length)`` to
+    disk, without waiting for them (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; a no-op
+    elsewhere, and on failure). Not a durability point: the caller still fsyncs, but that
+    fsync then has less left to wait for, and the disk works while the CPU does."""
+    if _SYNC_RANGE is not None and length > 0:
+        _SYNC_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def private_dir(path: Path, *, mode: int = 0o700) -> Path:
