@@ -33,6 +33,7 @@ typecheck: $(VENV)/.stamp-all+dev
 	@for p in $(SUBPACKAGES); do ln -s ../../../$$p build/typecheck/edgefleet/$$p; done
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml
 
+# DEMO_ARGS: e.g. --fl (then federated rounds on the agents, released and served), --agents N
 demo: $(VENV)/.stamp-all
 	$(BIN)/edgefleet demo $(DEMO_ARGS)
 

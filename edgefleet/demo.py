@@ -4,7 +4,10 @@ Starts an embedded broker (the system mosquitto with a generated, locked-down co
 amqtt), a coordinator and N agents as separate processes; trains and registers the digits
 model, enrolls the agents, releases v1 to all, shows progress, checks each agent's
 predictions over its local HTTP API, then releases v2 (a retrained model, TFLite) to one
-group and shows that only that group switched.
+group and shows that only that group switched. With ``--fl`` (``make demo DEMO_ARGS=--fl``)
+the agents also opt in to federated learning with their own non-IID digits partitions, train
+the model in ``--fl-rounds`` Flower rounds (a progress line and a registered version per
+round), and the last round's model is released to all of them and served (``_demo_fl``).
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def _wait_release(
         )
 
 
-def run(workdir: Path, n_agents: int) -> int:
+def run(workdir: Path, n_agents: int, fl_rounds: int = 0) -> int:
     from edgefleet.agent.http import predict_via_http
     from edgefleet.coordinator.brokerconf import credentials
     from edgefleet.coordinator.home import Coordinator
@@ -142,6 +145,10 @@ def run(workdir: Path, n_agents: int) -> int:
         point_agents_at(
             coordinator, {dev: workdir / dev for dev in devices}, broker.url, broker.protocol
         )
+        if fl_rounds:
+            from . import _demo_fl
+
+            _demo_fl.opt_in(workdir, devices, _cli)
         try:
             procs.append(
                 _spawn(workdir / "coordinator.log", "coordinator", "serve", "--home", str(chome))
@@ -165,6 +172,14 @@ def run(workdir: Path, n_agents: int) -> int:
             seq2 = _release(chome, "2", "group:canary")
             _wait_release(Coordinator.open(chome), seq2, canary, 60, "v2")
             acc2 = _accuracies(workdir, devices, test, predict_via_http)
+            _summary(Coordinator.open(chome), devices, acc1, acc2, canary)
+            if fl_rounds:
+                console.rule("[bold]federated learning")
+                seq3, rows = _demo_fl.run_rounds(chome, devices, fl_rounds, _cli)
+                _wait_release(Coordinator.open(chome), seq3, devices, 60, _demo_fl.NAME)
+                x, y = _demo_fl.test_split()
+                acc3 = _accuracies(workdir, devices, {"x": x, "y": y}, predict_via_http)
+                _fl_summary(rows, acc3, acc2[canary[0]])
         finally:
             for p in procs:
                 p.terminate()
@@ -175,7 +190,6 @@ def run(workdir: Path, n_agents: int) -> int:
                     p.kill()
     finally:
         broker.close()
-    _summary(Coordinator.open(chome), devices, acc1, acc2, canary)
     console.print(f"[green]demo finished in {time.monotonic() - t0:.1f} s")
     return 0
 
@@ -248,11 +262,26 @@ def _summary(
     console.print(f"only the canary group switched to v2: {', '.join(switched)}")
 
 
+def _fl_summary(
+    rows: list[tuple[int, str, float]], served: dict[str, float], centralized: float
+) -> None:
+    from ._demo_fl import NAME
+
+    table = Table("round", "version", "eval accuracy (on the devices)",
+                  title=f"{NAME}: one registered version per round")  # fmt: skip
+    for rnd, version, acc in rows:
+        table.add_row(str(rnd), version, f"{acc:.4f}")
+    console.print(table)
+    worst = min(served.values())
+    console.print(f"{NAME} {rows[-1][1]} served by {len(served)} agents: test accuracy "
+                  f"{worst:.4f} (v2, the same MLP trained centrally: {centralized:.4f})")
+
+
 def main(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        return run(workdir.resolve(), args.agents)
+        return run(workdir.resolve(), args.agents, args.fl_rounds if args.fl else 0)
     finally:
         if args.workdir is None and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
