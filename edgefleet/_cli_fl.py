@@ -318,9 +318,9 @@ def sim_fl(args: argparse.Namespace) -> int:
     cfg.spec()  # bad DP flags: one line before any agent starts
     out: Path = args.out
     _quiet_flower(args)
+    show = _RoundPrinter(cfg.rounds)
     with tempfile.TemporaryDirectory(prefix="edgefleet-simfl-") as work:
-        result = run_fl(Path(work), cfg,
-                        on_round=_RoundPrinter(cfg.rounds))
+        result = run_fl(Path(work), cfg, on_round=show, on_start=show.restart)
     written = write_report(result, out)
     for path in written:
         print(f"wrote {path}")

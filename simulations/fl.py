@@ -202,7 +202,11 @@ def centralized_accuracy(cfg: FlSimConfig) -> float:
 
 
 def run_fl(
-    work: Path, cfg: FlSimConfig, *, on_round: Callable[[RoundRecord], None] | None = None
+    work: Path,
+    cfg: FlSimConfig,
+    *,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    on_start: Callable[[], None] | None = None,  # the fleet is up; the rounds start now
 ) -> FlSimResult:
     records: list[RoundRecord] = []
 
@@ -213,6 +217,8 @@ def run_fl(
 
     with fl_fleet(work, cfg) as sim:
         policy = ReleasePolicy(selector=cfg.release) if cfg.release else None
+        if on_start is not None:
+            on_start()
         outcome = sim.service.run(cfg.spec(), central_eval=sim.central_eval, on_round=record,
                                   release=policy)  # fmt: skip
         served: dict[str, float] = {}
