@@ -493,6 +493,12 @@ class ThinPool:
         """Until every device has every chunk of ``sequence`` (or a newer one) verified."""
         return self.wait(lambda: all(d.puller.highest >= sequence for d in self.devices), timeout)
 
+    def set_timeout(self, timeout: float) -> None:
+        """The request timeout of every puller from now on (s; requests already out keep
+        theirs)."""
+        for d in self.devices:
+            d.puller.timeout = timeout
+
     def totals(self) -> dict[str, int]:
         total: collections.Counter[str] = collections.Counter()
         for d in self.devices:
@@ -627,11 +633,12 @@ class ThinProcess:
 @dataclass
 class ThinFleet:
     """``fleet``: the rig (coordinator, broker, the real agents' homes); ``specs``: the thin
-    devices; ``procs``: the pools started with ``start_pools``."""
+    devices; ``procs`` / ``pools``: the pools started with ``start_pools`` / ``local_pool``."""
 
     fleet: Fleet
     specs: list[ThinSpec]
     procs: list[ThinProcess] = field(default_factory=list)
+    pools: list[ThinPool] = field(default_factory=list)
 
     @property
     def thin_ids(self) -> list[str]:
@@ -649,18 +656,30 @@ class ThinFleet:
             p.ready()
         return procs
 
+    def local_pool(self, **opts: Any) -> ThinPool:
+        """All thin devices in one ``ThinPool`` of this process (its counters readable at any
+        time), connected and listening; stopped with the fleet."""
+        url = urlsplit(self.fleet.broker.url)
+        assert url.hostname is not None and url.port is not None
+        pool = ThinPool(self.specs, self.fleet.setup.root_public, url.hostname, url.port, **opts)
+        self.pools.append(pool)
+        pool.start()
+        return pool
+
     def wait_sequence(self, sequence: int, timeout: float) -> bool:
-        return all(p.wait_sequence(sequence, timeout) for p in self.procs)
+        return all(p.wait_sequence(sequence, timeout) for p in [*self.procs, *self.pools])
 
     def totals(self) -> dict[str, int]:
         total: collections.Counter[str] = collections.Counter()
-        for p in self.procs:
+        for p in [*self.procs, *self.pools]:
             total.update(p.totals())
         return dict(total)
 
     def close(self) -> None:
         for p in self.procs:
             p.stop()
+        for pool in self.pools:
+            pool.stop()
 
 
 @contextmanager
