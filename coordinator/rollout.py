@@ -50,7 +50,7 @@ ACTIONS = ("start", "promote", "wait", "halt", "done", "none")
 METRICS = {"error_rate", "p95_latency", "class_shift", "drift", "agreement", "accuracy"}
 _GATE = re.compile(r"^\s*([a-z_0-9]+)\s*([<>])\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(x|ms)?\s*$")
 _PERCENT = re.compile(r"^([0-9]*\.?[0-9]+)%$")
-PSI_FLOOR = 1e-4  # share given to a class one side never saw (PSI is infinite otherwise)
+PSI_SMOOTHING = 0.5  # counts added per class before PSI (a class one side never saw is finite)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,14 +237,18 @@ class Decision:
 
 
 def psi(observed: Mapping[str, int], expected: Mapping[str, int]) -> float:
-    """Population stability index of two count distributions over the same categories."""
+    """Population stability index of two count distributions over the same categories, with
+    additive smoothing (``PSI_SMOOTHING`` counts per category seen on either side): one rare
+    class in a small window must not read as an infinite shift."""
+    keys = set(observed) | set(expected)
     n_o, n_e = sum(observed.values()), sum(expected.values())
     if not n_o or not n_e:
         return 0.0
+    a = PSI_SMOOTHING
     total = 0.0
-    for k in set(observed) | set(expected):
-        o = max(observed.get(k, 0) / n_o, PSI_FLOOR)
-        e = max(expected.get(k, 0) / n_e, PSI_FLOOR)
+    for k in keys:
+        o = (observed.get(k, 0) + a) / (n_o + a * len(keys))
+        e = (expected.get(k, 0) + a) / (n_e + a * len(keys))
         total += (o - e) * math.log(o / e)
     return total
 

@@ -35,10 +35,12 @@ from .brokers import HAVE_MOSQUITTO, NEED_MOSQUITTO
 from .fleet import BROKERS, FleetHarness, open_fleet, wait_until
 
 pytestmark = [pytest.mark.timeout(240)]
-DEVICES = [f"dev-{i}" for i in range(4)]
-GATES = ("error_rate<0.01", "p95_latency<1000ms", "class_shift<0.25")
+DEVICES = [f"dev-{i}" for i in range(3)]
+#: class_shift at 1: windows of a few dozen rows per device have PSI noise up to ~0.5 for a
+#: good model; the label-shifted one reads ~8 (its classes are disjoint from the truth's)
+GATES = ("error_rate<0.01", "p95_latency<1000ms", "class_shift<1")
 BASELINE_CALLS = 40
-MIN_SAMPLES = 20
+MIN_SAMPLES = 30
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +106,13 @@ def test_a_worse_model_is_halted_on_its_canary_and_rolled_back(
         assert [d["action"] for d in decisions if d["action"] != "wait"] == ["start", "halt"]
         start, halt = decisions[0], decisions[-1]
         assert start["devices"] == [canary] and halt["devices"] == [canary]
-        assert "class_shift<0.25" in halt["reason"] and canary in halt["reason"]
+        assert "class_shift<1" in halt["reason"] and canary in halt["reason"]
         gates = {g["gate"]: g for g in halt["evidence"]["gates"] if g["device"] == canary}
         # it installed (smoke test passed), answers every call, fast enough: only its outputs
         assert gates["error_rate<0.01"]["passed"] and gates["error_rate<0.01"]["value"] == 0
         assert gates["p95_latency<1000ms"]["passed"]
-        shift = gates["class_shift<0.25"]
-        assert not shift["passed"] and shift["value"] > 1.0
+        shift = gates["class_shift<1"]
+        assert not shift["passed"] and shift["value"] > 3.0
         assert {int(c) for c in shift["baseline"]} == work.classes(canary)  # v1 saw the truth
         assert halt["evidence"]["rollback"] == {"1": [canary]}
 
@@ -135,7 +137,7 @@ def test_a_good_model_is_promoted_through_every_wave(tmp_path: Path, digits_v1: 
         assert r.state.phase == "done" and set(r.state.released) == set(DEVICES)
         decisions = ro.store.decisions(rid)
         moves = [d for d in decisions if d["action"] in ("start", "promote")]
-        assert [len(d["devices"]) for d in moves] == [1, 1, 2]
+        assert [len(d["devices"]) for d in moves] == [1, 1, 1]  # 25%, 50%, 100% of 3
         assert decisions[-1]["action"] == "done"
         judged = [d for d in decisions if d["action"] in ("promote", "done")]
         assert len(judged) == 3  # canary, wave 1, wave 2: each passed its gates
@@ -184,6 +186,7 @@ def test_an_agent_killed_mid_wave_is_offline_and_never_counted_healthy(
         assert fleet.agents[survivor].agent.status().active.version == "1"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_MOSQUITTO, reason=NEED_MOSQUITTO)
 def test_the_cli_follows_a_rollout_to_the_end_over_mosquitto(
     tmp_path: Path, digits_v1: Digits, capsys: pytest.CaptureFixture[str]
@@ -215,7 +218,7 @@ def test_the_cli_follows_a_rollout_to_the_end_over_mosquitto(
         lines = out.splitlines()
         assert lines[0].startswith("rollout 1: digits 2, canary 25%, waves 100%")
         assert any(" start: canary (25%): 1 devices [" in line for line in lines)
-        assert any(" promote: wave 1 (100%): 3 devices [" in line for line in lines)
+        assert any(" promote: wave 1 (100%): 2 devices [" in line for line in lines)
         assert lines[-1].endswith("done: every stage passed")
         for dev in DEVICES:
             assert fleet.device(dev).active_version == "2"
