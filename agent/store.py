@@ -15,10 +15,11 @@ new version is active and complete. Directories the pointer does not name are le
 are removed on open. The anti-rollback sequence is bumped in the same write as the switch.
 
 An install costs seven fsyncs, the least POSIX asks for this layout: the three files of the
-version (model, manifest, signature; issued together from one helper thread while the caller's
-``check`` runs, e.g. hashing the model back), the staged directory (their names), ``versions/``
-(the renamed directory), and the pointer (its temporary file, then the store root for the
-replace). A rollback costs the pointer's two. Pruning needs none: a leftover goes on open.
+version (model, manifest, signature) and the staged directory (their names), issued from one
+helper thread while the caller's ``check`` runs (the updater hashes the model back and loads
+it there), then ``versions/`` (the renamed directory) and the pointer (its temporary file,
+then the store root for the replace). A rollback costs the pointer's two. Pruning needs none:
+a leftover goes on open.
 
 Kept versions are immutable once committed (a directory name includes the bundle id), so a
 writer remembers the ones it committed or read: ``kept()`` and ``version()`` then read
@@ -334,14 +335,13 @@ class ModelStore:
                 os.write(fd, data)  # small: one write (a short one is caught below)
                 if os.fstat(fd).st_size != len(data):
                     raise OSError(errno.EIO, f"short write of {fname}")
-            _sync_while(fds, check or (lambda: None))
+            _sync_while(fds, staging.dir, check or (lambda: None))
         finally:
             staging.fd = -1
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._cp("files:synced")
-        fsync_dir(staging.dir)
         self._cp("staging:synced")
         if target.exists():  # same release installed before (e.g. replayed after a crash)
             shutil.rmtree(target)
@@ -411,8 +411,9 @@ def _private_file(path: Path, access: int) -> int:
     return fd
 
 
-def _sync_while(fds: list[int], work: Callable[[], None]) -> None:
-    """fsync ``fds`` in a helper thread while ``work`` runs here; raise the first error.
+def _sync_while(fds: list[int], directory: Path, work: Callable[[], None]) -> None:
+    """fsync ``fds``, then ``directory`` (their names), in a helper thread while ``work`` runs
+    here; raise the first error.
 
     fsync releases the GIL and mostly waits for the disk, so ``work`` (CPU) overlaps it even
     on one core. An error of ``work`` wins over one of the fsyncs (it is the more specific).
@@ -423,6 +424,7 @@ def _sync_while(fds: list[int], work: Callable[[], None]) -> None:
         try:
             for fd in fds:
                 os.fsync(fd)
+            fsync_dir(directory)
         except BaseException as exc:  # handed to the caller below
             errors.append(exc)
 
