@@ -2,6 +2,10 @@
 
     POST /v1/predict   {"inputs": [[64 floats], ...]} (or one row)
                        -> {"outputs": [[...]], "argmax": [...], "model": {name, version, sequence}}
+    POST /v1/explain   {"inputs": [64 floats], "target"?, "method"?, "permutations"?, "seed"?,
+                        "background"?: [[...], ...]}  (at most MAX_EXPLAIN_BODY bytes)
+                       -> Shapley values of the active model's output ``target`` (default: the
+                          predicted class) for that one row: ``agent/explain.py``
     GET  /v1/status    -> Agent.status()
     GET  /healthz      -> {"ok": true, "active": bool}        (the only route without the token)
     GET  /metrics      -> Prometheus text format: the predict recorder's counters and histogram
@@ -74,6 +78,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024 * 1024  # bytes; larger request bodies get 413 unread
+MAX_EXPLAIN_BODY = 1024 * 1024  # bytes of a /v1/explain body (one row and a small background)
 BODY_TIMEOUT = 5.0  # seconds one read of a request body may wait for more bytes
 MAX_RANK = 8  # dimensions of ``inputs``
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -375,6 +380,41 @@ class _InferenceHandler(_Handler):
                 500, f"model {m.name} {m.model_version} gave NaN or infinite outputs"
             ) from None
 
+    def _explain(self) -> bytes:
+        from .explain import ExplainOptions, background_from, explain
+
+        if self._content_length() > MAX_EXPLAIN_BODY:  # refused unread
+            raise HttpError(413, f"explain body over the {MAX_EXPLAIN_BODY}-byte limit")
+        body = self._read_body()
+        serving = self.server.agent.serving
+        if serving is None:
+            raise HttpError(503, "no model is active")
+        version, runtime = serving
+        spec = version.manifest.inputs[0]
+        x = parse_inputs(body, spec)
+        if x.shape[0] != 1:
+            raise HttpError(400, f"explain takes one input row, saw {x.shape[0]}")
+        doc = json.loads(body)  # parse_inputs made sure it is a strict JSON object
+        try:
+            opts = ExplainOptions.from_doc(doc)
+            bg = (background_from(version.manifest.reference_stats, x.shape[1])
+                  if opts.background is None
+                  else parse_inputs(_json({"inputs": opts.background}), spec))  # fmt: skip
+            if bg is None:
+                raise ValueError("the bundle has no reference mean to explain against: "
+                                 'send "background" rows')  # fmt: skip
+            e = explain(runtime.run, x[0], bg, target=opts.target, method=opts.method,
+                        permutations=opts.permutations, seed=opts.seed)  # fmt: skip
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from exc
+        m = version.manifest
+        try:
+            model = {"name": m.name, "version": m.model_version, "sequence": m.sequence}
+            return _json({**e.to_dict(), "model": model})
+        except ValueError:  # NaN or infinity: not JSON
+            raise HttpError(500, f"model {m.name} {m.model_version} gave non-finite outputs"
+                            ) from None  # fmt: skip
+
     def _status(self) -> bytes:
         return _json(self.server.agent.status().to_dict())
 
@@ -389,6 +429,7 @@ class _InferenceHandler(_Handler):
 
     routes = {
         ("POST", "/v1/predict"): (True, _predict),
+        ("POST", "/v1/explain"): (True, _explain),
         ("GET", "/v1/status"): (True, _status),
         ("GET", "/healthz"): (False, _healthz),
         ("GET", "/metrics"): (True, _metrics),

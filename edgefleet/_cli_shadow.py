@@ -1,4 +1,5 @@
-"""``model release --candidate``, ``model drop-candidate``, ``fleet shadow``: shadow and A/B."""
+"""Shadow, A/B and explanations: ``model release --candidate``, ``model drop-candidate``,
+``fleet shadow`` (the coordinator) and ``agent explain`` (the device)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import time
 from typing import Any
+
+import numpy as np
 
 
 def model_release(args: argparse.Namespace) -> int:
@@ -103,3 +106,40 @@ def fleet_shadow(args: argparse.Namespace) -> int:
 
 def _num(value: object) -> str:
     return "-" if value is None else f"{float(value):.3f}"  # type: ignore[arg-type]
+
+
+def agent_explain(args: argparse.Namespace) -> int:
+    """``agent explain``: Shapley values of the active model's prediction for one row."""
+    import sys
+
+    from edgefleet.agent.agent import Agent
+    from edgefleet.agent.explain import background_from, explain
+
+    from ._cli_agent import _read_input
+
+    x = _read_input(args)
+    if x.shape[0] != 1:
+        raise ValueError(f"explain takes one input row, got {x.shape[0]}")
+    with Agent.open(args.home, readonly=True) as agent:  # beside a running daemon too
+        serving = agent.serving
+        if serving is None:
+            print(f"edgefleet: {' '.join(agent._no_model().split())}", file=sys.stderr)
+            return 1
+        version, runtime = serving
+        m = version.manifest
+        bg = background_from(m.reference_stats, x.shape[1])
+        if bg is None:
+            raise ValueError("the bundle has no reference mean to explain against")
+        e = explain(runtime.run, x[0], bg, target=args.target, method=args.method,
+                    permutations=args.permutations, seed=args.seed)  # fmt: skip
+    if args.json:
+        model = {"name": m.name, "version": m.model_version, "sequence": m.sequence}
+        print(json.dumps({**e.to_dict(), "model": model}))
+        return 0
+    print(f"{m.name} {m.model_version} (release {m.sequence}): class {e.target}, output "
+          f"{e.output:.4f} = base {e.base:.4f} + the sum of {len(e.values)} values "
+          f"({e.method}, {e.evaluations} model rows)")  # fmt: skip
+    print("feature      value    stderr")
+    for i in np.argsort(-np.abs(e.values))[: args.top]:
+        print(f"{int(i):>7} {e.values[i]:+9.4f} {e.stderr[i]:9.4f}")
+    return 0
