@@ -5,19 +5,21 @@ sees a sampled share of the calls ``(inputs, outputs, model_key)`` on the record
 thread, and keeps one ``protocol.drift.Sketch`` per model key against the reference statistics
 in that model's signed manifest (a model whose manifest carries none, or whose feature count
 does not match, is not sketched). At most ``MAX_MODELS`` sketches are kept (the least recently
-fed is dropped).
+fed is dropped). Samples are buffered and folded in batches of ``FOLD_ROWS`` rows (and at
+each report), which keeps the observer thread's share of the CPU (and of the GIL) small.
 
 ``telemetry()`` is the ``drift`` source for ``Reporter.add_source``: per model key fed since
-the previous report, the summary of its window: ``n`` (rows, decayed), ``psi`` and ``ks`` per
+the previous report, the summary of its window: ``n`` (rows in the window), ``psi`` and ``ks`` per
 feature (4 decimals; past ``MAX_REPORTED`` features only the highest-PSI ones, their indexes
 in ``features``), ``max_psi``, ``max_ks``, ``output_psi`` (predicted classes against the
 training class prior) and ``nonfinite`` rows. No input value ever leaves the device.
 
-A reported sketch decays by ``decay`` when its next sample arrives (0.5: the window is about
-the last two reports' traffic, weighted to the newest), so drift that starts late is not
-diluted by a long healthy past, and an idle model keeps its last window (and is not reported
-again). A report is the state of the window, not a delta: the coordinator keeps the latest
-one per device and model.
+The window is counted in rows, not time: once a sketch holds more than ``2 * window`` rows
+it is halved (every count by 0.5), so it always weighs about the last ``window`` to
+``2 * window`` sampled rows, the newest most, whatever the traffic: drift that starts late is
+not diluted by a long healthy past, and a quiet device still gathers enough rows. A model fed
+nothing since the previous report is not reported again. A report is the state of the
+window, not a delta: the coordinator keeps the latest one per device and model.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ NAMESPACE = "drift"
 DEFAULT_SHARE = 0.1  # of the predict calls the monitor sees
 MAX_MODELS = 4  # sketches kept at once
 MAX_REPORTED = 64  # features reported one by one per model (the rest: only the top ones)
-DECAY = 0.5
+WINDOW = 1000  # sampled rows a sketch weighs at least (at most twice that)
+FOLD_ROWS = 64  # sampled rows buffered before they are added to the sketch in one batch
 
 
 def _key(version: InstalledVersion) -> str:
@@ -53,14 +56,14 @@ def _key(version: InstalledVersion) -> str:
 
 
 class DriftMonitor:
-    def __init__(self, agent: Agent, *, decay: float = DECAY) -> None:
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay: expected 0..1, saw {decay}")
-        self.agent, self.decay = agent, decay
+    def __init__(self, agent: Agent, *, window: int = WINDOW) -> None:
+        if window < 1:
+            raise ValueError(f"window: expected at least 1 row, saw {window}")
+        self.agent, self.window = agent, window
         self._lock = threading.Lock()  # the observer thread feeds, the worker reports
         self._sketches: OrderedDict[str, Sketch | None] = OrderedDict()  # None: not sketched
         self._fed: set[str] = set()  # keys fed since their last report
-        self._reported: set[str] = set()  # keys to decay before their next sample
+        self._pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # not yet folded
         self.skipped = 0  # samples not sketched (unknown model, no reference, bad shape)
 
     def attach(self, recorder: Recorder, reporter: Reporter, *, share: float = DEFAULT_SHARE
@@ -84,7 +87,7 @@ class DriftMonitor:
         while len(self._sketches) > MAX_MODELS:
             gone, _ = self._sketches.popitem(last=False)
             self._fed.discard(gone)
-            self._reported.discard(gone)
+            self._pending.pop(gone, None)
         return sketch
 
     def _candidates(self) -> list[InstalledVersion]:
@@ -106,21 +109,36 @@ class DriftMonitor:
                 self.skipped += 1
                 log.debug("drift: sample of %s not sketched: shape %s", key, x.shape)
                 return
-            if key in self._reported:
-                self._reported.discard(key)
-                sketch.decay(self.decay)
-            sketch.update(x.reshape(len(x), -1), outputs)
+            rows = self._pending.setdefault(key, [])
+            rows.append((x.reshape(len(x), -1), np.asarray(outputs)))
             self._fed.add(key)
+            if sum(len(r[0]) for r in rows) >= FOLD_ROWS:
+                self._fold(key, sketch)
+
+    def _fold(self, key: str, sketch: Sketch) -> None:
+        """Add ``key``'s buffered samples to its sketch in one batch (per-call numpy overhead
+        dominates a one-row update: ~65 µs a call at batch 1, ~4 µs a row at batch 64)."""
+        rows = self._pending.pop(key, None)
+        if not rows:
+            return
+        x = np.concatenate([r[0] for r in rows])
+        widths = {r[1].shape[1:] for r in rows}
+        ok = len(widths) == 1 and all(len(r[1]) == len(r[0]) for r in rows)
+        sketch.update(x, np.concatenate([r[1] for r in rows]) if ok else None)
+        while sketch.n > 2 * self.window:
+            sketch.decay(0.5)
 
     def telemetry(self) -> dict[str, Any] | None:
         """The ``drift`` source: per model key its window's summary (None: nothing seen)."""
         out: dict[str, Any] = {}
         with self._lock:
             for key, sketch in self._sketches.items():
-                if sketch is None or key not in self._fed or sketch.n <= 0:
+                if sketch is None or key not in self._fed:
+                    continue
+                self._fold(key, sketch)
+                if sketch.n <= 0:
                     continue
                 out[key] = _report(sketch)
-                self._reported.add(key)
             self._fed.clear()
         return out or None
 

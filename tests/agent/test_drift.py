@@ -36,7 +36,7 @@ def _shift(x: np.ndarray) -> np.ndarray:
 def test_reports_match_a_direct_sketch_and_flag_the_shifted_features(
     agent: Agent, x_test: np.ndarray
 ) -> None:
-    monitor = DriftMonitor(agent, decay=0.5)
+    monitor = DriftMonitor(agent, window=400)
     key = model_key(agent.active)
     assert monitor.telemetry() is None  # nothing seen: nothing to say
     x = _shift(x_test)
@@ -57,9 +57,9 @@ def test_reports_match_a_direct_sketch_and_flag_the_shifted_features(
     assert r["max_psi"] == max(r["psi"])
     Telemetry(device_id="dev-a", time=1, metrics={"drift": report})  # within the bounds
     assert monitor.telemetry() is None  # nothing new: not reported again
-    monitor.observe(x[:5], agent.predict(x[:5]), key)  # a sample decays the window first
+    monitor.observe(x[:400], agent.predict(x[:400]), key)  # 850 rows: past 2 x 400
     again = monitor.telemetry()
-    assert again is not None and again[key]["n"] == len(x) / 2 + 5  # old rows weigh half
+    assert again is not None and again[key]["n"] == (len(x) + 400) / 2  # halved, once
 
 
 def test_the_test_split_itself_shows_no_drift(agent: Agent, x_test: np.ndarray) -> None:
