@@ -4,7 +4,9 @@
 the device's status topic, and owns the bounded telemetry buffer: telemetry queued while
 offline is flushed, oldest first, once the link is up; past ``buffer`` messages the oldest
 are dropped. Heartbeats (a status and a telemetry message every ``heartbeat`` seconds) are
-timed with the injected monotonic clock. It runs on the daemon's worker thread only.
+timed with the injected monotonic clock. It runs on the daemon's worker thread only. The
+status carries the ``capabilities`` it was built with (the daemon passes ``("fl",)`` when the
+device opted in to federated rounds).
 
 Telemetry sources: ``add_source(namespace, fn)`` registers ``fn() -> dict | None``; each
 telemetry message's ``metrics`` is ``{namespace: fn()}`` over the sources (a source returning

@@ -1,7 +1,9 @@
 """Device-side wiring: an ``FlClient`` for an ``Agent``, from its config.
 
 ``agent.toml`` opts a device in with ``fl_enabled = true`` and names its local training data
-with ``fl_data_dir`` (default ``<home>/fl-data``; ``.npz``/``.csv`` files, see ``data``)::
+with ``fl_data_dir`` (default ``<home>/fl-data``; ``.npz``/``.csv`` files, see ``data``). The
+daemon then reports the ``fl`` capability in its status (``fl_enabled`` and an ``fl`` handler
+given), which is how the coordinator's ``Presence`` knows it may sample the device::
 
     fl = DeviceFl.for_agent(agent)          # None unless fl_enabled
     daemon = AgentDaemon(agent, mqtt, extra_handlers=fl.handlers if fl else None)
