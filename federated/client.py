@@ -10,6 +10,13 @@ round. The client's thread then, for each frame:
     reply id (uuid4 hex) -> serde -> signed by the device's identity key -> ``publish`` on
     ``ef/v1/dev/<id>/up/fl``
 
+A message larger than one frame (``fl.seal_message``: a signed header naming each chunk's
+SHA-256, then ``EFL2`` chunk frames) is reassembled in ``handle`` itself, so its chunks never
+wait in (or overflow) the queue: the header is verified and replay-checked first, each chunk
+is hashed against it on arrival (``protocol.flchunk.Reassembler``), and the whole message,
+once verified, takes one queue slot. Chunked instructions being reassembled or waiting hold
+at most ``max_message_bytes``. Replies above one frame go out the same way.
+
 A ClientApp that raises is answered with a Flower error reply, as a SuperNode does. Nothing
 is run for an instruction that does not verify, and nothing at all unless ``opted_in``.
 Flower (and whatever the ClientApp imports) is imported on the first verified instruction,
@@ -28,7 +35,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from edgefleet.protocol import fl
+from edgefleet.protocol import fl, flchunk
 from edgefleet.protocol.errors import BundleError, MalformedError
 from edgefleet.protocol.keyring import Keyring
 from edgefleet.protocol.keys import SigningKey
@@ -57,6 +64,7 @@ class FlClient:
         node_config: Mapping[str, Any] | None = None,  # Flower node_config for the ClientApp
         max_queued: int = 4,  # frames waiting for the thread (each at most fl.MAX_FRAME)
         reply_ttl: int = 3600,  # s a reply stays valid
+        max_message_bytes: int = 32 << 20,  # chunked instructions reassembling or queued
     ) -> None:
         self.device_id = device_id
         self.node_id = fl.node_id_for(device_id)
@@ -65,7 +73,10 @@ class FlClient:
         self.node_config = dict(node_config or {})
         self._app_source = client_app
         self._app: Any = None
-        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=max_queued)
+        self._q: queue.Queue[bytes | fl.Opened | None] = queue.Queue(maxsize=max_queued)
+        self._chunks = flchunk.Reassembler(max_bytes_per_key=max_message_bytes,
+                                           max_bytes=max_message_bytes, max_messages_per_key=2)
+        self._chunk_lock = threading.Lock()
         self._guard = fl.ReplayGuard()
         self._contexts: OrderedDict[int, Context] = OrderedDict()
         self._done = threading.Condition()
@@ -85,11 +96,43 @@ class FlClient:
             log.warning("fl: dropped a %d-byte frame (limit %d)", len(payload), fl.MAX_FRAME)
             return
         self._ensure_thread()
+        item: bytes | fl.Opened | None = payload
+        if _is_chunked(payload):
+            item = self._reassemble(payload)
+            if item is None:
+                return
         try:
-            self._q.put_nowait(payload)
+            self._q.put_nowait(item)
         except queue.Full:
             self._count("dropped:queue_full")
+            self._release(item)
             log.warning("fl: dropped an instruction: %d already waiting", self._q.maxsize)
+
+    def _reassemble(self, payload: bytes) -> fl.Opened | None:
+        """A chunk or a chunked header, on the caller's thread: the whole verified message
+        once complete, else ``None`` (a rejection is counted as one handled frame)."""
+        try:
+            with self._chunk_lock:
+                if flchunk.is_chunk(payload):
+                    return self._chunks.add(self.device_id, payload)
+                now = int(self.clock())
+                opened = fl.open_instruction(payload, device_id=self.device_id,
+                                             keyring=self.trusted_keys(), now=now)  # fmt: skip
+                self._guard.check(opened.header)
+                self._chunks.begin(self.device_id, opened, now)
+                return None
+        except BundleError as exc:
+            self._count(f"rejected:{exc.code}")
+            log.warning("fl: chunked instruction rejected: %s", exc)
+            with self._done:
+                self._handled += 1
+                self._done.notify_all()
+            return None
+
+    def _release(self, item: bytes | fl.Opened | None) -> None:
+        if isinstance(item, fl.Opened):
+            with self._chunk_lock:
+                self._chunks.release(self.device_id, item.header.message_id)
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._start_lock:
@@ -117,20 +160,26 @@ class FlClient:
             try:
                 self._one(frame)
             except BundleError as exc:
+                self._release(frame)
                 self._count(f"rejected:{exc.code}")
                 log.warning("fl: instruction rejected: %s", exc)
             except Exception:
+                self._release(frame)
                 self._count("rejected:error")
                 log.exception("fl: unexpected error handling an instruction")
             with self._done:
                 self._handled += 1
                 self._done.notify_all()
 
-    def _one(self, frame: bytes) -> None:
-        now = int(self.clock())
-        opened = fl.open_instruction(
-            frame, device_id=self.device_id, keyring=self.trusted_keys(), now=now
-        )
+    def _one(self, frame: bytes | fl.Opened) -> None:
+        if isinstance(frame, fl.Opened):  # reassembled and verified in handle
+            opened = frame
+        else:
+            opened = fl.open_instruction(
+                frame, device_id=self.device_id, keyring=self.trusted_keys(), now=int(self.clock())
+            )
+            if opened.header.chunks:
+                raise MalformedError("fl: a chunked header reached the queue")
         h = opened.header
         self._guard.check(h)
         from . import wire  # Flower: only once an instruction verified
@@ -146,13 +195,14 @@ class FlClient:
             raise MalformedError("fl instruction: Flower metadata does not match its envelope")
         self._guard.accept(h)
         log.info("fl run %d step %d: %s", h.run_id, h.round, md.message_type)
+        self._release(frame)  # the instruction's bytes are now Flower's Message
         reply = self._run_app(msg)
         reply_id = uuid.uuid4().hex
         wire.set_message_id(reply, reply_id)
         payload = wire.encode(reply)
-        if len(payload) > fl.MAX_PAYLOAD:  # tell the coordinator rather than let it time out
+        if len(payload) > fl.MAX_MESSAGE:  # tell the coordinator rather than let it time out
             self._count("reply_too_large")
-            reply = _error_reply(msg, f"reply is {len(payload)} bytes; limit {fl.MAX_PAYLOAD}")
+            reply = _error_reply(msg, f"reply is {len(payload)} bytes; limit {fl.MAX_MESSAGE}")
             wire.set_message_id(reply, reply_id)
             payload = wire.encode(reply)
         self._send(payload, h, reply_id)
@@ -167,7 +217,7 @@ class FlClient:
 
     def _send(self, payload: bytes, h: fl.FlHeader, reply_id: str) -> None:
         now = int(self.clock())
-        frame = fl.seal(
+        frames = fl.seal_message(
             payload,
             self.identity,
             kind="reply",
@@ -181,7 +231,8 @@ class FlClient:
         )
         from . import wire
 
-        self.publish(wire.reply_topic(self.device_id), frame)
+        for frame in frames:  # in order: the signed header first
+            self.publish(wire.reply_topic(self.device_id), frame)
         self._count("replied")
 
     def _client_app(self) -> ClientApp:
@@ -211,6 +262,16 @@ class FlClient:
     def _count(self, what: str) -> None:
         with self._done:
             self.counts[what] += 1
+
+
+def _is_chunked(payload: bytes) -> bool:
+    """A chunk frame, or a header frame announcing chunks (else: the queue's path)."""
+    if flchunk.is_chunk(payload):
+        return True
+    try:
+        return bool(fl.parse(payload).header.chunks)
+    except BundleError:
+        return False  # rejected, with its reason, on the client's thread
 
 
 def _error_reply(msg: Message, reason: str) -> Message:

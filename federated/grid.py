@@ -8,13 +8,18 @@ The coordinator's ServerApp (any Flower strategy, ``Strategy.start``) runs uncha
   maps back for every device seen by ``get_node_ids``.
 - **Push.** Each message gets a fresh id (uuid4 hex, as ``InMemoryGrid`` does), Flower's
   serde, a frame signed with the release key (``protocol.fl``) and one QoS 1 publish to
-  ``ef/v1/dev/<id>/fl``. Every ``push_messages`` call is one step of the run (``round`` in
-  the envelope; train and evaluate of one Flower round are two steps).
+  ``ef/v1/dev/<id>/fl`` — or, above ``fl.MAX_PAYLOAD``, a signed header naming every chunk's
+  SHA-256 and then the chunks, in order (``fl.seal_message``). Every ``push_messages`` call
+  is one step of the run (``round`` in the envelope; train and evaluate of one Flower round
+  are two steps).
 - **Replies.** Whoever owns the link feeds ``up/fl`` payloads to ``handle(device_id, payload)``
   (or uses ``on_message`` as the link's callback). A reply is kept only if its envelope
   verifies with that device's enrolled key, it answers a message still pending for that very
   device, and Flower's metadata agrees with the envelope. Everything else is dropped,
-  logged and counted in ``stats`` by reason.
+  logged and counted in ``stats`` by reason. A chunked reply is buffered only after its
+  signed header verified and answers a pending message, and only up to
+  ``max_reply_bytes_per_device`` per device and ``max_reply_bytes`` in all
+  (``protocol.flchunk.Reassembler``).
 - **Timeouts.** ``send_and_receive`` waits at most ``min(timeout, round_timeout)`` and returns
   what arrived; the rest is marked late, and a late reply is dropped and counted. A device
   that drops out never stalls a round.
@@ -35,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.infra.link import Link, LinkFactory, MessageProps, MqttConfig
-from edgefleet.protocol import fl, topics
+from edgefleet.protocol import fl, flchunk, topics
 from edgefleet.protocol.errors import BundleError, MalformedError, RollbackError, TransportError
 from edgefleet.protocol.keys import SigningKey
 from flwr.app import Message, RecordDict
@@ -83,6 +88,8 @@ class MqttGrid(Grid):
         round_timeout: float,  # s, the longest one send_and_receive waits
         clock: Callable[[], float] = time.time,  # wall clock for envelope issue/expiry
         message_ttl: int = 3600,  # s an instruction stays valid (also Flower's ttl cap)
+        max_reply_bytes_per_device: int = 16 << 20,  # chunked replies being reassembled
+        max_reply_bytes: int = 256 << 20,  # ... from all devices of the run
     ) -> None:
         if round_timeout <= 0 or message_ttl <= 0:
             raise ValueError("round_timeout and message_ttl must be > 0")
@@ -99,6 +106,9 @@ class MqttGrid(Grid):
         self._counts: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
         self._owned = False
+        self._chunks = flchunk.Reassembler(max_bytes_per_key=max_reply_bytes_per_device,
+                                           max_bytes=max_reply_bytes)  # fmt: skip
+        self._chunk_lock = threading.Lock()  # the reassembler (handle may be called anywhere)
 
     @classmethod
     def open(cls, link_factory: LinkFactory, config: MqttConfig, **kwargs: Any) -> MqttGrid:
@@ -192,7 +202,7 @@ class MqttGrid(Grid):
         mid = uuid.uuid4().hex
         wire.set_message_id(msg, mid)
         now = int(self.clock())
-        frame = fl.seal(
+        frames = fl.seal_message(
             wire.encode(msg),
             self.signer,
             kind="instruction",
@@ -208,7 +218,8 @@ class MqttGrid(Grid):
                 device_id=device_id, node_id=md.dst_node_id, run_id=run_id, step=step
             )
         try:
-            self.link.publish(wire.instruction_topic(device_id), frame, qos=1)
+            for frame in frames:  # in order: the signed header first
+                self.link.publish(wire.instruction_topic(device_id), frame, qos=1)
         except TransportError as exc:
             with self._lock:
                 del self._pending[mid]
@@ -217,7 +228,7 @@ class MqttGrid(Grid):
             return None
         with self._lock:
             self._counts["sent"] += 1
-            self._counts["bytes_sent"] += len(frame)
+            self._counts["bytes_sent"] += sum(map(len, frames))
         return mid
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
@@ -274,20 +285,42 @@ class MqttGrid(Grid):
             log.exception("fl: reply from %s: unexpected error", device_id)
 
     def _accept(self, device_id: str, payload: bytes) -> None:
-        opened = fl.open_reply(
-            payload,
-            device_id=device_id,
-            device_key=self.device_keys(device_id),
-            now=int(self.clock()),
-        )
-        h = opened.header
+        if flchunk.is_chunk(payload):
+            with self._chunk_lock:
+                whole = self._chunks.add(device_id, payload)
+            self._count_received(payload)
+            if whole is not None:
+                with self._chunk_lock:
+                    self._chunks.release(device_id, whole.header.message_id)
+                pending = self._admit(device_id, whole.header)
+                if pending is not None:
+                    self._deliver(device_id, whole, pending)
+            return
+        now = int(self.clock())
+        opened = fl.open_reply(payload, device_id=device_id,
+                               device_key=self.device_keys(device_id), now=now)  # fmt: skip
+        self._count_received(payload)
+        pending = self._admit(device_id, opened.header)
+        if pending is None:
+            return
+        if opened.header.chunks:  # verified and expected: now its chunks may be buffered
+            with self._chunk_lock:
+                self._chunks.begin(device_id, opened, now)
+            return
+        self._deliver(device_id, opened, pending)
+
+    def _count_received(self, payload: bytes) -> None:
         with self._lock:
             self._counts["bytes_received"] += len(payload)
+
+    def _admit(self, device_id: str, h: fl.FlHeader) -> _Pending | None:
+        """The pending instruction a verified reply answers; ``None`` if it came late."""
+        with self._lock:
             if h.reply_to in self._late:
                 del self._late[h.reply_to]
                 self._counts["late"] += 1
                 log.warning("fl: late reply from %s to %s dropped", device_id, h.reply_to)
-                return
+                return None
             pending = self._pending.get(h.reply_to)
         if pending is None or pending.device_id != device_id:
             raise _unexpected(f"reply from {device_id} to {h.reply_to}: nothing pending for it")
@@ -296,6 +329,10 @@ class MqttGrid(Grid):
                 f"reply from {device_id}: run/round {h.run_id}/{h.round}, "
                 f"expected {pending.run_id}/{pending.step}"
             )
+        return pending
+
+    def _deliver(self, device_id: str, opened: fl.Opened, pending: _Pending) -> None:
+        h = opened.header
         msg = wire.decode(opened.payload)
         md = msg.metadata
         if (md.reply_to_message_id, md.message_id, md.run_id, md.src_node_id, md.dst_node_id) != (
