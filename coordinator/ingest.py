@@ -26,9 +26,9 @@ from typing import Any
 
 from edgefleet.protocol.errors import DecodeError, EdgeFleetError
 from edgefleet.protocol.messages import DeviceStatus, Telemetry
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, insert, select, update
 
-from .registry import Registry
+from .registry import Device, Registry
 from .tables.telemetry import InferenceTotalRow, TelemetryRow
 from .telemetry import INFERENCE, merge_inference
 
@@ -151,7 +151,7 @@ class Ingest:
 
     def _store(self, updates: dict[str, dict[str, Any]]) -> set[str]:
         try:
-            return self.registry.update_devices(updates)
+            return self._bulk_update(updates)
         except Exception:  # one bad row must not cost the others their update
             log.warning("batch of %d device updates failed; storing one by one", len(updates))
         found: set[str] = set()
@@ -161,6 +161,28 @@ class Ingest:
             except Exception:
                 log.exception("storing the update of %s failed", device_id)
         return found
+
+    def _bulk_update(self, updates: dict[str, dict[str, Any]]) -> set[str]:
+        """The batch's device updates in one transaction: one SELECT for the enrolled ids,
+        then one executemany UPDATE per set of columns (a statement per device cost ~10 ms
+        each on a busy 2-core machine: 500 devices reporting at 1 Hz did not keep up)."""
+        table = Device.__table__
+        with self.registry.session() as s:
+            known = set(s.scalars(select(Device.device_id).where(
+                Device.device_id.in_(list(updates)))))  # fmt: skip
+            groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for device_id in known:
+                values = updates[device_id]
+                groups.setdefault(tuple(sorted(values)), []).append(
+                    {"b_device_id": device_id, **values})
+            for columns, params in groups.items():
+                stmt = (
+                    update(table)
+                    .where(table.c.device_id == bindparam("b_device_id"))
+                    .values({c: bindparam(c, type_=table.c[c].type) for c in columns})
+                )
+                s.execute(stmt, params)
+        return known
 
     # -- telemetry rows -------------------------------------------------------------------
     def _store_telemetry(self, rows: list[tuple[str, Telemetry, int]]) -> None:
@@ -172,17 +194,19 @@ class Ingest:
                 seen, last = totals.get((device_id, key), ([], 0))
                 seen.append(w)
                 totals[device_id, key] = (seen, max(last, min(t.time, received)))
+        values = [
+            {"device_id": d, "namespace": ns, "time": min(t.time, received),
+             "received": received, "payload": payload}
+            for d, t, received in rows
+            for ns, payload in t.metrics.items()
+            if isinstance(payload, dict)
+        ]  # fmt: skip
         try:
             with self.registry.session() as s:
-                s.add_all(
-                    TelemetryRow(device_id=d, namespace=ns, time=min(t.time, received),
-                                 received=received, payload=payload)  # fmt: skip
-                    for d, t, received in rows
-                    for ns, payload in t.metrics.items()
-                    if isinstance(payload, dict)
-                )
-                for (device_id, key), (windows, at) in totals.items():
-                    _add_totals(s, device_id, key, merge_inference(windows), at)
+                if values:  # one executemany, not an ORM object per row
+                    s.execute(insert(TelemetryRow), values)
+                _add_totals(s, {k: merge_inference(w) for k, (w, _) in totals.items()},
+                            {k: at for k, (_, at) in totals.items()})  # fmt: skip
         except Exception:  # the statuses are stored; these rows are lost, loudly
             log.exception("storing %d telemetry messages failed", len(rows))
             return
@@ -226,16 +250,30 @@ def _windows(inference: object) -> list[tuple[str, dict[str, Any]]]:
     return [(k, w) for k, w in inference.items() if isinstance(w, dict) and len(k) <= 130]
 
 
-def _add_totals(s: Any, device_id: str, key: str, m: dict[str, Any], at: int) -> None:
-    row = s.get(InferenceTotalRow, (device_id, key))
-    if row is None:
-        s.add(InferenceTotalRow(device_id=device_id, model=key, count=m["count"],
-                                errors=m["errors"], rows=m["rows"], lat=m["lat"],
-                                classes=m["classes"], first_time=at, last_time=at))  # fmt: skip
+def _add_totals(
+    s: Any, merged: dict[tuple[str, str], dict[str, Any]], at: dict[tuple[str, str], int]
+) -> None:
+    """Add a batch's merged windows to ``inference_totals`` (one SELECT for the batch)."""
+    if not merged:
         return
-    merged = merge_inference([{"lat": row.lat, "classes": row.classes}, m])
-    row.count += m["count"]
-    row.errors += m["errors"]
-    row.rows += m["rows"]
-    row.lat, row.classes = merged["lat"], merged["classes"]
-    row.last_time = max(row.last_time, at)
+    devices = {d for d, _ in merged}
+    existing = {
+        (r.device_id, r.model): r
+        for r in s.scalars(
+            select(InferenceTotalRow).where(InferenceTotalRow.device_id.in_(devices))
+        )
+    }
+    for (device_id, key), m in merged.items():
+        row = existing.get((device_id, key))
+        when = at[device_id, key]
+        if row is None:
+            s.add(InferenceTotalRow(device_id=device_id, model=key, count=m["count"],
+                                    errors=m["errors"], rows=m["rows"], lat=m["lat"],
+                                    classes=m["classes"], first_time=when, last_time=when))
+            continue  # fmt: skip
+        both = merge_inference([{"lat": row.lat, "classes": row.classes}, m])
+        row.count += m["count"]
+        row.errors += m["errors"]
+        row.rows += m["rows"]
+        row.lat, row.classes = both["lat"], both["classes"]
+        row.last_time = max(row.last_time, when)

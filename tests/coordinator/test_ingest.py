@@ -144,7 +144,11 @@ def test_a_failing_batch_is_stored_device_by_device(home: Home, ingest: Ingest,
             raise RuntimeError("database says no")
         return real(updates)
 
-    monkeypatch.setattr(registry, "update_devices", refuse_batches)
+    def refuse_bulk(updates: dict[str, dict[str, Any]]) -> set[str]:
+        raise RuntimeError("database says no to the batch")
+
+    monkeypatch.setattr(ingest, "_bulk_update", refuse_bulk)  # the batch path
+    monkeypatch.setattr(registry, "update_devices", refuse_batches)  # the one-by-one path
     ingest.add("dev-a", STATUS, status())
     ingest.add("dev-b", STATUS, status("dev-b"))
     assert ingest.flush() == 1

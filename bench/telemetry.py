@@ -1,0 +1,128 @@
+"""Telemetry: the cost of recording predictions, and how fast the coordinator ingests reports.
+
+1. ``Agent.predict`` through ``agent.observe.Recorder`` (what the HTTP API and ``inference``
+   telemetry use) against plain ``Agent.predict`` on the same agent, model (digits MLP, ONNX)
+   and input (batch 1), timed call by call in alternating blocks with the garbage collector
+   off, as ``bench/predict.py`` does. Aim: p50 and p99 ratios <= 1.10.
+2. Ingest: thin publishers (``simulations.telemetry_load``) flood one ``CoordinatorService`` on
+   mosquitto with a status and a telemetry message per device and tick, as fast as they can;
+   statuses/s = reports sent / (first publish to the last telemetry row stored). Baseline: the
+   same publishers to a bare MQTT subscriber that only counts (what the broker and paho give).
+   And the paced run: ``devices`` at 1 Hz (500 for 60 s; quick: 50 for 5 s): lost messages
+   (aim 0) and the coordinator's RSS growth after warm-up. Not in ``--quick`` (brokers and a
+   child process per run), nor without mosquitto.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ._util import Row, fleet, percentile
+
+NAME = "telemetry"
+_NOTES: list[str] = []
+
+
+def notes() -> list[str]:
+    return list(_NOTES)
+
+
+def _loop(predict: Any, x: Any, out: list[int], n: int) -> None:
+    clock = time.perf_counter_ns
+    append = out.append
+    for _ in range(n):
+        t0 = clock()
+        predict(x)
+        append(clock() - t0)
+
+
+def _recording(calls: int, block: int) -> list[Row]:
+    import numpy as np
+    from edgefleet.agent.agent import Agent
+    from edgefleet.agent.observe import Recorder
+
+    fl = fleet()
+    agent = Agent.open(fl.installed_agent("onnx", "bench-telemetry-onnx"))
+    try:
+        rec = Recorder(agent)
+        x = np.ascontiguousarray(fl.test_inputs()[:1])
+        ours: list[int] = []
+        plain: list[int] = []
+        _loop(rec.predict, x, [], block)
+        _loop(agent.predict, x, [], block)
+        gc.collect()
+        gc.disable()
+        try:
+            for b in range(calls // block):
+                first, second = ((rec.predict, ours), (agent.predict, plain))[:: 1 if b % 2 else -1]
+                _loop(first[0], x, first[1], block)
+                _loop(second[0], x, second[1], block)
+        finally:
+            gc.enable()
+        recorded = sum(t["count"] for t in rec.totals().values())
+    finally:
+        agent.close()
+    _NOTES.append(f"recording: {len(ours)} calls each side in blocks of {block}; "
+                  f"{recorded} recorded (incl. warm-up); mean with {np.mean(ours) / 1e3:.2f} µs,"
+                  f" without {np.mean(plain) / 1e3:.2f} µs")  # fmt: skip
+    o50, o99, p50, p99 = (percentile(ours, 50), percentile(ours, 99),
+                          percentile(plain, 50), percentile(plain, 99))  # fmt: skip
+    return [
+        Row(key="record_p50_us", metric="Agent.predict with recording p50, ONNX, batch 1",
+            value=o50 / 1e3, unit="µs", baseline="Agent.predict without", baseline_value=p50 / 1e3,
+            aim="<= 1.10"),
+        Row(key="record_p99_us", metric="Agent.predict with recording p99, ONNX, batch 1",
+            value=o99 / 1e3, unit="µs", baseline="Agent.predict without", baseline_value=p99 / 1e3,
+            aim="<= 1.10"),
+    ]  # fmt: skip
+
+
+def _ingest(quick: bool) -> list[Row]:
+    from edgefleet.simulations.telemetry_load import raw_delivery, run_load
+
+    devices, ticks = (50, 10) if quick else (500, 20)
+    paced = (50, 5.0) if quick else (500, 60.0)
+    work = Path(tempfile.mkdtemp(prefix="bench-telemetry-"))
+    try:
+        flood = run_load(work / "flood", devices=devices, rate=1000.0, seconds=ticks / 1000.0)
+        raw = raw_delivery(work / "raw", devices=devices, rate=1000.0, seconds=ticks / 1000.0)
+        run = run_load(work / "paced", devices=paced[0], rate=1.0, seconds=paced[1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ours = flood.stored / flood.ingest_s
+    base = raw["received"] / 2 / raw["seconds"]  # a report is a status and a telemetry message
+    _NOTES.append(f"flood: {flood.sent} reports from {devices} devices in {flood.ingest_s:.2f} s"
+                  f" ({flood.statuses_stored} status updates written, coalesced), lost "
+                  f"{flood.lost}, drops {flood.drops}; raw subscriber: {raw['received']} "
+                  f"messages in {raw['seconds']:.2f} s")  # fmt: skip
+    _NOTES.append(f"paced: {paced[0]} devices x {run.ticks} ticks at 1 Hz: lost {run.lost}, "
+                  f"drops {run.drops}, drained {run.drain_s:.2f} s after the last publish, "
+                  f"publishers at most {run.publish_late_s:.2f} s late; coordinator RSS "
+                  f"{run.rss[0] / 2**20:.0f} -> {run.rss[-1] / 2**20:.0f} MB")  # fmt: skip
+    return [
+        Row(key="ingest_statuses_per_s", metric=f"reports ingested/s, {devices} devices flooding "
+            "(status + telemetry each, mosquitto)", value=ours, unit="/s",
+            baseline="bare counting subscriber, same publishers", baseline_value=base),
+        Row(key="paced_lost", metric=f"messages lost, {paced[0]} devices at 1 Hz for "
+            f"{paced[1]:g} s", value=float(run.lost), unit="", aim="== 0"),
+        Row(key="paced_rss_growth_mb", metric="coordinator RSS growth after warm-up (paced run)",
+            value=run.rss_growth / 2**20, unit="MB"),
+    ]  # fmt: skip
+
+
+def run(quick: bool) -> list[Row]:
+    _NOTES.clear()
+    calls, block = (4_000, 200) if quick else (40_000, 500)
+    rows = _recording(calls, block)
+    if quick:  # the smoke test: brokers and child processes take longer than it allows
+        _NOTES.append("ingest rows: not in --quick (run `python -m bench telemetry`)")
+        return rows
+    if shutil.which("mosquitto") is None:
+        _NOTES.append("ingest rows skipped: no mosquitto on PATH")
+        return rows
+    return rows + _ingest(quick)
