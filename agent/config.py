@@ -38,10 +38,16 @@ class AgentConfig:
     fl_data_dir: str = ""  # local training data (.npz/.csv); "" = <home>/fl-data
     shadow_sample: float = 0.1  # share of requests a shadow candidate also runs on (0 = none)
     shadow_queue: int = 64  # samples waiting for the shadow; more are dropped and counted
+    predlog_sample: float = 0.0  # share of requests in the prediction log (0 = no log)
+    predlog_max_bytes: int = 4 * 1024 * 1024  # bytes per log file before it rotates
+    predlog_keep: int = 4  # rotated log files kept
+    predlog_redact: str = ""  # comma-separated fields logged as digests: inputs,outputs,argmax
 
     def __post_init__(self) -> None:
         if self.keep < 1 or self.threads < 1 or self.window < 1:
             raise ValueError("keep, threads and window must be >= 1")
+        if not 0.0 <= self.predlog_sample <= 1.0:
+            raise ValueError("predlog_sample must be in [0, 1]")
         if not 0.0 <= self.shadow_sample <= 1.0 or self.shadow_queue < 1:
             raise ValueError("shadow_sample must be in [0, 1] and shadow_queue >= 1")
         if self.mqtt_protocol not in (5, 311):

@@ -46,6 +46,7 @@ from .candidate_feed import CandidateSide
 from .download import Download
 from .drift import DriftMonitor
 from .observe import Recorder
+from .predlog import open_log
 from .reporter import Facts, Reporter, active_model, offline_will
 
 __all__ = ["MAX_CHUNK_FRAME", "MAX_INCOMING", "AgentDaemon", "mqtt_config_for"]
@@ -124,6 +125,7 @@ class AgentDaemon:
         #: statistics: the ``drift`` telemetry source (``agent.drift``)
         self.drift = DriftMonitor(agent)
         self.drift.attach(self.recorder, self.reporter)
+        self.predlog = open_log(agent.config, self.recorder)  # opt in: predlog_sample > 0
         #: the candidate slot's own release flow, shadow and A/B (``shadow``, ``ab`` telemetry)
         self.candidate = (
             CandidateSide(self, window=agent.config.window, request_timeout=request_timeout)
@@ -173,6 +175,8 @@ class AgentDaemon:
             self.flow.download.close()
         if self.candidate is not None:
             self.candidate.close()
+        if self.predlog is not None:
+            self.predlog.close()
         self.reporter.goodbye()  # a clean DISCONNECT discards the will: say "offline" ourselves
         self.link.stop()
 

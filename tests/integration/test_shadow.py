@@ -30,7 +30,8 @@ def test_a_shadow_release_reaches_the_agent_and_its_metrics_the_coordinator(
     tmp_path: Path, digits_v1: Digits, digits_v2: Digits, kind: str
 ) -> None:
     devices = ["dev-1", "dev-2"]
-    with open_fleet(tmp_path, digits_v1, devices, kind=kind, shadow_sample=1.0) as fleet:
+    with open_fleet(tmp_path, digits_v1, devices, kind=kind, shadow_sample=1.0,
+                    predlog_sample=1.0, predlog_redact="inputs") as fleet:
         svc = fleet.start_service()
         agents = {d: fleet.start_agent(d) for d in devices}
         release = fleet.release("1", "all")
@@ -47,6 +48,7 @@ def test_a_shadow_release_reaches_the_agent_and_its_metrics_the_coordinator(
         version = side.slot.version
         assert version is not None and version.manifest.sequence == cand.sequence
 
+        active, candidate = Direct(digits_v1.onnx), Direct(digits_v2.onnx)
         x, _ = digits_test_split(digits_v1)
         x = x[:N]
         for i in range(N):  # through the recorder, as the HTTP API predicts
@@ -55,6 +57,12 @@ def test_a_shadow_release_reaches_the_agent_and_its_metrics_the_coordinator(
                        f"sample {i + 1} compared", TIMEOUT)  # fmt: skip
         totals = side.shadow.totals()
         assert totals is not None and totals["dropped"] == 0
+        plog = a.daemon.predlog  # the prediction log saw the same calls, inputs redacted
+        assert plog is not None
+        wait_until(lambda: plog.written == N, "every call in the prediction log", TIMEOUT)
+        logged = list(plog.read())
+        assert [r["argmax"][0] for r in logged] == active(x).argmax(1).tolist()
+        assert all(set(r["inputs"]) == {"sha256"} for r in logged)
 
         def arrived() -> dict[str, object]:
             rows = recent(fleet.coordinator.registry, namespace="shadow", since=0,
@@ -63,7 +71,6 @@ def test_a_shadow_release_reaches_the_agent_and_its_metrics_the_coordinator(
 
         wait_until(lambda: arrived()["compared"] == N, "shadow telemetry ingested", TIMEOUT)
         got = arrived()
-        active, candidate = Direct(digits_v1.onnx), Direct(digits_v2.onnx)
         agree = int((active(x).argmax(1) == candidate(x).argmax(1)).sum())
         assert got["agree"] == agree and got["agreement"] == agree / N
         delta = float((candidate(x).max(1).astype(np.float64) - active(x).max(1)).sum())

@@ -1,0 +1,178 @@
+"""The prediction log: a sampled, size-bounded, rotating JSONL audit trail on the device.
+
+``PredictionLog.observe(inputs, outputs, model_key)`` is a ``Recorder`` observer: it runs on the
+recorder's observer thread (never the request path) for the sampled share of the calls, and
+appends one line per call to ``<dir>/predictions.jsonl``::
+
+    {"t": unix s, "model": "name@version", "inputs": [[...]], "outputs": [[...]], "argmax": [...]}
+
+Redaction (``redact``: field names among ``REDACTABLE``): a redacted field is replaced by
+``{"sha256": <hex of its canonical JSON>}``, so an audit can still match a known input without
+the device keeping it. A line over ``max_line`` bytes (a huge batch) is not written but counted
+(``oversize``).
+
+Bounds: when the current file would pass ``max_bytes`` it is renamed to
+``predictions.<n>.jsonl`` (``n`` increasing) and a new one is started; only the newest ``keep``
+rotated files are kept, so the log never holds more than about ``(keep + 1) x max_bytes``.
+Every line is written with one ``write`` on an ``O_APPEND`` descriptor (no buffering in this
+process): a crash of the agent loses nothing written, a line is either whole or, after a power
+cut mid-write, a torn last line that ``read`` skips.
+
+``read(since)`` yields the records with ``t >= since``, oldest first, across the rotated files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from edgefleet.infra.fsutil import os_errors
+
+if TYPE_CHECKING:
+    from .config import AgentConfig
+    from .observe import Recorder
+
+__all__ = ["REDACTABLE", "PredictionLog", "open_log"]
+
+log = logging.getLogger(__name__)
+REDACTABLE = ("inputs", "outputs", "argmax")
+CURRENT = "predictions.jsonl"
+_ROTATED = re.compile(r"predictions\.(\d{1,12})\.jsonl")
+
+
+class PredictionLog:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int = 4 * 1024 * 1024,  # per file
+        keep: int = 4,  # rotated files kept besides the current one
+        max_line: int = 256 * 1024,  # bytes; longer records are dropped and counted
+        redact: Iterable[str] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redact = tuple(redact)
+        if bad := [f for f in self.redact if f not in REDACTABLE]:
+            raise ValueError(f"predlog redact: expected fields among {REDACTABLE}, saw {bad}")
+        if max_bytes < 1024 or keep < 0 or max_line < 256:
+            raise ValueError("predlog: max_bytes >= 1024, keep >= 0, max_line >= 256")
+        self.dir, self.max_bytes, self.keep, self.max_line = directory, max_bytes, keep, max_line
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.written = self.oversize = self.errors = 0
+        with os_errors(f"{directory}: cannot open the prediction log"):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._fd = self._open()
+            self._size = os.fstat(self._fd).st_size
+
+    def _open(self) -> int:
+        return os.open(self.dir / CURRENT, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                       0o600)  # fmt: skip
+
+    # -- writing (the observer thread) -----------------------------------------------------
+    def observe(self, inputs: np.ndarray, outputs: np.ndarray, key: str) -> None:
+        record: dict[str, Any] = {
+            "t": round(self._clock(), 3),
+            "model": key,
+            "inputs": np.asarray(inputs).tolist(),
+            "outputs": np.asarray(outputs).tolist(),
+            "argmax": np.asarray(outputs).reshape(len(outputs), -1).argmax(axis=1).tolist(),
+        }
+        try:
+            for f in self.redact:
+                record[f] = {"sha256": hashlib.sha256(_canonical(record[f])).hexdigest()}
+        except ValueError:  # NaN or infinite outputs: not JSON
+            self.errors += 1
+            return
+        self.write(record)
+
+    def write(self, record: dict[str, Any]) -> bool:
+        """Append one record; False if it was too long or the disk refused it (counted)."""
+        try:
+            line = _canonical(record) + b"\n"
+        except (TypeError, ValueError):  # NaN or infinite outputs: not JSON
+            self.errors += 1
+            return False
+        if len(line) > self.max_line:
+            self.oversize += 1
+            return False
+        with self._lock:
+            try:
+                if self._size and self._size + len(line) > self.max_bytes:
+                    self._rotate()
+                os.write(self._fd, line)
+            except OSError as exc:
+                self.errors += 1
+                if self.errors & (self.errors - 1) == 0:  # 1, 2, 4...: not a log flood
+                    log.warning("prediction log: cannot write (%s)", exc)
+                return False
+            self._size += len(line)
+            self.written += 1
+        return True
+
+    def _rotate(self) -> None:
+        rotated = self.rotated()
+        n = rotated[-1][0] + 1 if rotated else 1
+        os.rename(self.dir / CURRENT, self.dir / f"predictions.{n}.jsonl")
+        os.close(self._fd)
+        self._fd, self._size = self._open(), 0
+        for _, old in self.rotated()[: max(0, len(rotated) + 1 - self.keep)]:
+            old.unlink(missing_ok=True)
+
+    def rotated(self) -> list[tuple[int, Path]]:
+        """The rotated files, oldest first."""
+        found = []
+        for p in self.dir.iterdir():
+            m = _ROTATED.fullmatch(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    # -- reading ---------------------------------------------------------------------------
+    def read(self, since: float = 0.0) -> Iterator[dict[str, Any]]:
+        """Records with ``t >= since``, oldest first; unreadable (torn) lines are skipped."""
+        with self._lock:
+            files = [p for _, p in self.rotated()] + [self.dir / CURRENT]
+        for path in files:
+            try:
+                with open(path, "rb") as f:
+                    for line in f:
+                        try:
+                            rec = json.loads(line)
+                        except ValueError:
+                            continue
+                        if isinstance(rec, dict) and float(rec.get("t", 0)) >= since:
+                            yield rec
+            except FileNotFoundError:  # rotated away meanwhile
+                continue
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def open_log(config: AgentConfig, recorder: Recorder) -> PredictionLog | None:
+    """The daemon's log in ``<home>/predictions/`` as ``config`` asks (None: not asked), fed
+    ``predlog_sample`` of the recorder's calls."""
+    if config.predlog_sample <= 0:
+        return None
+    redact = [f.strip() for f in config.predlog_redact.split(",") if f.strip()]
+    plog = PredictionLog(config.home / "predictions", max_bytes=config.predlog_max_bytes,
+                         keep=config.predlog_keep, redact=redact)  # fmt: skip
+    recorder.add_observer(plog.observe, share=config.predlog_sample)
+    return plog
+
+
+def _canonical(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
