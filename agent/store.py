@@ -8,17 +8,18 @@ Layout under ``root``::
     staging/<tmp>/           an install in progress (deleted on open)
     trash/                   pruned versions being deleted (deleted on open)
 
-Crash safety: a version directory is fully written and fsynced in ``staging/`` before one
-``os.rename`` moves it into ``versions/``; ``ACTIVE.json`` is replaced atomically and is the
-only thing that says what is active, so after a crash at any point either the old or the
-new version is active and complete. Directories the pointer does not name are leftovers and
-are removed on open. The anti-rollback sequence is bumped in the same write as the switch.
+Crash safety: a version directory is written in ``staging/``, moved into ``versions/`` by one
+``os.rename``, and fsynced (its files, itself, ``versions/``) before ``ACTIVE.json`` may name
+it; the pointer is replaced atomically and is the only thing that says what is active, so
+after a crash at any point either the old or the new version is active and complete.
+Directories the pointer does not name are leftovers and are removed on open. The
+anti-rollback sequence is bumped in the same write as the switch.
 
 An install costs seven fsyncs, the least POSIX asks for this layout: the three files of the
-version (model, manifest, signature) and the staged directory (their names), issued from one
-helper thread while the caller's ``check`` runs (the updater hashes the model back and loads
-it there), then ``versions/`` (the renamed directory) and the pointer (its temporary file,
-then the store root for the replace). A rollback costs the pointer's two. Pruning needs none:
+version (model, manifest, signature), its directory (their names) and ``versions/`` (its
+name), issued from one helper thread while the caller's ``check`` runs (the updater hashes the
+model back and loads it there), then the pointer's two (its temporary file, then the store
+root for the replace). A rollback costs the pointer's two. Pruning needs none:
 a leftover goes on open.
 
 Kept versions are immutable once committed (a directory name includes the bundle id), so a
@@ -292,60 +293,48 @@ class ModelStore:
         signature_raw: bytes,
         manifest: Manifest,
         *,
-        check: Callable[[], None] | None = None,
+        check: Callable[[Path], None] | None = None,
     ) -> InstalledVersion:
         """Make the staged version durable and visible under ``versions/`` (not active).
 
-        ``check`` runs in this thread while the staged files are fsynced (e.g. hashing the
-        model back); what it raises leaves once the fsyncs are over, before anything is
-        renamed. On failure nothing of the version is under ``versions/``; the caller aborts
-        the staging. OS errors leave as ``StoreError``.
+        The manifest and signature are written, the directory is renamed into ``versions/``
+        at once (the pointer does not name it: until the switch it is a leftover that the
+        next open removes), then its files, itself and ``versions/`` are fsynced in a helper
+        thread while ``check(version directory)`` runs here (the updater hashes the model
+        back and loads it). What ``check`` raises leaves once the fsyncs are over. On failure
+        nothing of the version is under ``versions/``; the caller aborts the staging. OS
+        errors leave as ``StoreError``.
         """
         self._writable()
         target = self.root / "versions" / version_dirname(manifest)
+        fds, staging.fd = [staging.fd], -1
         renamed = False
         try:
             with os_errors(f"cannot commit {target.name}"):
-                self._write_version(staging, target, manifest_raw, signature_raw, check)
+                files = (("manifest.json", manifest_raw), ("manifest.sig", signature_raw))
+                for fname, data in files:
+                    fds.append(fd := _private_file(staging.dir / fname, os.O_WRONLY))
+                    os.write(fd, data)  # small: one write (a short one is caught here)
+                    if os.fstat(fd).st_size != len(data):
+                        raise OSError(errno.EIO, f"short write of {fname}")
+                if target.exists():  # same release installed before (e.g. replayed after a crash)
+                    shutil.rmtree(target)
+                os.rename(staging.dir, target)
                 renamed = True
                 self._cp("version:renamed")
-                fsync_dir(target.parent)
+                _sync_while(fds, (target, target.parent), lambda: (check or _nothing)(target))
                 self._cp("version:synced")
-        except StoreError:
+        except BaseException:
             if renamed and target.name not in self.state.history:  # never activated: drop it
                 shutil.rmtree(target, ignore_errors=True)
             raise
-        version = InstalledVersion(target, manifest, manifest_raw)
-        self._remember(version)
-        return version
-
-    def _write_version(
-        self,
-        staging: Staging,
-        target: Path,
-        manifest_raw: bytes,
-        signature_raw: bytes,
-        check: Callable[[], None] | None,
-    ) -> None:
-        """Sync the staged files and rename the directory to ``target`` (OSError on failure)."""
-        fds = [staging.fd]
-        try:
-            for fname, data in (("manifest.json", manifest_raw), ("manifest.sig", signature_raw)):
-                fds.append(fd := _private_file(staging.dir / fname, os.O_WRONLY))
-                os.write(fd, data)  # small: one write (a short one is caught below)
-                if os.fstat(fd).st_size != len(data):
-                    raise OSError(errno.EIO, f"short write of {fname}")
-            _sync_while(fds, staging.dir, check or (lambda: None))
         finally:
-            staging.fd = -1
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._cp("files:synced")
-        self._cp("staging:synced")
-        if target.exists():  # same release installed before (e.g. replayed after a crash)
-            shutil.rmtree(target)
-        os.rename(staging.dir, target)
+        version = InstalledVersion(target, manifest, manifest_raw)
+        self._remember(version)
+        return version
 
     def discard(self, version: InstalledVersion) -> None:
         """Remove a committed but never activated version (e.g. it failed its smoke test)."""
@@ -411,9 +400,13 @@ def _private_file(path: Path, access: int) -> int:
     return fd
 
 
-def _sync_while(fds: list[int], directory: Path, work: Callable[[], None]) -> None:
-    """fsync ``fds``, then ``directory`` (their names), in a helper thread while ``work`` runs
-    here; raise the first error.
+def _nothing(_: Path) -> None:
+    return None
+
+
+def _sync_while(fds: list[int], dirs: tuple[Path, ...], work: Callable[[], None]) -> None:
+    """fsync ``fds``, then ``dirs`` (their names, in order), in a helper thread while ``work``
+    runs here; raise the first error.
 
     fsync releases the GIL and mostly waits for the disk, so ``work`` (CPU) overlaps it even
     on one core. An error of ``work`` wins over one of the fsyncs (it is the more specific).
@@ -424,7 +417,8 @@ def _sync_while(fds: list[int], directory: Path, work: Callable[[], None]) -> No
         try:
             for fd in fds:
                 os.fsync(fd)
-            fsync_dir(directory)
+            for d in dirs:
+                fsync_dir(d)
         except BaseException as exc:  # handed to the caller below
             errors.append(exc)
 

@@ -7,8 +7,8 @@ download that checked each on arrival; several cores open segments in parallel),
 activates only a version whose model loads and reproduces the signed smoke vectors, and whose
 loaded input/output tensors have the signed dtypes and shapes (a symbolic batch dimension
 matches any size). While the staged files are fsynced, the signed plaintext digest is checked
-by hashing the staged file back, and the model is loaded and smoke-tested: only the rename
-into ``versions/`` and the pointer switch wait for the disk. Any failure raises a
+by hashing the staged file back, and the model is loaded and smoke-tested: only the pointer
+switch waits for the disk. Any failure raises a
 ``BundleError`` (or ``StoreError``, which is also what operating-system errors such as a full
 disk become) and leaves the previously active version active, with nothing of the new one
 left behind.
@@ -301,7 +301,7 @@ class Updater:
         still authenticates each one as it is read back). While the staged files are
         fsynced, the plaintext digest is checked and then ``during_sync(staged model path)``
         runs (the install loads and smoke-tests the model there: the file is complete, and
-        only the rename waits for the disk). What either raises aborts the staging."""
+        only the switch waits for the disk). What either raises aborts the staging."""
         cipher = SegmentCipher(key, bytes.fromhex(m.bundle_id), m.segment_size)
         opener = SegmentOpener(m, cipher, verified=getattr(source, "verified", False) is True)
 
@@ -321,12 +321,11 @@ class Updater:
                         f"plaintext: expected {m.plaintext_size} bytes, "
                         f"decrypted {staging.written}"
                     )
-                model = staging.dir / f"model.{m.format}"
 
-                def check() -> None:  # runs while the fsyncs do
+                def check(version_dir: Path) -> None:  # runs while the fsyncs do
                     plaintext_check(m, fd)
                     if during_sync is not None:
-                        during_sync(model)
+                        during_sync(version_dir / f"model.{m.format}")
 
                 return self.store.commit(staging, offer.manifest, offer.signature, m, check=check)
         except BaseException:

@@ -29,8 +29,6 @@ BEFORE_SWITCH = [
     "staging:created",
     "segment:0",
     "segment:17",
-    "files:synced",
-    "staging:synced",
     "version:renamed",
     "version:synced",
     "pointer:before",
