@@ -127,6 +127,14 @@ def test_dp_through_the_cli_records_noise_clip_and_epsilon(
     assert 0 < dps[0]["epsilon"] < dps[1]["epsilon"]  # ε accumulates over the rounds
     accuracy = [v["lineage"]["fl"]["metrics"]["eval"]["eval-accuracy"] for v in json.loads(out)]
     assert all(0.0 <= a <= 1.0 for a in accuracy)
+    # one more round of the same run: the accountant goes on from its registered state
+    code, out, err = run(capsys, *_start(home, "digits-dp", "dp-1", 3, "--dp-noise", 1.0,
+                                         "--dp-clip", 5.0))  # fmt: skip
+    assert code == 0 and out.startswith("run dp-1: resuming after round 2 of 3"), err
+    code, out, _ = run(capsys, "model", "history", "--home", home, "--name", "digits-dp",
+                       "--json")  # fmt: skip
+    eps = [v["lineage"]["fl"]["dp"]["epsilon"] for v in json.loads(out)]
+    assert len(eps) == 3 and eps[2] > eps[1] == dps[1]["epsilon"]
 
 
 def _lines(proc: subprocess.Popen[str]) -> queue.Queue[str]:
