@@ -36,6 +36,7 @@ from edgefleet.coordinator.home import Coordinator
 from edgefleet.coordinator.operations import Forbidden
 from edgefleet.infra.link.port import Link
 from edgefleet.protocol.device import DevicePublic
+from edgefleet.protocol.errors import EdgeFleetError
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -132,6 +133,30 @@ class EnrollBody(BaseModel):
     groups: list[Annotated[str, Field(pattern=_ID)]] = Field(default=[], max_length=64)
 
 
+def principal(request: Request) -> Principal:
+    """The token's principal (401 without a valid one)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "missing token: send Authorization: Bearer eft_…")
+    who = access.authenticate(request.app.state.registry, token.strip())
+    if who is None:
+        raise ApiError(401, "invalid or revoked token")
+    return who
+
+
+Who = Annotated[Principal, Depends(principal)]
+
+
+def viewer(who: Who) -> Principal:
+    if not who.may("view"):
+        raise ApiError(403, f"role {who.role} may not view")
+    return who
+
+
+View = Annotated[Principal, Depends(viewer)]
+
+
 def create_app(
     coordinator: Coordinator,
     *,
@@ -148,6 +173,7 @@ def create_app(
         redoc_url=None,
     )
     registry = coordinator.registry
+    app.state.registry = registry
     ops = Operations()
 
     @app.exception_handler(ApiError)
@@ -166,25 +192,6 @@ def create_app(
         return JSONResponse(
             {"error": f"{where}: {first.get('msg')}", "problems": len(errors)}, status_code=422
         )
-
-    def principal(request: Request) -> Principal:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise ApiError(401, "missing token: send Authorization: Bearer eft_…")
-        who = access.authenticate(registry, token.strip())
-        if who is None:
-            raise ApiError(401, "invalid or revoked token")
-        return who
-
-    Who = Annotated[Principal, Depends(principal)]
-
-    def viewer(who: Who) -> Principal:
-        if not who.may("view"):
-            raise ApiError(403, f"role {who.role} may not view")
-        return who
-
-    View = Annotated[Principal, Depends(viewer)]
 
     def source(request: Request) -> str:
         return f"http:{request.client.host}" if request.client else "http"
@@ -216,6 +223,10 @@ def create_app(
     def fl_runs(_: View) -> dict[str, Any]:
         return {"runs": views.fl_runs(registry)}
 
+    @app.get("/api/v1/rollouts")
+    def rollouts(_: View) -> dict[str, Any]:
+        return {"rollouts": views.rollouts(registry)}
+
     @app.get("/api/v1/audit")
     def audit(who: Who, since: int = 0, limit: int = 200) -> dict[str, Any]:
         if not who.may("audit.read"):
@@ -244,7 +255,7 @@ def create_app(
     def enroll(body: EnrollBody, who: Who, request: Request) -> dict[str, Any]:
         try:
             public = DevicePublic.decode(body.public_key.encode())
-        except ValueError as exc:
+        except (ValueError, EdgeFleetError) as exc:
             raise ApiError(422, f"body.public_key: {exc}") from exc
         with _conflicts():
             operations.enroll(coordinator, who, source(request), public, body.groups)
@@ -256,6 +267,24 @@ def create_app(
         with _conflicts():
             operations.revoke(coordinator, who, source(request), device_id)
         return {"device": device_id, "revoked": True}
+
+    @app.post("/api/v1/rollouts/{rollout_id}/{what}")
+    def rollout_control(rollout_id: int, what: str, who: Who, request: Request) -> dict[str, Any]:
+        if what == "rollback":
+            if not who.may("rollout.rollback"):
+                operations.audited(coordinator, who, "rollout.rollback", f"rollout:{rollout_id}",
+                                   source(request), _never)  # fmt: skip
+            if publisher is None:
+                raise ApiError(503, "this API runs without a broker connection: rollback is off")
+            with _conflicts(), publisher() as link:
+                reason = operations.rollout_rollback(coordinator, who, source(request), link,
+                                                     rollout_id)  # fmt: skip
+            return {"rollout": rollout_id, "rolled_back": True, "reason": reason}
+        if what not in ("pause", "resume", "abort"):
+            raise ApiError(404, f"no rollout operation {what!r} (pause, resume, abort, rollback)")
+        with _conflicts():
+            state = operations.rollout_control(coordinator, who, source(request), rollout_id, what)
+        return {"rollout": rollout_id, "state": state}
 
     @app.post("/api/v1/releases", status_code=202)
     def release(body: ReleaseBody, who: Who, request: Request) -> dict[str, Any]:

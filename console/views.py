@@ -9,7 +9,7 @@ from edgefleet.coordinator.tables.console import AuditEntry
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
-__all__ = ["audit_row", "fl_runs", "models", "releases"]
+__all__ = ["audit_row", "fl_runs", "models", "releases", "rollouts"]
 
 MAX_ROWS = 5000  # newest rows of a list view
 
@@ -43,11 +43,8 @@ def models(registry: Registry) -> list[dict[str, Any]]:
 
 def releases(registry: Registry) -> list[dict[str, Any]]:
     with registry.session() as s:
-        counts = dict(
-            s.execute(
-                select(ReleaseTarget.sequence, func.count()).group_by(ReleaseTarget.sequence)
-            ).tuples()
-        )
+        per = select(ReleaseTarget.sequence, func.count()).group_by(ReleaseTarget.sequence)
+        counts = {int(seq): int(n) for seq, n in s.execute(per).all()}
         rows = s.scalars(
             select(Release).options(selectinload(Release.model))
             .order_by(Release.sequence.desc()).limit(MAX_ROWS)
@@ -99,3 +96,15 @@ def audit_row(e: AuditEntry) -> dict[str, Any]:
         "id": e.id, "time": e.time, "actor": e.actor, "role": e.role, "action": e.action,
         "target": e.target, "source": e.source, "result": e.result, "detail": e.detail,
     }  # fmt: skip
+
+
+def rollouts(registry: Registry) -> list[dict[str, Any]]:
+    """Every rollout with its spec, state and recorded decisions (with their evidence)."""
+    from edgefleet.coordinator.rollouts import RolloutStore
+
+    store = RolloutStore(registry)
+    return [
+        {"id": r.id, "spec": r.spec.to_dict(), "state": r.state.to_dict(), "created": r.created,
+         "updated": r.updated, "decisions": store.decisions(r.id)[-200:]}
+        for r in store.all()[-MAX_ROWS:]
+    ]  # fmt: skip

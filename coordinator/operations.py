@@ -23,7 +23,10 @@ from .home import Coordinator
 from .registry import Device
 from .release import Released, release
 
-__all__ = ["Forbidden", "cli_principal", "enroll", "group_add", "publish_release", "revoke"]
+__all__ = [
+    "Forbidden", "cli_principal", "enroll", "group_add", "publish_release", "revoke",
+    "rollout_control", "rollout_rollback",
+]
 
 T = TypeVar("T")
 
@@ -110,3 +113,27 @@ def publish_release(
         lambda: release(c, link, name, version, selector),
         lambda done: {"sequence": done.sequence, "targets": len(done.targets)},
     )  # fmt: skip
+
+
+def rollout_control(c: Coordinator, who: Principal, source: str, rollout_id: int,
+                    what: str) -> dict[str, Any]:  # fmt: skip
+    """Pause, resume or abort a rollout (``what``); returns its new state."""
+    from .rollouts import Rollouts
+
+    if what not in ("pause", "resume", "abort"):
+        raise ValueError(f"unknown rollout operation {what!r}")
+    ro = Rollouts(c, None)
+    done = audited(c, who, f"rollout.{what}", f"rollout:{rollout_id}", source,
+                   lambda: getattr(ro, what)(rollout_id))  # fmt: skip
+    return dict(done.state.to_dict())
+
+
+def rollout_rollback(
+    c: Coordinator, who: Principal, source: str, link: Link, rollout_id: int
+) -> str:
+    """Roll back every device a rollout moved (new signed releases of the previous content)."""
+    from .rollouts import Rollouts
+
+    d = audited(c, who, "rollout.rollback", f"rollout:{rollout_id}", source,
+                lambda: Rollouts(c, link).rollback(rollout_id))  # fmt: skip
+    return str(d.reason)

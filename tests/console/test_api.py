@@ -1,0 +1,213 @@
+"""The operator API on both registry databases: every route, every role, the audit log, errors.
+
+A real coordinator home (real keys and crypto; a tiny opaque model), tokens made the way the
+CLI makes them, FastAPI's TestClient, and releases published on the in-memory broker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from edgefleet.console.api import create_app
+from edgefleet.coordinator import access, release
+from edgefleet.coordinator.home import Coordinator
+from edgefleet.coordinator.rollout import Gate, RolloutSpec, Stage
+from edgefleet.coordinator.rollouts import Rollouts
+from edgefleet.infra.link.memory import InMemoryBroker
+from edgefleet.protocol import topics
+from edgefleet.protocol.device import DevicePublic
+from edgefleet.protocol.keys import SigningKey, generate_kem_key
+from fastapi.testclient import TestClient
+
+from tests.coordinator.homes import META, mqtt
+
+DEVICES = ("dev-a", "dev-b", "dev-c")
+ROLES = ("viewer", "deployer", "admin")
+
+
+class Console:
+    def __init__(self, c: Coordinator, client: TestClient, broker: InMemoryBroker) -> None:
+        self.c, self.client, self.broker = c, client, broker
+        self.tokens = {
+            role: access.create_token(c.registry, name=f"{role}-1", role=role, by="test")
+            for role in ROLES
+        }
+
+    def call(self, role: str | None, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Authorization": f"Bearer {self.tokens[role]}"} if role else {}
+        return self.client.request(method, path, headers=headers, json=body)
+
+
+def _device(device_id: str) -> DevicePublic:
+    return DevicePublic(device_id=device_id, sign_public=SigningKey.generate().public_raw,
+                        kem=generate_kem_key("x25519").public())  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def console(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Console]:  # fmt: skip
+    """One coordinator home per database for the module (tests only add to it)."""
+    tmp = tmp_path_factory.mktemp("console")
+    url = (f"sqlite:///{tmp / 'registry.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("pg_url"))  # fmt: skip
+    c = Coordinator.init(tmp / "coordinator", database=url)
+    c.update_config(segment_size=1024)
+    for version in ("1", "2"):
+        path = tmp / f"m{version}.onnx"
+        path.write_bytes(f"model {version}".encode() * 300)
+        path.with_suffix(".json").write_text(json.dumps(META))
+        c.register_model("m", path, version=version, check=False)
+    for d in DEVICES:
+        c.enroll(_device(d))
+    with InMemoryBroker() as broker:
+        app = create_app(c, publisher=lambda: release.connect(
+            mqtt("api"), link_factory=broker.link))  # fmt: skip
+        with TestClient(app) as client:
+            yield Console(c, client, broker)
+    c.registry.engine.dispose()
+
+
+def _rollout(c: Coordinator) -> int:
+    spec = RolloutSpec(name="m", version="2", canary=Stage.parse("device:dev-a"),
+                       waves=(Stage.parse("100%"),), gates=(Gate.parse("error_rate<0.01"),),
+                       bake=60)  # fmt: skip
+    return Rollouts(c, None).start(spec)
+
+
+# (method, path, body, the least role, the success status); {rollout} is filled per test
+ROUTES: list[tuple[str, str, Any, str, int]] = [
+    ("GET", "/api/v1/me", None, "viewer", 200),
+    ("GET", "/api/v1/devices", None, "viewer", 200),
+    ("GET", "/api/v1/groups", None, "viewer", 200),
+    ("GET", "/api/v1/models", None, "viewer", 200),
+    ("GET", "/api/v1/releases", None, "viewer", 200),
+    ("GET", "/api/v1/fl/runs", None, "viewer", 200),
+    ("GET", "/api/v1/rollouts", None, "viewer", 200),
+    ("GET", "/api/v1/audit", None, "deployer", 200),
+    ("POST", "/api/v1/groups/canary", {"devices": ["dev-a"]}, "deployer", 200),
+    ("POST", "/api/v1/releases", {"name": "m", "version": "1", "to": "all", "wait": 0},
+     "deployer", 202),
+    ("POST", "/api/v1/rollouts/{rollout}/pause", None, "deployer", 200),
+    ("POST", "/api/v1/rollouts/{rollout}/abort", None, "deployer", 200),
+    ("POST", "/api/v1/devices/dev-c/revoke", None, "admin", 200),
+    ("POST", "/api/v1/devices", "ENROLL", "admin", 201),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "least", "ok"), ROUTES,
+                         ids=[f"{m} {p}" for m, p, *_ in ROUTES])  # fmt: skip
+def test_each_role_on_each_route(console: Console, method: str, path: str, body: Any,
+                                 least: str, ok: int) -> None:  # fmt: skip
+    """Viewer, deployer, admin in turn: allowed from ``least`` up, else 403; POSTs audited."""
+    if body == "ENROLL":
+        body = {"public_key": _device("dev-new").encode().decode()}
+    for role in ROLES:
+        where = path.replace("{rollout}", str(_rollout(console.c)))  # a fresh one per call
+        r = console.call(role, method, where, body)
+        allowed = ROLES.index(role) >= ROLES.index(least)
+        assert r.status_code == (ok if allowed else 403), (role, r.text)
+        if not allowed:
+            assert f"role {role} may not" in r.json()["error"]
+        if r.status_code == 202:  # a long operation: its audit row is written when it has run
+            assert "event: end" in console.call(role, "GET", r.json()["events"]).text
+        if method == "POST":  # every state change is audited, allowed or not
+            last = access.audit_log(console.c.registry, limit=1)[0]
+            assert (last.actor, last.role, last.source) == (f"{role}-1", role, "http:testclient")
+            assert last.result == ("ok" if allowed else f"refused: role {role} may not "
+                                   f"{last.action}")  # fmt: skip
+        if allowed and ROLES.index(least) == 2:
+            break  # admin-only changes (revoke, enroll) happen once
+
+
+def test_no_token_or_a_bad_or_revoked_one_gets_401(console: Console) -> None:
+    assert console.call(None, "GET", "/api/v1/devices").status_code == 401
+    bad = console.client.get("/api/v1/devices", headers={"Authorization": "Bearer eft_nope"})
+    assert bad.status_code == 401 and bad.json() == {"error": "invalid or revoked token"}
+    forged = console.tokens["admin"][:-4] + "AAAA"
+    assert console.client.get("/api/v1/devices",
+                              headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+    token = access.create_token(console.c.registry, name="leaver", role="viewer", by="test")
+    ok = console.client.get("/api/v1/devices", headers={"Authorization": f"Bearer {token}"})
+    assert ok.status_code == 200
+    access.revoke_token(console.c.registry, token[4:20])
+    gone = console.client.get("/api/v1/devices", headers={"Authorization": f"Bearer {token}"})
+    assert gone.status_code == 401
+
+
+def test_tokens_are_stored_hashed(console: Console) -> None:
+    rows = access.list_tokens(console.c.registry)
+    secrets = {t.split(".")[1] for t in console.tokens.values()}
+    assert len(rows) >= 3 and all(len(r.digest) == 32 for r in rows)
+    assert not any(s.encode() in r.digest for r in rows for s in secrets)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/api/v1/releases", {"name": "m", "to": "all"}, "body.version: Field required"),
+        ("/api/v1/releases", {"name": "m", "version": "1", "to": "all", "wait": -1},
+         "body.wait: Input should be greater than or equal to 0"),
+        ("/api/v1/releases", [1, 2], "body: Input should be a valid dictionary"),
+        ("/api/v1/groups/canary", {"devices": []}, "body.devices: List should have at least 1"),
+        ("/api/v1/groups/canary", {"devices": ["../etc"]}, "body.devices.0: String should match"),
+        ("/api/v1/groups/bad%20name", {"devices": ["dev-a"]}, "path.group: 'bad name' is not"),
+        ("/api/v1/devices", {"public_key": "{}"}, "body.public_key: "),
+    ],
+)
+def test_malformed_bodies_get_422_with_one_line(console: Console, path: str, body: Any,
+                                                message: str) -> None:  # fmt: skip
+    r = console.call("admin", "POST", path, body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"].startswith(message)
+    assert "\n" not in r.json()["error"]
+
+
+def test_release_streams_progress_and_is_audited(console: Console) -> None:
+    r = console.call("deployer", "POST", "/api/v1/releases",
+                     {"name": "m", "version": "2", "to": "device:dev-a,dev-b", "wait": 0})
+    assert r.status_code == 202
+    events = console.call("viewer", "GET", r.json()["events"]).text
+    assert "event: end" in events
+    end = json.loads(events.strip().split("data: ")[-1])
+    assert end["state"] == "timed out" and end["of"] == 2 and end["arrived"] == 0  # no agents
+    assert {topics.release("dev-a"), topics.release("dev-b")} <= set(console.broker.retained)
+    entry = access.audit_log(console.c.registry, action="release")[0]
+    assert entry.result == "ok" and entry.target == "m@2 to device:dev-a,dev-b"
+    assert entry.detail == {"sequence": end["sequence"], "targets": 2}
+    op = console.call("viewer", "GET", f"/api/v1/operations/{r.json()['operation']}").json()
+    assert op["state"] == "timed out"
+
+
+def test_a_failed_change_is_audited_with_its_error(console: Console) -> None:
+    r = console.call("deployer", "POST", "/api/v1/groups/g", {"devices": ["nobody"]})
+    assert r.status_code == 409
+    entry = access.audit_log(console.c.registry, limit=1)[0]
+    assert entry.action == "group.add" and entry.result.startswith("failed: ")
+
+
+def test_views_show_the_fleet_versions_and_rollouts(console: Console) -> None:
+    rid = _rollout(console.c)
+    devices = console.call("viewer", "GET", "/api/v1/devices").json()["devices"]
+    assert set(DEVICES) <= {d["device"] for d in devices}
+    models = console.call("viewer", "GET", "/api/v1/models").json()["models"]
+    assert [(m["name"], m["version"]) for m in models] == [("m", "1"), ("m", "2")]
+    rollouts = console.call("viewer", "GET", "/api/v1/rollouts").json()["rollouts"]
+    mine = {r["id"]: r for r in rollouts}[rid]
+    assert mine["spec"]["version"] == "2" and mine["state"]["paused"] is False
+    paused = console.call("deployer", "POST", f"/api/v1/rollouts/{rid}/pause").json()
+    assert paused["state"]["paused"] is True
+    after = {r["id"]: r for r in console.call("viewer", "GET", "/api/v1/rollouts").json()[
+        "rollouts"]}[rid]  # fmt: skip
+    assert after["state"]["paused"] is True and after["decisions"][-1]["action"] == "pause"
+
+
+def test_the_openapi_schema_lists_every_route(console: Console) -> None:
+    schema = console.client.get("/api/openapi.json").json()
+    paths = set(schema["paths"])
+    for _, path, *_ in ROUTES:
+        assert path.replace("{rollout}", "{rollout_id}").replace("/pause", "/{what}").replace(
+            "/abort", "/{what}").replace("/canary", "/{group}").replace(
+            "/dev-c/", "/{device_id}/") in paths, path  # fmt: skip
