@@ -55,8 +55,8 @@ from .rollout import (
 )
 from .tables.rollouts import RolloutDecisionRow, RolloutRow
 
-__all__ = ["EvidenceSource", "Rollout", "RolloutStore", "Rollouts", "fleet_rows",
-           "telemetry_evidence"]  # fmt: skip
+__all__ = ["EvidenceSource", "Rollout", "RolloutStore", "Rollouts", "TelemetryEvidence",
+           "fleet_rows"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -187,34 +187,56 @@ class EvidenceSource(Protocol):
     def __call__(self, registry: Registry, r: Rollout, now: float) -> Evidence: ...
 
 
-def telemetry_evidence(registry: Registry, r: Rollout, now: float) -> Evidence:
-    """From ``coordinator.telemetry``: the candidate on the wave's devices since its bake
-    began (``inference`` windows merged; ``drift``: the newest window's ``max_psi``;
+class TelemetryEvidence:
+    """Evidence from ``coordinator.telemetry``: the candidate on the wave's devices since its
+    bake began (``inference`` windows merged; ``drift``: the newest window's ``max_psi``;
     ``shadow``: agreement over the windows where it was the shadow), and each previous
     version over ``BASELINE_WINDOW`` seconds before the rollout, on every device that ran it
-    (a moved device's own baseline is its own previous version)."""
-    from . import telemetry
+    (a moved device's own baseline is its own previous version).
 
-    st, spec = r.state, r.spec
-    if st.phase != "baking" or st.since is None:
-        return Evidence()
-    wave, since = list(st.wave_devices), int(st.since)
-    healths = telemetry.version_health(registry, name=spec.name, version=spec.version,
-                                       since=since, device_ids=wave, now=int(now))  # fmt: skip
-    key = f"{spec.name}@{spec.version}"
-    drift = _drift(telemetry.recent(registry, namespace="drift", since=since, device_ids=wave),
-                   key)  # fmt: skip
-    agreement = _agreement(telemetry.recent(registry, namespace="shadow", since=int(
-        r.created - BASELINE_WINDOW), device_ids=wave), key)  # fmt: skip
-    candidate = {d: _health(h, drift=drift.get(d), agreement=agreement.get(d))
-                 for d, h in healths.items()}  # fmt: skip
-    baseline: dict[str, Health] = {}
-    for version in sorted({v for v in st.previous.values() if v and v != spec.version}):
-        before = telemetry.version_health(registry, name=spec.name, version=version,
-                                          since=int(r.created - BASELINE_WINDOW), now=int(now))
-        baseline.update({d: _health(h) for d, h in before.items()  # a moved device: its own
-                         if h.count and st.previous.get(d, version) == version})  # fmt: skip
-    return Evidence(candidate=candidate, baseline=baseline)
+    The baseline is read once per wave and kept (``version_health`` decodes every row of its
+    window: at fleet scale that is most of a step's cost, and the previous version's numbers
+    before the wave do not change)."""
+
+    def __init__(self, max_cached: int = 64) -> None:
+        self._baselines: dict[tuple[int, int], dict[str, Health]] = {}
+        self._max = max_cached
+
+    def __call__(self, registry: Registry, r: Rollout, now: float) -> Evidence:
+        from . import telemetry
+
+        st, spec = r.state, r.spec
+        if st.phase != "baking" or st.since is None:
+            return Evidence()
+        wave, since = list(st.wave_devices), int(st.since)
+        healths = telemetry.version_health(registry, name=spec.name, version=spec.version,
+                                           since=since, device_ids=wave, now=int(now))  # fmt: skip
+        key = f"{spec.name}@{spec.version}"
+        drift = _drift(telemetry.recent(registry, namespace="drift", since=since,
+                                        device_ids=wave), key)  # fmt: skip
+        agreement = _agreement(telemetry.recent(registry, namespace="shadow", since=int(
+            r.created - BASELINE_WINDOW), device_ids=wave), key)  # fmt: skip
+        candidate = {d: _health(h, drift=drift.get(d), agreement=agreement.get(d))
+                     for d, h in healths.items()}  # fmt: skip
+        return Evidence(candidate=candidate, baseline=self._baseline(registry, r, now))
+
+    def _baseline(self, registry: Registry, r: Rollout, now: float) -> dict[str, Health]:
+        from . import telemetry
+
+        cached = self._baselines.get((r.id, r.state.wave))
+        if cached is not None:
+            return cached
+        st, baseline = r.state, {}
+        for version in sorted({v for v in st.previous.values() if v and v != r.spec.version}):
+            before = telemetry.version_health(registry, name=r.spec.name, version=version,
+                                              since=int(r.created - BASELINE_WINDOW),
+                                              now=int(now))  # fmt: skip
+            baseline.update({d: _health(h) for d, h in before.items()  # a moved one: its own
+                             if h.count and st.previous.get(d, version) == version})  # fmt: skip
+        if len(self._baselines) >= self._max:
+            self._baselines.pop(next(iter(self._baselines)))
+        self._baselines[r.id, r.state.wave] = baseline
+        return baseline
 
 
 def _health(h: Any, **extra: float | None) -> Health:
@@ -258,7 +280,7 @@ class Rollouts:
         coordinator: Coordinator,
         link: Link | None,
         *,
-        evidence: EvidenceSource = telemetry_evidence,
+        evidence: EvidenceSource | None = None,
         clock: Callable[[], float] = time.time,
         offline_after: float = OFFLINE_AFTER,
         publish_timeout: float = 30.0,
@@ -266,7 +288,8 @@ class Rollouts:
         self.coordinator, self.link = coordinator, link
         self.registry = coordinator.registry
         self.store = RolloutStore(self.registry)
-        self.evidence, self.clock = evidence, clock
+        self.evidence: EvidenceSource = evidence or TelemetryEvidence()
+        self.clock = clock
         self.offline_after, self.publish_timeout = offline_after, publish_timeout
 
     def start(self, spec: RolloutSpec) -> int:
