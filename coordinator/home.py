@@ -101,6 +101,7 @@ class Coordinator:
         meta_path: Path | None = None,
         lineage: dict[str, Any] | None = None,
         check: bool = True,
+        reference_stats: dict[str, Any] | None = None,
     ) -> ModelVersion:
         """Store the model file content-addressed and record a version with its metadata.
 
@@ -110,6 +111,9 @@ class Coordinator:
         so is, with ``check`` (the default), a model the agent cannot serve or that its
         metadata does not describe (``coordinator.modelcheck``). ``check=False`` registers
         opaque bytes that no device will load (tests, payload benchmarks).
+        ``reference_stats`` (``models.refstats``) replaces the metadata's ``feature_stats``,
+        the drift reference every release manifest carries; drift statistics that do not
+        validate or do not match the input width are refused (``ValueError``).
         """
         from .modelcheck import check_model, check_names
 
@@ -118,6 +122,8 @@ class Coordinator:
         data = path.read_bytes()
         meta_path = meta_path or path.with_suffix(".json")
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if reference_stats is not None:
+            meta["feature_stats"] = reference_stats
         spec = _release_meta(meta)
         if check:
             check_model(fmt, data, spec)
@@ -352,5 +358,17 @@ def _release_meta(meta: dict[str, Any]) -> dict[str, Any]:
             for x, p in zip(smoke["x"], smoke["probabilities"], strict=True)
         ]
     out["smoke"] = [SmokeVector.from_dict(v).to_dict() for v in smoke]
-    out["feature_stats"] = meta.get("feature_stats", {})
+    out["feature_stats"] = stats = meta.get("feature_stats", {})
+    if isinstance(stats, dict) and "drift_schema" in stats:  # drift reference: checked now
+        from edgefleet.protocol.drift import ReferenceStats
+        from edgefleet.protocol.errors import DecodeError
+
+        try:
+            ref = ReferenceStats.from_dict(stats)
+        except DecodeError as exc:
+            raise ValueError(f"model metadata feature_stats: {exc}") from exc
+        width = out["inputs"][0]["shape"][-1] if out["inputs"][0]["shape"] else None
+        if width is not None and width != ref.features:
+            raise ValueError(f"model metadata feature_stats: statistics of {ref.features} "
+                             f"features for an input of {width}")  # fmt: skip
     return out

@@ -75,8 +75,13 @@ def train(args: argparse.Namespace) -> int:
 
 
 def register(args: argparse.Namespace) -> int:
+    stats = None
+    if getattr(args, "reference_data", None) is not None:
+        from edgefleet.models.refstats import stats_from_file
+
+        stats = stats_from_file(args.reference_data)
     mv = _open(args.home).register_model(
-        args.name, args.file, version=args.version, meta_path=args.meta
+        args.name, args.file, version=args.version, meta_path=args.meta, reference_stats=stats
     )
     print(mv.version)
     return 0

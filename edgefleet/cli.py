@@ -203,6 +203,8 @@ def _model(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--file", type=Path, required=True)
     c.add_argument("--version", default=None, help="default: next integer")
     c.add_argument("--meta", type=Path, default=None, help="metadata JSON (default: <file>.json)")
+    c.add_argument("--reference-data", type=Path, default=None, metavar="NPZ",
+                   help="training inputs x (and labels y): the drift reference statistics")
     c.set_defaults(run=_lazy(mod, "register"))
     c = p.add_parser("release", help="sign, encrypt and publish a release over MQTT")
     c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))

@@ -119,3 +119,24 @@ def test_the_cli_prints_the_view_and_records_alerts(
     assert {a["scope"] for a in data["view"]} == {"version", "group", "device"}
     assert cli.main(["fleet", "drift", "--home", str(coordinator.home), "--threshold", "-1"]) == 1
     assert "threshold" in capsys.readouterr().err
+
+
+def test_register_with_reference_data_puts_it_in_the_manifest(
+    coordinator: Coordinator, digits_v1: Any, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgefleet import cli
+
+    rng = np.random.default_rng(3)
+    good, narrow = tmp_path / "ref.npz", tmp_path / "narrow.npz"
+    np.savez(good, x=rng.uniform(0, 1, (300, 64)), y=rng.integers(0, 10, 300))
+    np.savez(narrow, x=rng.uniform(0, 1, (300, 8)))
+    args = ["model", "register", "--home", str(coordinator.home), "--name", "ref",
+            "--file", str(digits_v1.onnx), "--meta", str(digits_v1.meta_path)]  # fmt: skip
+    assert cli.main([*args, "--reference-data", str(good)]) == 0
+    version = capsys.readouterr().out.strip()
+    _, built = coordinator.build("ref", version, "device:d0")
+    stats = built.manifest.reference_stats
+    assert stats["n"] == 300 and len(stats["cuts"]) == 64 and len(stats["class_prior"]) == 10
+    assert cli.main([*args, "--reference-data", str(narrow)]) == 1
+    assert "8 features for an input of 64" in capsys.readouterr().err
+    assert cli.main([*args, "--reference-data", str(tmp_path / "missing.npz")]) == 1
