@@ -79,7 +79,7 @@ def run(quick: bool) -> list[Row]:
     from edgefleet.coordinator import rollout as ctl
     from edgefleet.coordinator.rollouts import Rollouts, TelemetryEvidence, fleet_rows
 
-    devices, reps = (50, 5) if quick else (500, 15)
+    devices, reps = (20, 3) if quick else (500, 15)
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         c, rid = _registry(Path(tmp), devices)
         ro = Rollouts(c, None)  # type: ignore[arg-type]

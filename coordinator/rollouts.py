@@ -189,7 +189,7 @@ class EvidenceSource(Protocol):
 
 class TelemetryEvidence:
     """Evidence from ``coordinator.telemetry``: the candidate on the wave's devices since its
-    bake began (``inference`` windows merged; ``drift``: the newest window's ``max_psi``;
+    bake began (``inference`` windows merged; ``drift``: the newest window's PSI;
     ``shadow``: agreement over the windows where it was the shadow), and each previous
     version over ``BASELINE_WINDOW`` seconds before the rollout, on every device that ran it
     (a moved device's own baseline is its own previous version).
@@ -250,13 +250,17 @@ def _number(v: object) -> float | None:
 
 
 def _drift(rows: list[tuple[str, int, dict[str, Any]]], key: str) -> dict[str, float]:
-    """Each device's newest ``max_psi`` for ``key`` (a drift report is the window's state)."""
+    """Each device's newest drift for ``key``: max(``max_psi``, ``output_psi``), as the
+    fleet's drift view reads it (a drift report is the state of its window)."""
     out = {}
     for device, _, payload in rows:  # oldest first: the newest wins
         w = payload.get(key)
-        value = _number(w.get("max_psi")) if isinstance(w, dict) else None
-        if value is not None:
-            out[device] = value
+        if not isinstance(w, dict):
+            continue
+        values = [v for v in (_number(w.get("max_psi")), _number(w.get("output_psi")))
+                  if v is not None]  # fmt: skip
+        if values:
+            out[device] = max(values)
     return out
 
 

@@ -159,3 +159,19 @@ def test_a_rollout_that_cannot_start_is_refused(fleet: FleetHarness, kw: dict[st
     with pytest.raises((LookupError, ValueError), match=message):
         ro.start(spec(**kw))
     assert ro.store.all() == []
+
+
+def test_drift_and_shadow_telemetry_become_evidence() -> None:
+    """The adapters over the ``drift`` and ``shadow`` namespaces (rows oldest first)."""
+    from edgefleet.coordinator.rollouts import _agreement, _drift
+
+    drift_rows = [("a", 1, {"digits@2": {"max_psi": 0.9, "output_psi": 0.1}}),
+                  ("a", 2, {"digits@2": {"max_psi": 0.05, "output_psi": 0.3}}),
+                  ("b", 1, {"digits@1": {"max_psi": 5.0}}),
+                  ("c", 1, {"digits@2": {"max_psi": "bad", "output_psi": None}})]  # fmt: skip
+    assert _drift(drift_rows, "digits@2") == {"a": 0.3}  # the newest window, its larger PSI
+    shadow_rows = [("a", 1, {"candidate": "digits@2", "compared": 10, "agree": 9}),
+                   ("a", 2, {"candidate": "digits@2", "compared": 30, "agree": 15}),
+                   ("b", 1, {"candidate": "digits@3", "compared": 10, "agree": 0}),
+                   ("c", 1, {"candidate": "digits@2", "compared": 0, "agree": 0})]  # fmt: skip
+    assert _agreement(shadow_rows, "digits@2") == {"a": 24 / 40}
