@@ -5,12 +5,13 @@ the canary group through the signed release path; the other devices keep their m
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 from edgefleet.coordinator import drift
-from edgefleet.federated.retrain import RetrainPolicy, RetrainTrigger
+from edgefleet.federated.retrain import RetrainPolicy, RetrainTrigger, decide
 from edgefleet.federated.service import ReleasePolicy
 from edgefleet.simulations.fl import BOOTSTRAP, FlFleet, FlSimConfig, fl_fleet
 from edgefleet.simulations.wait import wait_until
@@ -88,3 +89,44 @@ def test_drift_on_exactly_the_shifted_devices_retrains_and_reaches_the_canary(
             want = (cfg.name, outcome.released_version) if device in CANARY else (BOOTSTRAP, "1")
             assert (served.manifest.name, served.manifest.model_version) == want
         assert trigger.tick() is None  # handled, within the cooldown: no second run
+
+
+@dataclasses.dataclass
+class _Alert:
+    device_id: str
+
+
+@pytest.mark.parametrize(("alerts", "last_run", "now", "policy", "starts"), [
+    ([], None, 100.0, {}, None),
+    ([_Alert("a")], None, 100.0, {}, "drift on 1 devices (a)"),
+    ([_Alert("a"), _Alert("a")], None, 100.0, {"min_devices": 2}, None),  # one device, twice
+    ([_Alert("b"), _Alert("a")], None, 100.0, {"min_devices": 2}, "drift on 2 devices (a, b)"),
+    ([_Alert("a")], 50.0, 100.0, {"cooldown": 60}, None),  # within the cooldown
+    ([_Alert("a")], 30.0, 100.0, {"cooldown": 60}, "drift on 1 devices (a)"),
+    ([], None, 100.0, {"schedule": 3600}, "schedule: every 3600 s"),
+    ([], 0.0, 100.0, {"schedule": 3600}, None),
+    ([], 0.0, 3600.0, {"schedule": 3600}, "schedule: every 3600 s"),
+])  # fmt: skip
+def test_the_trigger_decides(alerts: list[_Alert], last_run: float | None, now: float,
+                             policy: dict[str, float], starts: str | None) -> None:  # fmt: skip
+    assert decide(alerts, RetrainPolicy(name="m", **policy), last_run=last_run, now=now) == starts  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--release-to", "canary"], "expected group:G"),
+    (["--release-to", "group:canary", "--threshold", "0"], "--threshold must be above 0"),
+    (["--release-to", "group:canary"], "no broker"),
+])  # fmt: skip
+def test_retrain_on_drift_refuses_in_one_line(
+    tmp_path: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgefleet.coordinator.home import Coordinator
+
+    from edgefleet import cli
+
+    Coordinator.init(tmp_path / "c")
+    argv = ["fl", "retrain-on-drift", "--home", str(tmp_path / "c"), "--name", "m",
+            "--rounds", "2", "--once", *extra]  # fmt: skip
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
