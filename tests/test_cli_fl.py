@@ -195,3 +195,7 @@ def test_a_run_killed_after_a_round_resumes_through_the_cli(
     assert "round 3 of 3: complete" in out.splitlines()[0]
     code, out, _ = run(capsys, *argv)  # once more: nothing left to do, nothing registered
     assert code == 0 and "all 3 rounds already registered" in out, out
+    code, _, err = run(capsys, *_start(home, "digits-other", "resume-1", 3))
+    assert code == 1 and err.strip() == ("edgefleet: run 'resume-1' trains 'digits-resume', not "
+                                         "'digits-other': pass --name digits-resume to resume it, "
+                                         "or another --run-id")  # fmt: skip
