@@ -19,9 +19,10 @@ sequentially, with no thread at all.
 Why one hash per segment is enough: the manifest signs each segment's ciphertext hash, so a
 segment that passes is the one the release key signed; its AES-GCM tag then proves the key is
 right too, and the key comes from the envelope whose digest the manifest also signs. The
-plaintext is thus fixed by signed bytes. The signed plaintext digest is still checked (an
-end-to-end check of the file the runtime will load, read back from it: it catches a bug in
-our own offsets or a short write), but overlapped with the fsync of that file
+plaintext is thus fixed by signed bytes. The signed plaintext digest is still checked (it
+catches a bug in our own offsets, and a manifest whose signed fields disagree), where it
+costs least: with workers, by this thread as the segments come back (it would otherwise
+only wait for them); on one core, by reading the staged file back while it is fsynced
 (``plaintext_check``), where the device would otherwise only wait for the disk.
 """
 
@@ -75,11 +76,11 @@ class SegmentOpener:
             )
         return self._cipher.open(index, ct, final=index == m.segments - 1)
 
-    def _one(self, source: SegmentSource, fd: int, index: int) -> int:
+    def _one(self, source: SegmentSource, fd: int, index: int) -> bytes:
         offset, length = self.manifest.segment_span(index)
         plain = self.open(index, source.read(offset, length))
         _pwrite_all(fd, plain, index * self.manifest.segment_size)
-        return len(plain)
+        return plain
 
     def open_into(
         self,
@@ -88,11 +89,15 @@ class SegmentOpener:
         *,
         workers: int = 1,
         done: Callable[[int], None] = lambda index: None,
-    ) -> int:
-        """Open every segment into ``fd`` at its offset; return the plaintext bytes written.
+    ) -> tuple[int, str | None]:
+        """Open every segment into ``fd`` at its offset; return the plaintext bytes written
+        and, with workers, the plaintext's SHA-256 (hex; else None: check the file with
+        ``plaintext_check`` while it is fsynced).
 
-        ``done(i)`` is called in this thread, in index order, once segment ``i`` is written
-        (a checkpoint, progress). OS errors leave as ``OSError``.
+        With workers this thread, otherwise only waiting for them, hashes each segment's
+        plaintext in order as it comes back: the digest runs beside the workers, not after
+        them. ``done(i)`` is called in this thread, in index order, once segment ``i`` is
+        written (a checkpoint, progress). OS errors leave as ``OSError``.
         """
         n = self.manifest.segments
         flush = _Writeback(fd, self.manifest.segment_size)
@@ -104,30 +109,33 @@ class SegmentOpener:
         if workers <= 1 or n == 1:
             written = 0
             for i in range(n):
-                written += self._one(source, fd, i)
+                written += len(self._one(source, fd, i))
                 finished(i)
-            return written
+            return written, None
         return self._parallel(source, fd, workers, finished)
 
     def _parallel(
         self, source: SegmentSource, fd: int, workers: int, done: Callable[[int], None]
-    ) -> int:
+    ) -> tuple[int, str]:
         n, size = self.manifest.segments, self.manifest.segment_size
         in_flight = max(workers, min(2 * workers, IN_FLIGHT_BYTES // (2 * size + 32)))
-        pending: collections.deque[Future[int]] = collections.deque()
+        pending: collections.deque[Future[bytes]] = collections.deque()
         written = submitted = 0
+        digest = hashlib.sha256()
         with ThreadPoolExecutor(workers, thread_name_prefix="segment-open") as pool:
             try:
                 for i in range(n):
                     while submitted < n and len(pending) < in_flight:
                         pending.append(pool.submit(self._one, source, fd, submitted))
                         submitted += 1
-                    written += pending.popleft().result()
+                    plain = pending.popleft().result()
+                    digest.update(plain)  # releases the GIL: beside the workers
+                    written += len(plain)
                     done(i)
             finally:  # on an error: queued segments never run, running ones finish first
                 for f in pending:
                     f.cancel()
-        return written
+        return written, digest.hexdigest()
 
 
 class _Writeback:

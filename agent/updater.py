@@ -299,9 +299,10 @@ class Updater:
         A source whose ``verified`` is True (a finished ``Download``) checked every segment
         against its signed hash as it arrived; its segments are not hashed again (AES-GCM
         still authenticates each one as it is read back). While the staged files are
-        fsynced, the plaintext digest is checked and then ``during_sync(staged model path)``
-        runs (the install loads and smoke-tests the model there: the file is complete, and
-        only the switch waits for the disk). What either raises aborts the staging."""
+        fsynced, the plaintext digest is checked (unless workers checked it already) and then
+        ``during_sync(model path)`` runs (the install loads and smoke-tests the model there:
+        the file is complete, and only the switch waits for the disk). What either raises
+        aborts the staging."""
         cipher = SegmentCipher(key, bytes.fromhex(m.bundle_id), m.segment_size)
         opener = SegmentOpener(m, cipher, verified=getattr(source, "verified", False) is True)
 
@@ -315,15 +316,18 @@ class Updater:
         try:  # OS errors the store did not map already (e.g. at the segment checkpoint)
             with os_errors(f"release {m.sequence}: cannot stage it"):
                 fd = staging.fd
-                staging.written = opener.open_into(source, fd, workers=self.workers, done=done)
-                if staging.written != m.plaintext_size:
+                written, digest = opener.open_into(source, fd, workers=self.workers, done=done)
+                staging.written = written
+                if written != m.plaintext_size or digest not in (None, m.plaintext_sha256):
                     raise IntegrityError(
-                        f"plaintext: expected {m.plaintext_size} bytes, "
-                        f"decrypted {staging.written}"
+                        f"plaintext: expected {m.plaintext_size} bytes with SHA-256 "
+                        f"{m.plaintext_sha256[:16]}…, decrypted {written} bytes"
+                        + ("" if digest is None else f" hashing to {digest[:16]}…")
                     )
 
                 def check(version_dir: Path) -> None:  # runs while the fsyncs do
-                    plaintext_check(m, fd)
+                    if digest is None:  # one core: hashed from the file, beside the fsync
+                        plaintext_check(m, fd)
                     if during_sync is not None:
                         during_sync(version_dir / f"model.{m.format}")
 

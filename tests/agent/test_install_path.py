@@ -25,7 +25,7 @@ from edgefleet.protocol.messages import ChunkReply
 from edgefleet.protocol.segments import SegmentCipher
 
 from tests.agent.releases import Release
-from tests.agent.test_tamper import payload_byte, xor
+from tests.agent.test_tamper import edited_manifest, payload_byte, xor
 from tests.conftest import Fleet, open_agent
 
 INSTALL_FSYNCS = 7  # model, manifest.json, manifest.sig, staged dir, versions/, pointer, root
@@ -175,10 +175,11 @@ def test_the_pool_reads_ahead_a_bounded_number_of_segments(
         order.append(i)
 
     fd = os.open(tmp_path / "model", os.O_RDWR | os.O_CREAT, 0o600)
-    written = SegmentOpener(m, cipher, verified=False).open_into(
+    written, digest = SegmentOpener(m, cipher, verified=False).open_into(
         source, fd, workers=2, done=done)
     os.close(fd)
     assert written == m.plaintext_size and order == list(range(m.segments))
+    assert digest == m.plaintext_sha256  # hashed beside the workers
     assert max(ahead) == 4  # 2 x workers in flight: segments 0-3 (IN_FLIGHT_BYTES allows it)
     assert opener_module.IN_FLIGHT_BYTES // (2 * m.segment_size) >= 4
     agent.close()
@@ -211,4 +212,22 @@ def test_kept_manifests_are_not_read_from_disk_once_known(
         (v / "manifest.json").unlink()
     assert [k.version for k in agent.status().kept] == ["2", "1"]
     assert [k.manifest.model_version for k in agent.store.kept()] == ["2", "1"]
+    agent.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_signed_but_wrong_plaintext_digest_is_caught_either_way(
+        workers: int, fleet: Fleet, tmp_path: Path, x_test: np.ndarray) -> None:
+    """Workers hash the plaintext as it comes back; one core hashes the file during the fsync."""
+    home = fleet.agent_home(tmp_path / "home", installed=["v1"])
+    bundle = tmp_path / "bad.efb"
+    bundle.write_bytes(edited_manifest(fleet, fleet.bundle_bytes("v2"),
+                                       lambda m: m.update(plaintext_sha256="0" * 64)))
+    agent = open_agent(home)
+    agent.updater.workers = workers
+    before = snapshot(home)
+    with pytest.raises(IntegrityError, match="^plaintext: "):
+        agent.install_file(bundle)
+    assert snapshot(home) == before
+    np.testing.assert_allclose(agent.predict(x_test), fleet.expected("v1", x_test), atol=1e-5)
     agent.close()
