@@ -24,6 +24,7 @@ too). Promotion is an ordinary release of the candidate's model; dropping is cle
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import threading
 import time
@@ -39,7 +40,7 @@ from .store import InstalledVersion
 
 __all__ = ["ABRouter", "ArmStats", "arm_of"]
 
-_BOUNDS_NS = np.array(LATENCY_BOUNDS_MS) * 1e6
+_BOUNDS_NS = [b * 1e6 for b in LATENCY_BOUNDS_MS]
 MAX_CLASSES = 32  # classes counted one by one; the rest as "+"
 
 
@@ -47,7 +48,7 @@ def arm_of(x: np.ndarray, key: bytes, share: float) -> bool:
     """True if the candidate answers ``x``: the keyed hash of its bytes is below ``share``."""
     if share <= 0.0:
         return False
-    data = np.ascontiguousarray(x, dtype=np.float32).tobytes()
+    data = (x if x.dtype == np.float32 else x.astype(np.float32)).tobytes()  # C order
     h = hashlib.blake2b(data, key=key[:64], digest_size=8).digest()
     return int.from_bytes(h, "big") / 2.0**64 < share
 
@@ -60,17 +61,15 @@ class ArmStats:
         self.lat = [0] * (len(LATENCY_BOUNDS_MS) + 1)
         self.classes: dict[str, int] = {}
 
-    def add(self, ns: int, out: np.ndarray | None) -> None:
+    def add(self, ns: int, bucket: int, classes: list[str] | None) -> None:
         self.count += 1
         self.lat_ns += ns
-        self.lat[int(np.searchsorted(_BOUNDS_NS, ns, side="left"))] += 1
-        if out is None:
+        self.lat[bucket] += 1
+        if classes is None:
             self.errors += 1
             return
-        y = out.reshape(out.shape[0], -1)
-        self.rows += y.shape[0]
-        for c in y.argmax(axis=1).tolist():
-            k = str(c) if c < MAX_CLASSES else "+"
+        self.rows += len(classes)
+        for k in classes:
             self.classes[k] = self.classes.get(k, 0) + 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,12 +112,17 @@ class ABRouter:
         self._lock = threading.Lock()
         self._window, self._totals = _Window(), _Window()
         self._about: Serving | None = None
+        self._hasher, self._share = hashlib.blake2b(digest_size=8), 0.0  # keyed for ``_about``
         slot.listeners.append(self._reset)
         self._reset(slot.serving)
 
     def _reset(self, serving: Serving | None) -> None:
         ab = serving is not None and _spec(serving) is not None
         with self._lock:
+            if serving is not None and ab:  # key and share first: ``__call__`` reads unlocked
+                key = bytes.fromhex(serving[0].manifest.bundle_id)
+                self._hasher = hashlib.blake2b(key=key, digest_size=8)  # copied per request
+                self._share = _spec(serving) or 0.0
             self._about = serving if ab else None
             self._window, self._totals = _Window(), _Window()
         self._attach(self if ab else None)
@@ -128,8 +132,9 @@ class ABRouter:
         if about is None:
             return self._predict_active(x)
         version, runtime = about
-        share = _spec(about) or 0.0
-        if not arm_of(x, bytes.fromhex(version.manifest.bundle_id), share):
+        h = self._hasher.copy()  # cheaper than keying a new one (arm_of, in effect)
+        h.update((x if x.dtype == np.float32 else x.astype(np.float32)).tobytes())
+        if int.from_bytes(h.digest(), "big") / 2.0**64 >= self._share:
             return self._timed("active", x, about)
         t0 = self._clock()
         try:
@@ -155,11 +160,16 @@ class ABRouter:
     def _record(
         self, arm: str, ns: int, out: np.ndarray | None, about: Serving, *, fallback: bool = False
     ) -> None:
+        bucket = bisect.bisect_left(_BOUNDS_NS, ns)
+        classes = None
+        if out is not None:  # argmax per row, once
+            ids = out.argmax(axis=-1).ravel().tolist() if len(out) > 1 else [int(out.argmax())]
+            classes = [str(c) if c < MAX_CLASSES else "+" for c in ids]
         with self._lock:
             if about is not self._about:
                 return
             for w in (self._window, self._totals):
-                w.arms[arm].add(ns, out)
+                w.arms[arm].add(ns, bucket, classes)
                 w.fallbacks += fallback
 
     def telemetry(self) -> dict[str, Any] | None:

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SLOW = {"fl"}  # minutes even with --quick (a fleet on mosquitto): run by `make bench` only
+# minutes even with --quick: run by `make bench` only (fl: a fleet on mosquitto; shadow: two
+# candidate installs and ~1.5 s of timed calls per arm on top of the shared fleet, ~90 s here)
+SLOW = {"fl", "shadow"}
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert")
