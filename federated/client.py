@@ -17,6 +17,12 @@ is hashed against it on arrival (``protocol.flchunk.Reassembler``), and the whol
 once verified, takes one queue slot. Chunked instructions being reassembled or waiting hold
 at most ``max_message_bytes``. Replies above one frame go out the same way.
 
+With ``replay_state`` (a file in the agent's home) the replay guard — message ids until their
+expiry, the highest step of each run — is written atomically after every accepted
+instruction and read back at start-up, so an instruction replayed after an agent restart is
+still refused. An unreadable state file is logged and the guard starts empty (expiry still
+bounds what could be replayed).
+
 A ClientApp that raises is answered with a Flower error reply, as a SuperNode does. Nothing
 is run for an instruction that does not verify, and nothing at all unless ``opted_in``.
 Flower (and whatever the ClientApp imports) is imported on the first verified instruction,
@@ -26,6 +32,7 @@ Flower code at import time, and ``client_app`` may be a factory called at that m
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -33,10 +40,12 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgefleet.infra.fsutil import atomic_write
 from edgefleet.protocol import fl, flchunk
-from edgefleet.protocol.errors import BundleError, MalformedError
+from edgefleet.protocol.errors import BundleError, DecodeError, MalformedError
 from edgefleet.protocol.keyring import Keyring
 from edgefleet.protocol.keys import SigningKey
 
@@ -65,6 +74,7 @@ class FlClient:
         max_queued: int = 4,  # frames waiting for the thread (each at most fl.MAX_FRAME)
         reply_ttl: int = 3600,  # s a reply stays valid
         max_message_bytes: int = 32 << 20,  # chunked instructions reassembling or queued
+        replay_state: Path | None = None,  # where the replay guard survives a restart
     ) -> None:
         self.device_id = device_id
         self.node_id = fl.node_id_for(device_id)
@@ -77,7 +87,8 @@ class FlClient:
         self._chunks = flchunk.Reassembler(max_bytes_per_key=max_message_bytes,
                                            max_bytes=max_message_bytes, max_messages_per_key=2)
         self._chunk_lock = threading.Lock()
-        self._guard = fl.ReplayGuard()
+        self.replay_state = replay_state
+        self._guard = self._load_guard()
         self._contexts: OrderedDict[int, Context] = OrderedDict()
         self._done = threading.Condition()
         self._handled = 0  # frames finished (answered or rejected); guarded by _done
@@ -194,6 +205,7 @@ class FlClient:
         ):
             raise MalformedError("fl instruction: Flower metadata does not match its envelope")
         self._guard.accept(h)
+        self._save_guard()
         log.info("fl run %d step %d: %s", h.run_id, h.round, md.message_type)
         self._release(frame)  # the instruction's bytes are now Flower's Message
         reply = self._run_app(msg)
@@ -206,6 +218,28 @@ class FlClient:
             wire.set_message_id(reply, reply_id)
             payload = wire.encode(reply)
         self._send(payload, h, reply_id)
+
+    def _load_guard(self) -> fl.ReplayGuard:
+        path = self.replay_state
+        if path is None or not path.exists():
+            return fl.ReplayGuard()
+        try:
+            d = json.loads(path.read_bytes()[: 1 << 20])
+            if not isinstance(d, dict):
+                raise DecodeError("not a JSON object")
+            return fl.ReplayGuard.from_dict(d, now=int(self.clock()))
+        except (OSError, ValueError, DecodeError) as exc:
+            log.warning("fl: replay state %s unreadable (%s): starting empty", path, exc)
+            return fl.ReplayGuard()
+
+    def _save_guard(self) -> None:
+        if self.replay_state is None:
+            return
+        data = json.dumps(self._guard.to_dict(), separators=(",", ":")).encode()
+        try:
+            atomic_write(self.replay_state, data, mode=0o600)
+        except OSError as exc:  # the guard in memory still holds; a restart would forget
+            log.warning("fl: cannot save the replay state %s: %s", self.replay_state, exc)
 
     def _run_app(self, msg: Message) -> Message:
         try:

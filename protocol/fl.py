@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -344,20 +343,21 @@ def open_reply(frame: bytes, *, device_id: str, device_key: bytes | None, now: i
 class ReplayGuard:
     """Rejects a message id seen before, or a round below the highest seen in its run.
 
-    Pure and bounded: remembers the last ``capacity`` message ids and the rounds of the last
+    Pure and bounded: remembers the last ``capacity`` message ids (each until its header's
+    expiry: an expired message is refused by ``open_*`` anyway) and the rounds of the last
     ``capacity`` runs. ``check`` raises; ``accept`` records (after every other check passed).
+    ``to_dict`` / ``from_dict`` carry the state across a restart (the caller stores it).
     """
 
     def __init__(self, capacity: int = 1024) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self._ids: deque[str] = deque(maxlen=capacity)
-        self._seen: set[str] = set()
+        self._ids: dict[str, int] = {}  # message id -> its expiry (unix s), oldest first
         self._rounds: dict[int, int] = {}
         self._capacity = capacity
 
     def check(self, header: FlHeader) -> None:
-        if header.message_id in self._seen:
+        if header.message_id in self._ids:
             raise RollbackError(f"fl message {header.message_id}: replayed")
         highest = self._rounds.get(header.run_id, -1)
         if header.round < highest:
@@ -367,10 +367,30 @@ class ReplayGuard:
 
     def accept(self, header: FlHeader) -> None:
         self.check(header)
-        if len(self._ids) == self._capacity:
-            self._seen.discard(self._ids[0])
-        self._ids.append(header.message_id)
-        self._seen.add(header.message_id)
+        self._ids[header.message_id] = header.expires
+        while len(self._ids) > self._capacity:
+            del self._ids[next(iter(self._ids))]
+        self._rounds.pop(header.run_id, None)  # re-inserted last: the most recent run
         self._rounds[header.run_id] = max(header.round, self._rounds.get(header.run_id, -1))
         while len(self._rounds) > self._capacity:
             del self._rounds[next(iter(self._rounds))]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "fl-replay-guard", "schema_version": 1,
+                "ids": [[k, v] for k, v in self._ids.items()],
+                "rounds": [[k, v] for k, v in self._rounds.items()]}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, now: int, capacity: int = 1024) -> ReplayGuard:
+        """The state ``to_dict`` wrote, without the ids expired by ``now``."""
+        check_header(d, "fl-replay-guard", 1, "fl replay guard")
+        guard = cls(capacity)
+        try:
+            for mid, expires in d["ids"][-capacity:]:
+                if isinstance(mid, str) and isinstance(expires, int) and expires > now:
+                    guard._ids[mid] = expires
+            for run_id, rnd in d["rounds"][-capacity:]:
+                guard._rounds[int(run_id)] = int(rnd)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DecodeError(f"fl replay guard: {type(exc).__name__}: {exc}"[:200]) from exc
+        return guard
