@@ -128,6 +128,7 @@ class _Rig:
     homes: dict[str, Path]
     svc: Any = None  # CoordinatorService
     closers: list[Callable[[], None]] = field(default_factory=list)
+    extra: Any = None  # what ``_rig``'s ``before_broker`` returned
 
     @property
     def port(self) -> int:
@@ -151,19 +152,27 @@ def _raw_req(user: str) -> str:
     return f"bench/raw/{user}/req"
 
 
-def _rig(root: Path, devices: list[str], raw_users: list[str]) -> _Rig:
+def _rig(
+    root: Path,
+    devices: list[str],
+    raw_users: list[str],
+    before_broker: Callable[[Any], Any] | None = None,
+) -> _Rig:
     """The fleet from ``simulations`` on a real mosquitto, plus broker accounts for the raw
-    paho baselines (``raw_users``)."""
+    paho baselines (``raw_users``); ``before_broker(coordinator)`` runs (e.g. enrolls more
+    devices) before the broker's passwords are written."""
     import dataclasses
     import secrets
 
+    from edgefleet.coordinator.brokerconf import credentials
     from edgefleet.coordinator.service import CoordinatorService, mqtt_config_for
     from edgefleet.simulations.brokers import start_broker
     from edgefleet.simulations.homes import point_agents_at, provision_fleet
 
     fleet = provision_fleet(root / "agents", devices, coordinator_home=root / "coordinator")
     coord = fleet.coordinator
-    users = {**fleet.users, **{u: secrets.token_urlsafe(16) for u in raw_users}}
+    made = before_broker(coord) if before_broker is not None else None
+    users = {**credentials(coord), **{u: secrets.token_urlsafe(16) for u in raw_users}}
     # The raw baselines' request topic is outside the EdgeFleet tree: devices may write only
     # their own upstream topics, which the coordinator serves.
     extra = "".join(f"\nuser {u}\ntopic write {_raw_req(u)}\n" for u in raw_users)
@@ -171,7 +180,7 @@ def _rig(root: Path, devices: list[str], raw_users: list[str]) -> _Rig:
     broker = start_broker(
         "mosquitto", users=users, data_dir=root / "broker", persistence=False, extra_acl=extra
     )
-    rig = _Rig(root, coord, broker, users, fleet.homes)
+    rig = _Rig(root, coord, broker, users, fleet.homes, extra=made)
     rig.closers.append(broker.close)
     rig.closers.append(coord.registry.engine.dispose)
     point_agents_at(coord, fleet.homes, broker.url, broker.protocol)

@@ -9,9 +9,10 @@ everyone, one after the other. Each is done when every thin device has verified 
 every agent has installed it, and the registry shows every device on it (so every final
 status was ingested).
 
-Measured per release, from ``/proc``: the serve process's CPU seconds and its RSS (sampled
-every ``sample`` s from before the first release to after the last), and the bytes the thin
-processes read and wrote (``rchar`` + ``wchar``: their MQTT traffic, framing included).
+Measured per release: the serve process's CPU seconds and its RSS (``/proc``; sampled every
+``sample`` s from before the first release to after the last), and the MQTT payload bytes the
+thin devices received and sent (offers, chunk frames, requests, statuses; framing not
+counted).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .homes import ModelFile
 from .thin import open_thin_fleet
 from .wait import wait_until
 
-__all__ = ["ReleaseFigures", "ScaleReport", "cpu_seconds", "io_bytes", "raise_nofile",
+__all__ = ["ReleaseFigures", "ScaleReport", "cpu_seconds", "raise_nofile",
            "rss_mb", "run_scale"]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,8 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def io_bytes(pid: int) -> int:
-    """Bytes a process read and wrote through system calls (sockets included)."""
-    try:
-        d = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-        return int(d["rchar"]) + int(d["wchar"])
-    except (OSError, ValueError, KeyError):
-        return 0
+def _payload(totals: dict[str, int]) -> int:
+    return int(totals.get("bytes_in", 0) + totals.get("bytes_out", 0))
 
 
 def raise_nofile(want: int) -> int:
@@ -85,7 +81,7 @@ class ReleaseFigures:
     published_s: float  # ... until every offer was acknowledged by the broker
     pulled_s: float  # ... until every thin device verified every chunk
     coordinator_cpu_s: float
-    thin_io_bytes: int  # read + written by the thin processes
+    thin_payload_bytes: int  # MQTT payloads the thin devices received and sent
     offer_bytes: int  # offer payloads published, all devices
     segments: int
 
@@ -114,7 +110,7 @@ class ScaleReport:
         return r.coordinator_cpu_s / (self.devices * self.model_bytes / 1e6)
 
     def wire_per_device(self, k: int = -1) -> float:
-        return self.releases[k].thin_io_bytes / self.thin
+        return self.releases[k].thin_payload_bytes / self.thin
 
 
 class _Sampler:
@@ -168,7 +164,7 @@ def run_scale(
         proc = _serve(c.home, work / "serve.log")
         fleet.procs["serve"] = proc
         running = [fleet.start_agent(a, heartbeat=30.0, request_timeout=5.0) for a in agents]
-        pools = tf.start_pools(processes)
+        tf.start_pools(processes)
         mv = c.registry.model(model.name, model.version)
         report = ScaleReport(thin=thin, agents=len(agents), model_bytes=mv.size,
                              database=database or "sqlite")  # fmt: skip
@@ -179,7 +175,7 @@ def run_scale(
                 for _ in range(releases_n):
                     for a in running:
                         a.daemon.installed.clear()
-                    r0, io0 = cpu_seconds(proc.pid), sum(io_bytes(p.pid) for p in pools)
+                    r0, io0 = cpu_seconds(proc.pid), _payload(tf.totals())
                     t0 = time.perf_counter()
                     done = releases.release(c, link, model.name, model.version, "all")
                     seq, t_pub = done.sequence, time.perf_counter() - t0
@@ -194,7 +190,7 @@ def run_scale(
                     report.releases.append(ReleaseFigures(
                         sequence=seq, seconds=dt, published_s=t_pub, pulled_s=t_pull,
                         coordinator_cpu_s=cpu_seconds(proc.pid) - r0,
-                        thin_io_bytes=sum(io_bytes(p.pid) for p in pools) - io0,
+                        thin_payload_bytes=_payload(tf.totals()) - io0,
                         offer_bytes=done.report.bytes,
                         segments=Manifest.decode(done.release.manifest).segments,
                     ))  # fmt: skip

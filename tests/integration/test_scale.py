@@ -54,7 +54,7 @@ def _check(report: ScaleReport, devices: int) -> None:
     t = report.totals
     assert report.devices == devices and len(report.releases) == 2
     for r in report.releases:
-        assert r.seconds > 0 and r.coordinator_cpu_s > 0 and r.thin_io_bytes > 0
+        assert r.seconds > 0 and r.coordinator_cpu_s > 0 and r.thin_payload_bytes > 0
     want = sum(r.segments for r in report.releases) * report.thin
     assert t["fetched"] == want, t
     assert t["duplicates"] == 0 and t["bad_hash"] == 0 and t["rejected"] == 0, t
