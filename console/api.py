@@ -227,6 +227,15 @@ def create_app(
     def rollouts(_: View) -> dict[str, Any]:
         return {"rollouts": views.rollouts(registry)}
 
+    @app.get("/api/v1/telemetry")
+    def telemetry(_: View, window: int = 3600) -> dict[str, Any]:
+        now = int(clock())
+        return views.telemetry(registry, since=now - max(60, min(window, 30 * 86400)), now=now)
+
+    @app.get("/api/v1/drift")
+    def drift(_: View, window: int = 3600) -> dict[str, Any]:
+        return views.drift(registry, since=int(clock()) - max(60, min(window, 30 * 86400)))
+
     @app.get("/api/v1/audit")
     def audit(who: Who, since: int = 0, limit: int = 200) -> dict[str, Any]:
         if not who.may("audit.read"):

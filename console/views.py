@@ -9,7 +9,7 @@ from edgefleet.coordinator.tables.console import AuditEntry
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
-__all__ = ["audit_row", "fl_runs", "models", "releases", "rollouts"]
+__all__ = ["audit_row", "drift", "fl_runs", "models", "releases", "rollouts", "telemetry"]
 
 MAX_ROWS = 5000  # newest rows of a list view
 
@@ -108,3 +108,52 @@ def rollouts(registry: Registry) -> list[dict[str, Any]]:
          "updated": r.updated, "decisions": store.decisions(r.id)[-200:]}
         for r in store.all()[-MAX_ROWS:]
     ]  # fmt: skip
+
+
+def telemetry(registry: Registry, *, since: int, now: int, points: int = 30) -> dict[str, Any]:
+    """Per model version, the fleet's inference telemetry since ``since`` in ``points`` time
+    buckets: calls, error rate and latency p50/p95/p99 (from the merged histograms)."""
+    from edgefleet.coordinator import telemetry as tm
+
+    width = max(1, (now - since) // points)
+    buckets: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for _, t, payload in tm.recent(registry, namespace=tm.INFERENCE, since=since):
+        for key, window in payload.items():
+            if isinstance(window, dict):
+                slot = since + (t - since) // width * width
+                buckets.setdefault(str(key), {}).setdefault(slot, []).append(window)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, slots in sorted(buckets.items()):
+        series = []
+        for slot, windows in sorted(slots.items()):
+            m = tm.merge_inference(windows)
+            series.append({
+                "time": slot, "count": m["count"],
+                "error_rate": m["errors"] / m["count"] if m["count"] else 0.0,
+                "p50_ms": tm.quantile_ms(m["lat"], 0.50), "p95_ms": tm.quantile_ms(m["lat"], 0.95),
+                "p99_ms": tm.quantile_ms(m["lat"], 0.99),
+            })  # fmt: skip
+        out[key] = series
+    return {"since": since, "bucket_s": width, "versions": out,
+            "totals": tm.version_totals(registry)}  # fmt: skip
+
+
+def drift(registry: Registry, *, since: int) -> dict[str, Any]:
+    """Fleet drift per version, group and device, each version's highest PSI per feature,
+    and the recorded alerts."""
+    from edgefleet.coordinator import drift as dr
+
+    reports = dr.latest(registry, since=since)
+    per_feature: dict[str, dict[int, float]] = {}
+    for r in reports:
+        mine = per_feature.setdefault(f"{r.name}@{r.version}", {})
+        for index, psi, _ks in r.features:
+            mine[int(index)] = max(mine.get(int(index), 0.0), float(psi))
+    return {
+        "aggregates": [a.to_dict() for a in dr.view(reports, registry.groups())],
+        "features": {k: sorted(v.items()) for k, v in sorted(per_feature.items())},
+        "alerts": [{"id": a.id, "created": a.created, "device": a.device_id, "name": a.name,
+                    "version": a.version, "score": a.score, "features": a.features,
+                    "state": a.state, "run_id": a.run_id}
+                   for a in dr.alerts(registry)[-MAX_ROWS:]],
+    }  # fmt: skip

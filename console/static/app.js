@@ -138,6 +138,43 @@
     show();
   }
 
+  async function telemetry(page) {
+    const t = await api("/api/v1/telemetry?window=3600");
+    const parts = [h("h2", {}, "Latency and errors per version (last hour)")];
+    const keys = Object.keys(t.versions);
+    if (!keys.length) parts.push(h("p", { class: "hint" }, "No inference telemetry in the last hour."));
+    const mins = s => (s.time - t.since) / 60;
+    for (const key of keys) {
+      const s = t.versions[key];
+      parts.push(h("h3", {}, key), EF.lineChart([
+        { name: "p50 ms", points: s.map(p => [mins(p), p.p50_ms ?? NaN]) },
+        { name: "p95 ms", points: s.map(p => [mins(p), p.p95_ms ?? NaN]) },
+        { name: "p99 ms", points: s.map(p => [mins(p), p.p99_ms ?? NaN]) },
+      ], { xLabel: "minutes into the hour", yLabel: "ms" }), " ", EF.lineChart([
+        { name: "error rate", points: s.map(p => [mins(p), p.error_rate]) },
+      ], { xLabel: "minutes into the hour", yLabel: "errors / call", yMin: 0, width: 360 }));
+    }
+    parts.push(h("h3", {}, "Lifetime totals"), table(["version", "calls", "errors", "devices"],
+      Object.entries(t.totals).map(([k, v]) => [k, v.count, v.errors, v.devices])));
+    page.replaceChildren(...parts);
+  }
+
+  async function drift(page) {
+    const d = await api("/api/v1/drift?window=3600");
+    const parts = [h("h2", {}, "Drift (PSI against the training data, last hour)")];
+    for (const [key, feats] of Object.entries(d.features)) {
+      parts.push(h("h3", {}, `${key}: highest PSI per feature`),
+        EF.barChart(feats.map(([i, psi]) => [i, psi]), { xLabel: "feature", yLabel: "PSI", mark: 0.2 }));
+    }
+    parts.push(table(["scope", "key", "devices", "drifting", "max", "median"], d.aggregates.map(a => [
+      a.scope, a.key, a.devices, h("span", { class: a.drifting ? "bad" : "ok" }, a.drifting),
+      a.max_score.toFixed(3), a.median_score.toFixed(3)])));
+    parts.push(h("h3", {}, "Alerts"), table(["time", "device", "version", "score", "state", "run"],
+      d.alerts.slice().reverse().map(a => [new Date(a.created * 1000).toLocaleString(), a.device,
+        `${a.name}@${a.version}`, a.score.toFixed(3), a.state, a.run_id || "—"])));
+    page.replaceChildren(...parts);
+  }
+
   async function audit(page) {
     const { entries } = await api("/api/v1/audit?limit=200");
     page.replaceChildren(h("h2", {}, "Audit log"),
@@ -146,7 +183,7 @@
         h("span", { class: e.result === "ok" ? "ok" : "bad" }, e.result)])));
   }
 
-  const PAGES = { fleet, versions, fl: flRuns, rollouts, audit };
+  const PAGES = { fleet, versions, fl: flRuns, rollouts, telemetry, drift, audit };
 
   function status(text, bad) {
     const s = document.getElementById("status");

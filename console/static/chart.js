@@ -46,8 +46,35 @@ window.EF = window.EF || {};
         dot.appendChild(el("title", {}, `${s.name}: ${p[0]} → ${p[1].toFixed(4)}`));
         svg.appendChild(dot);
       }
-      svg.appendChild(el("text", { x: m.l + 8, y: m.t + 12 + 14 * i, fill: color }, s.name));
+      svg.appendChild(el("text", { x: m.l + 8, y: m.t + 12 + 14 * i, style: `fill: ${color}` }, s.name));
     });
+    return svg;
+  };
+  // EF.barChart(bars, opts): bars = [[label, value], ...]; values above opts.mark are red.
+  EF.barChart = function (bars, opts) {
+    const o = Object.assign({ width: 720, height: 200, yLabel: "", xLabel: "", mark: Infinity }, opts || {});
+    const m = { l: 46, r: 12, t: 12, b: 34 };
+    const W = o.width - m.l - m.r, H = o.height - m.t - m.b;
+    const top = Math.max(o.yMax ?? 0, ...bars.map(b => b[1]), 1e-9);
+    const svg = el("svg", { class: "chart", width: o.width, height: o.height, viewBox: `0 0 ${o.width} ${o.height}`, role: "img" });
+    for (const t of ticks(0, top, 4)) {
+      const y = m.t + H - t / top * H;
+      svg.appendChild(el("line", { x1: m.l, x2: m.l + W, y1: y, y2: y, stroke: "#eceef2" }));
+      svg.appendChild(el("text", { x: m.l - 6, y: y + 4, "text-anchor": "end" }, t.toFixed(2)));
+    }
+    const bw = W / Math.max(1, bars.length);
+    bars.forEach((b, i) => {
+      const hgt = b[1] / top * H;
+      const r = el("rect", { x: m.l + i * bw + 1, y: m.t + H - hgt, width: Math.max(1, bw - 2), height: hgt,
+        fill: b[1] > o.mark ? "#c62828" : "#2f5bd3" });
+      r.appendChild(el("title", {}, `${b[0]}: ${b[1].toFixed(3)}`));
+      svg.appendChild(r);
+      if (bars.length <= 20 || i % Math.ceil(bars.length / 16) === 0) {
+        svg.appendChild(el("text", { x: m.l + i * bw + bw / 2, y: m.t + H + 14, "text-anchor": "middle" }, String(b[0])));
+      }
+    });
+    svg.appendChild(el("text", { x: m.l + W / 2, y: o.height - 2, "text-anchor": "middle" }, o.xLabel));
+    svg.appendChild(el("text", { x: 10, y: m.t + H / 2, transform: `rotate(-90 10 ${m.t + H / 2})`, "text-anchor": "middle" }, o.yLabel));
     return svg;
   };
 })();

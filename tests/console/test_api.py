@@ -86,6 +86,8 @@ ROUTES: list[tuple[str, str, Any, str, int]] = [
     ("GET", "/api/v1/releases", None, "viewer", 200),
     ("GET", "/api/v1/fl/runs", None, "viewer", 200),
     ("GET", "/api/v1/rollouts", None, "viewer", 200),
+    ("GET", "/api/v1/telemetry", None, "viewer", 200),
+    ("GET", "/api/v1/drift", None, "viewer", 200),
     ("GET", "/api/v1/audit", None, "deployer", 200),
     ("POST", "/api/v1/groups/canary", {"devices": ["dev-a"]}, "deployer", 200),
     ("POST", "/api/v1/releases", {"name": "m", "version": "1", "to": "all", "wait": 0},

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import uvicorn
 from edgefleet.console.api import create_app
-from edgefleet.coordinator import access
+from edgefleet.coordinator import access, telemetry
 from edgefleet.coordinator.rollout import Gate, RolloutSpec, Stage
 from edgefleet.coordinator.rollouts import Rollouts
+from edgefleet.simulations.workload import Workload
 
 from tests.conftest import Digits
 from tests.integration.fleet import open_fleet, wait_until
@@ -67,6 +68,9 @@ def site(tmp_path: Path, digits_v1: Digits) -> Iterator[tuple[str, Rollouts, int
             fleet.start_agent(d)
         first = fleet.release("1", "all")
         fleet.wait_active(DEVICES, first.sequence)
+        Workload(fleet).step(20)  # live inferences: the agents report inference telemetry
+        wait_until(lambda: telemetry.version_totals(fleet.coordinator.registry).get(
+            "digits@1", {}).get("count", 0) >= 20 * len(DEVICES), "the agents' telemetry")
         assert fleet.service is not None
         ro = Rollouts(fleet.coordinator, fleet.service.link)
         rid = ro.start(RolloutSpec(
@@ -128,6 +132,16 @@ def test_a_deployer_pauses_a_rollout_from_the_page_and_a_viewer_cannot(
             entry = access.audit_log(ro.registry, action="rollout.pause")[0]
             assert (entry.actor, entry.result) == ("deployer-ui", "ok")
             page.screenshot(path=str(ARTIFACTS / "rollout-paused.png"), full_page=True)
+
+            for tab in ("versions", "fl", "telemetry", "drift", "audit"):
+                page.click(f"nav a[data-tab={tab}]")
+                page.wait_for_selector(f"#{tab} h2")
+                page.wait_for_function("document.getElementById('status').className === 'hint'")
+                page.screenshot(path=str(ARTIFACTS / f"{tab}.png"), full_page=True)
+            assert page.locator("#versions tbody tr").count() == 2  # digits 1 and 2
+            assert page.locator("#telemetry svg.chart").count() >= 2  # latency, errors
+            assert "digits@1" in page.inner_text("#telemetry")
+            assert "rollout.pause" in page.inner_text("#audit")
 
             viewer = browser.new_page(viewport={"width": 1280, "height": 800})
             _login(viewer, url, tokens["viewer"])
