@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edgefleet.infra.link.port import Link
+from edgefleet.protocol.errors import StoreError, TransportError
 from sqlalchemy import select, update
 
 from . import release as releases
@@ -405,11 +406,18 @@ class Rollouts:
         stop: threading.Event | None = None,
         on_decision: Callable[[Decision], None] | None = None,
     ) -> Rollout:
-        """Tick every ``interval`` seconds until the rollout is final (or ``stop`` is set)."""
+        """Tick every ``interval`` seconds until the rollout is final (or ``stop`` is set). A
+        step the broker or the registry failed is logged and retried: the state only moves on
+        after its releases are published, so nothing is skipped."""
         stop = stop or threading.Event()
         while True:
-            d = self.tick(rollout_id)
-            if on_decision is not None:
+            try:
+                d: Decision | None = self.tick(rollout_id)
+            except (TransportError, StoreError) as exc:  # the broker or the registry: retried
+                log.warning("rollout %d: step failed, retrying in %g s: %s", rollout_id,
+                            interval, exc)  # fmt: skip
+                d = None
+            if d is not None and on_decision is not None:
                 on_decision(d)
             r = self.store.get(rollout_id)
             if r.state.final or stop.wait(interval):

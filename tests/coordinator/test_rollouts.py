@@ -175,3 +175,34 @@ def test_drift_and_shadow_telemetry_become_evidence() -> None:
                    ("b", 1, {"candidate": "digits@3", "compared": 10, "agree": 0}),
                    ("c", 1, {"candidate": "digits@2", "compared": 0, "agree": 0})]  # fmt: skip
     assert _agreement(shadow_rows, "digits@2") == {"a": 24 / 40}
+
+
+class FlakyLink:
+    """The service's link, whose first ``failures`` publishes fail as a gone broker would."""
+
+    def __init__(self, link: object, failures: int) -> None:
+        self.link, self.failures = link, failures
+
+    def publish(self, *args: object, **kwargs: object) -> object:
+        if self.failures:
+            self.failures -= 1
+            from edgefleet.protocol.errors import TransportError
+
+            raise TransportError("broker away")
+        return self.link.publish(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.link, name)
+
+
+def test_a_failed_publish_is_retried_and_nothing_is_skipped(fleet: FleetHarness) -> None:
+    assert fleet.service is not None
+    link = FlakyLink(fleet.service.link, failures=1)
+    ro = Rollouts(fleet.coordinator, link, evidence=FakeEvidence(GOOD))  # type: ignore[arg-type]
+    rid = ro.start(spec(waves=(Stage.parse("100%"),)))
+    r = ro.follow(rid, interval=0.05)
+    assert r.state.phase == "done" and link.failures == 0
+    starts = [d for d in ro.store.decisions(rid) if d["action"] == "start"]
+    assert len(starts) == 1  # recorded once: when its release was published
+    canary = starts[0]["devices"]
+    assert fleet.device(canary[0]).active_sequence == starts[0]["sequences"][0]
