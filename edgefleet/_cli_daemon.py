@@ -117,6 +117,12 @@ def coordinator_serve(args: argparse.Namespace) -> int:
     client_id = args.client_id or f"coordinator-{socket.gethostname()}-{os.getpid()}"
     svc = CoordinatorService(c, mqtt_config_for(c, client_id=client_id))
     metrics = _serve_metrics(svc, args.metrics)
+    api = None
+    if getattr(args, "api", None):
+        from ._cli_console import parse_listen, start_api
+
+        parse_listen(args.api)  # a bad address is one line, before anything starts
+        api = start_api(c, args.api)
     svc.start()
     log.info("coordinator serving on %s as %s", c.config.broker, client_id)
     try:
@@ -125,6 +131,10 @@ def coordinator_serve(args: argparse.Namespace) -> int:
         svc.stop()
         if metrics is not None:
             metrics.shutdown()
+        if api is not None:
+            from ._cli_console import stop_api
+
+            stop_api(api)
     return 0
 
 
