@@ -20,9 +20,10 @@ model key ``name@version`` (``model_key``):
 
 Observers: ``add_observer(fn, share=...)`` makes ``fn(inputs, outputs, model_key)`` see about
 ``share`` of the calls (every ``round(1/share)``-th call of a thread, inputs copied), on one
-background thread fed by a queue of ``OBSERVER_QUEUE`` samples: when it is full a sample is
-dropped and counted (``observer_dropped``), and an observer that raises is logged and counted
-(``observer_errors``); nothing reaches the request path.
+background thread that polls a ring of ``OBSERVER_QUEUE`` samples every ``OBSERVER_POLL``
+seconds (the request path only appends to a deque: no lock, no wake-up): when the ring is full
+the oldest sample is dropped and counted (``observer_dropped``), and an observer that raises
+is logged and counted (``observer_errors``); nothing reaches the request path.
 
 ``telemetry()`` is the ``inference`` source for ``Reporter.add_source``: the calls since the
 previous read (``None`` if there were none), so a buffered message loses nothing.
@@ -31,9 +32,9 @@ previous read (``None`` if there were none), so a buffered message loses nothing
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
-import queue
 import threading
 import time
 import weakref
@@ -64,10 +65,11 @@ log = logging.getLogger(__name__)
 
 Observer = Callable[[np.ndarray, np.ndarray, str], None]  # (inputs, outputs, model key)
 
-FOLD_EVERY = 256  # calls a thread records before it folds them into the totals
+FOLD_EVERY = 1024  # calls a thread records before it folds them (~1 ms of numpy) into the totals
 MAX_CLASSES = 32  # output classes counted one by one per model; the rest as "+"
 MAX_MODELS = 8  # model keys in one telemetry payload (the busiest)
-OBSERVER_QUEUE = 64  # samples waiting for the observer thread
+OBSERVER_QUEUE = 256  # samples waiting for the observer thread
+OBSERVER_POLL = 0.02  # s between the observer thread's looks at the ring
 NO_MODEL = "-"  # the key of calls made while no model was active
 _BOUNDS_NS = np.array(LATENCY_BOUNDS_MS) * 1e6
 
@@ -177,8 +179,8 @@ class Recorder:
         self._window: dict[str, _Stats] = {}
         self._stride = 0  # sample every n-th call of a thread for the observers; 0 = none
         self._observers: list[tuple[Observer, float, list[float]]] = []  # fn, share, credit
-        self._samples: queue.Queue[tuple[np.ndarray, np.ndarray, str]] = queue.Queue(
-            OBSERVER_QUEUE
+        self._samples: collections.deque[tuple[np.ndarray, np.ndarray, str]] = (
+            collections.deque(maxlen=OBSERVER_QUEUE)
         )
         self._observer_thread: threading.Thread | None = None
         self.observer_dropped = 0  # samples dropped: the observer queue was full
@@ -297,28 +299,31 @@ class Recorder:
             self._stride = max(1, round(1 / top))
 
     def _sample(self, x: np.ndarray, out: np.ndarray, version: InstalledVersion) -> None:
-        try:
-            self._samples.put_nowait((np.array(x, copy=True), out, model_key(version)))
-        except queue.Full:
-            self.observer_dropped += 1
+        if len(self._samples) == OBSERVER_QUEUE:
+            self.observer_dropped += 1  # the append below pushes the oldest out
+        self._samples.append((np.array(x, copy=True), out, model_key(version)))
 
     def _observe(self) -> None:
         while True:
-            x, out, key = self._samples.get()
-            with self._lock:
-                observers = list(self._observers)
-                top = max(s for _, s, _ in observers)
-            for fn, share, credit in observers:
-                credit[0] += share / top  # each observer sees its own share of the samples
-                if credit[0] < 1.0:
-                    continue
-                credit[0] -= 1.0
-                try:
-                    fn(x, out, key)
-                except Exception:
-                    self.observer_errors += 1
-                    if self.observer_errors & (self.observer_errors - 1) == 0:  # 1, 2, 4, 8...
-                        log.exception("predict observer %r failed", fn)
+            time.sleep(OBSERVER_POLL)
+            while self._samples:
+                self._dispatch(*self._samples.popleft())
+
+    def _dispatch(self, x: np.ndarray, out: np.ndarray, key: str) -> None:
+        with self._lock:
+            observers = list(self._observers)
+        top = max(s for _, s, _ in observers)
+        for fn, share, credit in observers:
+            credit[0] += share / top  # each observer sees its own share of the samples
+            if credit[0] < 1.0:
+                continue
+            credit[0] -= 1.0
+            try:
+                fn(x, out, key)
+            except Exception:
+                self.observer_errors += 1
+                if self.observer_errors & (self.observer_errors - 1) == 0:  # 1, 2, 4, 8...
+                    log.exception("predict observer %r failed", fn)
 
 
 def _summarize(calls: list[tuple[np.ndarray | None, int]]) -> _Stats:

@@ -14,6 +14,14 @@ at most ``rows_per_device`` rows per device (the oldest go first) and none older
 ``max_age``, pruned every ``prune_every`` seconds. An ``offline`` status (the agent's last
 will, published by the broker when its connection dropped) sets only the state: the model
 columns and ``last_seen`` keep what the device last said itself.
+
+What is dropped when (the service's queues in front of this, ``service.py``): statuses
+coalesce per device (only the latest few are kept; older ones count as ``status superseded``);
+telemetry past ``ServiceLimits.telemetry_messages`` (10,000) or ``telemetry_bytes`` (16 MiB)
+waiting is refused as it arrives, newest first, and counted per device (``up/telemetry queue
+full``): it is not re-sent, so a coordinator that cannot keep up loses windows, visibly.
+Device updates go out as one executemany per column set and telemetry rows as one bulk insert
+per batch (``service.INGEST_BATCH`` messages), so a batch costs a handful of statements.
 """
 
 from __future__ import annotations
@@ -22,11 +30,11 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from edgefleet.protocol.errors import DecodeError, EdgeFleetError
 from edgefleet.protocol.messages import DeviceStatus, Telemetry
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 
 from .registry import Device, Registry
 from .tables.telemetry import InferenceTotalRow, TelemetryRow
@@ -166,7 +174,7 @@ class Ingest:
         """The batch's device updates in one transaction: one SELECT for the enrolled ids,
         then one executemany UPDATE per set of columns (a statement per device cost ~10 ms
         each on a busy 2-core machine: 500 devices reporting at 1 Hz did not keep up)."""
-        table = Device.__table__
+        table = cast(Table, Device.__table__)
         with self.registry.session() as s:
             known = set(s.scalars(select(Device.device_id).where(
                 Device.device_id.in_(list(updates)))))  # fmt: skip

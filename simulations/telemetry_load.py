@@ -31,7 +31,7 @@ from typing import Any, Literal
 from edgefleet.coordinator import telemetry
 from edgefleet.coordinator.home import Coordinator
 from edgefleet.coordinator.service import CoordinatorService, mqtt_config_for
-from edgefleet.infra.link import InMemoryBroker, Link, LinkFactory, MqttConfig
+from edgefleet.infra.link import Delivery, InMemoryBroker, Link, LinkFactory, MqttConfig
 from edgefleet.protocol import topics
 from edgefleet.protocol.messages import ActiveModel, DeviceStatus, Telemetry
 
@@ -91,7 +91,7 @@ def publish(
         on_ready()
     ticks = max(1, round(seconds * rate))
     start, late, sent = clock(), 0.0, 0
-    last = [None] * len(links)
+    last: list[Delivery | None] = [None] * len(links)
     for tick in range(1, ticks + 1):
         due = start + (tick - 1) / rate
         if (wait := due - clock()) > 0:
@@ -221,7 +221,7 @@ def _in_child(url: str, ids: list[str], rate: float, seconds: float, started: li
     try:
         assert out.get(timeout=120) == "ready"
         started.append(time.monotonic())
-        sent: dict[str, Any] = out.get(timeout=seconds * 3 + 120)
+        sent: dict[str, Any] = out.get(timeout=seconds * 3 + 600)
         return sent
     finally:
         child.join(30)
