@@ -8,4 +8,5 @@ Nothing here imports ``flwr`` at package import time: an idle agent stays light.
 - ``client.FlClient`` (device side): verifies instructions, runs the ClientApp on its own
   thread, signs and publishes replies.
 - ``wire``: Flower's own serde for one ``Message``.
+- ``native.run_native``: the same apps on Flower's own SuperLink/SuperNodes (the baseline).
 """
