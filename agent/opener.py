@@ -53,8 +53,13 @@ class SegmentSource(Protocol):
 
 
 def default_workers() -> int:
-    """One worker per core, at most ``MAX_WORKERS``; 1 (sequential) on a single core."""
-    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    """One worker per core this process may run on, at most ``MAX_WORKERS``; 1 (sequential)
+    on a single core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))
 
 
 class SegmentOpener:
