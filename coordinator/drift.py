@@ -3,8 +3,8 @@
 Devices report, per model key ``name@version``, the summary of their recent window
 (``agent.drift``: ``n``, ``psi`` and ``ks`` per feature, ``max_psi``, ``output_psi``). Reports
 are untrusted: ``parse_report`` checks every field and bound and drops what does not pass.
-``latest(registry, since=...)`` keeps the newest report per (device, model key); a device's
-drift ``score`` is ``max(max_psi, output_psi)``.
+``latest(registry, since=...)`` reads each device's newest ``drift`` message (one row per
+device); a device's drift ``score`` is ``max(max_psi, output_psi)``.
 
 ``view(reports, groups, threshold=..., min_samples=...)`` aggregates them per version, per
 group (and version) and per device: devices reporting, how many drift (score above the
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.protocol._fields import NAME_RE
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from .registry import Registry
 from .tables.drift import DriftAlertRow
-from .telemetry import recent
+from .tables.telemetry import TelemetryRow
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -120,17 +120,26 @@ def latest(
     name: str | None = None,
     device_ids: Collection[str] | None = None,
 ) -> list[DeviceDrift]:
-    """The newest valid report per (device, model key) since ``since``, by device then key."""
+    """The reports in each device's newest ``drift`` message since ``since`` (one message
+    holds every model the device fed since its previous one), by device then model key. One
+    row per device is read, whatever the history kept."""
     newest: dict[tuple[str, str, str], DeviceDrift] = {}
-    for device_id, t, payload in recent(registry, namespace=NAMESPACE, since=since,
-                                        device_ids=device_ids):  # fmt: skip
+    last = select(func.max(TelemetryRow.id)).where(
+        TelemetryRow.namespace == NAMESPACE, TelemetryRow.time >= since)
+    if device_ids is not None:
+        last = last.where(TelemetryRow.device_id.in_(list(device_ids)))
+    q = select(TelemetryRow.device_id, TelemetryRow.time, TelemetryRow.payload).where(
+        TelemetryRow.id.in_(last.group_by(TelemetryRow.device_id).scalar_subquery()))
+    with registry.session() as s:
+        rows = [(d, int(t), p) for d, t, p in s.execute(q)]
+    for device_id, t, payload in rows:
         if not isinstance(payload, Mapping):
             continue
         for key, report in payload.items():
             d = parse_report(device_id, t, key, report)
             if d is None or (name is not None and d.name != name):
                 continue
-            newest[(d.device_id, d.name, d.version)] = d  # oldest first: the last one wins
+            newest[(d.device_id, d.name, d.version)] = d
     return [newest[k] for k in sorted(newest)]
 
 
