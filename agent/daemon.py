@@ -46,7 +46,7 @@ from .candidate_feed import CandidateSide
 from .download import Download
 from .drift import DriftMonitor
 from .observe import Recorder
-from .predlog import open_log
+from .predlog import open_log, parse_request, predlog_topic, upload_messages
 from .reporter import Facts, Reporter, active_model, offline_will
 
 __all__ = ["MAX_CHUNK_FRAME", "MAX_INCOMING", "AgentDaemon", "mqtt_config_for"]
@@ -157,6 +157,7 @@ class AgentDaemon:
             topics.cmd(self.device_id),
             *(f"{topics.PREFIX}/dev/{self.device_id}/{kind}" for kind in self._extra),
             *(() if self.candidate is None else (self.candidate.feed.topic,)),
+            *(() if self.predlog is None else (predlog_topic(topics.cmd(self.device_id)),)),
         ):
             self.link.subscribe(topic, qos=1)
         self.link.start()
@@ -199,6 +200,8 @@ class AgentDaemon:
             kind = own[1]
         if self.candidate is not None and topic == self.candidate.feed.topic:
             kind = "candidate"
+        elif self.predlog is not None and topic == predlog_topic(topics.cmd(self.device_id)):
+            kind = "predlog"
         limit = _LIMITS.get(kind, MAX_CHUNK_FRAME if kind in self._extra else MAX_COMMAND)
         if len(payload) > limit:
             self._drop(topic, f"{len(payload)} bytes, limit {limit}")
@@ -220,6 +223,17 @@ class AgentDaemon:
         except queue.Full:
             self._unqueued(payload)
             self._drop(topic, "agent queue full")
+
+    def _upload(self, payload: bytes) -> None:
+        """Answer a prediction-log upload request with ``predlog`` telemetry chunks."""
+        try:
+            corr, since, limit = parse_request(payload)
+        except ValueError as exc:
+            log.warning("dropped prediction-log request: %s", exc)
+            return
+        assert self.predlog is not None
+        for chunk in upload_messages(self.predlog, corr, since, limit):
+            self.reporter.telemetry({"predlog": chunk})
 
     def _candidate_downloading(self) -> bool:
         return self.candidate is not None and self.candidate.feed.flow.downloading
@@ -285,6 +299,9 @@ class AgentDaemon:
             return self.flow.chunk(payload)
         if kind == "candidate" and self.candidate is not None:
             self.candidate.feed.offer(payload)
+            return []
+        if kind == "predlog" and self.predlog is not None:
+            self._upload(payload)
             return []
         if kind == "installed":
             return self.flow.install_finished(payload)

@@ -141,7 +141,8 @@ def _values(model: Model, masks: np.ndarray, x: np.ndarray, bg: np.ndarray, targ
         rows = np.where(m[:, None, :], x[None, None, :], bg[None, :, :]).reshape(-1, x.size)
         y = np.asarray(model(rows), dtype=np.float64).reshape(len(rows), -1)[:, target]
         out[start * k : start * k + len(rows)] = y
-    return out.reshape(len(masks), k).mean(axis=1)
+    mean: np.ndarray = out.reshape(len(masks), k).mean(axis=1)
+    return mean
 
 
 def _exact(model: Model, x: np.ndarray, bg: np.ndarray, target: int
@@ -207,6 +208,8 @@ class ExplainOptions:
             raise ValueError(
                 f"explain: method must be auto, exact or permutation, saw {method!r:.20}"
             )
+        perms, seed = ints.get("permutations"), ints.get("seed")
         return cls(target=ints.get("target"), method=method,
-                   permutations=ints.get("permutations", 64), seed=ints.get("seed", 0),
+                   permutations=64 if perms is None else int(perms),
+                   seed=0 if seed is None else int(seed),
                    background=doc.get("background"))  # fmt: skip

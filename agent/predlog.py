@@ -19,6 +19,11 @@ process): a crash of the agent loses nothing written, a line is either whole or,
 cut mid-write, a torn last line that ``read`` skips.
 
 ``read(since)`` yields the records with ``t >= since``, oldest first, across the rotated files.
+
+Upload for audit: the coordinator (``edgefleet fleet predictions``) publishes a request on the
+device's ``cmd/predlog`` topic; the daemon answers with ``upload_messages``: the records, cut in
+bounded chunks (index, last, count) and sent as ``predlog`` telemetry on its own telemetry topic,
+which the coordinator stores like any telemetry and ``assemble`` puts back together.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +47,8 @@ if TYPE_CHECKING:
     from .config import AgentConfig
     from .observe import Recorder
 
-__all__ = ["REDACTABLE", "PredictionLog", "open_log"]
+__all__ = ["REDACTABLE", "PredictionLog", "assemble", "open_log", "parse_request",
+           "predlog_topic", "upload_messages"]
 
 log = logging.getLogger(__name__)
 REDACTABLE = ("inputs", "outputs", "argmax")
@@ -176,3 +183,66 @@ def open_log(config: AgentConfig, recorder: Recorder) -> PredictionLog | None:
 
 def _canonical(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+
+# -- upload for audit ---------------------------------------------------------------------------
+MAX_REQUEST = 1024  # bytes of an upload request
+MAX_UPLOAD = 4096  # records one request may ask for
+PIECE = 480  # characters per string piece (telemetry strings are at most 500)
+MESSAGE_BYTES = 40 * 1024  # record bytes per telemetry message (MAX_TELEMETRY is 64 KiB)
+_CORR = re.compile(r"[0-9a-f]{8,32}")
+
+
+def predlog_topic(cmd_topic: str) -> str:
+    """Where the coordinator asks for an upload: below the device's ``cmd`` (read: ``cmd/#``)."""
+    return f"{cmd_topic}/predlog"
+
+
+def parse_request(payload: bytes) -> tuple[str, float, int]:
+    """``(corr, since, limit)`` of ``{"corr": hex, "since": unix s, "limit": n}``, else
+    ``ValueError`` (the request is not signed: it can only ask for what the log holds, which
+    goes to the coordinator over the device's own telemetry topic)."""
+    if len(payload) > MAX_REQUEST:
+        raise ValueError(f"predlog request over {MAX_REQUEST} bytes")
+    doc = json.loads(payload)
+    if not isinstance(doc, dict) or set(doc) - {"corr", "since", "limit"}:
+        raise ValueError("predlog request: expected {corr, since, limit}")
+    corr, since, limit = doc.get("corr"), doc.get("since", 0), doc.get("limit", MAX_UPLOAD)
+    if not isinstance(corr, str) or not _CORR.fullmatch(corr):
+        raise ValueError("predlog request: corr must be 8-32 lowercase hex digits")
+    if isinstance(since, bool) or not isinstance(since, int | float) or not math.isfinite(since):
+        raise ValueError("predlog request: since must be a number")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_UPLOAD:
+        raise ValueError(f"predlog request: limit must be 1..{MAX_UPLOAD}")
+    return corr, float(since), limit
+
+
+def upload_messages(plog: PredictionLog, corr: str, since: float, limit: int
+                    ) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """The ``predlog`` telemetry payloads answering a request: chunks ``{"corr", "index",
+    "last", "records": [[piece, ...], ...]}``, each record its JSON line cut in ``PIECE``-char
+    pieces, at most ``MESSAGE_BYTES`` of records per chunk; the last says ``"last": true``
+    (and ``"count"``, the records sent)."""
+    chunk: list[list[str]] = []
+    size = index = count = 0
+    for rec in plog.read(since):
+        if count == limit:
+            break
+        line = _canonical(rec).decode()
+        if chunk and size + len(line) > MESSAGE_BYTES:
+            yield {"corr": corr, "index": index, "last": False, "records": chunk}
+            chunk, size, index = [], 0, index + 1
+        chunk.append([line[i : i + PIECE] for i in range(0, len(line), PIECE)])
+        size += len(line)
+        count += 1
+    yield {"corr": corr, "index": index, "last": True, "count": count, "records": chunk}
+
+
+def assemble(chunks: Iterable[Mapping[str, Any]], corr: str) -> list[dict[str, Any]] | None:
+    """The records of upload ``corr`` from its telemetry chunks, or None while incomplete."""
+    mine = {int(c["index"]): c for c in chunks if c.get("corr") == corr}
+    last = [i for i, c in mine.items() if c.get("last")]
+    if not last or set(mine) != set(range(last[0] + 1)):
+        return None
+    records = [json.loads("".join(pieces)) for i in sorted(mine) for pieces in mine[i]["records"]]
+    return records if len(records) == mine[last[0]].get("count") else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -110,8 +111,6 @@ def _num(value: object) -> str:
 
 def agent_explain(args: argparse.Namespace) -> int:
     """``agent explain``: Shapley values of the active model's prediction for one row."""
-    import sys
-
     from edgefleet.agent.agent import Agent
     from edgefleet.agent.explain import background_from, explain
 
@@ -142,4 +141,37 @@ def agent_explain(args: argparse.Namespace) -> int:
     print("feature      value    stderr")
     for i in np.argsort(-np.abs(e.values))[: args.top]:
         print(f"{int(i):>7} {e.values[i]:+9.4f} {e.stderr[i]:9.4f}")
+    return 0
+
+
+def fleet_predictions(args: argparse.Namespace) -> int:
+    """Ask a device for its prediction log since ``--since`` seconds ago; print it as JSONL."""
+    import secrets
+
+    from edgefleet.agent.predlog import assemble, predlog_topic
+    from edgefleet.coordinator import release
+    from edgefleet.coordinator.telemetry import recent
+    from edgefleet.protocol import topics
+
+    c, cfg = _coordinator(args)
+    if c.registry.device(args.device) is None:
+        raise LookupError(f"device {args.device!r} is not enrolled")
+    corr, asked = secrets.token_hex(8), int(time.time())
+    request = json.dumps({"corr": corr, "since": asked - args.since, "limit": args.limit})
+    with release.connect(cfg) as link:
+        link.publish(predlog_topic(topics.cmd(args.device)), request.encode(), qos=1).wait(10)
+    deadline = time.monotonic() + args.wait  # `coordinator serve` stores the answer
+    while True:
+        rows = recent(c.registry, namespace="predlog", since=asked - 60, device_ids=[args.device])
+        records = assemble((p for _, _, p in rows), corr)
+        if records is not None:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no complete prediction log from {args.device} within "
+                               f"{args.wait:g} s (is it online, with predlog_sample > 0, and "
+                               "`coordinator serve` running?)")  # fmt: skip
+        time.sleep(0.2)
+    for rec in records:
+        print(json.dumps(rec, separators=(",", ":")))
+    print(f"{len(records)} records from {args.device}", file=sys.stderr)
     return 0

@@ -270,6 +270,14 @@ def _fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--window", type=int, default=3600, help="seconds of telemetry looked at")
     c.add_argument("--json", action="store_true")
     c.set_defaults(run=_lazy("edgefleet._cli_shadow", "fleet_shadow"))
+    c = p.add_parser("predictions", help="fetch a device's prediction log for audit (JSONL)")
+    c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
+    c.add_argument("--device", required=True)
+    c.add_argument("--since", type=int, default=3600, help="seconds back from now")
+    c.add_argument("--limit", type=int, default=1000, help="records at most (<= 4096)")
+    c.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the upload")
+    c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
+    c.set_defaults(run=_lazy("edgefleet._cli_shadow", "fleet_predictions"))
 
 
 def _demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -83,3 +83,32 @@ def test_the_recorder_logs_its_sampled_share(fleet: Fleet, tmp_path: Path,
         plog.close()
     finally:
         agent.close()
+
+
+def test_an_upload_is_chunked_within_the_telemetry_bounds_and_reassembles(tmp_path: Path) -> None:
+    from edgefleet.agent.predlog import assemble, parse_request, upload_messages
+    from edgefleet.protocol.messages import MAX_TELEMETRY, Telemetry
+
+    t = [0.0]
+    plog = PredictionLog(tmp_path / "log", clock=lambda: t[0])
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        t[0] = float(i)
+        plog.observe(rng.random((1, 64), dtype=np.float32), rng.random((1, 10), np.float32), "m@1")
+    corr, since, limit = parse_request(b'{"corr": "0123abcd", "since": 100, "limit": 150}')
+    chunks = list(upload_messages(plog, corr, since, limit))
+    assert len(chunks) > 1 and chunks[-1]["last"] and chunks[-1]["count"] == 150
+    for c in chunks:  # each one a valid telemetry message within the size cap
+        message = Telemetry(device_id="d", time=1, metrics={"predlog": c})
+        assert len(message.encode()) <= MAX_TELEMETRY
+    assert assemble(chunks[:-1], corr) is None  # incomplete
+    assert assemble(reversed(chunks), "ffffffff") is None
+    got = assemble(reversed(chunks), corr)
+    assert got is not None and [r["t"] for r in got] == [100.0 + i for i in range(150)]
+    assert got == list(plog.read(100))[:150]
+    for bad in [b"{}", b'{"corr": "XYZ"}', b'{"corr": "0123abcd", "limit": 0}',
+                b'{"corr": "0123abcd", "since": NaN}', b'{"corr": "0123abcd", "x": 1}',
+                b"[" * 2000]:
+        with pytest.raises(ValueError):
+            parse_request(bad)
+    plog.close()

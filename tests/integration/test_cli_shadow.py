@@ -28,7 +28,8 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 def test_candidate_release_fleet_shadow_and_drop(tmp_path: Path, digits_v1: Digits,
                                                  digits_v2: Digits) -> None:
-    with open_fleet(tmp_path, digits_v1, ["dev-1"], kind="mosquitto", shadow_sample=1.0) as fleet:
+    with open_fleet(tmp_path, digits_v1, ["dev-1"], kind="mosquitto", shadow_sample=1.0,
+                    predlog_sample=1.0) as fleet:
         fleet.start_service()
         a = fleet.start_agent("dev-1")
         release = fleet.release("1", "all")
@@ -67,6 +68,16 @@ def test_candidate_release_fleet_shadow_and_drop(tmp_path: Path, digits_v1: Digi
         assert row["device"] == "dev-1" and row["candidate"] == "digits@3"
         rc, out, _ = run("fleet", "shadow", "--home", home)
         assert rc == 0 and "agreement" in out and "digits@3" in out
+
+        # the prediction log, uploaded through the link for audit
+        rc, out, err = run("fleet", "predictions", "--home", home, "--device", "dev-1",
+                           "--since", "3600", "--wait", "30")
+        assert rc == 0, err
+        records = [json.loads(line) for line in out.splitlines()]
+        assert len(records) == 10 and "10 records from dev-1" in err
+        assert [r["inputs"][0] for r in records] == x[:10].tolist()
+        rc, _, err = run("fleet", "predictions", "--home", home, "--device", "nope")
+        assert rc == 1 and "not enrolled" in err
 
         rc, out, err = run("model", "drop-candidate", "--home", home, "--to", "all")
         assert rc == 0 and "dropped on 1 devices" in out, err
