@@ -19,6 +19,8 @@ of FedAvg (quick: 2).
   superexec + the ``flwr-clientapp`` it starts per message), the largest of the N.
 * idle RSS: ``VmRSS`` of the FL-enabled process after the bootstrap release, before any round,
   against the FL-disabled process at the same point.
+* where a round's RSS goes (a note): VmRSS after each import a round adds, in a fresh process,
+  with and without pandas (scikit-learn imports it whenever it is installed).
 * coordinator time per round (validation + aggregation + export + registration, from
   ``RoundRecord.coordinator_seconds``) against the strategy's own ``aggregate_train``
   (``RoundRecord.aggregate_seconds``).
@@ -144,6 +146,39 @@ def _native(work: Path, nodes: int, rounds: int, quick: bool) -> NativeResult | 
     return run_native(work, nodes=nodes, rounds=rounds)
 
 
+_PROBE = """
+import importlib, importlib.abc, sys
+class NoPandas(importlib.abc.MetaPathFinder):  # what a device without pandas installed sees
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "pandas":
+            raise ImportError(name)
+if sys.argv[1] == "1":
+    sys.meta_path.insert(0, NoPandas())
+def mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / 1e6
+out = []
+for mod in ("numpy", "onnxruntime", "flwr.app", "sklearn.neural_network"):
+    importlib.import_module(mod)
+    out.append(f"{mod} {mb():.1f}")
+print("; ".join(out))
+"""
+
+
+def _rss_breakdown() -> list[str]:
+    """VmRSS after each import a round adds, in a fresh process (with and without pandas,
+    which scikit-learn imports whenever it is installed)."""
+    import sys
+
+    notes = []
+    for blocked, label in (("0", "this venv"), ("1", "pandas hidden")):
+        res = subprocess.run([sys.executable, "-c", _PROBE, blocked], capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        notes.append(f"round imports, VmRSS MB after each ({label}): {res.stdout.strip()}")
+    return notes
+
+
 def run(quick: bool) -> list[Row]:
     from edgefleet.infra.broker import _which
 
@@ -200,6 +235,7 @@ def run(quick: bool) -> list[Row]:
                       "(EDGEFLEET_BENCH_NATIVE=1 runs them)")
     _NOTES.append("round 1 waits out round_timeout for the stopped FL-disabled agent, which "
                   "the service still samples (presence not yet expired): excluded")
+    _NOTES.extend(_rss_breakdown())
     _NOTES.append(f"{agents} agents, {rounds} rounds; per-round medians; mosquitto round "
                   f"seconds {', '.join(f'{s:.3f}' for s in secs)}")
     return rows
