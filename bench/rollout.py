@@ -1,12 +1,12 @@
 """Rollouts: what one controller step costs at fleet scale, against ``fleet status``'s query.
 
 A coordinator registry (SQLite, on tmpfs where there is one) with ``devices`` enrolled (500;
-quick: 20), each running m 1 and having sent 10 ``inference`` telemetry messages for m 1 and
+quick: 10), each running m 1 and having sent 10 ``inference`` telemetry messages for m 1 and
 10 for m 2 through the real ingest path. One rollout of m 2 is baking a 100% wave (every
 device judged, long bake: each step is a ``wait`` with the full evidence). Timed, interleaved:
 
 * ``Rollouts.tick``: fleet rows, ``telemetry.version_health`` for the candidate and the
-  baseline, ``rollout.decide`` over every device, the state compare-and-set;
+  baseline, ``rollout.decide`` over every device, the last recorded decision;
 * baseline: ``coordinator.fleet.rows`` (what ``fleet status`` reads per call);
 * ``rollout.decide`` alone on the same rows and evidence (the pure controller).
 
@@ -79,7 +79,7 @@ def run(quick: bool) -> list[Row]:
     from edgefleet.coordinator import rollout as ctl
     from edgefleet.coordinator.rollouts import Rollouts, TelemetryEvidence, fleet_rows
 
-    devices, reps = (20, 3) if quick else (500, 15)
+    devices, reps = (10, 3) if quick else (500, 15)
     # the registry on tmpfs where there is one: the step's cost, not the disk's fsync latency
     shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
     with tempfile.TemporaryDirectory(prefix="bench-rollout-", dir=shm) as tmp:

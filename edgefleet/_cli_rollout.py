@@ -91,9 +91,20 @@ def run(args: argparse.Namespace) -> int:
 def _follow(ro: Rollouts, rid: int, interval: float) -> int:
     last: list[tuple[str, str]] = []
 
+    tty = sys.stderr.isatty()
+
     def show(d: Decision) -> None:
+        if tty and d.action == "wait":  # progress of the wave, redrawn in place
+            ready = len(d.devices) - len(d.evidence.get("not_ready") or {})
+            baked = d.evidence.get("baked_s")
+            sys.stderr.write(f"\r  wave {d.wave}: {d.reason}, {ready}/{len(d.devices)} devices "
+                             f"healthy" + (f", baked {baked:.0f} s" if baked is not None
+                                           else "") + "   ")  # fmt: skip
+            sys.stderr.flush()
         if d.action == "none" or last[-1:] == [(d.action, d.reason)]:
             return
+        if tty:
+            sys.stderr.write("\n")
         last.append((d.action, d.reason))
         devices = f" [{', '.join(d.devices[:6])}{', …' if len(d.devices) > 6 else ''}]"
         print(f"rollout {rid} wave {d.wave}: {d.action}: {d.reason}"
