@@ -49,7 +49,8 @@ __all__ = [
 
 NAMESPACE = "drift"
 DEFAULT_THRESHOLD = 0.2  # PSI: above 0.2 is the usual "significant shift"
-MIN_SAMPLES = 100  # rows in a device's window before its drift counts
+MIN_SAMPLES = 500  # rows in a device's window before its drift counts: max PSI over the 64
+# digits features without drift is above 0.2 in 93 % of 100-row windows, 1 % at 300, 0 at 500
 WINDOW = 3600  # s: reports older than this are not looked at
 MAX_FEATURES = 1024
 TOP = 5  # features named per device / alert

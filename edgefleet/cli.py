@@ -261,7 +261,7 @@ def _fleet(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--home", **_home("EDGEFLEET_COORDINATOR_HOME"))
     c.add_argument("--name", default="", help="only this model")
     c.add_argument("--threshold", type=float, default=0.2, help="drift (PSI) of an alert")
-    c.add_argument("--min-samples", type=float, default=100, help="rows a device's report needs")
+    c.add_argument("--min-samples", type=float, default=500, help="rows a device's report needs")
     c.add_argument("--window", type=int, default=3600, help="seconds of reports looked at")
     c.add_argument("--json", action="store_true")
     c.set_defaults(run=_lazy("edgefleet._cli_drift", "fleet_drift"))
@@ -361,7 +361,7 @@ def _fl(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--release-to", required=True, help="group:G | device:ID[,ID…] | all")
     c.add_argument("--release-if-better", default="", metavar="METRIC")
     c.add_argument("--threshold", type=float, default=0.2, help="drift (PSI) of an alert")
-    c.add_argument("--min-samples", type=float, default=100, help="rows a device's report needs")
+    c.add_argument("--min-samples", type=float, default=500, help="rows a device's report needs")
     c.add_argument("--min-devices", type=int, default=1, help="drifting devices to start a run")
     c.add_argument("--cooldown", type=float, default=3600.0, help="seconds between drift runs")
     c.add_argument("--schedule", type=float, default=None, metavar="SECONDS",

@@ -21,7 +21,7 @@ from .brokers import HAVE_MOSQUITTO, NEED_MOSQUITTO
 SHIFTED = [19, 20, 27, 28, 35, 36]  # centre pixels: +0.4 (clipped to [0, 1])
 DRIFTED = {"fl-0", "fl-1"}
 CANARY = ["fl-3"]
-MIN_SAMPLES = 300  # rows behind a report: PSI noise on 10 bins is ~9/n per feature
+MIN_SAMPLES = 500  # rows behind a report (coordinator.drift.MIN_SAMPLES: false alarms below)
 PASSES = 20
 
 
