@@ -29,6 +29,7 @@ EXPECTED = {
     "predict": [f"{k}:{fmt}" for fmt in ("onnx", "tflite")
                 for k in ("p50_us", "p99_us", "overhead_ns")],
     "rss": ["rss_mb:onnx", "rss_mb:tflite", "sklearn_imported:onnx", "sklearn_imported:tflite"],
+    "rollout": ["rollout.tick_ms", "rollout.decide_ms"],
 }
 
 
