@@ -115,7 +115,8 @@ class ScaleReport:
 
 class _Sampler:
     def __init__(self, pid: int, every: float) -> None:
-        self.pid, self.every, self.samples = pid, every, []  # type: list[float]
+        self.pid, self.every = pid, every
+        self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self._thread.start()

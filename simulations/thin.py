@@ -365,7 +365,7 @@ class _Device:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         props.MaximumPacketSize = MAX_INCOMING
         try:
@@ -666,12 +666,15 @@ class ThinFleet:
         pool.start()
         return pool
 
+    def _all(self) -> list[ThinProcess | ThinPool]:
+        return [*self.procs, *self.pools]
+
     def wait_sequence(self, sequence: int, timeout: float) -> bool:
-        return all(p.wait_sequence(sequence, timeout) for p in [*self.procs, *self.pools])
+        return all(p.wait_sequence(sequence, timeout) for p in self._all())
 
     def totals(self) -> dict[str, int]:
         total: collections.Counter[str] = collections.Counter()
-        for p in [*self.procs, *self.pools]:
+        for p in self._all():
             total.update(p.totals())
         return dict(total)
 
