@@ -128,6 +128,16 @@ class ReleaseBody(BaseModel):
     wait: float = Field(default=60.0, ge=0, le=3600, description="seconds to follow progress")
 
 
+class RolloutBody(BaseModel):
+    name: str = Field(pattern=_ID)
+    version: str = Field(pattern=_ID)
+    canary: str = Field(min_length=1, max_length=200, description="N% | device:ID,… | group:G")
+    waves: list[str] = Field(min_length=1, max_length=16, description="e.g. [\"50%\", \"100%\"]")
+    gates: list[str] = Field(default=[], max_length=16, description="e.g. error_rate<0.01")
+    bake: float = Field(default=600, ge=0, le=7 * 86400, description="seconds per stage")
+    min_samples: int = Field(default=50, ge=1, le=1_000_000)
+
+
 class EnrollBody(BaseModel):
     public_key: str = Field(min_length=1, max_length=8192, description="the device.pub file")
     groups: list[Annotated[str, Field(pattern=_ID)]] = Field(default=[], max_length=64)
@@ -276,6 +286,22 @@ def create_app(
         with _conflicts():
             operations.revoke(coordinator, who, source(request), device_id)
         return {"device": device_id, "revoked": True}
+
+    @app.post("/api/v1/rollouts", status_code=201)
+    def rollout_start(body: RolloutBody, who: Who, request: Request) -> dict[str, Any]:
+        from edgefleet.coordinator.rollout import Gate, RolloutSpec, Stage
+
+        try:
+            spec = RolloutSpec(
+                name=body.name, version=body.version, canary=Stage.parse(body.canary),
+                waves=tuple(Stage.parse(w) for w in body.waves),
+                gates=tuple(Gate.parse(g) for g in body.gates), bake=body.bake,
+                min_samples=body.min_samples)  # fmt: skip
+        except ValueError as exc:
+            raise ApiError(422, f"body: {exc}") from exc
+        with _conflicts():
+            rid = operations.rollout_start(coordinator, who, source(request), spec)
+        return {"rollout": rid, "ticking": publisher is not None}
 
     @app.post("/api/v1/rollouts/{rollout_id}/{what}")
     def rollout_control(rollout_id: int, what: str, who: Who, request: Request) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import getpass
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgefleet.infra.link.port import Link
 from edgefleet.protocol.device import DevicePublic
@@ -25,8 +25,11 @@ from .release import Released, release
 
 __all__ = [
     "Forbidden", "cli_principal", "enroll", "group_add", "publish_release", "revoke",
-    "rollout_control", "rollout_rollback",
+    "rollout_control", "rollout_rollback", "rollout_start",
 ]
+
+if TYPE_CHECKING:
+    from .rollout import RolloutSpec
 
 T = TypeVar("T")
 
@@ -137,3 +140,12 @@ def rollout_rollback(
     d = audited(c, who, "rollout.rollback", f"rollout:{rollout_id}", source,
                 lambda: Rollouts(c, link).rollback(rollout_id))  # fmt: skip
     return str(d.reason)
+
+
+def rollout_start(c: Coordinator, who: Principal, source: str, spec: RolloutSpec) -> int:
+    """Record a new rollout (whoever ticks rollouts carries it out); returns its id."""
+    from .rollouts import Rollouts
+
+    return audited(c, who, "rollout.start", f"{spec.name}@{spec.version}", source,
+                   lambda: Rollouts(c, None).start(spec),
+                   lambda rid: {"rollout": rid, "spec": spec.to_dict()})  # fmt: skip

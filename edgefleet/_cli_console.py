@@ -7,9 +7,11 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ._cli_coordinator import _open
 
@@ -95,10 +97,16 @@ def publisher_for(c: Coordinator) -> AbstractContextManager[Link]:
     return release.connect(mqtt_config_for(c, client_id=f"api-{os.getpid()}-{time.time_ns()}"))
 
 
-def start_api(c: Coordinator, listen: str) -> tuple[object, object]:
-    """Run the API on a uvicorn thread; returns (server, thread) for ``stop_api``."""
-    import threading
+@dataclass
+class ApiHandle:
+    server: Any
+    threads: list[threading.Thread]
+    stop: threading.Event
 
+
+def start_api(c: Coordinator, listen: str) -> ApiHandle:
+    """Run the API on a uvicorn thread, and (with a broker) tick the rollouts it starts;
+    ``stop_api`` stops both."""
     import uvicorn
 
     from edgefleet.console.api import create_app
@@ -108,16 +116,36 @@ def start_api(c: Coordinator, listen: str) -> tuple[object, object]:
     app = create_app(c, publisher=publisher)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            access_log=False))  # fmt: skip
-    thread = threading.Thread(target=server.run, name="api", daemon=True)
-    thread.start()
+    handle = ApiHandle(server, [threading.Thread(target=server.run, name="api", daemon=True)],
+                       threading.Event())  # fmt: skip
+    if publisher is not None:
+        handle.threads.append(threading.Thread(target=_tick_rollouts, args=(c, handle.stop),
+                                               name="rollouts", daemon=True))  # fmt: skip
+    for t in handle.threads:
+        t.start()
     log.info("API and dashboard on http://%s:%d/", host, port)
-    return server, thread
+    return handle
 
 
-def stop_api(handle: tuple[object, object]) -> None:
-    server, thread = handle
-    server.should_exit = True  # type: ignore[attr-defined]
-    thread.join(10)  # type: ignore[attr-defined]
+def _tick_rollouts(c: Coordinator, stop: threading.Event) -> None:
+    """Carry out every live rollout (those started through the API, the CLI or a dashboard);
+    several processes may tick at once: each state change is a compare-and-set."""
+    from edgefleet.coordinator.rollouts import Rollouts
+
+    while not stop.is_set():
+        try:
+            with publisher_for(c) as link:
+                Rollouts(c, link).run_all(stop=stop)
+        except Exception as exc:  # the broker went away: try again, the API stays up
+            log.warning("rollouts: %s (retrying in 5 s)", exc)
+            stop.wait(5)
+
+
+def stop_api(handle: ApiHandle) -> None:
+    handle.stop.set()
+    handle.server.should_exit = True
+    for t in handle.threads:
+        t.join(10)
 
 
 def console_serve(args: argparse.Namespace) -> int:

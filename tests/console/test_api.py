@@ -92,6 +92,9 @@ ROUTES: list[tuple[str, str, Any, str, int]] = [
     ("POST", "/api/v1/groups/canary", {"devices": ["dev-a"]}, "deployer", 200),
     ("POST", "/api/v1/releases", {"name": "m", "version": "1", "to": "all", "wait": 0},
      "deployer", 202),
+    ("POST", "/api/v1/rollouts", {"name": "m", "version": "2", "canary": "device:dev-a",
+                                  "waves": ["100%"], "gates": ["error_rate<0.01"], "bake": 5},
+     "deployer", 201),
     ("POST", "/api/v1/rollouts/{rollout}/pause", None, "deployer", 200),
     ("POST", "/api/v1/rollouts/{rollout}/abort", None, "deployer", 200),
     ("POST", "/api/v1/devices/dev-c/revoke", None, "admin", 200),
@@ -157,6 +160,8 @@ def test_tokens_are_stored_hashed(console: Console) -> None:
         ("/api/v1/groups/canary", {"devices": ["../etc"]}, "body.devices.0: String should match"),
         ("/api/v1/groups/bad%20name", {"devices": ["dev-a"]}, "path.group: 'bad name' is not"),
         ("/api/v1/devices", {"public_key": "{}"}, "body.public_key: "),
+        ("/api/v1/rollouts", {"name": "m", "version": "2", "canary": "device:dev-a",
+                              "waves": ["100%"], "gates": ["errors<<1"]}, "body: "),
     ],
 )
 def test_malformed_bodies_get_422_with_one_line(console: Console, path: str, body: Any,

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from edgefleet.coordinator import access
+from edgefleet.simulations.workload import Workload
 
 from tests.conftest import Digits
 from tests.integration.brokers import HAVE_MOSQUITTO, NEED_MOSQUITTO
@@ -66,6 +67,24 @@ def test_a_release_through_the_api_of_coordinator_serve(tmp_path: Path, digits_v
                 d: events[-1]["sequence"] for d in DEVICES}
             entry = access.audit_log(c.registry, action="release")[0]
             assert (entry.actor, entry.result, entry.source) == ("ci", "ok", "http:127.0.0.1")
+
+            # A rollout started through the API is carried out by the same process.
+            r = httpx.post(f"{base}/api/v1/rollouts", headers=auth, timeout=10, json={
+                "name": "digits", "version": "2", "canary": "device:dev-0", "waves": ["100%"],
+                "gates": ["error_rate<0.5"], "bake": 0, "min_samples": 5})  # fmt: skip
+            assert r.status_code == 201 and r.json()["ticking"] is True, r.text
+            rid = r.json()["rollout"]
+            work = Workload(fleet)
+
+            def finished() -> bool:
+                work.step(3)  # live inferences, so the gate has evidence
+                rollouts = httpx.get(f"{base}/api/v1/rollouts", headers=auth, timeout=10)
+                mine = {x["id"]: x for x in rollouts.json()["rollouts"]}[rid]
+                assert mine["state"]["phase"] not in ("rolling_back", "rolled_back"), mine
+                return bool(mine["state"]["phase"] == "done")
+
+            wait_until(finished, "the rollout to finish", timeout=150, interval=0.3)
+            assert all(fleet.device(d).active_version == "2" for d in DEVICES)
         finally:
             serve.send_signal(signal.SIGTERM)
             assert serve.wait(30) == 0, (tmp_path / "serve.log").read_text()
