@@ -456,7 +456,8 @@ class _HttpServer(ThreadingHTTPServer):
         body_timeout: float,
     ) -> None:
         self.auth, self.agent, self.requests = auth, agent, 0
-        self.predict_versioned = agent.predict_versioned  # or a recorder's (InferenceServer)
+        # the agent's, or a recorder's (InferenceServer); the echo server has no agent
+        self.predict_versioned = getattr(agent, "predict_versioned", None)
         self.metrics: Any = None  # a prometheus CollectorRegistry (InferenceServer)
         self.body_timeout = body_timeout
         self._lock = threading.Lock()
