@@ -149,7 +149,7 @@ def _serve_metrics(svc: Any, address: str | None) -> Any:
 
 
 def model_release(args: argparse.Namespace) -> int:
-    from edgefleet.coordinator import fleet, release
+    from edgefleet.coordinator import fleet, operations, release
     from edgefleet.coordinator.home import Coordinator
     from edgefleet.coordinator.service import mqtt_config_for
 
@@ -159,7 +159,8 @@ def model_release(args: argparse.Namespace) -> int:
     c = Coordinator.open(args.home, broker=args.broker, storage_key=storage_key_from_env(args.home))
     _need_broker(c.config.broker, "coordinator.toml")
     with release.connect(mqtt_config_for(c, client_id=f"release-{os.getpid()}")) as link:
-        done = release.release(c, link, args.name, args.version, args.to)
+        done = operations.publish_release(c, operations.cli_principal(), "cli", link,
+                                          args.name, args.version, args.to)  # fmt: skip
     print(
         f"release {done.sequence}: {args.name} {args.version} to {len(done.targets)} devices "
         f"({done.report.bytes} bytes of offers)"

@@ -279,6 +279,11 @@ def test_model_release_publishes_and_waits(world: World, tmp_path: Path,
         finally:
             link.stop()
     assert offer["type"] == "release" and offer["envelope"]["device_id"] == "dev-a"
+    code, out, _ = run(capsys, "audit", "--home", home, "--json")  # the CLI's changes are audited
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and rows[-1]["action"] == "release" and rows[-1]["result"] == "ok"
+    assert rows[-1]["actor"].startswith("cli:") and rows[-1]["target"] == "digits@1 to group:lab"
+    assert rows[-1]["detail"] == {"sequence": 3, "targets": 2}
 
 
 def test_home_from_the_environment(world: World, capsys: pytest.CaptureFixture[str],
