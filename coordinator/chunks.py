@@ -11,8 +11,9 @@ coordinator hold is bounded:
   (closed on eviction: one descriptor per served release, forever, ran out at 1,024).
 - ``ChunkQueues``: one queue per device, served round-robin (one device's flood cannot starve
   the others), holding at most ``window`` segments per device queued or being answered; a
-  request that does not fit pushes out that device's oldest ones (an agent re-sends what timed
-  out, so its newest requests matter), and every discarded request is counted per device.
+  re-send of a request still queued takes its place (and turn), a request that does not fit
+  pushes out that device's oldest ones (an agent re-sends what timed out, so its newest
+  requests matter), and every discarded request is counted per device.
 - ``LookupBudget``: registry lookups of unknown bundle ids per device, a token bucket on an
   injected clock, so random ids cannot turn into one query each.
 """
@@ -272,6 +273,7 @@ class ChunkQueues:
         self._cond = threading.Condition()
         self._stopped = False
         self.dropped: collections.Counter[str] = collections.Counter()  # requests, per device
+        self.superseded: collections.Counter[str] = collections.Counter()  # of those, re-sends
         self.peak: collections.Counter[str] = collections.Counter()  # segments, per device
 
     def put(self, device_id: str, req: ChunkRequest) -> int:
@@ -284,6 +286,8 @@ class ChunkQueues:
                     self.dropped[device_id] += 1
                     return 1
                 q = self._devices[device_id] = _DeviceQueue(collections.deque())
+            if self._supersede(device_id, q, req):
+                return 0
             discarded = 0
             while q.requests and q.busy + q.queued + n > self.window:
                 q.queued -= len(q.requests.popleft().indexes)
@@ -299,6 +303,18 @@ class ChunkQueues:
                 self._mark_ready(device_id)
             self.dropped[device_id] += discarded
             return discarded
+
+    def _supersede(self, device_id: str, q: _DeviceQueue, req: ChunkRequest) -> bool:
+        """A re-send of a request still queued (same release, same indexes: the device's
+        timeout fired while it waited here) takes its place, keeping its turn, instead of
+        pushing out older work to be answered twice; the old one counts as discarded."""
+        for k, old in enumerate(q.requests):
+            if old.indexes == req.indexes and old.bundle_id == req.bundle_id:
+                q.requests[k] = req
+                self.dropped[device_id] += 1
+                self.superseded[device_id] += 1
+                return True
+        return False
 
     def take(self, timeout: float | None = None) -> tuple[str, ChunkRequest] | None:
         """The next request, round-robin over devices; None when stopped or at the timeout."""

@@ -85,6 +85,11 @@ log = logging.getLogger(__name__)
 AGENT_WINDOW = 8  # chunk requests in flight: AgentConfig.window's default
 AGENT_TIMEOUT = 5.0  # s before an unanswered request is re-sent: AgentDaemon's default
 MAX_BACKOFF = 300.0  # s, the longest wait before re-sending a refused request (as Download)
+#: s: MQTT keepalive of a thin device. An agent uses 30 s; hundreds of thin devices share one
+#: Python thread, which can be busy for longer than 1.5 x 30 s verifying a burst of large
+#: offers (a manifest lists every target: ~130 KB per offer at 1,000 devices), and the broker
+#: would then drop connections the simulator, not the fleet, failed to keep alive.
+KEEPALIVE = 300
 Out = tuple[str, bytes, int, bool]  # (topic, payload, qos, retain) to publish
 
 
@@ -369,7 +374,8 @@ class _Device:
         props.SessionExpiryInterval = 3600
         props.MaximumPacketSize = MAX_INCOMING
         try:
-            self.client.connect(host, port, keepalive=30, clean_start=False, properties=props)
+            self.client.connect(host, port, keepalive=KEEPALIVE, clean_start=False,
+                                properties=props)  # fmt: skip
         except OSError as exc:
             log.warning("%s: cannot connect (%s); retrying", self.puller.device_id, exc)
             self.reconnect_at = time.monotonic() + 1.0

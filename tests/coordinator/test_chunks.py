@@ -66,6 +66,23 @@ def test_a_device_gets_one_request_at_a_time() -> None:
     assert second is not None and second[1].corr == "a1"
 
 
+def test_a_resent_request_replaces_its_queued_copy_and_keeps_its_turn() -> None:
+    q = ChunkQueues(window=4)
+    q.put("a", req("a", 0, corr="0.1"))  # taken: being answered
+    first = q.take(timeout=0)
+    assert first is not None
+    for i in (1, 2, 3):
+        q.put("a", req("a", i, corr=f"{i}.1"))
+    assert q.put("a", req("a", 1, corr="1.2")) == 0  # the device's timeout fired: a re-send
+    assert q.pending("a") == 4 and q.dropped["a"] == 1 and q.superseded["a"] == 1
+    q.done(*first)
+    order = []
+    while (item := q.take(timeout=0)) is not None:
+        order.append(item[1].corr)
+        q.done(*item)
+    assert order == ["1.2", "2.1", "3.1"]  # nothing pushed out, each index answered once
+
+
 def test_stop_wakes_a_waiting_taker() -> None:
     q = ChunkQueues()
     q.stop()
