@@ -50,6 +50,7 @@ __all__ = ["Operation", "create_app"]
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_OPERATIONS = 256  # finished operations kept for their handles (oldest forgotten first)
 MAX_EVENTS = 1024  # events kept per operation
+MAX_BODY = 1 << 20  # bytes of a request body (an enrolment's public key file is ~2 KB)
 
 Publisher = Callable[[], AbstractContextManager[Link]]
 
@@ -143,6 +144,54 @@ class EnrollBody(BaseModel):
     groups: list[Annotated[str, Field(pattern=_ID)]] = Field(default=[], max_length=64)
 
 
+class BodyLimit:
+    """413 for a request body over ``limit`` bytes: a declared Content-Length is checked up
+    front, a chunked body as it arrives, so no more than ``limit`` bytes are ever held
+    (ASGI middleware; FastAPI itself would read any size)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await _too_large(send, self.limit)
+            return
+        # Read the body here (at most ``limit`` bytes are ever held), then hand it on.
+        parts, seen, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away
+            parts.append(message.get("body", b""))
+            seen += len(parts[-1])
+            if seen > self.limit:
+                await _too_large(send, self.limit)
+                return
+            more = message.get("more_body", False)
+        body, replayed = b"".join(parts), False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _too_large(send: Any, limit: int) -> None:
+    body = json.dumps({"error": f"request body over {limit} bytes"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
 def principal(request: Request) -> Principal:
     """The token's principal (401 without a valid one)."""
     header = request.headers.get("authorization", "")
@@ -184,6 +233,7 @@ def create_app(
     )
     registry = coordinator.registry
     app.state.registry = registry
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
     ops = Operations()
 
     @app.exception_handler(ApiError)

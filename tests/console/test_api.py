@@ -172,6 +172,24 @@ def test_malformed_bodies_get_422_with_one_line(console: Console, path: str, bod
     assert "\n" not in r.json()["error"]
 
 
+def test_a_body_over_the_limit_gets_413_before_it_is_read(console: Console) -> None:
+    from edgefleet.console.api import MAX_BODY
+
+    big = {"devices": ["dev-a"] * (MAX_BODY // 8)}
+    r = console.call("admin", "POST", "/api/v1/groups/g", big)
+    assert r.status_code == 413 and r.json() == {"error": f"request body over {MAX_BODY} bytes"}
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"devices": ['
+        for _ in range(MAX_BODY // 1000 + 1):
+            yield b'"dev-a",' * 125
+        yield b'"dev-a"]}'
+
+    r = console.client.post("/api/v1/groups/g", content=chunks(), headers={
+        "Authorization": f"Bearer {console.tokens['admin']}", "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
 def test_release_streams_progress_and_is_audited(console: Console) -> None:
     r = console.call("deployer", "POST", "/api/v1/releases",
                      {"name": "m", "version": "2", "to": "device:dev-a,dev-b", "wait": 0})
