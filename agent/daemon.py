@@ -11,6 +11,10 @@ Three threads, each with one job:
   decrypted, loaded and smoke-tested the worker keeps answering offers (a newer one is
   started after the install), reporting status and buffering telemetry.
 
+Candidates (``agent.candidate_feed``): a second ``ReleaseFlow`` for the shadow / A/B slot, fed
+from ``cmd/candidate`` and the chunk replies of its bundle id, installs on a thread of its own;
+a ``cmd/predlog`` request is answered with the prediction log as ``predlog`` telemetry.
+
 Inference (``Agent.predict``, the HTTP API) runs on other threads and keeps serving the active
 model throughout: the runtime is swapped only after a new version passed every check.
 
