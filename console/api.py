@@ -362,14 +362,14 @@ def create_app(
             if publisher is None:
                 raise ApiError(503, "this API runs without a broker connection: rollback is off")
             with _conflicts(), publisher() as link:
-                reason = operations.rollout_rollback(coordinator, who, source(request), link,
-                                                     rollout_id)  # fmt: skip
-            return {"rollout": rollout_id, "rolled_back": True, "reason": reason}
+                d = operations.rollout_rollback(coordinator, who, source(request), link,
+                                                rollout_id)  # fmt: skip
+            return {"rollout": rollout_id, "rolled_back": list(d.devices), "reason": d.reason}
         if what not in ("pause", "resume", "abort"):
             raise ApiError(404, f"no rollout operation {what!r} (pause, resume, abort, rollback)")
         with _conflicts():
-            state = operations.rollout_control(coordinator, who, source(request), rollout_id, what)
-        return {"rollout": rollout_id, "state": state}
+            r = operations.rollout_control(coordinator, who, source(request), rollout_id, what)
+        return {"rollout": rollout_id, "state": r.state.to_dict()}
 
     @app.post("/api/v1/releases", status_code=202)
     def release(body: ReleaseBody, who: Who, request: Request) -> dict[str, Any]:

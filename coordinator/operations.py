@@ -29,7 +29,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .rollout import RolloutSpec
+    from .rollout import Decision, RolloutSpec
+    from .rollouts import Rollout
 
 T = TypeVar("T")
 
@@ -119,27 +120,27 @@ def publish_release(
 
 
 def rollout_control(c: Coordinator, who: Principal, source: str, rollout_id: int,
-                    what: str) -> dict[str, Any]:  # fmt: skip
-    """Pause, resume or abort a rollout (``what``); returns its new state."""
+                    what: str) -> Rollout:  # fmt: skip
+    """Pause, resume or abort a rollout (``what``); returns it in its new state."""
     from .rollouts import Rollouts
 
     if what not in ("pause", "resume", "abort"):
         raise ValueError(f"unknown rollout operation {what!r}")
     ro = Rollouts(c, None)
-    done = audited(c, who, f"rollout.{what}", f"rollout:{rollout_id}", source,
-                   lambda: getattr(ro, what)(rollout_id))  # fmt: skip
-    return dict(done.state.to_dict())
+    done: Rollout = audited(c, who, f"rollout.{what}", f"rollout:{rollout_id}", source,
+                            lambda: getattr(ro, what)(rollout_id))  # fmt: skip
+    return done
 
 
 def rollout_rollback(
     c: Coordinator, who: Principal, source: str, link: Link, rollout_id: int
-) -> str:
+) -> Decision:
     """Roll back every device a rollout moved (new signed releases of the previous content)."""
     from .rollouts import Rollouts
 
-    d = audited(c, who, "rollout.rollback", f"rollout:{rollout_id}", source,
-                lambda: Rollouts(c, link).rollback(rollout_id))  # fmt: skip
-    return str(d.reason)
+    return audited(c, who, "rollout.rollback", f"rollout:{rollout_id}", source,
+                   lambda: Rollouts(c, link).rollback(rollout_id),
+                   lambda d: {"devices": list(d.devices)})  # fmt: skip
 
 
 def rollout_start(c: Coordinator, who: Principal, source: str, spec: RolloutSpec) -> int:

@@ -72,8 +72,10 @@ def _id(ro: Rollouts, given: int | None) -> int:
 
 def start(args: argparse.Namespace) -> int:
     spec = _spec(args)  # bad gate or stage syntax: one line, before touching anything
+    from edgefleet.coordinator import operations
+
     with _rollouts(args, publish=args.follow) as ro:
-        rid = ro.start(spec)
+        rid = operations.rollout_start(ro.coordinator, operations.cli_principal(), "cli", spec)
         print(f"rollout {rid}: {spec.name} {spec.version}, canary {spec.canary}, waves "
               f"{','.join(map(str, spec.waves))}, gates {' '.join(map(str, spec.gates)) or '-'}, "
               f"bake {spec.bake:g} s")  # fmt: skip
@@ -159,15 +161,19 @@ def _print_status(r: Rollout, decisions: list[dict[str, Any]]) -> None:
 
 
 def _operate(args: argparse.Namespace, what: str) -> int:
+    from edgefleet.coordinator import operations
+
+    who = operations.cli_principal()
     with _rollouts(args, publish=what == "rollback") as ro:
         rid = _id(ro, args.id)
         if what == "rollback":
-            d = ro.rollback(rid)
+            assert ro.link is not None
+            d = operations.rollout_rollback(ro.coordinator, who, "cli", ro.link, rid)
             seqs = ro.store.decisions(rid)[-1]["sequences"]
             print(f"rollout {rid}: rolled back {len(d.devices)} devices to their previous "
                   f"version (releases {', '.join(map(str, seqs)) or 'none'})")  # fmt: skip
             return 0
-        r = getattr(ro, what)(rid)
+        r = operations.rollout_control(ro.coordinator, who, "cli", rid, what)
         print(f"rollout {rid}: {r.state.phase.replace('_', ' ')}"
               f"{' (paused)' if r.state.paused else ''}")  # fmt: skip
     return 0
