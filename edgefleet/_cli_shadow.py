@@ -33,10 +33,20 @@ def model_release(args: argparse.Namespace) -> int:
         spec = CandidateSpec(mode=args.candidate, share=share)
     except DecodeError as exc:  # a bad flag, not a bad message
         raise ValueError(str(exc).replace("manifest.candidate.", "--")) from exc
+    from edgefleet.coordinator import operations
+
     c, cfg = _coordinator(args)
-    cand = build_candidate(c, args.name, args.version, args.to, spec)
-    with release.connect(cfg) as link:
-        sent = publish_candidate(link, cand)
+
+    def build_and_publish() -> tuple[Any, int]:
+        cand = build_candidate(c, args.name, args.version, args.to, spec)
+        with release.connect(cfg) as link:
+            return cand, publish_candidate(link, cand)
+
+    cand, sent = operations.audited(
+        c, operations.cli_principal(), "release",
+        f"{args.name}@{args.version} to {args.to} (candidate {spec.mode})", "cli",
+        build_and_publish, lambda out: {"sequence": out[0].sequence, "candidate": spec.mode,
+                                        "targets": len(out[0].targets)})  # fmt: skip
     what = "shadow" if spec.mode == "shadow" else f"A/B, {spec.share:g} of requests"
     print(f"candidate {cand.sequence}: {args.name} {args.version} ({what}) to "
           f"{len(cand.targets)} devices ({sent} bytes of offers); never made active")  # fmt: skip

@@ -50,6 +50,10 @@ def test_candidate_release_fleet_shadow_and_drop(tmp_path: Path, digits_v1: Digi
                            "--version", "3", "--to", "device:dev-1", "--candidate", "shadow")
         assert rc == 0, err
         assert "(shadow) to 1 devices" in out and "never made active" in out
+        rc, out, _ = run("audit", "--home", home, "--action", "release", "--json")
+        audited = json.loads(out.splitlines()[-1])
+        assert audited["target"] == "digits@3 to device:dev-1 (candidate shadow)"
+        assert audited["result"] == "ok" and audited["detail"]["candidate"] == "shadow"
         side = a.daemon.candidate
         assert side is not None and side.feed.installed.wait(TIMEOUT), side.slot.last_error
 
