@@ -94,6 +94,9 @@ def _client_app_factory(path: Path) -> Callable[[], ClientApp]:
     return build
 
 
+REPLAY_STATE = "fl-replay.json"  # in the agent's home: the FL replay guard
+
+
 class DeviceFl:
     """The FL side of one agent: its ``FlClient`` and where its replies are published."""
 
@@ -117,6 +120,7 @@ class DeviceFl:
             client_app=client_app or _client_app_factory(self.data_dir),
             opted_in=agent.config.fl_enabled,
             node_config={"data-dir": str(self.data_dir)},
+            replay_state=agent.config.home / REPLAY_STATE,  # replays refused across restarts
             **kwargs,
         )
 
