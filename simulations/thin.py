@@ -8,9 +8,9 @@ digest, the content key unwrapped with the device's own KEM key), pulls the chun
 agent's window and request timeout (one index per request, timed-out ones re-sent, refusals
 backed off), checks each chunk against its signed SHA-256, and reports ``DeviceStatus`` es
 retained at QoS 1 at the same transitions (downloading, installing, idle with the new active
-model). What it leaves out is the device's own work: no decryption of segments, no disk, no
-runtime load. It also counts what a test wants to know: duplicates (a reply to a request
-already answered), hash failures, re-sent requests.
+model) and as a heartbeat (no telemetry). What it leaves out is the device's own work: no
+decryption of segments, no disk, no runtime load. It also counts what a test wants to know:
+duplicates (a reply to a request already answered), hash failures, re-sent requests.
 
 ``ThinPool`` carries many pullers in one process: one paho-mqtt 2.x client per device (client
 id ``agent-<id>``, the device's username and password, MQTT 5, a persistent session, the
@@ -67,6 +67,7 @@ from .fleet import Fleet
 from .homes import ModelFile, point_agents_at, provision_fleet
 
 __all__ = [
+    "AGENT_HEARTBEAT",
     "AGENT_TIMEOUT",
     "AGENT_WINDOW",
     "Out",
@@ -84,6 +85,7 @@ log = logging.getLogger(__name__)
 
 AGENT_WINDOW = 8  # chunk requests in flight: AgentConfig.window's default
 AGENT_TIMEOUT = 5.0  # s before an unanswered request is re-sent: AgentDaemon's default
+AGENT_HEARTBEAT = 30.0  # s between status reports when nothing happens: AgentDaemon's default
 MAX_BACKOFF = 300.0  # s, the longest wait before re-sending a refused request (as Download)
 #: s: MQTT keepalive of a thin device. An agent uses 30 s; hundreds of thin devices share one
 #: Python thread, which can be busy for longer than 1.5 x 30 s verifying a burst of large
@@ -135,6 +137,7 @@ class ThinPuller:
         *,
         window: int = AGENT_WINDOW,
         timeout: float = AGENT_TIMEOUT,
+        heartbeat: float = AGENT_HEARTBEAT,  # s between statuses when nothing changes
         clock: Callable[[], float] = time.time,
     ) -> None:
         if window < 1 or timeout <= 0:
@@ -150,6 +153,7 @@ class ThinPuller:
         self.pull: _Pull | None = None
         self._attempt = 0
         self._counter = 0
+        self.heartbeat, self._last_status = heartbeat, -1e18
         self.stats = ThinStats()
         self.offered_at: dict[int, float] = {}  # sequence -> monotonic s the offer arrived
         self.completed_at: dict[int, float] = {}  # sequence -> monotonic s all chunks were in
@@ -172,7 +176,7 @@ class ThinPuller:
             log.warning("%s: rejected release offer (%s): %s", self.device_id, exc.code, exc)
             self.last_result = InstallResult(ok=False, code=exc.code, reason=str(exc)[:500],
                                              time=int(self._clock()))  # fmt: skip
-            return [self._status()]
+            return [self._status(now)]
         if self.pull is not None and self.pull.manifest.sequence >= manifest.sequence:
             return []
         self.offered_at[manifest.sequence] = now
@@ -180,7 +184,7 @@ class ThinPuller:
         pull.missing.update(range(manifest.segments))
         pull.queue.extend(range(manifest.segments))
         self.state = "downloading"
-        return [self._status(), *self.tick(now)]
+        return [self._status(now), *self.tick(now)]
 
     def _check(self, offer: ReleaseOffer) -> Manifest:
         now = int(self._clock())
@@ -239,7 +243,7 @@ class ThinPuller:
         m = p.manifest
         self.completed_at[m.sequence] = now
         self.state = "installing"
-        installing = self._status()
+        installing = self._status(now)
         self.pull, self.state, self.highest = None, "idle", m.sequence
         self._active_raw = p.raw
         self.active = ActiveModel(name=m.name, version=m.model_version, sequence=m.sequence,
@@ -248,7 +252,14 @@ class ThinPuller:
             ok=True, code="ok", time=int(self._clock()), sequence=m.sequence, name=m.name,
             model_version=m.model_version, bundle_id=m.bundle_id,
         )  # fmt: skip
-        return [installing, self._status()]
+        return [installing, self._status(now)]
+
+    def beat(self, now: float) -> list[Out]:
+        """A status every ``heartbeat`` s, as the agent's reporter sends one (a status the
+        broker or the coordinator lost is so replaced)."""
+        if now - self._last_status < self.heartbeat:
+            return []
+        return [self._status(now)]
 
     def tick(self, now: float) -> list[Out]:
         """Re-send timed-out requests and fill the window (as ``Download.pump``)."""
@@ -279,9 +290,10 @@ class ThinPuller:
         if self.pull is not None:
             for i in self.pull.outstanding:
                 self.pull.outstanding[i] = float("-inf")
-        return [self._status(), *self.tick(now)]
+        return [self._status(now), *self.tick(now)]
 
-    def _status(self) -> Out:
+    def _status(self, now: float) -> Out:
+        self._last_status = now
         p = self.pull
         progress = None
         if p is not None:
@@ -427,13 +439,14 @@ class ThinPool:
         *,
         window: int = AGENT_WINDOW,
         timeout: float = AGENT_TIMEOUT,
+        heartbeat: float = AGENT_HEARTBEAT,
         tick: float = 0.2,  # s between timeout checks (the agent's worker wakes as often)
     ) -> None:
         self.host, self.port, self._tick = url_host, port, tick
         self._sel = selectors.DefaultSelector()
         self.devices = [
             _Device(self, s, ThinPuller(s.identity(), root_public, window=window,
-                                        timeout=timeout))  # fmt: skip
+                                        timeout=timeout, heartbeat=heartbeat))  # fmt: skip
             for s in specs
         ]
         self._cond = threading.Condition()
@@ -543,8 +556,9 @@ class ThinPool:
                     d.client.reconnect()
                 except OSError:
                     d.reconnect_at = now + 1.0
-            elif d.subscribed and d.puller.pull is not None:
-                d.send(d.puller.tick(now))
+            elif d.subscribed:
+                d.send(d.puller.tick(now) if d.puller.pull is not None else [])
+                d.send(d.puller.beat(now))
 
 
 # -- a pool in a child process ----------------------------------------------------------------

@@ -19,6 +19,7 @@ from edgefleet.protocol.manifest import Manifest
 from edgefleet.protocol.messages import ChunkReply, ChunkRequest, DeviceStatus, ReleaseOffer
 from edgefleet.simulations.homes import ModelFile, provision_fleet
 from edgefleet.simulations.thin import (
+    AGENT_HEARTBEAT,
     AGENT_TIMEOUT,
     AGENT_WINDOW,
     ThinPuller,
@@ -37,8 +38,9 @@ def test_defaults_are_the_agents() -> None:
     assert AGENT_WINDOW == AgentConfig.window
     import inspect
 
-    default = inspect.signature(AgentDaemon.__init__).parameters["request_timeout"].default
-    assert default == AGENT_TIMEOUT
+    params = inspect.signature(AgentDaemon.__init__).parameters
+    assert params["request_timeout"].default == AGENT_TIMEOUT
+    assert params["heartbeat"].default == AGENT_HEARTBEAT
 
 
 def _setup(tmp_path: Path, digits: Digits) -> tuple[ThinPuller, ThinPuller, object, object]:
@@ -116,6 +118,7 @@ def test_times_out_and_resends(tmp_path: Path, digits_v1: Digits) -> None:
     a, _, release, _ = _setup(tmp_path, digits_v1)
     out = a.offer(offers(release)["thin-a"].encode(), now=0.0)
     assert a.tick(0.5) == []  # nothing due before the timeout
+    assert a.beat(0.5) == [] and len(a.beat(60.0)) == 1  # a status per heartbeat
     again = a.tick(1.0)
     assert len(again) == 4 and a.stats.resent == 4
     assert {ChunkRequest.decode(p).corr for _, p, *_ in again}.isdisjoint(
