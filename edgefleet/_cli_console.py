@@ -11,6 +11,7 @@ import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._cli_coordinator import _open
@@ -104,7 +105,37 @@ class ApiHandle:
     stop: threading.Event
 
 
-def start_api(c: Coordinator, listen: str) -> ApiHandle:
+@dataclass(frozen=True)
+class Tls:
+    """HTTPS for the API: the server's certificate and key, and (mTLS) the CA whose client
+    certificates are required. Tokens still decide what a caller may do."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Tls | None:
+        cert, key, ca = (getattr(args, k, None) for k in ("tls_cert", "tls_key", "client_ca"))
+        if not cert and not key and not ca:
+            return None
+        if not cert or not key:
+            raise ValueError("--tls-cert and --tls-key go together (and --client-ca needs both)")
+        for f in (cert, key, ca):
+            if f is not None and not Path(f).is_file():
+                raise ValueError(f"{f}: no such file")
+        return cls(Path(cert), Path(key), Path(ca) if ca else None)
+
+    def uvicorn(self) -> dict[str, Any]:
+        import ssl
+
+        out: dict[str, Any] = {"ssl_certfile": str(self.cert), "ssl_keyfile": str(self.key)}
+        if self.client_ca is not None:
+            out |= {"ssl_ca_certs": str(self.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        return out
+
+
+def start_api(c: Coordinator, listen: str, tls: Tls | None = None) -> ApiHandle:
     """Run the API on a uvicorn thread, and (with a broker) tick the rollouts it starts;
     ``stop_api`` stops both."""
     import uvicorn
@@ -115,7 +146,8 @@ def start_api(c: Coordinator, listen: str) -> ApiHandle:
     publisher = (lambda: publisher_for(c)) if c.config.broker else None
     app = create_app(c, publisher=publisher)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           access_log=False))  # fmt: skip
+                                           access_log=False,
+                                           **(tls.uvicorn() if tls else {})))  # fmt: skip
     handle = ApiHandle(server, [threading.Thread(target=server.run, name="api", daemon=True)],
                        threading.Event())  # fmt: skip
     if publisher is not None:
@@ -123,7 +155,8 @@ def start_api(c: Coordinator, listen: str) -> ApiHandle:
                                                name="rollouts", daemon=True))  # fmt: skip
     for t in handle.threads:
         t.start()
-    log.info("API and dashboard on http://%s:%d/", host, port)
+    log.info("API and dashboard on %s://%s:%d/%s", "https" if tls else "http", host, port,
+             " (client certificates required)" if tls and tls.client_ca else "")
     return handle
 
 
@@ -153,9 +186,12 @@ def console_serve(args: argparse.Namespace) -> int:
 
     c = _open(args.home)
     parse_listen(args.listen)
+    tls = Tls.from_args(args)
     stop = _stop_on_signals()
-    handle = start_api(c, args.listen)
-    print(f"dashboard: http://{args.listen}/  (log in with a token from `edgefleet token create`)")
+    handle = start_api(c, args.listen, tls)
+    scheme = "https" if tls else "http"
+    print(f"dashboard: {scheme}://{args.listen}/  (log in with a token from `edgefleet token "
+          "create`)")
     try:
         stop.wait()
     finally:

@@ -119,10 +119,10 @@ def coordinator_serve(args: argparse.Namespace) -> int:
     metrics = _serve_metrics(svc, args.metrics)
     api = None
     if getattr(args, "api", None):
-        from ._cli_console import parse_listen, start_api
+        from ._cli_console import Tls, parse_listen, start_api
 
         parse_listen(args.api)  # a bad address is one line, before anything starts
-        api = start_api(c, args.api)
+        api = start_api(c, args.api, Tls.from_args(args))
     svc.start()
     log.info("coordinator serving on %s as %s", c.config.broker, client_id)
     try:

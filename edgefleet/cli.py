@@ -172,6 +172,7 @@ def _coordinator(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     _log_format(c)
     c.add_argument("--api", default=None, metavar="HOST:PORT",
                    help="also serve the HTTP API and dashboard there (e.g. 127.0.0.1:8080)")
+    _tls_options(c)
     c.set_defaults(run=_lazy("edgefleet._cli_daemon", "coordinator_serve"))
     c = p.add_parser("broker-config", help="write a locked-down mosquitto config, passwords, ACL")
     c.add_argument("--home", **home)
@@ -439,7 +440,15 @@ def _console(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c = p.add_parser("serve", help="serve the API and dashboard (no MQTT chunk serving)")
     c.add_argument("--home", **home)
     c.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
+    _tls_options(c)
     c.set_defaults(run=_lazy(mod, "console_serve"))
+
+
+def _tls_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--tls-cert", type=Path, default=None, help="serve the API over HTTPS")
+    c.add_argument("--tls-key", type=Path, default=None)
+    c.add_argument("--client-ca", type=Path, default=None,
+                   help="mTLS: require client certificates signed by this CA")
 
 
 def _rollout(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
