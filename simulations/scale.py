@@ -197,8 +197,12 @@ def run_scale(
                     ))  # fmt: skip
                     report.rss_after.append(rss_mb(proc.pid))
                     log.info("release %d to %d devices: %.1f s (offers acknowledged after "
-                             "%.1f s, thin devices done after %.1f s)", seq, report.devices, dt,
-                             t_pub, t_pull)  # fmt: skip
+                             "%.1f s, thin devices done after %.1f s); coordinator %.1f CPU s "
+                             "(%.4f per device-MB), RSS %.0f MB (%.0f before); %.0f payload "
+                             "bytes per thin device", seq, report.devices, dt, t_pub, t_pull,
+                             report.releases[-1].coordinator_cpu_s, report.cpu_per_device_mb(),
+                             report.rss_after[-1], report.rss_before,
+                             report.wire_per_device())  # fmt: skip
         finally:
             report.rss = sampler.stop()
         report.totals = tf.totals()
