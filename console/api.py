@@ -51,6 +51,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 MAX_OPERATIONS = 256  # finished operations kept for their handles (oldest forgotten first)
 MAX_EVENTS = 1024  # events kept per operation
 MAX_BODY = 1 << 20  # bytes of a request body (an enrolment's public key file is ~2 KB)
+MAX_MODEL_BODY = 96 << 20  # bytes of a model upload (base64 of a model up to ~70 MB)
 
 Publisher = Callable[[], AbstractContextManager[Link]]
 
@@ -139,6 +140,14 @@ class RolloutBody(BaseModel):
     min_samples: int = Field(default=50, ge=1, le=1_000_000)
 
 
+class ModelBody(BaseModel):
+    name: str = Field(pattern=_ID)
+    version: str | None = Field(default=None, pattern=_ID, description="default: the next")
+    format: str = Field(pattern="^(onnx|tflite)$")
+    model: str = Field(min_length=1, description="the model file, base64")
+    metadata: dict[str, Any] = Field(description="what `model train` writes beside the model")
+
+
 class EnrollBody(BaseModel):
     public_key: str = Field(min_length=1, max_length=8192, description="the device.pub file")
     groups: list[Annotated[str, Field(pattern=_ID)]] = Field(default=[], max_length=64)
@@ -156,9 +165,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = MAX_MODEL_BODY if scope.get("path") == "/api/v1/models" else self.limit
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await _too_large(send, self.limit)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await _too_large(send, limit)
             return
         # Read the body here (at most ``limit`` bytes are ever held), then hand it on.
         parts, seen, more = [], 0, True
@@ -168,8 +178,8 @@ class BodyLimit:
                 break  # the client went away
             parts.append(message.get("body", b""))
             seen += len(parts[-1])
-            if seen > self.limit:
-                await _too_large(send, self.limit)
+            if seen > limit:
+                await _too_large(send, limit)
                 return
             more = message.get("more_body", False)
         body, replayed = b"".join(parts), False
@@ -320,6 +330,30 @@ def create_app(
             operations.group_add(coordinator, who, source(request), group, body.devices)
         return {"group": group, "added": body.devices}
 
+    @app.post("/api/v1/models", status_code=201)
+    def register(body: ModelBody, who: Who, request: Request) -> dict[str, Any]:
+        import base64
+        import binascii
+        import tempfile
+
+        if not who.may("model.register"):  # refuse (and audit) before decoding anything
+            operations.audited(coordinator, who, "model.register", body.name, source(request),
+                               _never)  # fmt: skip
+        try:
+            data = base64.b64decode(body.model, validate=True)
+        except binascii.Error as exc:
+            raise ApiError(422, f"body.model: not base64 ({exc})") from exc
+        with tempfile.TemporaryDirectory(dir=coordinator.home, prefix=".upload-") as tmp:
+            path = Path(tmp) / f"model.{body.format}"
+            path.write_bytes(data)
+            path.with_suffix(".json").write_text(json.dumps(body.metadata))
+            try:  # the model or its metadata refused by the checks: the body's fault
+                mv = operations.register_model(coordinator, who, source(request), body.name,
+                                               path, version=body.version)  # fmt: skip
+            except (ValueError, EdgeFleetError) as exc:
+                raise ApiError(422, f"body: {str(exc).splitlines()[0]}") from exc
+        return {"name": mv.name, "version": mv.version, "format": mv.format, "size": mv.size}
+
     @app.post("/api/v1/devices", status_code=201)
     def enroll(body: EnrollBody, who: Who, request: Request) -> dict[str, Any]:
         try:
@@ -432,9 +466,12 @@ def _check_id(value: str, what: str) -> None:
 
 @contextlib.contextmanager
 def _conflicts() -> Iterator[None]:
-    """A registry refusal (unknown device, duplicate enrolment, ...) -> 409, one line."""
+    """A registry refusal (unknown device, duplicate enrolment, ...) -> 409; content the
+    checks reject (a model that does not load or match its metadata) -> 422; one line."""
     try:
         yield
+    except EdgeFleetError as exc:
+        raise ApiError(422, str(exc).splitlines()[0] if str(exc) else exc.code) from exc
     except (LookupError, ValueError) as exc:
         raise ApiError(409, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import getpass
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgefleet.infra.link.port import Link
@@ -20,11 +21,12 @@ from edgefleet.protocol.device import DevicePublic
 from . import access
 from .access import Principal
 from .home import Coordinator
-from .registry import Device
+from .registry import Device, ModelVersion
 from .release import Released, release
 
 __all__ = [
-    "Forbidden", "cli_principal", "enroll", "group_add", "publish_release", "revoke",
+    "Forbidden", "cli_principal", "enroll", "group_add", "publish_release", "register_model",
+    "revoke",
     "rollout_control", "rollout_rollback", "rollout_start",
 ]
 
@@ -75,6 +77,26 @@ def audited(
         detail=detail(out) if detail else None,
     )  # fmt: skip
     return out
+
+
+def register_model(
+    c: Coordinator,
+    who: Principal,
+    source: str,
+    name: str,
+    path: Path,
+    *,
+    version: str | None = None,
+    meta_path: Path | None = None,
+    reference_stats: dict[str, Any] | None = None,
+) -> ModelVersion:
+    """Register a model file (checked: the agent can serve it, its metadata describes it)."""
+    return audited(
+        c, who, "model.register", f"{name}@{version or 'next'}", source,
+        lambda: c.register_model(name, path, version=version, meta_path=meta_path,
+                                 reference_stats=reference_stats),
+        lambda mv: {"version": mv.version, "format": mv.format, "size": mv.size},
+    )  # fmt: skip
 
 
 def group_add(

@@ -80,8 +80,11 @@ def register(args: argparse.Namespace) -> int:
         from edgefleet.models.refstats import stats_from_file
 
         stats = stats_from_file(args.reference_data)
-    mv = _open(args.home).register_model(
-        args.name, args.file, version=args.version, meta_path=args.meta, reference_stats=stats
+    from edgefleet.coordinator import operations
+
+    mv = operations.register_model(
+        _open(args.home), operations.cli_principal(), "cli", args.name, args.file,
+        version=args.version, meta_path=args.meta, reference_stats=stats,
     )
     print(mv.version)
     return 0

@@ -6,6 +6,7 @@ CLI makes them, FastAPI's TestClient, and releases published on the in-memory br
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from edgefleet.protocol.device import DevicePublic
 from edgefleet.protocol.keys import SigningKey, generate_kem_key
 from fastapi.testclient import TestClient
 
+from tests.conftest import Digits
 from tests.coordinator.homes import META, mqtt
 
 DEVICES = ("dev-a", "dev-b", "dev-c")
@@ -227,6 +229,26 @@ def test_views_show_the_fleet_versions_and_rollouts(console: Console) -> None:
     after = {r["id"]: r for r in console.call("viewer", "GET", "/api/v1/rollouts").json()[
         "rollouts"]}[rid]  # fmt: skip
     assert after["state"]["paused"] is True and after["decisions"][-1]["action"] == "pause"
+
+
+def test_a_model_is_registered_through_the_api(console: Console, digits_v1: Digits) -> None:
+    body = {"name": "digits", "format": "onnx",
+            "model": base64.b64encode(digits_v1.onnx.read_bytes()).decode(),
+            "metadata": json.loads(digits_v1.meta_path.read_text())}  # fmt: skip
+    refused = console.call("viewer", "POST", "/api/v1/models", body)
+    assert refused.status_code == 403
+    r = console.call("deployer", "POST", "/api/v1/models", body)
+    assert r.status_code == 201, r.text
+    version = r.json()["version"]
+    listed = console.call("viewer", "GET", "/api/v1/models").json()["models"]
+    assert ("digits", version, "onnx") in {(m["name"], m["version"], m["format"]) for m in listed}
+    entry = access.audit_log(console.c.registry, action="model.register")[0]
+    assert entry.result == "ok" and entry.detail["version"] == version
+    broken = {**body, "model": base64.b64encode(b"not a model").decode()}
+    bad = console.call("deployer", "POST", "/api/v1/models", broken)
+    assert bad.status_code == 422 and "\n" not in bad.json()["error"], bad.text
+    assert console.call("deployer", "POST", "/api/v1/models",
+                        {**body, "model": "***"}).json()["error"].startswith("body.model: not")
 
 
 def test_the_openapi_schema_lists_every_route(console: Console) -> None:
