@@ -457,7 +457,7 @@ class _HttpServer(ThreadingHTTPServer):
     ) -> None:
         self.auth, self.agent, self.requests = auth, agent, 0
         # the agent's, or a recorder's (InferenceServer); the echo server has no agent
-        self.predict_versioned = getattr(agent, "predict_versioned", None)
+        self.predict_versioned: Any = getattr(agent, "predict_versioned", None)
         self.metrics: Any = None  # a prometheus CollectorRegistry (InferenceServer)
         self.body_timeout = body_timeout
         self._lock = threading.Lock()

@@ -148,6 +148,29 @@ class ModelBody(BaseModel):
     metadata: dict[str, Any] = Field(description="what `model train` writes beside the model")
 
 
+class FlBody(BaseModel):
+    """``edgefleet fl start``'s options, with its defaults."""
+
+    name: str = Field(pattern=_ID)
+    rounds: int = Field(ge=1, le=10_000)
+    run_id: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9._-]*$")
+    strategy: str = Field(default="fedavg", pattern="^(fedavg|fedprox|fedadam|fedavgm|"
+                          "fedmedian|fedtrimmedavg|krum)$")  # fmt: skip
+    min_clients: int = Field(default=2, ge=1, le=100_000)
+    quorum: int = Field(default=0, ge=0)
+    fraction: float = Field(default=1.0, gt=0, le=1)
+    local_epochs: int = Field(default=5, ge=1, le=1000)
+    lr: float = Field(default=0.1, gt=0, le=10)
+    optimizer: str = Field(default="sgd", pattern="^(sgd|adam)$")
+    round_timeout: float = Field(default=60.0, gt=0, le=86_400)
+    seed: int = 0
+    dp_noise: float | None = Field(default=None, ge=0)
+    dp_clip: float | None = Field(default=None, gt=0)
+    release_to: str = Field(default="", max_length=200)
+    release_if_better: str = Field(default="", max_length=64)
+    wait_devices: float = Field(default=30.0, ge=0, le=3600)
+
+
 class EnrollBody(BaseModel):
     public_key: str = Field(min_length=1, max_length=8192, description="the device.pub file")
     groups: list[Annotated[str, Field(pattern=_ID)]] = Field(default=[], max_length=64)
@@ -404,6 +427,79 @@ def create_app(
         with _conflicts():
             r = operations.rollout_control(coordinator, who, source(request), rollout_id, what)
         return {"rollout": rollout_id, "state": r.state.to_dict()}
+
+    flying: dict[str, Any] = {}  # operation id -> its running FlService (for stop)
+
+    @app.post("/api/v1/fl/runs", status_code=202)
+    def fl_start(body: FlBody, who: Who, request: Request) -> dict[str, Any]:
+        from edgefleet.federated.runs import run_spec
+
+        if not who.may("fl.start"):
+            operations.audited(coordinator, who, "fl.start", body.name, source(request), _never)
+        if publisher is None:
+            raise ApiError(503, "this API runs without a broker connection: FL runs are off")
+        if body.release_if_better and not body.release_to:
+            raise ApiError(422, "body.release_if_better: needs release_to")
+        fields = body.model_dump(exclude={"release_to", "release_if_better", "wait_devices"})
+        try:
+            spec = run_spec(**fields)
+        except ValueError as exc:
+            raise ApiError(422, f"body: {exc}") from exc
+        op = ops.new("fl", f"{spec.run_id}: {spec.rounds} rounds of {spec.model_name}")
+        src = source(request)
+        operations.audited(coordinator, who, "fl.start", f"fl:{spec.run_id}", src,
+                           lambda: None, lambda _: {"operation": op.id, "rounds": spec.rounds})
+        threading.Thread(target=_run_fl, args=(op, spec, body), daemon=True,
+                         name=f"api-fl-{op.id}").start()  # fmt: skip
+        return {"operation": op.id, "run_id": spec.run_id,
+                "events": f"/api/v1/operations/{op.id}/events"}  # fmt: skip
+
+    def _run_fl(op: Operation, spec: Any, body: FlBody) -> None:
+        from edgefleet.coordinator.service import mqtt_config_for
+        from edgefleet.federated.service import FlService, ReleasePolicy
+
+        policy = (ReleasePolicy(selector=body.release_to, if_better=body.release_if_better)
+                  if body.release_to else None)  # fmt: skip
+
+        def on_round(record: Any) -> None:
+            fl = record.lineage.get("fl") or {}
+            op.emit(phase="round", round=record.round, of=spec.rounds, version=record.version,
+                    skipped=record.skipped, metrics=fl.get("metrics"))  # fmt: skip
+
+        try:
+            service = FlService(coordinator, mqtt_config_for(coordinator,
+                                                             client_id=f"api-fl-{op.id}"))
+            flying[op.id] = service
+            with service:
+                outcome = service.run(spec, on_round=on_round, release=policy,
+                                      wait_devices=body.wait_devices)  # fmt: skip
+            released = outcome.released
+            op.finish("done", run_id=spec.run_id,
+                      rounds=[r.version for r in outcome.result.rounds],
+                      released=None if released is None else released.sequence,
+                      release_note=outcome.release_note)  # fmt: skip
+        except Exception as exc:
+            stopped = op.id in flying and getattr(flying[op.id], "stopped_by", None)
+            op.finish("stopped" if stopped else "failed", error=str(exc).splitlines()[0]
+                      if str(exc) else repr(exc))  # fmt: skip
+        finally:
+            flying.pop(op.id, None)
+
+    @app.post("/api/v1/fl/runs/{op_id}/stop")
+    def fl_stop(op_id: str, who: Who, request: Request) -> dict[str, Any]:
+        op = ops.get(op_id)
+
+        def stop() -> None:
+            service = flying.get(op_id)
+            if service is None or op.kind != "fl":
+                raise LookupError(f"operation {op_id} is not a running FL run")
+            service.stopped_by = who.name
+            service.stop()  # the run ends; fl start --run-id resumes after its last round
+
+        with _conflicts():
+            operations.audited(coordinator, who, "fl.stop", f"operation:{op_id}",
+                               source(request), stop)  # fmt: skip
+        return {"operation": op_id, "stopping": True}
 
     @app.post("/api/v1/releases", status_code=202)
     def release(body: ReleaseBody, who: Who, request: Request) -> dict[str, Any]:

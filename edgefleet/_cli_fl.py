@@ -29,36 +29,21 @@ def _coordinator(args: argparse.Namespace) -> Any:
 
 
 def _spec(args: argparse.Namespace) -> Any:
-    from edgefleet.federated.runs import RunSpec
-    from edgefleet.federated.strategies import DpSpec, StrategySpec, UpdatePolicy
-    from edgefleet.federated.trainer import ModelSpec, TrainConfig
+    from edgefleet.federated.runs import run_spec
 
-    k = args.min_clients
-    dp = None
-    if args.dp_noise is not None or args.dp_clip is not None:
-        if args.dp_noise is None or args.dp_clip is None:
-            raise ValueError("differential privacy needs both --dp-noise and --dp-clip")
-        dp = DpSpec(noise_multiplier=args.dp_noise, clipping_norm=args.dp_clip)
     params = {}
     for item in args.param:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--param expects NAME=VALUE, got {item!r}")
         params[key] = float(value)
-    return RunSpec(
-        run_id=args.run_id or f"{args.name}-{int(time.time())}",
-        model_name=args.name,
-        rounds=args.rounds,
-        model=ModelSpec(family=args.family, n_features=args.features, n_classes=args.classes,
-                        hidden=tuple(args.hidden)),
-        train=TrainConfig(local_epochs=args.local_epochs, lr=args.lr, optimizer=args.optimizer,
-                          seed=args.seed),
-        strategy=StrategySpec(name=args.strategy, params=params, fraction_train=args.fraction,
-                              fraction_evaluate=args.fraction, min_train_nodes=k,
-                              min_evaluate_nodes=k, min_available_nodes=k, dp=dp),
-        policy=UpdatePolicy(quorum=args.quorum or k, max_update_norm=args.max_update_norm),
-        round_timeout=args.round_timeout,
-        seed=args.seed,
+    return run_spec(
+        name=args.name, rounds=args.rounds, run_id=args.run_id, min_clients=args.min_clients,
+        quorum=args.quorum, fraction=args.fraction, params=params, family=args.family,
+        hidden=tuple(args.hidden), features=args.features, classes=args.classes,
+        strategy=args.strategy, local_epochs=args.local_epochs, lr=args.lr,
+        optimizer=args.optimizer, round_timeout=args.round_timeout, seed=args.seed,
+        max_update_norm=args.max_update_norm, dp_noise=args.dp_noise, dp_clip=args.dp_clip,
     )  # fmt: skip
 
 

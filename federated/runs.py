@@ -55,6 +55,7 @@ __all__ = [
     "RunResult",
     "RunSpec",
     "Version",
+    "run_spec",
 ]
 
 log = logging.getLogger(__name__)
@@ -401,3 +402,51 @@ def _npz(weights: Weights) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **weights)  # type: ignore[arg-type]  # numpy's stub wants a positional array
     return buf.getvalue()
+
+
+def run_spec(
+    *,
+    name: str,
+    rounds: int,
+    run_id: str = "",
+    min_clients: int = 2,
+    quorum: int = 0,
+    fraction: float = 1.0,
+    params: Mapping[str, float] | None = None,
+    family: str = "mlp",
+    hidden: tuple[int, ...] = (64,),
+    features: int = 64,
+    classes: int = 10,
+    strategy: str = "fedavg",
+    local_epochs: int = 5,
+    lr: float = 0.1,
+    optimizer: str = "sgd",
+    round_timeout: float = 60.0,
+    seed: int = 0,
+    max_update_norm: float | None = None,
+    dp_noise: float | None = None,
+    dp_clip: float | None = None,
+) -> RunSpec:
+    """A run's spec from the options of ``edgefleet fl start`` (and the API's FL route), with
+    the same defaults; ``ValueError`` in one line for options that do not fit together."""
+    from .strategies import DpSpec
+
+    dp = None
+    if dp_noise is not None or dp_clip is not None:
+        if dp_noise is None or dp_clip is None:
+            raise ValueError("differential privacy needs both --dp-noise and --dp-clip")
+        dp = DpSpec(noise_multiplier=dp_noise, clipping_norm=dp_clip)
+    k = min_clients
+    return RunSpec(
+        run_id=run_id or f"{name}-{int(time.time())}",
+        model_name=name,
+        rounds=rounds,
+        model=ModelSpec(family=family, n_features=features, n_classes=classes, hidden=hidden),
+        train=TrainConfig(local_epochs=local_epochs, lr=lr, optimizer=optimizer, seed=seed),
+        strategy=StrategySpec(name=strategy, params=dict(params or {}), fraction_train=fraction,
+                              fraction_evaluate=fraction, min_train_nodes=k,
+                              min_evaluate_nodes=k, min_available_nodes=k, dp=dp),
+        policy=UpdatePolicy(quorum=quorum or k, max_update_norm=max_update_norm),
+        round_timeout=round_timeout,
+        seed=seed,
+    )  # fmt: skip

@@ -199,3 +199,57 @@ def test_a_run_killed_after_a_round_resumes_through_the_cli(
     assert code == 1 and err.strip() == ("edgefleet: run 'resume-1' trains 'digits-resume', not "
                                          "'digits-other': pass --name digits-resume to resume it, "
                                          "or another --run-id")  # fmt: skip
+
+
+def test_fl_runs_start_and_stop_through_the_api(fl_world: Any) -> None:
+    """``POST /api/v1/fl/runs`` runs the same rounds as ``fl start`` (progress as server-sent
+    events), ``…/stop`` ends a run early (resumable), and both are audited."""
+    import httpx
+    from edgefleet.coordinator import access
+
+    from edgefleet._cli_console import start_api, stop_api
+    from tests.console.test_dashboard import free_port
+    from tests.integration.fleet import wait_until
+
+    c = fl_world.fleet.coordinator
+    token = access.create_token(c.registry, name="ml-team", role="deployer", by="test")
+    auth = {"Authorization": f"Bearer {token}"}
+    port = free_port()
+    api = start_api(c, f"127.0.0.1:{port}")  # as coordinator serve --api runs it
+    base = f"http://127.0.0.1:{port}"
+    body = {"name": "digits-api", "min_clients": 3, "local_epochs": 2, "round_timeout": 60}
+
+    def events(url: str, *, stop_after_round: str | None = None) -> list[dict[str, Any]]:
+        seen = []
+        with httpx.stream("GET", base + url, headers=auth, timeout=300) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if stop_after_round and seen[-1].get("phase") == "round":
+                        stopped = httpx.post(base + stop_after_round, headers=auth, timeout=30)
+                        assert stopped.status_code == 200, stopped.text
+                        stop_after_round = None
+        return seen
+
+    try:
+        wait_until(lambda: api.server.started, "the API")
+        r = httpx.post(f"{base}/api/v1/fl/runs", headers=auth, timeout=30,
+                       json={**body, "rounds": 2, "run_id": "api-1"})
+        assert r.status_code == 202, r.text
+        seen = events(r.json()["events"])
+        rounds = [e for e in seen if e.get("phase") == "round"]
+        assert [e["round"] for e in rounds] == [1, 2] and all(e["version"] for e in rounds)
+        assert seen[-1]["state"] == "done" and seen[-1]["rounds"] == [e["version"] for e in rounds]
+        runs = httpx.get(f"{base}/api/v1/fl/runs", headers=auth, timeout=30).json()["runs"]
+        assert [len(x["rounds"]) for x in runs if x["run_id"] == "api-1"] == [2]
+
+        r = httpx.post(f"{base}/api/v1/fl/runs", headers=auth, timeout=30,
+                       json={**body, "rounds": 50, "run_id": "api-2"})
+        op = r.json()["operation"]
+        seen = events(r.json()["events"], stop_after_round=f"/api/v1/fl/runs/{op}/stop")
+        assert seen[-1]["state"] == "stopped", seen[-1]
+        assert 1 <= len([e for e in seen if e.get("phase") == "round"]) < 50
+    finally:
+        stop_api(api)
+    actions = [e.action for e in access.audit_log(c.registry, limit=3)]
+    assert actions == ["fl.stop", "fl.start", "fl.start"]
