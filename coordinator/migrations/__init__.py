@@ -13,9 +13,9 @@ A new revision (a model change in ``registry.py`` needs one; ``tests/coordinator
 test_migrations.py`` fails until it exists), from the repository root::
 
     alembic -x url=sqlite:///$(mktemp -d)/r.db upgrade head
-    alembic -x url=sqlite:///<same file> revision --autogenerate --rev-id 0002 -m "what"
+    alembic -x url=sqlite:///<same file> revision --autogenerate --rev-id 0009 -m "what"
 
-then read the generated ``versions/v0002_*.py``; autogenerate misses renames and data moves.
+then read the generated ``versions/v0009_*.py``; autogenerate misses renames and data moves.
 """
 
 from __future__ import annotations

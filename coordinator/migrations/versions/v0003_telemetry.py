@@ -1,7 +1,7 @@
 """telemetry: every accepted telemetry message (per namespace) and per-device inference totals.
 
 Revision ID: 0003
-Revises: 0002
+Revises: 0001
 Create Date: 2026-12-02
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | None = "0002"
+down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,7 +1,7 @@
 """Operator console: API tokens (only their SHA-256 kept) and the append-only audit log.
 
 Revision ID: 0008
-Revises: 0007
+Revises: 0006
 Create Date: 2026-12-02
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | None = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,3 +1,0 @@
-"""Registry tables: fl (none yet)."""
-
-from __future__ import annotations

@@ -1,3 +1,0 @@
-"""Registry tables: scale (none yet)."""
-
-from __future__ import annotations
