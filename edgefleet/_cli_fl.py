@@ -149,6 +149,10 @@ def fl_start(args: argparse.Namespace) -> int:
     else:
         print(f"run {spec.run_id}: {spec.rounds} rounds of {spec.strategy.name} on "
               f"{spec.model_name}{_dp_text(spec.strategy.dp)}", flush=True)  # fmt: skip
+    from edgefleet.coordinator import operations
+
+    operations.audited(c, operations.cli_principal(), "fl.start", f"fl:{spec.run_id}", "cli",
+                       lambda: None, lambda _: {"rounds": spec.rounds, "resumed_after": done})
     show = _RoundPrinter(spec.rounds)
     with FlService(c, mqtt, presence_window=args.presence) as service:
         show.restart()

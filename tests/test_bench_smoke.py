@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # minutes even with --quick: run by `make bench` only (fl: a fleet on mosquitto; shadow: two
 # candidate installs and ~1.5 s of timed calls per arm on top of the shared fleet, ~90 s here)
-SLOW = {"fl", "fleet", "shadow"}
+SLOW = {"fl", "fleet", "shadow", "console", "drift", "telemetry", "rollout"}
 SLOW |= {"rollout"}  # 10-15 s with --quick on this loaded box (registry set-up, enrolling)
 
 pytest.importorskip("onnxruntime")

@@ -125,6 +125,8 @@ def test_dp_through_the_cli_records_noise_clip_and_epsilon(
     assert [(d["noise_multiplier"], d["clipping_norm"], d["delta"]) for d in dps] == [
         (1.0, 5.0, 1e-5)] * 2
     assert 0 < dps[0]["epsilon"] < dps[1]["epsilon"]  # ε accumulates over the rounds
+    code, audit, _ = run(capsys, "audit", "--home", home, "--action", "fl.start", "--json")
+    assert code == 0 and json.loads(audit.splitlines()[-1])["target"] == "fl:dp-1"  # audited
     accuracy = [v["lineage"]["fl"]["metrics"]["eval"]["eval-accuracy"] for v in json.loads(out)]
     assert all(0.0 <= a <= 1.0 for a in accuracy)
     # one more round of the same run: the accountant goes on from its registered state

@@ -82,6 +82,7 @@ def test_without_matplotlib_the_csv_is_written_and_no_plot(
     assert not (tmp_path / "accuracy.png").exists()
 
 
+@pytest.mark.slow  # the DP path is also run through fl start in tests/test_cli_fl.py
 def test_sim_fl_command_with_dp(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the note path; the plot is above

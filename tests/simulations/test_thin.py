@@ -132,6 +132,7 @@ def test_times_out_and_resends(tmp_path: Path, digits_v1: Digits) -> None:
     assert a.stats.duplicates == 1 and a.stats.refused == 1
 
 
+@pytest.mark.slow  # tests/integration/test_scale.py runs thin devices on mosquitto by default
 @pytest.mark.skipif(shutil.which("mosquitto") is None, reason=NEED_MOSQUITTO)
 def test_thin_devices_and_an_agent_on_mosquitto(tmp_path: Path, digits_v1: Digits) -> None:
     models = [ModelFile(name="digits", path=digits_v1.onnx, version="1")]
