@@ -11,43 +11,19 @@ bounds its limits allow during a release, and not from one release to the next.
 from __future__ import annotations
 
 import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from edgefleet.coordinator.service import UNSENT_LIMIT, ServiceLimits
 from edgefleet.simulations.homes import ModelFile
 from edgefleet.simulations.scale import ScaleReport, run_scale
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
 
 from tests.conftest import Digits
 
-PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 SEGMENT = 4096  # bytes: ~10 chunks per device
 MB = 1024 * 1024
 needs_mosquitto = pytest.mark.skipif(shutil.which("mosquitto") is None,
                                      reason="needs the mosquitto binary on PATH")  # fmt: skip
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT",
-                          connect_args={"connect_timeout": 3})  # fmt: skip
-    name = f"edgefleet_scale_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"no PostgreSQL reachable at {PG_SERVER} ({str(exc).splitlines()[0]})")
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _check(report: ScaleReport, devices: int) -> None:
