@@ -250,7 +250,8 @@ def test_fl_runs_start_and_stop_through_the_api(fl_world: Any) -> None:
         op = r.json()["operation"]
         seen = events(r.json()["events"], stop_after_round=f"/api/v1/fl/runs/{op}/stop")
         assert seen[-1]["state"] == "stopped", seen[-1]
-        assert 1 <= len([e for e in seen if e.get("phase") == "round"]) < 50
+        done = len([e for e in seen if e.get("phase") == "round"])
+        assert 0 < done < 50  # stopped after its first round, well before the 50th
     finally:
         stop_api(api)
     actions = [e.action for e in access.audit_log(c.registry, limit=3)]
