@@ -48,7 +48,8 @@ from . import views
 __all__ = ["Operation", "create_app"]
 
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_OPERATIONS = 256  # finished operations kept for their handles (oldest forgotten first)
+MAX_OPERATIONS = 256  # operations kept for their handles (finished ones forgotten first; all
+# running = 429, so a caller cannot make the API start threads without bound)
 MAX_EVENTS = 1024  # events kept per operation
 MAX_BODY = 1 << 20  # bytes of a request body (an enrolment's public key file is ~2 KB)
 MAX_MODEL_BODY = 96 << 20  # bytes of a model upload (base64 of a model up to ~70 MB)
@@ -104,6 +105,8 @@ class Operations:
                 done = [k for k, o in self._ops.items() if o.state != "running"]
                 for k in done[: len(self._ops) - MAX_OPERATIONS + 1]:
                     del self._ops[k]
+            if len(self._ops) >= MAX_OPERATIONS:  # every one still running: no new thread
+                raise ApiError(429, f"{MAX_OPERATIONS} operations are running; try later")
             self._ops[op.id] = op
         return op
 

@@ -258,3 +258,16 @@ def test_the_openapi_schema_lists_every_route(console: Console) -> None:
         assert path.replace("{rollout}", "{rollout_id}").replace("/pause", "/{what}").replace(
             "/abort", "/{what}").replace("/canary", "/{group}").replace(
             "/dev-c/", "/{device_id}/") in paths, path  # fmt: skip
+
+
+def test_operations_are_bounded() -> None:
+    from edgefleet.console.api import MAX_OPERATIONS, ApiError, Operations
+
+    ops = Operations()
+    first = [ops.new("release", f"t{i}") for i in range(MAX_OPERATIONS)]
+    with pytest.raises(ApiError, match="operations are running"):
+        ops.new("release", "one too many")
+    first[0].finish("done")
+    assert ops.new("release", "after one ended").state == "running"  # the finished one goes
+    with pytest.raises(ApiError, match="no operation"):
+        ops.get(first[0].id)
