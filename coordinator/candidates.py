@@ -31,13 +31,11 @@ from typing import Any
 
 from edgefleet.infra.link.port import Delivery, Link
 from edgefleet.protocol import topics
-from edgefleet.protocol.build import ReleaseSpec, build_release
 from edgefleet.protocol.candidate import CandidateSpec, candidate_topic
 from edgefleet.protocol.canonical import canonical_json
 from edgefleet.protocol.envelope import Envelope
 from edgefleet.protocol.errors import TransportError
-from edgefleet.protocol.keys import KemPublicKey
-from edgefleet.protocol.manifest import Manifest, SmokeVector, TensorSpec
+from edgefleet.protocol.manifest import Manifest
 from edgefleet.protocol.messages import ReleaseOffer
 from sqlalchemy import select
 
@@ -45,6 +43,7 @@ from .chunks import ReleaseFacts
 from .home import Coordinator
 from .registry import Registry
 from .tables.candidates import CandidateRow
+from .tables.shards import ManifestShard, ShardMap, shard_rows
 
 __all__ = [
     "Candidate",
@@ -83,70 +82,38 @@ def build_candidate(
     ttl: int | None = None,
 ) -> Candidate:
     """Sign and encrypt a candidate release of a registered model and record it."""
-    c, registry = coordinator, coordinator.registry
-    mv = registry.model(name, version)
-    device_ids = registry.resolve(selector)
-    if not device_ids:
-        raise LookupError(f"selector {selector!r} matches no enrolled device")
-    recipients = {}
-    for dev_id in device_ids:
-        dev = registry.device(dev_id)
-        assert dev is not None
-        recipients[dev_id] = KemPublicKey(dev.kem, dev.kem_public)
-    now = int(now if now is not None else time.time())
-    ttl = ttl or c.config.manifest_ttl
-    c.keys.check(now=now, ttl=ttl)
-    meta = mv.meta
-    release_spec = ReleaseSpec(
-        name=mv.name,
-        format=mv.format,
-        model_version=mv.version,
-        sequence=registry.next_sequence(),
-        inputs=tuple(TensorSpec.from_dict(t) for t in meta["inputs"]),
-        outputs=tuple(TensorSpec.from_dict(t) for t in meta["outputs"]),
-        created=now,
-        ttl=ttl,
-        segment_size=c.config.segment_size,
-        smoke=tuple(SmokeVector.from_dict(v) for v in meta.get("smoke", [])),
-        reference_stats=meta.get("feature_stats", {}),
-        lineage={"model_id": mv.id, **mv.lineage, "metrics": mv.metrics},
-        candidate=spec,
-    )
-    built = build_release(
-        c.blobs.get(mv.blob), release_spec, release_key=c.keys.release, recipients=recipients
-    )
+    c = coordinator
+    signed = c.sign(name, version, selector, now=now, ttl=ttl, candidate=spec)
+    built = signed.built
     row = CandidateRow(
-        sequence=release_spec.sequence,
+        sequence=built.manifest.sequence,
         bundle_id=built.manifest.bundle_id,
-        model_id=mv.id,
+        model_id=signed.model.id,
         selector=selector,
         mode=spec.mode,
         share=spec.share,
-        created=now,
+        created=signed.created,
         manifest=built.manifest_raw,
         signature=built.signature_raw,
         keyring=c.keys.keyring_raw,
         keyring_sig=c.keys.keyring_sig,
-        payload_blob=c.blobs.put_encrypted(built.payload),
+        payload_blob=signed.payload_blob,
         targets={e.device_id: canonical_json(e.to_dict()).decode() for e in built.envelopes},
     )
-    with registry.session() as s:
+    shards = shard_rows(row.sequence, built)
+    with c.registry.session() as s:
         s.add(row)
+        s.add_all(shards)
     log.info("built candidate %d: %s v%s (%s) for %d devices", row.sequence, name, version,
-             spec.mode, len(device_ids))  # fmt: skip
-    return _candidate(row)
+             spec.mode, len(built.envelopes))  # fmt: skip
+    return _candidate(row, shards)
 
 
-def _candidate(row: CandidateRow) -> Candidate:
+def _candidate(row: CandidateRow, shards: Iterable[ManifestShard]) -> Candidate:
     m = Manifest.decode(row.manifest)
+    signed = ShardMap.of(row.manifest, row.signature, shards)
     offers = {
-        dev: ReleaseOffer(
-            keyring=row.keyring,
-            keyring_sig=row.keyring_sig,
-            manifest=row.manifest,
-            signature=row.signature,
-            envelope=Envelope.from_dict(json.loads(env)),
-        )
+        dev: _offer(row, *signed(dev), Envelope.from_dict(json.loads(env)))
         for dev, env in sorted(row.targets.items())
     }
     return Candidate(sequence=row.sequence, bundle_id=row.bundle_id, name=m.name,
@@ -154,19 +121,26 @@ def _candidate(row: CandidateRow) -> Candidate:
                      targets=tuple(offers), offers=offers)  # fmt: skip
 
 
+def _offer(row: CandidateRow, manifest: bytes, signature: bytes, env: Envelope) -> ReleaseOffer:
+    return ReleaseOffer(keyring=row.keyring, keyring_sig=row.keyring_sig, manifest=manifest,
+                        signature=signature, envelope=env)  # fmt: skip
+
+
 def candidates(registry: Registry) -> list[Candidate]:
     """Every candidate built, oldest first."""
     with registry.session() as s:
         rows = s.scalars(select(CandidateRow).order_by(CandidateRow.sequence)).all()
-    return [_candidate(r) for r in rows]
+        shards = s.scalars(select(ManifestShard).where(
+            ManifestShard.sequence.in_([r.sequence for r in rows]))).all()  # fmt: skip
+    return [_candidate(r, [x for x in shards if x.sequence == r.sequence]) for r in rows]
 
 
 def candidate_facts(
     registry: Registry, bundle_id: str, *, busy_timeout: float | None = None
 ) -> ReleaseFacts | None:
     """What the chunk server needs to serve a candidate's chunks (None: not a candidate)."""
-    session = registry.session() if busy_timeout is None else registry.session(
-        busy_timeout=busy_timeout
+    session = (
+        registry.session() if busy_timeout is None else registry.session(busy_timeout=busy_timeout)
     )
     with session as s:
         row = s.scalar(select(CandidateRow).where(CandidateRow.bundle_id == bundle_id))

@@ -8,6 +8,7 @@ from typing import Any
 
 from edgefleet.infra.fsutil import os_errors
 from edgefleet.infra.settings import load_toml_config, to_toml
+from edgefleet.protocol.build import SHARD_TARGETS
 
 __all__ = ["CoordinatorConfig"]
 
@@ -18,6 +19,9 @@ class CoordinatorConfig:
     database: str = ""  # SQLAlchemy URL; "" = sqlite file registry.db in home
     segment_size: int = 256 * 1024  # bytes of plaintext per encrypted segment / MQTT chunk
     manifest_ttl: int = 30 * 24 * 3600  # seconds a release manifest stays valid
+    # devices per signed manifest of a release: an offer carries its shard's ids (~90 bytes
+    # each), the registry one manifest per shard; 1 = no device learns another's id
+    manifest_shard: int = SHARD_TARGETS  # 64
     broker: str = ""  # mqtt://host:port; "" = embedded broker for demos
     username: str = "coordinator"
     password_file: str = ""

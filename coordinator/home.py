@@ -7,11 +7,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgefleet.infra.fsutil import atomic_write, fsync_dir, os_errors, private_dir, private_file
 from edgefleet.protocol.build import BuiltRelease, ReleaseSpec, build_release
+from edgefleet.protocol.candidate import CandidateSpec
 from edgefleet.protocol.canonical import canonical_json
 from edgefleet.protocol.device import DevicePublic
 from edgefleet.protocol.errors import ConfigError
@@ -32,11 +34,22 @@ from .registry import (
     open_content_key,
     seal_content_key,
 )
+from .tables.shards import shard_rows
 from .vault import StorageKey, Vault, read_key_file, write_key_file
 
-__all__ = ["Coordinator"]
+__all__ = ["Coordinator", "Signed"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Signed:
+    """A release signed and encrypted (``Coordinator.sign``), its payload stored, not recorded."""
+
+    model: ModelVersion
+    built: BuiltRelease
+    created: int  # unix s
+    payload_blob: str  # SHA-256 hex of the stored ciphertext
 
 
 def format_of(path: Path) -> str:
@@ -160,7 +173,7 @@ class Coordinator:
         (self.home / "secrets" / "devices" / f"{device_id}.password").unlink(missing_ok=True)
 
     # -- releases -------------------------------------------------------------------------
-    def build(
+    def sign(
         self,
         name: str,
         version: str,
@@ -168,8 +181,11 @@ class Coordinator:
         *,
         now: int | None = None,
         ttl: int | None = None,
-    ) -> tuple[Release, BuiltRelease]:
-        """Sign and encrypt a release of a registered model for the selected devices."""
+        candidate: CandidateSpec | None = None,
+    ) -> Signed:
+        """Encrypt a registered model once for the selected devices under a new sequence and
+        sign its manifests (one per ``manifest_shard`` devices); the payload is stored, nothing
+        is recorded: ``build`` records a release, ``candidates.build_candidate`` a candidate."""
         mv = self.registry.model(name, version)
         device_ids = self.registry.resolve(selector)
         if not device_ids:
@@ -180,7 +196,8 @@ class Coordinator:
             assert dev is not None
             recipients[dev_id] = KemPublicKey(dev.kem, dev.kem_public)
         now = int(now if now is not None else time.time())
-        self.keys.check(now=now, ttl=ttl or self.config.manifest_ttl)
+        ttl = ttl or self.config.manifest_ttl
+        self.keys.check(now=now, ttl=ttl)
         meta = mv.meta
         spec = ReleaseSpec(
             name=mv.name,
@@ -190,41 +207,57 @@ class Coordinator:
             inputs=tuple(TensorSpec.from_dict(t) for t in meta["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in meta["outputs"]),
             created=now,
-            ttl=ttl or self.config.manifest_ttl,
+            ttl=ttl,
             segment_size=self.config.segment_size,
             smoke=tuple(SmokeVector.from_dict(v) for v in meta.get("smoke", [])),
             reference_stats=meta.get("feature_stats", {}),
             lineage={"model_id": mv.id, **mv.lineage, "metrics": mv.metrics},
+            candidate=candidate,
         )
         built = build_release(
-            self.blobs.get(mv.blob), spec, release_key=self.keys.release, recipients=recipients
+            self.blobs.get(mv.blob),
+            spec,
+            release_key=self.keys.release,
+            recipients=recipients,
+            shard_size=self.config.manifest_shard,
         )
+        blob = self.blobs.put_encrypted(built.payload)  # ciphertext already
+        return Signed(model=mv, built=built, created=now, payload_blob=blob)
+
+    def build(
+        self,
+        name: str,
+        version: str,
+        selector: str,
+        *,
+        now: int | None = None,
+        ttl: int | None = None,
+    ) -> tuple[Release, BuiltRelease]:
+        """Sign and encrypt a release of a registered model for the selected devices."""
+        signed = self.sign(name, version, selector, now=now, ttl=ttl)
+        built, seq = signed.built, signed.built.manifest.sequence
         release = Release(
-            sequence=spec.sequence,
+            sequence=seq,
             bundle_id=built.manifest.bundle_id,
-            model_id=mv.id,
+            model_id=signed.model.id,
             selector=selector,
-            created=now,
+            created=signed.created,
             manifest=built.manifest_raw,
             signature=built.signature_raw,
             keyring=self.keys.keyring_raw,
             keyring_sig=self.keys.keyring_sig,
-            payload_blob=self.blobs.put_encrypted(built.payload),  # ciphertext already
+            payload_blob=signed.payload_blob,
             content_key=built.content_key,
             targets=[
                 ReleaseTarget(device_id=e.device_id, envelope=canonical_json(e.to_dict()))
                 for e in built.envelopes
             ],
+            shards=shard_rows(seq, built),
         )
         self.registry.add_release(release)
-        log.info(
-            "built release %d: %s v%s for %d devices (%d segments)",
-            spec.sequence,
-            name,
-            version,
-            len(device_ids),
-            built.manifest.segments,
-        )
+        log.info("built release %d: %s v%s for %d devices (%d segments, %d signed manifests)",
+                 seq, name, version, len(built.envelopes), built.manifest.segments,
+                 len(built.shards))  # fmt: skip
         return release, built
 
     def write_bundle(self, built: BuiltRelease, out: Path) -> None:

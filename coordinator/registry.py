@@ -1,7 +1,10 @@
 """Model registry and fleet registry, through SQLAlchemy (SQLite by default, PostgreSQL too).
 
 Tables: model versions (with lineage and metrics), devices (public keys, state, last seen),
-groups, releases (signed manifest, per-device envelopes) and a monotonic release counter.
+groups, releases (signed manifests, per-device envelopes) and a monotonic release counter.
+A release's manifest is signed per shard of its targets: the first shard is in its row, the
+others in ``manifest_shards`` (``tables/shards.py``); ``Release.signed_manifests`` maps a
+target to its own.
 Opening a Registry migrates its database to the newest schema (``migrations``); a change to
 these models needs a new revision there.
 """
@@ -35,6 +38,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 from . import tables as _tables  # noqa: F401  (every table on Base.metadata)
 from .migrations import upgrade
 from .tables.base import Base
+from .tables.shards import ManifestShard, ShardMap
 from .vault import Vault, content_key_aad
 
 __all__ = ["Base", "Device", "Group", "ModelVersion", "Registry", "Release", "ReleaseTarget"]
@@ -99,7 +103,7 @@ class Release(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     selector: Mapped[str] = mapped_column(String(200))
     created: Mapped[int] = mapped_column(BigInteger)
-    manifest: Mapped[bytes] = mapped_column(LargeBinary)  # bytes as signed
+    manifest: Mapped[bytes] = mapped_column(LargeBinary)  # the first shard's, bytes as signed
     signature: Mapped[bytes] = mapped_column(LargeBinary)
     keyring: Mapped[bytes] = mapped_column(LargeBinary)
     keyring_sig: Mapped[bytes] = mapped_column(LargeBinary)
@@ -110,6 +114,16 @@ class Release(Base):
     targets: Mapped[list[ReleaseTarget]] = relationship(
         back_populates="release", cascade="all, delete-orphan"
     )
+    shards: Mapped[list[ManifestShard]] = relationship(  # the signed manifests after the first
+        primaryjoin="Release.sequence == foreign(ManifestShard.sequence)",
+        order_by="ManifestShard.shard",
+        cascade="all, delete-orphan",
+    )
+
+    @property
+    def signed_manifests(self) -> ShardMap:
+        """Target device id -> (manifest bytes as signed, signature) of the shard naming it."""
+        return ShardMap.of(self.manifest, self.signature, self.shards)
 
     @property
     def content_key(self) -> bytes:
@@ -401,7 +415,7 @@ class Registry:
             )
             r = s.scalar(q)
             if r is not None:
-                _ = r.targets, r.model  # load while the session is open
+                _ = r.targets, r.model, r.shards  # load while the session is open
                 r.__dict__["_vault"] = self.vault  # opens r.content_key on first use
             return r
 
@@ -409,7 +423,7 @@ class Registry:
         with self.session() as s:
             rs = s.scalars(select(Release).order_by(Release.sequence)).all()
             for r in rs:
-                _ = r.targets, r.model
+                _ = r.targets, r.model, r.shards
                 r.__dict__["_vault"] = self.vault
             return rs
 

@@ -96,17 +96,20 @@ def build(
 
 
 def offers(release: Release) -> dict[str, ReleaseOffer]:
-    """Each target device's release offer: the signed parts and its own key envelope."""
-    return {
-        t.device_id: ReleaseOffer(
+    """Each target device's release offer: the keyring, the signed manifest naming the device
+    (its shard: a bounded set of targets, whatever the fleet's size) and its own key envelope."""
+    signed = release.signed_manifests
+    out = {}
+    for t in release.targets:
+        manifest, signature = signed(t.device_id)
+        out[t.device_id] = ReleaseOffer(
             keyring=release.keyring,
             keyring_sig=release.keyring_sig,
-            manifest=release.manifest,
-            signature=release.signature,
+            manifest=manifest,
+            signature=signature,
             envelope=Envelope.from_dict(json.loads(t.envelope)),
         )
-        for t in release.targets
-    }
+    return out
 
 
 def publish(
@@ -238,9 +241,7 @@ def connect(
         while not link.wait_connected(0):
             left = deadline - time.monotonic()
             if left <= 0 or refused >= attempts:
-                raise ConnectionError(
-                    f"cannot reach the broker at {config.url}: {link.last_error}"
-                )
+                raise ConnectionError(f"cannot reach the broker at {config.url}: {link.last_error}")
             if failed.acquire(timeout=min(left, 0.1)):  # an attempt failed
                 refused += 1
         yield link

@@ -7,7 +7,7 @@ revision in ``migrations/versions``.
 
 from __future__ import annotations
 
-from . import candidates, console, drift, rollouts, telemetry  # noqa: F401
+from . import candidates, console, drift, rollouts, shards, telemetry  # noqa: F401
 from .base import Base
 
 __all__ = ["Base"]
