@@ -5,15 +5,19 @@ the local training settings from the message's ``ConfigRecord`` (``ModelSpec.to_
 ``TrainConfig.to_config`` keys, FedProx's ``proximal-mu``, Flower's ``server-round``), trains
 on the device's own data from the global ``ArrayRecord`` and replies with the new weights and
 a ``MetricRecord`` of ``num-examples``, ``unit-weight`` (1, for DP accounting), ``train-loss``
-and ``train-accuracy``; ``@app.evaluate()`` replies with ``eval-loss`` / ``eval-accuracy`` on
-the local held-out part. ``load_data(context)`` defaults to the ``data-dir`` entry of the
-node config (Flower's ``--node-config`` on a native SuperNode).
+and ``train-accuracy``, plus, when the config names a grid (``refstats-edges``), a
+``ConfigRecord`` ``refstats``: the counts of its training rows over that grid
+(``models.refstats.summarize``: histogram counts, sums, sums of squares, class counts), from
+which the coordinator builds the new version's drift reference. ``@app.evaluate()`` replies
+with ``eval-loss`` / ``eval-accuracy`` on the local held-out part. ``load_data(context)``
+defaults to the ``data-dir`` entry of the node config (Flower's ``--node-config`` on a native
+SuperNode).
 
 ``build_server_app(run)`` is the coordinator side: its ``main`` runs ``run.execute(grid)``
 (see ``runs.FederatedRun``), i.e. a Flower strategy's own ``start`` loop.
 
-Only weights and these aggregate metrics leave the device, never samples. Any exception in a
-handler propagates to the caller (the client loop turns it into an error reply).
+Only weights and these aggregate metrics and counts leave the device, never samples. Any
+exception in a handler propagates to the caller (the client loop turns it into an error reply).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import numpy as np
+from edgefleet.models.refstats import summarize
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -34,6 +40,8 @@ __all__ = [
     "ARRAYS_KEY",
     "CONFIG_KEY",
     "METRICS_KEY",
+    "REFSTATS_EDGES_KEY",
+    "REFSTATS_KEY",
     "Runnable",
     "build_client_app",
     "build_server_app",
@@ -47,6 +55,8 @@ log = logging.getLogger(__name__)
 ARRAYS_KEY = "arrays"  # Flower strategies' default arrayrecord_key
 CONFIG_KEY = "config"  # and configrecord_key
 METRICS_KEY = "metrics"
+REFSTATS_KEY = "refstats"  # the reply's ConfigRecord of reference counts
+REFSTATS_EDGES_KEY = "refstats-edges"  # the train config's grid (one list for every feature)
 DataLoader = Callable[[Context], LocalData]
 
 
@@ -64,7 +74,8 @@ def data_from_node_config(context: Context) -> LocalData:
 
 def train_reply(message: Message, data: LocalData) -> Message:
     """Train from the message's global weights on ``data``; the reply to ``message``."""
-    server_round = message.content.config_records[CONFIG_KEY].get("server-round", 0)
+    config = message.content.config_records[CONFIG_KEY]
+    server_round = config.get("server-round", 0)
     trainer = _trainer(message)
     round_seed = server_round if isinstance(server_round, int) else 0
     result = trainer.fit(data.x_train, data.y_train, round_seed=round_seed)
@@ -78,6 +89,11 @@ def train_reply(message: Message, data: LocalData) -> Message:
         }
     )
     content = RecordDict({ARRAYS_KEY: to_array_record(trainer.weights()), METRICS_KEY: metrics})
+    edges = config.get(REFSTATS_EDGES_KEY)
+    if isinstance(edges, list) and edges:
+        counts = summarize(data.x_train, data.y_train, np.asarray(edges), trainer.spec.n_classes)
+        record: dict[str, Any] = counts.to_dict()  # ints and lists of numbers
+        content[REFSTATS_KEY] = ConfigRecord(record)
     return Message(content, reply_to=message)
 
 

@@ -13,7 +13,19 @@ clients' evaluation) the global model is exported to ONNX and registered through
             "metrics": {"train", "eval", "central"},
             "dp": {"noise_multiplier", "clipping_norm", "epsilon", "delta",
                    "accountant_blob"} | None,
-            "weights_blob": <SHA-256 of the exact float32 weights (.npz) in the blob store>}}
+            "weights_blob": <SHA-256 of the exact float32 weights (.npz) in the blob store>,
+            "reference": {"source": "device counts", "devices", "n", "grid": {lo, hi, bins}}
+                         | {"source": "none", "why"}}}
+
+The drift reference (the manifest's ``reference_stats``) of each version is built without a
+row leaving a device: every training reply carries the device's counts of its own training
+rows over a grid fixed before the run (``RunSpec.reference``: the same evenly spaced edges for
+every feature, ``lo..hi`` being the model's input range; digits are scaled to 0..1), and the
+coordinator merges the latest counts of every device that contributed so far in this run
+(``models.refstats``: exact shares, mean, variance and class prior; quantiles within one grid
+bin). So the statistics describe the training data of the run's contributors, which is what
+the model was trained on. The counts are not noised: a run with differential privacy collects
+none, and its versions carry no drift reference (the lineage says why).
 
 A round that is not aggregated (below quorum) registers nothing and the next round starts
 from the same global model. ``execute`` on a run id that already has registered rounds resumes
@@ -38,7 +50,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+from edgefleet.models.refstats import LocalSummary, parse_summary, stats_from_summary, uniform_edges
 
+from .app import REFSTATS_EDGES_KEY
 from .strategies import StrategySpec, TrainOutcome, UpdatePolicy
 from .trainer import ModelSpec, TrainConfig, Trainer, Weights
 
@@ -50,6 +64,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CoordinatorRegistrar",
     "FederatedRun",
+    "ReferenceGrid",
     "Registrar",
     "RoundRecord",
     "RunResult",
@@ -66,6 +81,18 @@ CentralEval = Callable[[Trainer], dict[str, float]]
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReferenceGrid:
+    """The edges devices count their training rows over, for the drift reference."""
+
+    lo: float = 0.0  # the model's input range (values outside count in the outer bins)
+    hi: float = 1.0
+    bins: int = 32  # grid bins per feature (the reference picks its cuts among their edges)
+
+    def edges(self) -> np.ndarray:
+        return uniform_edges(self.lo, self.hi, self.bins)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunSpec:
     run_id: str
     model_name: str
@@ -76,10 +103,19 @@ class RunSpec:
     policy: UpdatePolicy = field(default_factory=UpdatePolicy)
     round_timeout: float = 600.0  # seconds the grid waits for replies per step
     seed: int = 0  # initial global model
+    reference: ReferenceGrid | None = field(default_factory=ReferenceGrid)  # None: no counts
 
     def __post_init__(self) -> None:
         if not self.run_id or not self.model_name or self.rounds < 1:
             raise ValueError("a run needs a run_id, a model_name and rounds >= 1")
+        if self.reference is not None:
+            self.reference.edges()  # ValueError for a grid no device could count over
+
+    @property
+    def reference_grid(self) -> ReferenceGrid | None:
+        """The grid the devices count over; None without one or with differential privacy
+        (the counts are not noised)."""
+        return self.reference if self.strategy.dp is None else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,7 +231,9 @@ class FederatedRun:
         inner = build_strategy(self.spec.strategy, population=population)
         if last is not None:
             self._restore_accountant(inner, last)
-        guard = GuardedStrategy(inner, policy=self.spec.policy, round_offset=done, clock=self.clock)
+        grid_spec = self.spec.reference_grid
+        guard = GuardedStrategy(inner, policy=self.spec.policy, round_offset=done,
+                                clock=self.clock, read_summary=self._summary_reader())  # fmt: skip
         state = _RunState(grid=grid, guard=guard, parent=last.version if last else None)
         remaining = self.spec.rounds - done
         if remaining <= 0:
@@ -211,12 +249,15 @@ class FederatedRun:
             population,
         )
         model_config = self.spec.model.to_config()
+        train_config = {**model_config, **self.spec.train.to_config()}
+        if grid_spec is not None:
+            train_config[REFSTATS_EDGES_KEY] = [float(e) for e in grid_spec.edges()]
         result = guard.start(
             grid,
             to_array_record(weights),
             num_rounds=remaining,
             timeout=self.spec.round_timeout,
-            train_config=ConfigRecord({**model_config, **self.spec.train.to_config()}),
+            train_config=ConfigRecord(train_config),
             evaluate_config=ConfigRecord(model_config),
             evaluate_fn=lambda rnd, arrays: self._round_end(state, rnd + done, arrays),
         )
@@ -252,8 +293,13 @@ class FederatedRun:
         trainer = _shell(self.spec.model)
         trainer.set_weights(from_array_record(arrays))
         central = self.central_eval(trainer) if self.central_eval else {}
+        state.summaries.update(outcome.summaries)
+        stats, reference = self._reference(state)
         lineage = self._lineage(state, outcome, trainer, central)
+        lineage["fl"]["reference"] = reference
         meta = self._meta(trainer, central or state.guard.evaluations.get(rnd, {}))
+        if stats is not None:
+            meta["feature_stats"] = stats
         version = self.registrar.register(
             name=self.spec.model_name, onnx=trainer.to_onnx(), meta=meta, lineage=lineage
         )
@@ -328,6 +374,33 @@ class FederatedRun:
         }
         return {"parent": state.parent, "fl": fl}
 
+    def _summary_reader(self) -> Callable[[Mapping[str, Any], int], LocalSummary] | None:
+        grid, model = self.spec.reference_grid, self.spec.model
+        if grid is None:
+            return None
+        return lambda record, rows: parse_summary(record, features=model.n_features,
+                                                  edges=grid.bins + 1, n_classes=model.n_classes,
+                                                  n=rows)  # fmt: skip
+
+    def _reference(self, state: _RunState) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """The drift reference from the devices' counts so far, and what it describes."""
+        grid = self.spec.reference_grid
+        if grid is None:
+            why = "no grid" if self.spec.reference is None else "differential privacy"
+            return None, {"source": "none", "why": f"{why}: no counts were collected"}
+        if not state.summaries:
+            return None, {"source": "none", "why": "no device sent its counts"}
+        total = LocalSummary.merge(state.summaries.values())
+        if total.n < 2:
+            return None, {"source": "none", "why": f"{total.n} training row in the counts"}
+        device = _device_namer(state.grid)
+        return stats_from_summary(total, grid.edges()), {
+            "source": "device counts",
+            "devices": sorted(device(n) for n in state.summaries),
+            "n": total.n,
+            "grid": {"lo": grid.lo, "hi": grid.hi, "bins": grid.bins},
+        }
+
     def _dp(self, state: _RunState, outcome: TrainOutcome) -> dict[str, Any] | None:
         dp = self.spec.strategy.dp
         if dp is None:
@@ -384,6 +457,7 @@ class _RunState:
     guard: Any
     parent: str | None
     records: list[RoundRecord] = field(default_factory=list)
+    summaries: dict[int, LocalSummary] = field(default_factory=dict)  # node -> its latest counts
 
 
 def _shell(spec: ModelSpec, *, seed: int = 0) -> Trainer:

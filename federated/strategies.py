@@ -18,7 +18,11 @@ an accounted run weights clients by ``unit-weight`` (1 each) instead of ``num-ex
   whatever arrived before the timeout);
 - records a ``TrainOutcome`` per round (the new global arrays, contributors with their sample
   counts, rejections, aggregated metrics, time spent in the wrapped ``aggregate_train``, ε);
-- shifts Flower's round numbers by ``round_offset``, so a resumed run continues its count.
+- shifts Flower's round numbers by ``round_offset``, so a resumed run continues its count;
+- takes each training reply's reference counts (the ``refstats`` ``ConfigRecord``, see
+  ``app.train_reply``) out of it, so the wrapped strategy sees Flower's usual reply, and checks
+  them with ``read_summary`` (a malformed one rejects the reply; a missing one only leaves
+  that device out of the reference statistics).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from edgefleet.protocol.errors import MalformedError
@@ -37,7 +41,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as fs
 
+from .app import REFSTATS_KEY
 from .trainer import from_array_record
+
+if TYPE_CHECKING:
+    from edgefleet.models.refstats import LocalSummary
 
 __all__ = [
     "EVAL_METRIC_KEYS",
@@ -47,6 +55,7 @@ __all__ = [
     "DpSpec",
     "GuardedStrategy",
     "Rejection",
+    "SummaryReader",
     "StrategySpec",
     "TrainOutcome",
     "UpdatePolicy",
@@ -65,6 +74,7 @@ STRATEGIES: dict[str, type[fs.FedAvg]] = {
     "fedtrimmedavg": fs.FedTrimmedAvg,
     "krum": fs.Krum,
 }
+SummaryReader = Callable[[Mapping[str, Any], int], "LocalSummary"]  # (record, rows) -> checked
 WEIGHT_KEY = "num-examples"
 UNIT_WEIGHT_KEY = "unit-weight"
 TRAIN_METRIC_KEYS = frozenset({WEIGHT_KEY, UNIT_WEIGHT_KEY, "train-loss", "train-accuracy"})
@@ -215,6 +225,7 @@ class TrainOutcome:
     aggregate_seconds: float = 0.0  # inside the wrapped strategy's aggregate_train
     screen_seconds: float = 0.0  # validating the replies
     epsilon: float | None = None  # cumulative, from Flower's accountant
+    summaries: Mapping[int, LocalSummary] = field(default_factory=dict)  # node -> its counts
 
 
 def validate_update(
@@ -278,11 +289,13 @@ class GuardedStrategy(fs.Strategy):
         policy: UpdatePolicy | None = None,
         round_offset: int = 0,
         clock: Callable[[], float] = time.perf_counter,
+        read_summary: SummaryReader | None = None,  # None: no reference counts were asked for
     ) -> None:
         self.inner = inner
         self.policy = policy or UpdatePolicy()
         self.round_offset = round_offset
         self.clock = clock
+        self.read_summary = read_summary
         self.outcomes: dict[int, TrainOutcome] = {}  # by run round (offset applied)
         self.evaluations: dict[int, dict[str, float]] = {}
         self.eval_rejected: dict[int, tuple[Rejection, ...]] = {}
@@ -309,12 +322,16 @@ class GuardedStrategy(fs.Strategy):
         rnd = server_round + self.round_offset
         global_arrays = self._globals.pop(rnd)
         t0 = self.clock()
-        valid, contributors, rejected = self._screen(rnd, replies, global_arrays, train=True)
+        summaries: dict[int, LocalSummary] = {}
+        valid, contributors, rejected = self._screen(
+            rnd, replies, global_arrays, train=True, summaries=summaries
+        )
         outcome: dict[str, Any] = dict(
             server_round=rnd,
             contributors=contributors,
             rejected=rejected,
             screen_seconds=self.clock() - t0,
+            summaries=summaries,
         )
         if len(valid) < self.policy.quorum:
             reason = f"{len(valid)} valid updates, quorum {self.policy.quorum}"
@@ -352,7 +369,13 @@ class GuardedStrategy(fs.Strategy):
         return metrics
 
     def _screen(
-        self, rnd: int, replies: Iterable[Message], global_arrays: ArrayRecord, *, train: bool
+        self,
+        rnd: int,
+        replies: Iterable[Message],
+        global_arrays: ArrayRecord,
+        *,
+        train: bool,
+        summaries: dict[int, LocalSummary] | None = None,  # filled: node -> its counts
     ) -> tuple[list[Message], tuple[Contribution, ...], tuple[Rejection, ...]]:
         valid: list[Message] = []
         contributors: list[Contribution] = []
@@ -362,7 +385,12 @@ class GuardedStrategy(fs.Strategy):
             try:
                 if reply.has_error():
                     raise MalformedError(f"error reply: {reply.error.reason}")
+                record = _take_summary(reply) if train else None
                 count = validate_update(reply, global_arrays, self.policy, train=train)
+                if record is not None and summaries is not None:
+                    if self.read_summary is None:
+                        raise MalformedError("reference counts that were not asked for")
+                    summaries[node] = self.read_summary(record, count)
             except MalformedError as exc:
                 log.warning("round %d: dropped the reply of node %d: %s", rnd, node, exc)
                 rejected.append(Rejection(node_id=node, reason=str(exc)))
@@ -370,6 +398,15 @@ class GuardedStrategy(fs.Strategy):
             valid.append(reply)
             contributors.append(Contribution(node_id=node, num_examples=count))
         return valid, tuple(contributors), tuple(rejected)
+
+
+def _take_summary(reply: Message) -> dict[str, Any] | None:
+    """The reply's reference counts, removed from it (None: it sent none)."""
+    if reply.has_error() or REFSTATS_KEY not in reply.content.config_records:
+        return None
+    record = dict(reply.content.config_records[REFSTATS_KEY])
+    del reply.content[REFSTATS_KEY]
+    return record
 
 
 def _plain(metrics: MetricRecord | None) -> dict[str, float]:
