@@ -125,7 +125,14 @@ def _post(server: InferenceServer, body: Any, token: str | None) -> tuple[int, d
     try:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        conn.request("POST", "/v1/explain", data, headers)
+        if len(data) > 1024 * 1024:  # declared, not sent: the server answers 413 and closes,
+            conn.putrequest("POST", "/v1/explain")  # and a client still sending would get
+            for k, v in headers.items():  # EPIPE before it could read the answer
+                conn.putheader(k, v)
+            conn.putheader("Content-Length", str(len(data)))
+            conn.endheaders()
+        else:
+            conn.request("POST", "/v1/explain", data, headers)
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read())
     finally:
