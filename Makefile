@@ -20,6 +20,10 @@ $(VENV)/.stamp-%: pyproject.toml | $(BIN)/python
 
 comma := ,
 
+# The suite over the machine's cores (at most 4), one test file per worker so module fixtures
+# (brokers, trained models, PostgreSQL databases) are made once; PYTEST_ARGS=-n0 runs it serially.
+PYTEST_ARGS ?= --numprocesses=auto --maxprocesses=4 --dist loadfile
+
 test: $(VENV)/.stamp-all+dev
 	$(BIN)/ruff check .
 	$(MAKE) --no-print-directory typecheck
