@@ -1,7 +1,14 @@
 """The agent's local inference API: HTTP/1.1 on loopback, a bearer token, standard library only.
 
     POST /v1/predict   {"inputs": [[64 floats], ...]} (or one row)
-                       -> {"outputs": [[...]], "argmax": [...], "model": {name, version, sequence}}
+                       -> {"outputs": [[...]], "argmax": [...], "ids": [one per row],
+                           "model": {name, version, sequence}}
+    POST /v1/feedback  {"id": "<an id from /v1/predict>", "label": <the true class>}
+                       -> {"id", "label", "predicted", "correct", "model": "name@version"}:
+                          scored once, counted in the ``inference`` telemetry of the model that
+                          answered (``labelled``/``correct``, ``agent/observe.py``), which the
+                          rollout gate ``accuracy>…`` reads; ids of the last ``REMEMBER`` rows
+                          of this agent run only
     POST /v1/explain   {"inputs": [64 floats], "target"?, "method"?, "permutations"?, "seed"?,
                         "background"?: [[...], ...]}  (at most MAX_EXPLAIN_BODY bytes)
                        -> Shapley values of the active model's output ``target`` (default: the
@@ -29,8 +36,11 @@ the batch dimension. Every answer is strict JSON (no ``NaN``); errors are one li
     400  malformed: not JSON, NaN/Infinity literals, duplicate keys, booleans, strings, ragged or
          wrongly shaped inputs, a bad Content-Length, a body shorter than its Content-Length
     401  missing or wrong token          404/405  no such route / method
+    404  /v1/feedback: an id this run did not issue, or one too old to remember
+    409  /v1/feedback: the prediction is already labelled
     411  no Content-Length (or chunked)  413  body over MAX_BODY
-    422  well-formed numbers that float32 cannot hold (1e39, 1e400, 10**400)
+    422  well-formed numbers that float32 cannot hold (1e39, 1e400, 10**400); a label that is
+         not one of the model's classes
     500  the model answered with NaN or Infinity (not representable in JSON), or a bug
     503  no model is active
 """
@@ -52,7 +62,7 @@ import threading
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import numpy as np
 from edgefleet.infra.fsutil import atomic_write
@@ -66,11 +76,15 @@ if TYPE_CHECKING:
 __all__ = [
     "BODY_TIMEOUT",
     "MAX_BODY",
+    "MAX_FEEDBACK_BODY",
     "EchoServer",
     "HttpError",
     "InferenceServer",
+    "answer_via_http",
     "content_length",
+    "feedback_via_http",
     "load_token",
+    "parse_feedback",
     "parse_inputs",
     "predict_via_http",
 ]
@@ -79,6 +93,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024 * 1024  # bytes; larger request bodies get 413 unread
 MAX_EXPLAIN_BODY = 1024 * 1024  # bytes of a /v1/explain body (one row and a small background)
+MAX_FEEDBACK_BODY = 1024  # bytes of a /v1/feedback body (one id and one label)
 BODY_TIMEOUT = 5.0  # seconds one read of a request body may wait for more bytes
 MAX_RANK = 8  # dimensions of ``inputs``
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -288,14 +303,7 @@ def parse_inputs(body: bytes, spec: TensorSpec | None = None) -> np.ndarray:
     and one sample without the batch dimension becomes a batch of one. Without a spec, a row
     or a list of rows. Pure: the fuzzer calls it directly.
     """
-    if len(body) > MAX_BODY:
-        raise HttpError(413, f"body of {len(body)} bytes is over the {MAX_BODY}-byte limit")
-    try:
-        doc = json.loads(body, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
-    except HttpError:
-        raise
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise HttpError(400, f"body is not valid JSON: {exc}") from exc
+    doc = _load_json(body)
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise HttpError(400, 'expected a JSON object {"inputs": [[...], ...]}')
     shape, values = _rectangle(doc["inputs"])
@@ -313,6 +321,35 @@ def parse_inputs(body: bytes, spec: TensorSpec | None = None) -> np.ndarray:
             f"saw {values[int(bad.argmax())]!r:.40}",
         )
     return x.reshape(_batch_shape(shape, spec))
+
+
+def _load_json(body: bytes, limit: int = MAX_BODY) -> Any:
+    """Strict JSON (no NaN/Infinity, no duplicate keys) of at most ``limit`` bytes."""
+    if len(body) > limit:
+        raise HttpError(413, f"body of {len(body)} bytes is over the {limit}-byte limit")
+    try:
+        return json.loads(body, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+    except HttpError:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise HttpError(400, f"body is not valid JSON: {exc}") from exc
+
+
+_FEEDBACK = 'expected a JSON object {"id": "<prediction id>", "label": <class index>}'
+
+
+def parse_feedback(body: bytes) -> tuple[str, int]:
+    """(prediction id, true class) of a ``/v1/feedback`` body, or ``HttpError`` (400, 413)."""
+    doc = _load_json(body, MAX_FEEDBACK_BODY)
+    if not isinstance(doc, dict) or set(doc) != {"id", "label"}:
+        seen = sorted(doc)[:4] if isinstance(doc, dict) else _KINDS.get(type(doc), "a number")
+        raise HttpError(400, f"{_FEEDBACK}, saw {seen}")
+    pid, label = doc["id"], doc["label"]
+    if not isinstance(pid, str) or not 0 < len(pid) <= 64:
+        raise HttpError(400, f"id: expected a prediction id (a string), saw {pid!r:.40}")
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        raise HttpError(400, f"label: expected a class index (an integer >= 0), saw {label!r:.40}")
+    return pid, label
 
 
 def _rectangle(value: object) -> tuple[tuple[int, ...], list[int | float]]:
@@ -369,6 +406,7 @@ class _InferenceHandler(_Handler):
                 {
                     "outputs": out.tolist(),
                     "argmax": out.argmax(axis=-1).tolist(),
+                    "ids": self.server.recorder.issue(version, out),
                     "model": {"name": m.name, "version": m.model_version, "sequence": m.sequence},
                 }
             )
@@ -415,6 +453,23 @@ class _InferenceHandler(_Handler):
             raise HttpError(500, f"model {m.name} {m.model_version} gave non-finite outputs"
                             ) from None  # fmt: skip
 
+    def _feedback(self) -> bytes:
+        from .observe import AlreadyLabelled, UnknownPrediction
+
+        if self._content_length() > MAX_FEEDBACK_BODY:  # refused unread
+            raise HttpError(413, f"feedback body over the {MAX_FEEDBACK_BODY}-byte limit")
+        pid, label = parse_feedback(self._read_body())
+        try:
+            key, predicted = self.server.recorder.label(pid, label)
+        except UnknownPrediction as exc:
+            raise HttpError(404, str(exc)) from None
+        except AlreadyLabelled as exc:
+            raise HttpError(409, str(exc)) from None
+        except ValueError as exc:  # not one of the model's classes
+            raise HttpError(422, str(exc)) from None
+        return _json({"id": pid, "label": label, "predicted": predicted,
+                      "correct": predicted == label, "model": key})  # fmt: skip
+
     def _status(self) -> bytes:
         return _json(self.server.agent.status().to_dict())
 
@@ -430,6 +485,7 @@ class _InferenceHandler(_Handler):
     routes = {
         ("POST", "/v1/predict"): (True, _predict),
         ("POST", "/v1/explain"): (True, _explain),
+        ("POST", "/v1/feedback"): (True, _feedback),
         ("GET", "/v1/status"): (True, _status),
         ("GET", "/healthz"): (False, _healthz),
         ("GET", "/metrics"): (True, _metrics),
@@ -459,6 +515,7 @@ class _HttpServer(ThreadingHTTPServer):
         # the agent's, or a recorder's (InferenceServer); the echo server has no agent
         self.predict_versioned: Any = getattr(agent, "predict_versioned", None)
         self.metrics: Any = None  # a prometheus CollectorRegistry (InferenceServer)
+        self.recorder: Any = None  # the predict recorder: ids and labels (InferenceServer)
         self.body_timeout = body_timeout
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
@@ -606,6 +663,7 @@ class InferenceServer(_Server):
         from prometheus_client import CollectorRegistry
 
         httpd.predict_versioned = self.recorder.predict_versioned
+        httpd.recorder = self.recorder
         httpd.metrics = CollectorRegistry(auto_describe=False)
         httpd.metrics.register(self.recorder.collector())
 
@@ -650,20 +708,66 @@ def predict_via_http(home: Path, x: np.ndarray, timeout: float = 5.0) -> np.ndar
     Raises ValueError for input the server rejects, RuntimeError when it has no active model,
     and TransportError when it is there but does not answer properly.
     """
+    answer = answer_via_http(home, x, timeout)
+    return None if answer is None else answer[0]
+
+
+def answer_via_http(
+    home: Path, x: np.ndarray, timeout: float = 5.0
+) -> tuple[np.ndarray, list[str]] | None:
+    """``predict_via_http`` with the prediction ids (one per row, for ``feedback_via_http``)."""
+    x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("inputs must be finite numbers (saw NaN or infinity)")
+    answer = _post(home, "/v1/predict", {"inputs": x.tolist()}, timeout)
+    if answer is None:
+        return None
+    where, status, doc = answer
+    if status == 200:
+        try:
+            ids = [str(i) for i in doc.get("ids", [])]
+            return np.asarray(doc["outputs"], dtype=np.float32), ids
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise TransportError(f"{where}: unexpected answer {str(doc)[:200]!r}") from exc
+    _raise(where, status, doc)
+
+
+def feedback_via_http(
+    home: Path, prediction_id: str, label: int, timeout: float = 5.0
+) -> dict[str, Any] | None:
+    """Report the true class of an earlier prediction to the running daemon: its answer
+    (``predicted``, ``correct``, ``model``), or None when no daemon serves ``home``.
+
+    Raises LookupError for an id it does not know (another run, or too old), RuntimeError
+    for a prediction already labelled, ValueError for a label it refuses, TransportError
+    when it does not answer properly."""
+    answer = _post(home, "/v1/feedback", {"id": prediction_id, "label": label}, timeout)
+    if answer is None:
+        return None
+    where, status, doc = answer
+    if status == 200 and isinstance(doc, dict):
+        return doc
+    if status == 404 and "no route" not in str(doc.get("error", "")):
+        raise LookupError(str(doc["error"]))
+    if status == 409:
+        raise RuntimeError(str(doc.get("error")))
+    _raise(where, status, doc)
+
+
+def _post(home: Path, path: str, doc: Any, timeout: float) -> tuple[str, int, Any] | None:
+    """(where, HTTP status, JSON answer) of a POST to the daemon serving ``home``, or None
+    when none does."""
     endpoint = _endpoint(home)
     if endpoint is None:
         return None
     host, port, token = endpoint
-    x = np.asarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError("inputs must be finite numbers (saw NaN or infinity)")
-    body = _json({"inputs": x.tolist()})
+    where = f"local inference API at {host}:{port}"
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request(
             "POST",
-            "/v1/predict",
-            body,
+            path,
+            _json(doc),
             {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         )
         resp = conn.getresponse()
@@ -671,23 +775,26 @@ def predict_via_http(home: Path, x: np.ndarray, timeout: float = 5.0) -> np.ndar
     except ConnectionRefusedError:
         return None  # a stale run file: the daemon is gone
     except (OSError, http.client.HTTPException) as exc:
-        raise TransportError(f"local inference API at {host}:{port}: {exc!r}") from exc
+        raise TransportError(f"{where}: {exc!r}") from exc
     finally:
         conn.close()
     try:
-        doc = json.loads(data)
-        if status == 200:
-            return np.asarray(doc["outputs"], dtype=np.float32)
-        message = str(doc["error"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TransportError(
-            f"local inference API at {host}:{port}: HTTP {status}, unexpected body {data[:200]!r}"
-        ) from exc
+        answer = json.loads(data)
+    except ValueError:
+        answer = None
+    if answer is None or (status != 200 and not (isinstance(answer, dict) and "error" in answer)):
+        raise TransportError(f"{where}: HTTP {status}, unexpected body {data[:200]!r}")
+    return where, status, answer
+
+
+def _raise(where: str, status: int, doc: Any) -> NoReturn:
+    """The exception for an error answer: 400/413/422 ValueError, 503 RuntimeError."""
+    message = str(doc.get("error")) if isinstance(doc, dict) else f"unexpected answer {doc!r:.200}"
     if status in (400, 413, 422):
         raise ValueError(message)
     if status == 503:
         raise RuntimeError(message)
-    raise TransportError(f"local inference API at {host}:{port}: HTTP {status}: {message}")
+    raise TransportError(f"{where}: HTTP {status}: {message}")
 
 
 def _endpoint(home: Path) -> tuple[str, int, str] | None:

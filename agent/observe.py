@@ -17,6 +17,8 @@ model key ``name@version`` (``model_key``):
 - ``classes``: rows per output class (argmax; classes past ``MAX_CLASSES`` counted as ``"+"``);
 - ``conf``: rows per ``CONFIDENCE_BINS`` bin of the top-class confidence (the largest output
   if the outputs are probabilities, else the largest softmax), with ``conf_sum``/``conf_min``.
+- ``labelled``/``correct``: predictions scored against a true label (below), present only
+  when there were any.
 
 Observers: ``add_observer(fn, share=...)`` makes ``fn(inputs, outputs, model_key)`` see about
 ``share`` of the calls (every ``round(1/share)``-th call of a thread, inputs copied), on one
@@ -24,6 +26,14 @@ background thread that polls a ring of ``OBSERVER_QUEUE`` samples every ``OBSERV
 seconds (the request path only appends to a deque: no lock, no wake-up): when the ring is full
 the oldest sample is dropped and counted (``observer_dropped``), and an observer that raises
 is logged and counted (``observer_errors``); nothing reaches the request path.
+
+Labels flowing back: ``issue(version, outputs)`` gives each row of an answer an id (the local
+HTTP API returns them with ``POST /v1/predict``) and keeps the last ``remember`` rows (model
+key, predicted class, output width) in a ring; ``label(id, true_class)`` scores one of them
+once: ``labelled`` and ``correct`` (predicted class == the true one) count under the model key
+that made the prediction, in the window of the label's arrival and in the totals. An id this
+agent run did not issue, or issued more than ``remember`` rows ago, is ``UnknownPrediction``; a
+second label for one id is ``AlreadyLabelled``. Neither touches the predict path.
 
 ``telemetry()`` is the ``inference`` source for ``Reporter.add_source``: the calls since the
 previous read (``None`` if there were none), so a buffered message loses nothing.
@@ -35,6 +45,8 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import re
+import secrets
 import threading
 import time
 import weakref
@@ -55,8 +67,11 @@ __all__ = [
     "MAX_CLASSES",
     "NO_MODEL",
     "OBSERVER_QUEUE",
+    "REMEMBER",
+    "AlreadyLabelled",
     "Observer",
     "Recorder",
+    "UnknownPrediction",
     "model_key",
     "quantile_ms",
 ]
@@ -71,6 +86,7 @@ MAX_MODELS = 8  # model keys in one telemetry payload (the busiest)
 OBSERVER_QUEUE = 256  # samples waiting for the observer thread
 OBSERVER_POLL = 0.02  # s between the observer thread's looks at the ring
 NO_MODEL = "-"  # the key of calls made while no model was active
+REMEMBER = 16384  # predicted rows a label can still be reported for (~10 bytes each)
 _BOUNDS_NS = np.array(LATENCY_BOUNDS_MS) * 1e6
 
 
@@ -101,15 +117,22 @@ def quantile_ms(lat: Iterable[int], q: float) -> float | None:
     return float(LATENCY_BOUNDS_MS[-1])
 
 
+class UnknownPrediction(LookupError):
+    """A label for a prediction id this agent run did not issue, or no longer remembers."""
+
+
+class AlreadyLabelled(RuntimeError):
+    """A second label for one prediction."""
+
+
 class _Stats:
     """What was recorded for one model key (totals or one telemetry window)."""
 
-    __slots__ = (
-        "classes", "conf", "conf_min", "conf_sum", "count", "errors", "lat", "lat_sum", "rows"
-    )
+    __slots__ = ("classes", "conf", "conf_min", "conf_sum", "correct", "count", "errors",
+                 "labelled", "lat", "lat_sum", "rows")  # fmt: skip
 
     def __init__(self) -> None:
-        self.count = self.errors = self.rows = 0
+        self.count = self.errors = self.rows = self.labelled = self.correct = 0
         self.lat = np.zeros(len(LATENCY_BOUNDS_MS) + 1, dtype=np.int64)
         self.lat_sum = 0.0  # ms
         self.classes = np.zeros(MAX_CLASSES + 1, dtype=np.int64)
@@ -126,6 +149,8 @@ class _Stats:
         self.conf += other.conf
         self.conf_sum += other.conf_sum
         self.conf_min = min(self.conf_min, other.conf_min)
+        self.labelled += other.labelled
+        self.correct += other.correct
 
     def to_dict(self) -> dict[str, Any]:
         """The telemetry form (lists cut after their last non-zero count)."""
@@ -146,7 +171,7 @@ class _Stats:
             "conf": _trim(self.conf),
             "conf_sum": round(self.conf_sum, 6),
             "conf_min": round(self.conf_min, 6) if self.rows else None,
-        }
+        } | ({"labelled": self.labelled, "correct": self.correct} if self.labelled else {})
 
 
 def _trim(counts: np.ndarray) -> list[int]:
@@ -164,12 +189,73 @@ class _Local:
     calls: int
 
 
+_ID = re.compile(r"([0-9a-f]{8})-([0-9]{1,18})")
+
+
+class _Issued:
+    """The last ``size`` predicted rows, by sequence number: a ring of (model key, output
+    width), the predicted class and whether it was labelled. Guarded by ``lock``."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"remember must be >= 1 rows, got {size}")
+        self.size, self.next = size, 0
+        self.run = secrets.token_hex(4)  # ids of another run (before a restart) are unknown
+        self.keys: list[tuple[str, int] | None] = [None] * size
+        self.predicted = np.zeros(size, dtype=np.int64)
+        self.labelled = np.zeros(size, dtype=bool)
+        self.lock = threading.Lock()
+
+    def issue(self, key: str, out: np.ndarray) -> list[str]:
+        rows = out.shape[0] if out.ndim else 1
+        y = out.reshape(rows, -1)
+        with self.lock:
+            first, self.next = self.next, self.next + rows
+            keep = range(max(first, self.next - self.size), self.next)  # a huge batch: its tail
+            slots = np.arange(keep.start, keep.stop) % self.size
+            self.predicted[slots] = y[keep.start - first :].argmax(axis=1) if y.size else 0
+            self.labelled[slots] = False
+            kw = (key, y.shape[1])
+            for slot in slots.tolist():
+                self.keys[slot] = kw
+        return [f"{self.run}-{n}" for n in range(first, first + rows)]
+
+    def take(self, prediction_id: object, label: int) -> tuple[str, int]:
+        """Mark one prediction labelled: its (model key, predicted class)."""
+        m = _ID.fullmatch(prediction_id) if isinstance(prediction_id, str) else None
+        if m is None or m.group(1) != self.run:
+            raise UnknownPrediction(f"unknown prediction id {prediction_id!r:.40} (ids come "
+                                    "from POST /v1/predict of this agent run)")  # fmt: skip
+        n = int(m.group(2))
+        with self.lock:
+            if n >= self.next:
+                raise UnknownPrediction(f"unknown prediction id {prediction_id!r}: not issued")
+            if n < self.next - self.size:
+                raise UnknownPrediction(f"prediction {prediction_id!r} expired: only the last "
+                                        f"{self.size} predicted rows can be labelled")  # fmt: skip
+            slot = n % self.size
+            key, width = self.keys[slot] or (NO_MODEL, 0)
+            if not 0 <= label < width:
+                raise ValueError(f"label {label} is not a class of {key} (0..{width - 1})")
+            if self.labelled[slot]:
+                raise AlreadyLabelled(f"prediction {prediction_id!r} is already labelled")
+            self.labelled[slot] = True
+            return key, int(self.predicted[slot])
+
+
 class Recorder:
     """Records every call made through it; see the module docstring."""
 
-    def __init__(self, agent: Agent, *, clock: Callable[[], int] = time.perf_counter_ns) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        *,
+        clock: Callable[[], int] = time.perf_counter_ns,
+        remember: int = REMEMBER,  # predicted rows ``label`` can score (``issue``)
+    ) -> None:
         self.agent = agent
         self._clock = clock
+        self._issued = _Issued(remember)
         self._local = threading.local()  # .acc: this thread's _Local
         #: every live recording thread's lists, for folding from outside (a thread that ended
         #: is folded a last time and forgotten: the HTTP server runs a thread per connection)
@@ -179,8 +265,8 @@ class Recorder:
         self._window: dict[str, _Stats] = {}
         self._stride = 0  # sample every n-th call of a thread for the observers; 0 = none
         self._observers: list[tuple[Observer, float, list[float]]] = []  # fn, share, credit
-        self._samples: collections.deque[tuple[np.ndarray, np.ndarray, str]] = (
-            collections.deque(maxlen=OBSERVER_QUEUE)
+        self._samples: collections.deque[tuple[np.ndarray, np.ndarray, str]] = collections.deque(
+            maxlen=OBSERVER_QUEUE
         )
         self._observer_thread: threading.Thread | None = None
         self.observer_dropped = 0  # samples dropped: the observer queue was full
@@ -282,6 +368,26 @@ class Recorder:
 
         return InferenceCollector(self)
 
+    # -- labels (the HTTP API's, never the predict path) ---------------------------------------
+    def issue(self, version: InstalledVersion, out: np.ndarray) -> list[str]:
+        """Ids for the rows of one answer by ``version`` (``out``: a row per input), each of
+        which ``label`` can score once while it is among the last ``remember`` rows."""
+        return self._issued.issue(model_key(version), out)
+
+    def label(self, prediction_id: object, label: int) -> tuple[str, int]:
+        """Score prediction ``prediction_id`` against its true class ``label``: counted under
+        the model key that made it; returns (model key, predicted class). Raises
+        ``UnknownPrediction``, ``AlreadyLabelled``, or ValueError for a class out of range."""
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise ValueError(f"label must be a class index (an integer), saw {label!r:.40}")
+        key, predicted = self._issued.take(prediction_id, label)
+        with self._lock:
+            for stats in (self._window, self._totals):
+                s = stats.setdefault(key, _Stats())
+                s.labelled += 1
+                s.correct += predicted == label
+        return key, predicted
+
     # -- observers ------------------------------------------------------------------------
     def add_observer(self, fn: Observer, *, share: float = 0.01) -> None:
         """Call ``fn(inputs, outputs, model_key)`` for about ``share`` (0 < share <= 1) of the
@@ -338,8 +444,11 @@ def _summarize(calls: list[tuple[np.ndarray | None, int]]) -> _Stats:
     if not outs:
         return s
     try:
-        y = np.concatenate(outs) if outs[0].ndim == 2 else np.concatenate(
-            [o.reshape(o.shape[0], -1) for o in outs])
+        y = (
+            np.concatenate(outs)
+            if outs[0].ndim == 2
+            else np.concatenate([o.reshape(o.shape[0], -1) for o in outs])
+        )
     except ValueError:  # outputs of different shapes in one model: count only
         return s
     if y.ndim != 2 or y.shape[0] == 0 or y.shape[1] == 0:

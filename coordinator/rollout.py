@@ -16,12 +16,14 @@ baseline where a gate is relative; the pooled fleet baseline where that device h
                           telemetry alone, when the devices' inputs are not class-balanced
 - ``drift<0.2``           the drift engine's input drift (PSI) on the candidate
 - ``agreement>0.95``      shadow agreement with the active model
-- ``accuracy>0.9``        where labels flow back
+- ``accuracy>0.9``        correct / labelled predictions of the candidate on the device, where
+                          labels flow back (``POST /v1/feedback`` on the agent); judged once
+                          the device has ``min_labels`` labels since the bake began
 
 A gate that fails on any device with enough samples halts the rollout at once and rolls back
 every device it moved (the same model is on all of them). A wave whose devices are not all
-healthy ``wave_timeout`` seconds after its bake ended (offline, too few samples, missing
-evidence) or not all installed ``wave_timeout`` seconds after its release halts too: an
+healthy ``wave_timeout`` seconds after its bake ended (offline, too few samples or labels,
+missing evidence) or not all installed ``wave_timeout`` seconds after its release halts too: an
 offline device is never counted healthy. Every decision carries its evidence (gate, numbers,
 devices). Rollback is carried out by the service as new signed releases of each device's
 previous version (a higher sequence, so anti-rollback keeps working).
@@ -51,6 +53,7 @@ METRICS = {"error_rate", "p95_latency", "class_shift", "drift", "agreement", "ac
 _GATE = re.compile(r"^\s*([a-z_0-9]+)\s*([<>])\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(x|ms)?\s*$")
 _PERCENT = re.compile(r"^([0-9]*\.?[0-9]+)%$")
 PSI_SMOOTHING = 0.5  # counts added per class before PSI (a class one side never saw is finite)
+MIN_LABELS = 20  # labelled predictions per device before its accuracy gate counts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,10 +128,13 @@ class RolloutSpec:
     bake: float  # s a stage bakes before it may be promoted
     min_samples: int = 50  # inferences per device on the candidate before its gates count
     wave_timeout: float = 600.0  # s to install, and after the bake to become healthy
+    min_labels: int = MIN_LABELS  # labels per device before its accuracy gate counts
 
     def __post_init__(self) -> None:
         if self.bake < 0 or self.wave_timeout <= 0 or self.min_samples < 1:
             raise ValueError("bake must be >= 0 s, wave timeout > 0 s, min samples >= 1")
+        if self.min_labels < 1:
+            raise ValueError(f"min labels must be >= 1, got {self.min_labels}")
         if not self.waves:
             raise ValueError("a rollout needs at least one wave (e.g. --waves 100%)")
 
@@ -140,7 +146,7 @@ class RolloutSpec:
         return {"name": self.name, "version": self.version, "canary": str(self.canary),
                 "waves": [str(w) for w in self.waves], "gates": [str(g) for g in self.gates],
                 "bake": self.bake, "min_samples": self.min_samples,
-                "wave_timeout": self.wave_timeout}  # fmt: skip
+                "wave_timeout": self.wave_timeout, "min_labels": self.min_labels}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RolloutSpec:
@@ -148,7 +154,8 @@ class RolloutSpec:
                    waves=tuple(Stage.parse(w) for w in d["waves"]),
                    gates=tuple(Gate.parse(g) for g in d["gates"]), bake=float(d["bake"]),
                    min_samples=int(d["min_samples"]),
-                   wave_timeout=float(d["wave_timeout"]))  # fmt: skip
+                   wave_timeout=float(d["wave_timeout"]),
+                   min_labels=int(d.get("min_labels", MIN_LABELS)))  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,7 +181,8 @@ class Health:
     class_counts: Mapping[str, int] = field(default_factory=dict)
     drift: float | None = None
     agreement: float | None = None
-    accuracy: float | None = None
+    accuracy: float | None = None  # correct / labelled (None: no labels)
+    labelled: int = 0  # predictions a true label flowed back for
 
     def metric(self, name: str) -> float | None:
         if name == "error_rate":
@@ -375,15 +383,17 @@ def _next_stage(spec: RolloutSpec, state: RolloutState, rows: Sequence[DeviceRow
     return _start(new, action, devices, reason, evidence), new
 
 
-def _halt(state: RolloutState, reason: str, evidence: dict[str, Any]) -> tuple[Decision,
-                                                                               RolloutState]:
+def _halt(
+    state: RolloutState, reason: str, evidence: dict[str, Any]
+) -> tuple[Decision, RolloutState]:
     new = replace(state, phase="rolling_back", reason=reason)
     return Decision(action="halt", wave=state.wave, devices=state.released, reason=reason,
                     evidence=evidence), new  # fmt: skip
 
 
-def _wait(state: RolloutState, reason: str, evidence: dict[str, Any]) -> tuple[Decision,
-                                                                               RolloutState]:
+def _wait(
+    state: RolloutState, reason: str, evidence: dict[str, Any]
+) -> tuple[Decision, RolloutState]:
     return Decision(action="wait", wave=state.wave, devices=state.wave_devices, reason=reason,
                     evidence=evidence), state  # fmt: skip
 
@@ -478,13 +488,18 @@ def judge(spec: RolloutSpec, state: RolloutState, rows: Mapping[str, DeviceRow],
             if base is None or base.count < spec.min_samples:
                 base = fleet
             for gate in spec.gates:
+                labels = gate.metric == "accuracy"
+                if labels and health.labelled < spec.min_labels:  # no or too few: not healthy
+                    not_ready.setdefault(d, f"has {health.labelled} of {spec.min_labels} labels")
+                    continue
                 value, against = _value(gate, health, base)
                 if value is None:
                     not_ready.setdefault(d, f"has no {gate.metric} evidence")
                     continue
                 results.append({"device": d, "gate": str(gate), "metric": gate.metric,
                                 "value": value, "baseline": against,
-                                "passed": gate.passes(value)})  # fmt: skip
+                                "passed": gate.passes(value)}
+                               | ({"labelled": health.labelled} if labels else {}))  # fmt: skip
         if row is None or not row.online:
             not_ready[d] = "is offline"  # never healthy, whatever its numbers
         elif not _runs(row, spec, state):

@@ -190,7 +190,8 @@ class EvidenceSource(Protocol):
 
 class TelemetryEvidence:
     """Evidence from ``coordinator.telemetry``: the candidate on the wave's devices since its
-    bake began (``inference`` windows merged; ``drift``: the newest window's PSI;
+    bake began (``inference`` windows merged, with the labels that flowed back since then:
+    ``accuracy``; ``drift``: the newest window's PSI;
     ``shadow``: agreement over the windows where it was the shadow), and each previous
     version over ``BASELINE_WINDOW`` seconds before the rollout, on every device that ran it
     (a moved device's own baseline is its own previous version).
@@ -242,7 +243,8 @@ class TelemetryEvidence:
 
 def _health(h: Any, **extra: float | None) -> Health:
     return Health(count=h.count, errors=h.errors, p95_ms=h.p95_ms,
-                  class_counts=dict(h.class_counts), **extra)  # fmt: skip
+                  class_counts=dict(h.class_counts), labelled=h.labelled, accuracy=h.accuracy,
+                  **extra)  # fmt: skip
 
 
 def _number(v: object) -> float | None:

@@ -6,10 +6,10 @@
   the coordinator's receive time).
 - ``version_health(registry, name=..., version=..., since=...)``: per device, what its
   ``inference`` telemetry for ``name@version`` says since ``since`` (merged windows: count,
-  errors, error rate, latency quantiles from the merged histogram, class counts) and whether
-  it is ``online``. A device is online when its last status is not the ``offline`` will and
-  it was heard from within ``stale_after`` seconds; an offline device never counts as healthy,
-  whatever its numbers (``VersionHealth.healthy``).
+  errors, error rate, latency quantiles from the merged histogram, class counts, accuracy
+  where labels flowed back) and whether it is ``online``. A device is online when its last
+  status is not the ``offline`` will and it was heard from within ``stale_after`` seconds;
+  an offline device never counts as healthy, whatever its numbers (``VersionHealth.healthy``).
 - ``presence(registry, now)`` and ``version_counts(registry)``: the fleet gauges.
 """
 
@@ -89,12 +89,14 @@ def quantile_ms(lat: Iterable[int], q: float) -> float | None:
 
 def merge_inference(windows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Several ``inference`` windows of one model key summed: count, errors, rows, ``lat``
-    (bucket counts), ``classes``, ``conf`` (bin counts), ``conf_sum``, ``lat_sum_ms``.
+    (bucket counts), ``classes``, ``conf`` (bin counts), ``conf_sum``, ``lat_sum_ms``,
+    ``labelled``/``correct`` (predictions scored against a true label that flowed back).
     Malformed fields (a device's bug) are skipped, not trusted."""
     out: dict[str, Any] = {"count": 0, "errors": 0, "rows": 0, "lat": [], "classes": {},
-                           "conf": [], "conf_sum": 0.0, "lat_sum_ms": 0.0}  # fmt: skip
+                           "conf": [], "conf_sum": 0.0, "lat_sum_ms": 0.0, "labelled": 0,
+                           "correct": 0}  # fmt: skip
     for w in windows:
-        for k in ("count", "errors", "rows"):
+        for k in ("count", "errors", "rows", "labelled", "correct"):
             out[k] += _count(w.get(k))
         for k in ("conf_sum", "lat_sum_ms"):
             v = w.get(k)
@@ -137,6 +139,8 @@ class VersionHealth:
     online: bool
     last_seen: int | None  # unix s of the last status or telemetry
     state: str  # the last reported state ("offline": its will)
+    labelled: int = 0  # predictions a true label flowed back for
+    accuracy: float | None = None  # correct / labelled (None: no labels)
 
     @property
     def healthy(self) -> bool:
@@ -202,6 +206,8 @@ def _health(
         p95_ms=quantile_ms(m["lat"], 0.95),
         p99_ms=quantile_ms(m["lat"], 0.99),
         class_counts=dict(m["classes"]),
+        labelled=m["labelled"],
+        accuracy=min(m["correct"], m["labelled"]) / m["labelled"] if m["labelled"] else None,
         online=dev is not None and is_online(dev, now, stale),
         last_seen=None if dev is None else dev.last_seen,
         state="unknown" if dev is None else dev.state,

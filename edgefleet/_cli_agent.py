@@ -185,8 +185,9 @@ def _from_file(path: Path) -> np.ndarray:
     return x
 
 
-def _outputs(home: Path, x: np.ndarray) -> np.ndarray:
-    """Ask the running daemon over its loopback API; without one, load the model here."""
+def _outputs(home: Path, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Ask the running daemon over its loopback API (outputs and prediction ids, for
+    ``agent feedback``); without one, load the model here (no ids)."""
     from edgefleet.protocol.errors import TransportError
 
     try:
@@ -198,20 +199,22 @@ def _outputs(home: Path, x: np.ndarray) -> np.ndarray:
         return out
     with _open(home) as agent:
         result: np.ndarray = agent.predict(x)
-    return result
+    return result, []
 
 
-def _via_http(home: Path, x: np.ndarray) -> np.ndarray | None:
-    """The daemon's outputs, asked in batches that fit its request limit; None: no daemon."""
-    from edgefleet.agent.http import predict_via_http
+def _via_http(home: Path, x: np.ndarray) -> tuple[np.ndarray, list[str]] | None:
+    """The daemon's outputs and prediction ids, asked in batches that fit its request limit;
+    None: no daemon."""
+    from edgefleet.agent.http import answer_via_http
 
-    outs = []
+    outs, ids = [], []
     for batch in _batches(x):
-        out = predict_via_http(home, batch)
-        if out is None:
+        answer = answer_via_http(home, batch)
+        if answer is None:
             return None
-        outs.append(out)
-    return np.concatenate(outs)
+        outs.append(answer[0])
+        ids += answer[1]
+    return np.concatenate(outs), ids
 
 
 def _batches(x: np.ndarray) -> Iterator[np.ndarray]:
@@ -234,15 +237,16 @@ def _batches(x: np.ndarray) -> Iterator[np.ndarray]:
 def predict(args: argparse.Namespace) -> int:
     x = _read_input(args)
     try:
-        out = _outputs(args.home, x)
+        out, ids = _outputs(args.home, x)
     except RuntimeError as exc:  # no (working) model: nothing to predict with
         print(f"edgefleet: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"outputs": out.tolist(), "argmax": out.argmax(axis=-1).tolist()}))
+        ided = {"ids": ids} if ids else {}  # the daemon's: `agent feedback --id` takes them
+        print(json.dumps({"outputs": out.tolist(), "argmax": out.argmax(axis=-1).tolist(), **ided}))
     else:
-        for row in out:
-            print(f"{int(row.argmax())}\t{float(row.max()):.4f}")
+        for i, row in enumerate(out):
+            print(f"{int(row.argmax())}\t{float(row.max()):.4f}" + (f"\t{ids[i]}" if ids else ""))
     return 0
 
 

@@ -42,7 +42,8 @@ def _spec(args: argparse.Namespace) -> Any:
         name=args.name, version=args.version, canary=Stage.parse(args.canary),
         waves=tuple(Stage.parse(w) for w in waves),
         gates=tuple(Gate.parse(g) for g in args.gate), bake=duration(args.bake),
-        min_samples=args.min_samples, wave_timeout=duration(args.wave_timeout))  # fmt: skip
+        min_samples=args.min_samples, wave_timeout=duration(args.wave_timeout),
+        min_labels=args.min_labels)  # fmt: skip
 
 
 @contextmanager
@@ -131,7 +132,7 @@ def status(args: argparse.Namespace) -> int:
         print(json.dumps({"id": r.id, "spec": r.spec.to_dict(), "state": r.state.to_dict(),
                           "decisions": decisions}, indent=2))  # fmt: skip
         return 0
-    _print_status(r, decisions[-args.last:] if args.last else decisions)
+    _print_status(r, decisions[-args.last :] if args.last else decisions)
     return 0
 
 
@@ -142,8 +143,11 @@ def _print_status(r: Rollout, decisions: list[dict[str, Any]]) -> None:
         f"({stages[st.wave]}) of {len(stages)} stages"  # fmt: skip
     print(f"rollout {r.id}: {r.spec.name} {r.spec.version} — {st.phase.replace('_', ' ')}"
           f"{' (paused)' if st.paused else ''}, {where}")  # fmt: skip
+    labels = any(g.metric == "accuracy" for g in r.spec.gates)
     print(f"  gates {' '.join(map(str, r.spec.gates)) or '-'}; bake {r.spec.bake:g} s; "
-          f"min samples {r.spec.min_samples}; wave timeout {r.spec.wave_timeout:g} s")
+          f"min samples {r.spec.min_samples}"
+          + (f"; min labels {r.spec.min_labels}" if labels else "")
+          + f"; wave timeout {r.spec.wave_timeout:g} s")  # fmt: skip
     print(f"  on the candidate: {len(st.released)} devices; this wave: "
           f"{', '.join(st.wave_devices) or '-'}" + (f"; release {st.sequence}" if st.sequence
                                                     else ""))  # fmt: skip
@@ -152,10 +156,12 @@ def _print_status(r: Rollout, decisions: list[dict[str, Any]]) -> None:
     for d in decisions:
         seq = f" releases {d['sequences']}" if d["sequences"] else ""
         print(f"  {d['at']} wave {d['wave']} {d['action']}: {d['reason']}{seq}")
-        for g in d["evidence"].get("gates", []) if d["action"] in ("halt", "promote",
-                                                                   "done") else []:
+        for g in (
+            d["evidence"].get("gates", []) if d["action"] in ("halt", "promote", "done") else []
+        ):
             mark = "ok  " if g["passed"] else "FAIL"
-            print(f"      {mark} {g['device']} {g['gate']}: {g['value']:.4g}")
+            of = f" ({g['labelled']} labels)" if "labelled" in g else ""
+            print(f"      {mark} {g['device']} {g['gate']}: {g['value']:.4g}{of}")
         for dev, why in (d["evidence"].get("not_ready") or {}).items():
             print(f"      not healthy: {dev} {why}")
 

@@ -1,5 +1,6 @@
-"""Shadow, A/B and explanations: ``model release --candidate``, ``model drop-candidate``,
-``fleet shadow`` (the coordinator) and ``agent explain`` (the device)."""
+"""Shadow, A/B, explanations and labels: ``model release --candidate``, ``model
+drop-candidate``, ``fleet shadow`` (the coordinator), ``agent explain`` and ``agent feedback``
+(the device)."""
 
 from __future__ import annotations
 
@@ -151,6 +152,27 @@ def agent_explain(args: argparse.Namespace) -> int:
     print("feature      value    stderr")
     for i in np.argsort(-np.abs(e.values))[: args.top]:
         print(f"{int(i):>7} {e.values[i]:+9.4f} {e.stderr[i]:9.4f}")
+    return 0
+
+
+def agent_feedback(args: argparse.Namespace) -> int:
+    """``agent feedback``: the true class of a prediction the running daemon answered (its
+    id from ``agent predict`` or ``POST /v1/predict``), scored for the ``accuracy`` gate."""
+    from edgefleet.agent.http import feedback_via_http
+
+    try:
+        doc = feedback_via_http(args.home, args.id, args.label)
+    except RuntimeError as exc:  # already labelled
+        print(f"edgefleet: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    if doc is None:
+        raise LookupError(f"no running agent serves {args.home}: prediction ids live in the "
+                          "daemon (`edgefleet agent run`) that answered")  # fmt: skip
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    verdict = "correct" if doc.get("correct") else f"wrong (predicted {doc.get('predicted')})"
+    print(f"prediction {args.id} of {doc.get('model')}: label {args.label}, {verdict}")
     return 0
 
 

@@ -113,6 +113,12 @@ def _agent(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--top", type=int, default=10, help="features shown, largest first")
     c.add_argument("--json", action="store_true")
     c.set_defaults(run=_lazy("edgefleet._cli_shadow", "agent_explain"))
+    c = p.add_parser("feedback", help="report the true class of a prediction the daemon made")
+    c.add_argument("--home", **home)
+    c.add_argument("--id", required=True, help="its id (agent predict, POST /v1/predict)")
+    c.add_argument("--label", type=int, required=True, help="the true class index")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(run=_lazy("edgefleet._cli_shadow", "agent_feedback"))
     c = p.add_parser("rollback", help="return to the previous kept version")
     c.add_argument("--home", **home)
     c.set_defaults(run=_lazy(mod, "rollback"))
@@ -469,6 +475,8 @@ def _rollout(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--bake", default="10m", help="time each stage bakes (30s, 10m, 1h)")
     c.add_argument("--min-samples", type=int, default=50,
                    help="inferences per device before its gates are judged")
+    c.add_argument("--min-labels", type=int, default=20,
+                   help="labels (agent feedback) per device before an accuracy gate is judged")
     c.add_argument("--wave-timeout", default="10m",
                    help="time to install, and after the bake to become healthy, before a halt")
     c.add_argument("--follow", action="store_true", help="drive it here until it finishes")

@@ -48,6 +48,7 @@ def start(h: Home, *extra: str) -> list[str]:
     (["--bake", "soon"], "duration 'soon': expected a number with s, m or h"),
     (["--wave-timeout", "0"], "wave timeout > 0 s"),
     (["--min-samples", "0"], "min samples >= 1"),
+    (["--min-labels", "0"], "min labels must be >= 1, got 0"),
 ])  # fmt: skip
 def test_bad_syntax_is_one_line_before_anything_is_opened(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str

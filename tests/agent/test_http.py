@@ -23,6 +23,8 @@ from edgefleet.agent.http import (
     MAX_BODY,
     EchoServer,
     InferenceServer,
+    answer_via_http,
+    feedback_via_http,
     load_token,
     predict_via_http,
 )
@@ -456,6 +458,124 @@ def test_unknown_route_and_method(server: InferenceServer) -> None:
 def test_client_raises_value_error_on_400(server: InferenceServer, homes: Homes) -> None:
     with pytest.raises(ValueError, match=r"expected input of shape \(batch, 64\)"):
         predict_via_http(homes.active, np.zeros((2, 10), np.float32))
+
+
+# --- labels flowing back: POST /v1/feedback -------------------------------------------------
+
+
+def post_feedback(server: InferenceServer, payload: Any, **kw: Any) -> Response:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    headers = kw.pop("headers", auth(server.home))
+    return call(server.port, "POST", "/v1/feedback", body, headers, **kw)
+
+
+def test_predict_answers_carry_ids_that_feedback_scores_once(
+    server: InferenceServer, homes: Homes
+) -> None:
+    status, _, doc = post_predict(server, {"inputs": homes.x[:5].tolist()})
+    assert status == 200 and len(doc["ids"]) == len(set(doc["ids"])) == 5
+    before = server.recorder.totals()["digits@1"].get("labelled", 0)
+    right, wrong = doc["argmax"][0], (doc["argmax"][1] + 1) % 10
+    status, _, ok = post_feedback(server, {"id": doc["ids"][0], "label": right})
+    assert (status, ok) == (200, {"id": doc["ids"][0], "label": right, "predicted": right,
+                                  "correct": True, "model": "digits@1"})  # fmt: skip
+    status, _, bad = post_feedback(server, {"label": wrong, "id": doc["ids"][1]})
+    assert status == 200 and bad["correct"] is False and bad["predicted"] == doc["argmax"][1]
+    totals = server.recorder.totals()["digits@1"]
+    assert totals["labelled"] == before + 2
+    status, _, again = post_feedback(server, {"id": doc["ids"][0], "label": right})
+    assert status == 409 and "already labelled" in again["error"]
+    status, _, gone = post_feedback(server, {"id": "00000000-0", "label": 1})
+    assert status == 404 and "unknown prediction id" in gone["error"]
+    status, _, far = post_feedback(server, {"id": doc["ids"][2], "label": 10})
+    assert status == 422 and "not a class of digits@1 (0..9)" in far["error"]
+    assert server.recorder.totals()["digits@1"]["labelled"] == before + 2  # refusals count not
+
+
+@pytest.mark.parametrize(
+    "body,phrase",
+    [
+        (b"{", "not valid JSON"),
+        (b"[1, 2]", "saw a list"),
+        (b'"id"', "saw a string"),
+        (b'{"id": "x"}', "saw ['id']"),
+        (b'{"id": "x", "label": 1, "extra": 2}', "saw ['extra', 'id', 'label']"),
+        (b'{"id": 7, "label": 1}', "id: expected a prediction id"),
+        (b'{"id": "", "label": 1}', "id: expected a prediction id"),
+        (b'{"id": "' + b"a" * 65 + b'", "label": 1}', "id: expected a prediction id"),
+        (b'{"id": "x", "label": "1"}', "label: expected a class index"),
+        (b'{"id": "x", "label": true}', "label: expected a class index"),
+        (b'{"id": "x", "label": 1.0}', "label: expected a class index"),
+        (b'{"id": "x", "label": -1}', "label: expected a class index"),
+        (b'{"id": "x", "label": NaN}', "NaN is not a JSON number"),
+        (b'{"id": "x", "id": "y", "label": 1}', "duplicate keys"),
+    ],
+)
+def test_bad_feedback_is_400_in_one_line(server: InferenceServer, body: bytes, phrase: str) -> None:
+    status, _, doc = post_feedback(server, body)
+    assert status == 400 and phrase in doc["error"], doc
+
+
+def test_feedback_is_bounded_and_needs_the_token(server: InferenceServer) -> None:
+    big = json.dumps({"id": "x" * 2000, "label": 1}).encode()
+    status, headers, doc = post_feedback(server, big)
+    assert status == 413 and "1024-byte limit" in doc["error"]
+    assert headers.get("Connection") == "close"  # refused unread
+    assert post_feedback(server, {"id": "x", "label": 1}, headers={})[0] == 401
+    assert call(server.port, "GET", "/v1/feedback", headers=auth(server.home))[0] == 405
+
+
+def test_client_feedback_maps_each_refusal(server: InferenceServer, homes: Homes,
+                                           tmp_path: Path) -> None:  # fmt: skip
+    answer = answer_via_http(homes.active, homes.x[:2])
+    assert answer is not None
+    out, ids = answer
+    label = int(out[0].argmax())
+    assert feedback_via_http(homes.active, ids[0], label)["correct"] is True  # type: ignore[index]
+    with pytest.raises(RuntimeError, match="already labelled"):
+        feedback_via_http(homes.active, ids[0], label)
+    with pytest.raises(LookupError, match="unknown prediction id"):
+        feedback_via_http(homes.active, "nope", 1)
+    with pytest.raises(ValueError, match="not a class"):
+        feedback_via_http(homes.active, ids[1], 99)
+    assert feedback_via_http(tmp_path, ids[1], 1) is None  # no daemon there
+
+
+def test_cli_predict_prints_ids_and_feedback_takes_them(
+    server: InferenceServer, homes: Homes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = cli_predict(homes.active, homes.x[7], capsys)
+    [pid] = doc["ids"]
+    label = doc["argmax"][0]
+    home = str(homes.active)
+    assert main(["agent", "feedback", "--home", home, "--id", pid, "--label", str(label)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == f"prediction {pid} of digits@1: label {label}, correct"
+    assert main(["agent", "feedback", "--home", home, "--id", pid, "--label", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "already labelled" in err and len(err.strip().splitlines()) == 1
+    assert main(["agent", "predict", "--home", home, "--input", json.dumps(homes.x[8].tolist())
+                 ]) == 0  # fmt: skip
+    cls, _, pid2 = capsys.readouterr().out.strip().split("\t")
+    wrong = str((int(cls) + 1) % 10)
+    assert main(["agent", "feedback", "--home", home, "--id", pid2, "--label", wrong,
+                 "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["correct"] is False
+    for argv, phrase in [
+        (["--id", "nope", "--label", "1"], "unknown prediction id"),
+        (["--id", pid2, "--label", "-1"], "label: expected a class index"),
+    ]:
+        assert main(["agent", "feedback", "--home", home, *argv]) == 1
+        err = capsys.readouterr().err
+        assert phrase in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_feedback_without_a_daemon_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["agent", "feedback", "--home", str(tmp_path), "--id", "a-1", "--label", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "no running agent serves" in err and len(err.strip().splitlines()) == 1
 
 
 # --- status, health, connections ------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from edgefleet.coordinator.rollout import (
+    MIN_LABELS,
     Decision,
     DeviceRow,
     Evidence,
@@ -136,8 +137,15 @@ def test_spec_and_state_round_trip() -> None:
     assert RolloutState.from_dict(st.to_dict()) == st
 
 
+def test_a_spec_stored_before_min_labels_reads_with_the_default() -> None:
+    s = spec(gates=(Gate.parse("accuracy>0.9"),), min_labels=7)
+    assert RolloutSpec.from_dict(s.to_dict()).min_labels == 7
+    old = {k: v for k, v in s.to_dict().items() if k != "min_labels"}
+    assert RolloutSpec.from_dict(old) == replace(s, min_labels=MIN_LABELS)
+
+
 @pytest.mark.parametrize("kw", [dict(bake=-1), dict(min_samples=0), dict(wave_timeout=0),
-                                dict(waves=())])  # fmt: skip
+                                dict(waves=()), dict(min_labels=0)])  # fmt: skip
 def test_bad_specs_are_refused(kw: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         spec(**kw)
@@ -221,7 +229,7 @@ BAD = {
     "class_shift": (replace(GOOD, class_counts=SHIFTED), "class_shift<0.25", None),
     "drift": (replace(GOOD, drift=0.5), "drift<0.2", 0.5),
     "agreement": (replace(GOOD, agreement=0.6), "agreement>0.95", 0.6),
-    "accuracy": (replace(GOOD, accuracy=0.1), "accuracy>0.9", 0.1),
+    "accuracy": (replace(GOOD, accuracy=0.1, labelled=40), "accuracy>0.9", 0.1),
 }
 FINE = {
     "error_rate": replace(GOOD, errors=0),
@@ -230,7 +238,7 @@ FINE = {
     "class_shift": replace(GOOD, class_counts={"0": 55, "1": 33, "2": 12}),
     "drift": replace(GOOD, drift=0.1),
     "agreement": replace(GOOD, agreement=0.99),
-    "accuracy": replace(GOOD, accuracy=0.97),
+    "accuracy": replace(GOOD, accuracy=0.97, labelled=40),
 }
 
 
@@ -272,8 +280,10 @@ def test_a_label_permuted_model_passes_error_and_latency_but_not_class_shift() -
     d, _ = decide(s, st, on_candidate(st), evidence(st.wave_devices, replace(
         GOOD, class_counts=SHIFTED)), 1)  # fmt: skip
     assert d.action == "halt" and "class_shift" in d.reason
-    assert {g["metric"] for g in d.evidence["gates"] if g["passed"]} == {"error_rate",
-                                                                         "p95_latency"}
+    assert {g["metric"] for g in d.evidence["gates"] if g["passed"]} == {
+        "error_rate",
+        "p95_latency",
+    }
 
 
 def test_class_shift_uses_the_device_baseline_then_the_fleet_one() -> None:
@@ -305,6 +315,40 @@ def test_missing_evidence_for_a_gate_means_not_healthy_yet() -> None:
     st = baking(s)
     d, _ = decide(s, st, on_candidate(st), evidence(st.wave_devices), 60)
     assert d.action == "wait" and "no agreement evidence" in str(d.evidence["not_ready"])
+
+
+@pytest.mark.parametrize("labelled", [0, 19])
+def test_accuracy_without_enough_labels_is_not_healthy_and_halts_after_the_timeout(
+    labelled: int,
+) -> None:
+    """No labels (or too few) in the bake window: like any missing evidence, the device is not
+    healthy; the wave waits, then halts at its timeout; the accuracy is never judged."""
+    s = spec(gates=(Gate.parse("error_rate<0.01"), Gate.parse("accuracy>0.9")))
+    st = baking(s)
+    unlabelled = replace(GOOD, labelled=labelled, accuracy=None if not labelled else 0.0)
+    ev = evidence(st.wave_devices, unlabelled)
+    d, _ = decide(s, st, on_candidate(st), ev, 60)
+    [dev] = st.wave_devices
+    assert d.action == "wait" and d.evidence["not_ready"] == {
+        dev: f"has {labelled} of {s.min_labels} labels"
+    }
+    assert [g["gate"] for g in d.evidence["gates"]] == ["error_rate<0.01"]  # judged: the rest
+    d, _ = decide(s, st, on_candidate(st), ev, 60 + 121)
+    assert d.action == "halt" and f"{dev} has {labelled} of 20 labels" in d.reason
+
+
+def test_accuracy_is_judged_from_min_labels_on_with_the_count_in_the_evidence() -> None:
+    s = spec(gates=(Gate.parse("accuracy>0.9"),), min_labels=20)
+    st = baking(s)
+    d, _ = decide(s, st, on_candidate(st), evidence(st.wave_devices, replace(
+        GOOD, labelled=20, accuracy=0.95)), 60)  # fmt: skip
+    assert d.action == "promote"
+    [g] = d.evidence["gates"]
+    assert (g["metric"], g["value"], g["labelled"], g["passed"]) == ("accuracy", 0.95, 20, True)
+    d, _ = decide(s, st, on_candidate(st), evidence(st.wave_devices, replace(
+        GOOD, labelled=25, accuracy=0.6)), 1)  # fmt: skip
+    assert d.action == "halt" and "accuracy>0.9" in d.reason and "accuracy=0.6" in d.reason
+    assert d.evidence["gates"][0]["labelled"] == 25
 
 
 # -- samples, offline, timeouts ----------------------------------------------------------------
