@@ -44,6 +44,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from . import views
+from .cache import ViewCache
 
 __all__ = ["Operation", "create_app"]
 
@@ -298,30 +299,36 @@ def create_app(
         return {"name": who.name, "role": who.role,
                 "may": {a: who.may(a) for a in access.ACTIONS}}  # fmt: skip
 
+    cache = ViewCache()  # the polled views' bodies, served while their generation holds
+
     @app.get("/api/v1/devices")
-    def devices(_: View) -> dict[str, Any]:
-        rows = fleet.rows(registry, int(clock()))
-        return {"devices": [r.to_dict() | {"in_sync": r.in_sync} for r in rows]}
+    def devices(_: View, request: Request) -> Response:
+        return cache.answer(request, "devices", views.fleet_generation(registry),
+                            lambda: views.devices(registry, int(clock())))  # fmt: skip
 
     @app.get("/api/v1/groups")
     def groups(_: View) -> dict[str, Any]:
         return {"groups": registry.groups()}
 
     @app.get("/api/v1/models")
-    def models(_: View) -> dict[str, Any]:
-        return {"models": views.models(registry)}
+    def models(_: View, request: Request) -> Response:
+        return cache.answer(request, "models", views.models_generation(registry),
+                            lambda: {"models": views.models(registry)})  # fmt: skip
 
     @app.get("/api/v1/releases")
-    def releases(_: View) -> dict[str, Any]:
-        return {"releases": views.releases(registry)}
+    def releases(_: View, request: Request) -> Response:
+        return cache.answer(request, "releases", views.releases_generation(registry),
+                            lambda: {"releases": views.releases(registry)})  # fmt: skip
 
     @app.get("/api/v1/fl/runs")
-    def fl_runs(_: View) -> dict[str, Any]:
-        return {"runs": views.fl_runs(registry)}
+    def fl_runs(_: View, request: Request) -> Response:
+        return cache.answer(request, "fl_runs", views.models_generation(registry),
+                            lambda: {"runs": views.fl_runs(registry)})  # fmt: skip
 
     @app.get("/api/v1/rollouts")
-    def rollouts(_: View) -> dict[str, Any]:
-        return {"rollouts": views.rollouts(registry)}
+    def rollouts(_: View, request: Request) -> Response:
+        return cache.answer(request, "rollouts", views.rollouts_generation(registry),
+                            lambda: {"rollouts": views.rollouts(registry)})  # fmt: skip
 
     @app.get("/api/v1/telemetry")
     def telemetry(_: View, window: int = 3600) -> dict[str, Any]:

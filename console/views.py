@@ -1,17 +1,105 @@
-"""Read-only views of the registry as plain JSON-able dicts (the API's GET routes)."""
+"""Read-only views of the registry as plain JSON-able dicts (the API's GET routes), and the
+*generations* of the polled ones: one cheap query whose value changes whenever the view would
+(``console/cache.py`` serves a cached body while it stays the same)."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
-from edgefleet.coordinator.registry import ModelVersion, Registry, Release, ReleaseTarget
+from edgefleet.coordinator import fleet
+from edgefleet.coordinator.registry import (
+    Device,
+    ModelVersion,
+    Registry,
+    Release,
+    ReleaseTarget,
+    group_members,
+)
 from edgefleet.coordinator.tables.console import AuditEntry
-from sqlalchemy import func, select
+from edgefleet.coordinator.tables.rollouts import RolloutDecisionRow, RolloutRow
+from sqlalchemy import String, cast, func, select
 from sqlalchemy.orm import selectinload
+from sqlalchemy.sql.elements import ColumnElement
 
-__all__ = ["audit_row", "drift", "fl_runs", "models", "releases", "rollouts", "telemetry"]
+__all__ = [
+    "audit_row", "devices", "drift", "fl_runs", "fleet_generation", "models", "models_generation",
+    "releases", "releases_generation", "rollouts", "rollouts_generation", "telemetry",
+]  # fmt: skip
 
 MAX_ROWS = 5000  # newest rows of a list view
+
+
+def devices(registry: Registry, now: int) -> dict[str, Any]:
+    """``fleet status --json``'s rows (with ``in_sync``) as of ``now``, which the body names
+    (``as_of``): ``last_seen_s`` counts to it, so the body stays the same while the fleet does
+    (a client adds the time since ``as_of``)."""
+    rows = fleet.rows(registry, now)
+    return {"as_of": now, "devices": [r.to_dict() | {"in_sync": r.in_sync} for r in rows]}
+
+
+def _joined(*columns: Any, order: Any) -> Any:
+    """Every row's columns as one string, joined by the database (no row objects made): unit
+    separators between columns, record separators between rows (neither can be in a value:
+    ids and names are checked names, states an enum, ``last_result`` JSON text), NULL as ''
+    (no checked name is empty)."""
+    texts = [func.coalesce(cast(c, String), "") for c in columns]
+    row: ColumnElement[str] = texts[0]
+    for text in texts[1:]:
+        row = row + "\x1f" + text
+    rows = select(row.label("row")).order_by(*order).subquery()
+    return select(func.aggregate_strings(rows.c.row, "\x1e")).scalar_subquery()
+
+
+def _one(value: Any, table: Any = None) -> Any:
+    """``value`` (an aggregate) as a scalar subquery, over ``table`` if it names no column."""
+    q = select(value)
+    return (q if table is None else q.select_from(table)).scalar_subquery()
+
+
+def _digest(*values: Any) -> str:
+    return hashlib.sha256(repr(values).encode()).hexdigest()
+
+
+def fleet_generation(registry: Registry) -> str:
+    """Changes whenever ``fleet.rows`` would (but for the clock): a digest of every device's
+    columns that a row shows and of the group memberships (all of them, joined by the
+    database: a status that changes only the state, as an offline will does, changes it too),
+    and the count and newest sequence of release targets (only ever added). One SELECT."""
+    d, g = Device, group_members.c
+    q = select(
+        _joined(d.device_id, d.state, d.active_name, d.active_version, d.active_sequence,
+                d.last_seen, d.last_result, d.revoked, order=[d.device_id]),
+        _joined(g.group_name, g.device_id, order=[g.group_name, g.device_id]),
+        _one(func.count(), ReleaseTarget), _one(func.max(ReleaseTarget.sequence)),
+    )  # fmt: skip
+    with registry.session() as s:
+        return _digest(*s.execute(q).one())
+
+
+def models_generation(registry: Registry) -> tuple[Any, ...]:
+    """Of ``models`` and ``fl_runs``: model versions are only ever added (never changed)."""
+    q = select(_one(func.count(), ModelVersion), _one(func.max(ModelVersion.id)))
+    with registry.session() as s:
+        return tuple(s.execute(q).one())
+
+
+def releases_generation(registry: Registry) -> tuple[Any, ...]:
+    """Of ``releases``: releases and their targets are only ever added."""
+    q = select(_one(func.count(), Release), _one(func.max(Release.sequence)),
+               _one(func.count(), ReleaseTarget))  # fmt: skip
+    with registry.session() as s:
+        return tuple(s.execute(q).one())
+
+
+def rollouts_generation(registry: Registry) -> tuple[Any, ...]:
+    """Of ``rollouts``: every state change bumps its rollout's revision; decisions are only
+    ever added."""
+    r, d = RolloutRow, RolloutDecisionRow
+    q = select(_one(func.count(), r), _one(func.sum(r.revision)), _one(func.count(), d),
+               _one(func.max(d.id)))  # fmt: skip
+    with registry.session() as s:
+        return tuple(s.execute(q).one())
 
 
 def _version(mv: ModelVersion) -> dict[str, Any]:

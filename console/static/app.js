@@ -4,6 +4,7 @@
   const KEY = "edgefleet.token";
   let me = null;
   let timer = null;
+  let skew = 0; // s: the server's clock minus ours (from each answer's Date header)
 
   function h(tag, attrs, ...children) {
     const e = document.createElement(tag);
@@ -20,10 +21,14 @@
 
   async function api(path, options) {
     const token = sessionStorage.getItem(KEY) || "";
-    const r = await fetch(path, Object.assign({}, options, {
+    // "no-cache": the browser keeps a body with its ETag and asks again with If-None-Match;
+    // an unchanged view comes back as 304 and is read from its cache.
+    const r = await fetch(path, Object.assign({ cache: "no-cache" }, options, {
       headers: Object.assign({ Authorization: "Bearer " + token, "Content-Type": "application/json" },
         (options || {}).headers || {}),
     }));
+    const date = Date.parse(r.headers.get("Date") || "");
+    if (!isNaN(date)) skew = (date - Date.now()) / 1000;
     const body = await r.json().catch(() => ({}));
     if (!r.ok) throw new Error(body.error || r.status + " " + r.statusText);
     return body;
@@ -47,7 +52,10 @@
 
   // -- pages -------------------------------------------------------------------------------------
   async function fleet(page) {
-    const { devices } = await api("/api/v1/devices");
+    const { as_of, devices } = await api("/api/v1/devices");
+    // last_seen_s counts to as_of (the body is the same while the fleet is): add the time since
+    const since = Math.max(0, Math.round(Date.now() / 1000 + skew - as_of));
+    for (const d of devices) if (d.last_seen_s !== null) d.last_seen_s += since;
     const online = devices.filter(d => d.last_seen_s !== null && d.last_seen_s < 120).length;
     const synced = devices.filter(d => d.in_sync).length;
     const failing = devices.filter(d => d.last_result && d.last_result !== "ok").length;

@@ -271,3 +271,63 @@ def test_operations_are_bounded() -> None:
     assert ops.new("release", "after one ended").state == "running"  # the finished one goes
     with pytest.raises(ApiError, match="no operation"):
         ops.get(first[0].id)
+
+
+def test_the_fleet_view_is_cached_never_stale_and_answers_304(console: Console) -> None:
+    """The body is served again (same strong ETag, 304 for If-None-Match) until a device's
+    columns change; whatever ingest writes shows at once, as does a group or a release."""
+    viewer = {"Authorization": f"Bearer {console.tokens['viewer']}"}
+
+    def get(etag: str | None = None) -> Any:
+        headers = viewer | ({"If-None-Match": etag} if etag else {})
+        return console.client.get("/api/v1/devices", headers=headers)
+
+    def row(r: Any, device: str) -> dict[str, Any]:
+        return {d["device"]: d for d in r.json()["devices"]}[device]
+
+    first = get()
+    etag = first.headers["etag"]
+    assert first.status_code == 200 and first.headers["cache-control"] == "private, no-cache"
+    assert get().headers["etag"] == etag and get().content == first.content
+    unchanged = get(etag)
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    assert get(f'W/{etag}, "other"').status_code == 304 and get('"other"').status_code == 200
+    was = console.c.registry.device("dev-b")
+    assert was is not None
+    try:  # what ingest writes for a status in the same second, then for an offline will
+        console.c.registry.update_devices({"dev-b": {
+            "state": "downloading", "last_seen": was.last_seen,
+            "last_result": {"ok": False, "code": "digest", "reason": "bad chunk"}}})  # fmt: skip
+        changed = get(etag)
+        assert changed.status_code == 200 and changed.headers["etag"] != etag
+        assert row(changed, "dev-b")["state"] == "downloading"
+        assert row(changed, "dev-b")["last_result"] == "digest: bad chunk"
+        console.c.registry.update_device("dev-b", state="offline")
+        assert row(get(changed.headers["etag"]), "dev-b")["state"] == "offline"
+    finally:
+        console.c.registry.update_device("dev-b", state=was.state, last_result=was.last_result)
+    assert row(get(), "dev-b")["state"] == was.state  # put back: shown put back
+    assert console.call("deployer", "POST", "/api/v1/groups/cached",
+                        {"devices": ["dev-b"]}).status_code == 200  # fmt: skip
+    assert "cached" in row(get(etag), "dev-b")["groups"]
+
+
+def test_the_other_polled_views_follow_their_changes(console: Console) -> None:
+    viewer = {"Authorization": f"Bearer {console.tokens['viewer']}"}
+    paths = ("/api/v1/releases", "/api/v1/rollouts", "/api/v1/models", "/api/v1/fl/runs")
+    before = {p: console.client.get(p, headers=viewer) for p in paths}
+    for path, r in before.items():
+        again = console.client.get(path, headers=viewer | {"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304, path
+    body = {"name": "m", "version": "1", "to": "device:dev-a", "wait": 0}
+    r = console.call("deployer", "POST", "/api/v1/releases", body)
+    assert "event: end" in console.call("viewer", "GET", r.json()["events"]).text
+    end = json.loads(console.call("viewer", "GET", r.json()["events"]).text.split("data: ")[-1])
+    releases = console.call("viewer", "GET", "/api/v1/releases").json()["releases"]
+    assert releases[0]["sequence"] == end["sequence"] and releases[0]["targets"] == 1
+    rid = _rollout(console.c)
+    listed = console.call("viewer", "GET", "/api/v1/rollouts").json()["rollouts"]
+    assert listed[-1]["id"] == rid and listed[-1]["state"]["paused"] is False
+    Rollouts(console.c, None).pause(rid)  # another process's change: a new revision
+    listed = console.call("viewer", "GET", "/api/v1/rollouts").json()["rollouts"]
+    assert {r["id"]: r for r in listed}[rid]["state"]["paused"] is True
