@@ -100,6 +100,17 @@ def test_start_status_pause_resume_abort(home: Home, capsys: pytest.CaptureFixtu
     assert "aborted" in out and "abort: abort by the operator" in out
 
 
+def test_an_accuracy_gate_takes_min_labels(home: Home, capsys: pytest.CaptureFixture[str]) -> None:
+    h = str(home.coordinator.home)
+    code, _, err = run(capsys, *start(home, "--canary", "device:dev-b", "--gate", "accuracy>0.9",
+                                      "--min-labels", "5"))  # fmt: skip
+    assert code == 0, err
+    code, out, _ = run(capsys, "rollout", "status", "--home", h)
+    assert "gates accuracy>0.9; bake 600 s; min samples 50; min labels 5; wave timeout" in out
+    doc = json.loads(run(capsys, "rollout", "status", "--home", h, "--json")[1])
+    assert doc["spec"]["min_labels"] == 5
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["rollout", "status"], "no rollout yet (edgefleet rollout start …)"),
     (["rollout", "status", "9"], "rollout 9 does not exist"),
