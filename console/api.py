@@ -54,6 +54,7 @@ MAX_OPERATIONS = 256  # operations kept for their handles (finished ones forgott
 MAX_EVENTS = 1024  # events kept per operation
 MAX_BODY = 1 << 20  # bytes of a request body (an enrolment's public key file is ~2 KB)
 MAX_MODEL_BODY = 96 << 20  # bytes of a model upload (base64 of a model up to ~70 MB)
+NEEDS_BROKER = frozenset({"release", "rollout.rollback", "fl.start"})  # 503 without one
 
 Publisher = Callable[[], AbstractContextManager[Link]]
 
@@ -296,8 +297,12 @@ def create_app(
     # -- views ------------------------------------------------------------------------------------
     @app.get("/api/v1/me")
     def me(who: Who) -> dict[str, Any]:
-        return {"name": who.name, "role": who.role,
-                "may": {a: who.may(a) for a in access.ACTIONS}}  # fmt: skip
+        """The token's name and role, what the role may do, and which of those this API can
+        carry out now (``available``: false for the ones that need its broker connection when it
+        runs without one; they answer 503)."""
+        may = {a: who.may(a) for a in access.ACTIONS}
+        live = {a: publisher is not None or a not in NEEDS_BROKER for a in may}
+        return {"name": who.name, "role": who.role, "may": may, "available": live}
 
     cache = ViewCache()  # the polled views' bodies, served while their generation holds
 

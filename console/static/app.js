@@ -121,7 +121,7 @@
         else buttons.push(h("button", { "data-action": "pause", onclick: () => control(r.id, "pause") }, "Pause"));
         buttons.push(h("button", { "data-action": "abort", onclick: () => control(r.id, "abort") }, "Abort"));
       }
-      if (me.may["rollout.rollback"] && st.released.length && st.phase !== "rolled_back") {
+      if (me.may["rollout.rollback"] && me.available["rollout.rollback"] && st.released.length && st.phase !== "rolled_back") {
         buttons.push(h("button", { "data-action": "rollback", onclick: () => control(r.id, "rollback") }, "Roll back"));
       }
       parts.push(h("div", { class: "rollout", "data-rollout": r.id },

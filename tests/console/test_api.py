@@ -331,3 +331,20 @@ def test_the_other_polled_views_follow_their_changes(console: Console) -> None:
     Rollouts(console.c, None).pause(rid)  # another process's change: a new revision
     listed = console.call("viewer", "GET", "/api/v1/rollouts").json()["rollouts"]
     assert {r["id"]: r for r in listed}[rid]["state"]["paused"] is True
+
+
+def test_me_says_which_operations_need_the_broker_connection_it_lacks(console: Console) -> None:
+    with_broker = console.call("deployer", "GET", "/api/v1/me").json()
+    assert with_broker["may"]["rollout.rollback"] and all(with_broker["available"].values())
+    rid = _rollout(console.c)
+    with TestClient(create_app(console.c)) as alone:  # no publisher: no broker connection
+        auth = {"Authorization": f"Bearer {console.tokens['deployer']}"}
+        me = alone.get("/api/v1/me", headers=auth).json()
+        assert me["may"] == with_broker["may"]
+        off = {a for a, ok in me["available"].items() if not ok}
+        assert off == {"release", "rollout.rollback", "fl.start"}
+        for path in (f"/api/v1/rollouts/{rid}/rollback", "/api/v1/releases", "/api/v1/fl/runs"):
+            body = {"name": "m", "version": "1", "to": "all", "rounds": 1}
+            r = alone.post(path, headers=auth, json=body)
+            assert r.status_code == 503 and "without a broker connection" in r.json()["error"]
+        assert alone.post(f"/api/v1/rollouts/{rid}/pause", headers=auth).status_code == 200
