@@ -13,7 +13,9 @@ Three threads, each with one job:
 
 Candidates (``agent.candidate_feed``): a second ``ReleaseFlow`` for the shadow / A/B slot, fed
 from ``cmd/candidate`` and the chunk replies of its bundle id, installs on a thread of its own;
-a ``cmd/predlog`` request is answered with the prediction log as ``predlog`` telemetry.
+a ``cmd/predlog`` request, once ``predlog.RequestGate`` verified it (signed by the coordinator,
+for this device, unexpired, not replayed), is answered with the prediction log as ``predlog``
+telemetry.
 
 Inference (``Agent.predict``, the HTTP API) runs on other threads and keeps serving the active
 model throughout: the runtime is swapped only after a new version passed every check.
@@ -50,7 +52,7 @@ from .candidate_feed import CandidateSide
 from .download import Download
 from .drift import DriftMonitor
 from .observe import Recorder
-from .predlog import open_log, parse_request, predlog_topic, upload_messages
+from .predlog import RequestGate, open_log, predlog_topic, upload_messages
 from .reporter import Facts, Reporter, active_model, offline_will
 
 __all__ = ["MAX_CHUNK_FRAME", "MAX_INCOMING", "AgentDaemon", "mqtt_config_for"]
@@ -130,6 +132,11 @@ class AgentDaemon:
         self.drift = DriftMonitor(agent)
         self.drift.attach(self.recorder, self.reporter)
         self.predlog = open_log(agent.config, self.recorder)  # opt in: predlog_sample > 0
+        #: verifies upload requests (signed by the coordinator, unexpired, never replayed)
+        self.predlog_gate = RequestGate(
+            device_id=self.device_id, trusted_keys=lambda: agent.trust.keyring, clock=clock,
+            state=None if agent.readonly else agent.config.home / "predlog-replay.json",
+        )  # fmt: skip
         #: the candidate slot's own release flow, shadow and A/B (``shadow``, ``ab`` telemetry)
         self.candidate = (
             CandidateSide(self, window=agent.config.window, request_timeout=request_timeout)
@@ -229,12 +236,11 @@ class AgentDaemon:
             self._drop(topic, "agent queue full")
 
     def _upload(self, payload: bytes) -> None:
-        """Answer a prediction-log upload request with ``predlog`` telemetry chunks."""
-        try:
-            corr, since, limit = parse_request(payload)
-        except ValueError as exc:
-            log.warning("dropped prediction-log request: %s", exc)
+        """Answer a verified prediction-log upload request with ``predlog`` telemetry chunks."""
+        request = self.predlog_gate.open(payload)  # refusals: logged and counted
+        if request is None:
             return
+        corr, since, limit = request
         assert self.predlog is not None
         for chunk in upload_messages(self.predlog, corr, since, limit):
             self.reporter.telemetry({"predlog": chunk})
@@ -395,6 +401,7 @@ class AgentDaemon:
         return {
             "state": self.flow.state,
             "dropped": self.dropped,
+            "predlog_refused": self.predlog_gate.refused,
             "failed": len(self.flow.failed),
             "download": None if d is None else vars(d.stats),
         }

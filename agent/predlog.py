@@ -24,6 +24,17 @@ Upload for audit: the coordinator (``edgefleet fleet predictions``) publishes a 
 device's ``cmd/predlog`` topic; the daemon answers with ``upload_messages``: the records, cut in
 bounded chunks (index, last, count) and sent as ``predlog`` telemetry on its own telemetry topic,
 which the coordinator stores like any telemetry and ``assemble`` puts back together.
+
+The request is signed as the coordinator signs its FL instructions (``protocol.fl``: an
+``instruction`` envelope signed by a release key of the keyring the device trusts, addressed to
+this device, with ``issued_at``/``expires``; ``seal_request``), its payload
+``{"command": "predlog", "corr", "since", "limit"}`` with ``corr`` the envelope's message id.
+``RequestGate.open`` refuses, with one WARNING line and a count in ``counts``
+(``refused:<code>``), a request that is unsigned or malformed, signed by a key the device does
+not trust or not over these bytes, addressed to another device, expired (or valid for longer
+than ``MAX_REQUEST_TTL``), or seen before: its message id is a nonce remembered until its
+expiry, in ``<home>/predlog-replay.json`` when given, so a replay after a restart is refused
+too (``protocol.fl.ReplayGuard``).
 """
 
 from __future__ import annotations
@@ -36,19 +47,34 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from edgefleet.infra.fsutil import os_errors
+from edgefleet.infra.fsutil import atomic_write, os_errors
+from edgefleet.protocol import fl
+from edgefleet.protocol.errors import BundleError, DecodeError, MalformedError
 
 if TYPE_CHECKING:
+    from edgefleet.protocol.keyring import Keyring
+    from edgefleet.protocol.keys import SigningKey
+
     from .config import AgentConfig
     from .observe import Recorder
 
-__all__ = ["REDACTABLE", "PredictionLog", "assemble", "open_log", "parse_request",
-           "predlog_topic", "upload_messages"]
+__all__ = [
+    "REDACTABLE",
+    "PredictionLog",
+    "RequestGate",
+    "assemble",
+    "open_log",
+    "parse_request",
+    "predlog_topic",
+    "seal_request",
+    "upload_messages",
+]
 
 log = logging.getLogger(__name__)
 REDACTABLE = ("inputs", "outputs", "argmax")
@@ -186,7 +212,11 @@ def _canonical(value: object) -> bytes:
 
 
 # -- upload for audit ---------------------------------------------------------------------------
-MAX_REQUEST = 1024  # bytes of an upload request
+MAX_REQUEST = 4096  # bytes of a signed upload request (its envelope is ~500)
+REQUEST_TTL = 120  # s a request the coordinator signs stays valid
+MAX_REQUEST_TTL = 3600  # s: a request valid for longer is refused (bounds the nonce memory)
+PREDLOG_RUN = 0  # the envelope's run id and round (not a Flower run: this gate's own guard)
+COMMAND = "predlog"
 MAX_UPLOAD = 4096  # records one request may ask for
 PIECE = 480  # characters per string piece (telemetry strings are at most 500)
 MESSAGE_BYTES = 40 * 1024  # record bytes per telemetry message (MAX_TELEMETRY is 64 KiB)
@@ -198,15 +228,38 @@ def predlog_topic(cmd_topic: str) -> str:
     return f"{cmd_topic}/predlog"
 
 
+def seal_request(
+    signer: SigningKey,
+    *,
+    device_id: str,
+    corr: str,
+    since: float,
+    limit: int,
+    now: int,
+    ttl: int = REQUEST_TTL,
+) -> bytes:
+    """The signed request for ``device_id``'s log since ``since`` (the coordinator's side;
+    ``signer`` is its release key)."""
+    payload = _canonical({"command": COMMAND, "corr": corr, "since": since, "limit": limit})
+    parse_request(payload)  # ValueError for what no device would accept
+    return fl.seal(payload, signer, kind="instruction", run_id=PREDLOG_RUN, round=PREDLOG_RUN,
+                   message_id=corr, device_id=device_id, issued_at=now,
+                   expires=now + ttl)  # fmt: skip
+
+
 def parse_request(payload: bytes) -> tuple[str, float, int]:
-    """``(corr, since, limit)`` of ``{"corr": hex, "since": unix s, "limit": n}``, else
-    ``ValueError`` (the request is not signed: it can only ask for what the log holds, which
-    goes to the coordinator over the device's own telemetry topic)."""
+    """``(corr, since, limit)`` of the signed payload ``{"command": "predlog", "corr": hex,
+    "since": unix s, "limit": n}``, else ``ValueError``."""
     if len(payload) > MAX_REQUEST:
         raise ValueError(f"predlog request over {MAX_REQUEST} bytes")
-    doc = json.loads(payload)
-    if not isinstance(doc, dict) or set(doc) - {"corr", "since", "limit"}:
-        raise ValueError("predlog request: expected {corr, since, limit}")
+    try:
+        doc = json.loads(payload)
+    except RecursionError as exc:
+        raise ValueError("predlog request: nested too deeply") from exc
+    if not isinstance(doc, dict) or set(doc) - {"command", "corr", "since", "limit"}:
+        raise ValueError("predlog request: expected {command, corr, since, limit}")
+    if doc.get("command") != COMMAND:
+        raise ValueError(f"predlog request: expected command {COMMAND!r}")
     corr, since, limit = doc.get("corr"), doc.get("since", 0), doc.get("limit", MAX_UPLOAD)
     if not isinstance(corr, str) or not _CORR.fullmatch(corr):
         raise ValueError("predlog request: corr must be 8-32 lowercase hex digits")
@@ -215,6 +268,81 @@ def parse_request(payload: bytes) -> tuple[str, float, int]:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_UPLOAD:
         raise ValueError(f"predlog request: limit must be 1..{MAX_UPLOAD}")
     return corr, float(since), limit
+
+
+class RequestGate:
+    """Opens signed upload requests for one device (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        trusted_keys: Callable[[], Keyring | None],  # the keyring the agent trusts now
+        clock: Callable[[], float] = time.time,
+        state: Path | None = None,  # where the nonces survive a restart
+    ) -> None:
+        self.device_id, self.trusted_keys, self.clock, self.state = (
+            device_id, trusted_keys, clock, state)  # fmt: skip
+        self.counts: Counter[str] = Counter()  # accepted, refused:<code>
+        self._guard = self._load()
+
+    def open(self, frame: bytes) -> tuple[str, float, int] | None:
+        """``(corr, since, limit)`` of a request that verifies, else None (logged, counted)."""
+        try:
+            request = self._open(frame)
+        except (BundleError, ValueError) as exc:
+            code = exc.code if isinstance(exc, BundleError) else "malformed"
+            self.counts[f"refused:{code}"] += 1
+            log.warning("refused a prediction-log request (%s): %s", code, exc)
+            return None
+        self.counts["accepted"] += 1
+        return request
+
+    @property
+    def refused(self) -> int:
+        return sum(n for k, n in self.counts.items() if k.startswith("refused:"))
+
+    def _open(self, frame: bytes) -> tuple[str, float, int]:
+        if len(frame) > MAX_REQUEST:
+            raise MalformedError(f"{len(frame)} bytes, limit {MAX_REQUEST}")
+        now = int(self.clock())
+        opened = fl.open_instruction(
+            frame, device_id=self.device_id, keyring=self.trusted_keys(), now=now
+        )
+        h = opened.header
+        if (h.run_id, h.round, h.chunks) != (PREDLOG_RUN, PREDLOG_RUN, ()):
+            raise MalformedError("not a prediction-log request envelope")
+        if h.expires - h.issued_at > MAX_REQUEST_TTL:
+            raise MalformedError(f"valid for {h.expires - h.issued_at} s, at most "
+                                 f"{MAX_REQUEST_TTL}")  # fmt: skip
+        self._guard.check(h)
+        corr, since, limit = parse_request(opened.payload)
+        if corr != h.message_id:
+            raise MalformedError("the request's corr is not its envelope's message id")
+        self._guard.accept(h)
+        self._save()
+        return corr, since, limit
+
+    def _load(self) -> fl.ReplayGuard:
+        if self.state is None or not self.state.exists():
+            return fl.ReplayGuard()
+        try:
+            d = json.loads(self.state.read_bytes()[: 1 << 20])
+            if not isinstance(d, dict):
+                raise DecodeError("not a JSON object")
+            return fl.ReplayGuard.from_dict(d, now=int(self.clock()))
+        except (OSError, ValueError, DecodeError) as exc:  # expiry still bounds a replay
+            log.warning("predlog: replay state %s unreadable (%s): starting empty", self.state,
+                        exc)  # fmt: skip
+            return fl.ReplayGuard()
+
+    def _save(self) -> None:
+        if self.state is None:
+            return
+        try:
+            atomic_write(self.state, _canonical(self._guard.to_dict()), mode=0o600)
+        except OSError as exc:  # the guard in memory still holds
+            log.warning("predlog: cannot save the replay state %s: %s", self.state, exc)
 
 
 def upload_messages(plog: PredictionLog, corr: str, since: float, limit: int

@@ -177,10 +177,11 @@ def agent_feedback(args: argparse.Namespace) -> int:
 
 
 def fleet_predictions(args: argparse.Namespace) -> int:
-    """Ask a device for its prediction log since ``--since`` seconds ago; print it as JSONL."""
+    """Ask a device for its prediction log since ``--since`` seconds ago (a request signed by
+    the release key, as FL instructions are); print it as JSONL."""
     import secrets
 
-    from edgefleet.agent.predlog import assemble, predlog_topic
+    from edgefleet.agent.predlog import REQUEST_TTL, assemble, predlog_topic, seal_request
     from edgefleet.coordinator import release
     from edgefleet.coordinator.telemetry import recent
     from edgefleet.protocol import topics
@@ -189,9 +190,11 @@ def fleet_predictions(args: argparse.Namespace) -> int:
     if c.registry.device(args.device) is None:
         raise LookupError(f"device {args.device!r} is not enrolled")
     corr, asked = secrets.token_hex(8), int(time.time())
-    request = json.dumps({"corr": corr, "since": asked - args.since, "limit": args.limit})
+    c.keys.check(now=asked, ttl=REQUEST_TTL)  # the keyring devices trust must outlive it
+    request = seal_request(c.keys.release, device_id=args.device, corr=corr,
+                           since=asked - args.since, limit=args.limit, now=asked)  # fmt: skip
     with release.connect(cfg) as link:
-        link.publish(predlog_topic(topics.cmd(args.device)), request.encode(), qos=1).wait(10)
+        link.publish(predlog_topic(topics.cmd(args.device)), request, qos=1).wait(10)
     deadline = time.monotonic() + args.wait  # `coordinator serve` stores the answer
     while True:
         rows = recent(c.registry, namespace="predlog", since=asked - 60, device_ids=[args.device])

@@ -66,8 +66,9 @@ def test_oversize_torn_and_non_finite_lines(tmp_path: Path) -> None:
     plog.close()
 
 
-def test_the_recorder_logs_its_sampled_share(fleet: Fleet, tmp_path: Path,
-                                             x_test: np.ndarray) -> None:
+def test_the_recorder_logs_its_sampled_share(
+    fleet: Fleet, tmp_path: Path, x_test: np.ndarray
+) -> None:
     agent = open_agent(fleet.agent_home(tmp_path / "home", installed=["v1"]))
     try:
         plog = PredictionLog(tmp_path / "log", clock=lambda: 7.0)
@@ -95,7 +96,9 @@ def test_an_upload_is_chunked_within_the_telemetry_bounds_and_reassembles(tmp_pa
     for i in range(300):
         t[0] = float(i)
         plog.observe(rng.random((1, 64), dtype=np.float32), rng.random((1, 10), np.float32), "m@1")
-    corr, since, limit = parse_request(b'{"corr": "0123abcd", "since": 100, "limit": 150}')
+    corr, since, limit = parse_request(
+        b'{"command": "predlog", "corr": "0123abcd", "since": 100, "limit": 150}'
+    )
     chunks = list(upload_messages(plog, corr, since, limit))
     assert len(chunks) > 1 and chunks[-1]["last"] and chunks[-1]["count"] == 150
     for c in chunks:  # each one a valid telemetry message within the size cap
@@ -106,9 +109,12 @@ def test_an_upload_is_chunked_within_the_telemetry_bounds_and_reassembles(tmp_pa
     got = assemble(reversed(chunks), corr)
     assert got is not None and [r["t"] for r in got] == [100.0 + i for i in range(150)]
     assert got == list(plog.read(100))[:150]
-    for bad in [b"{}", b'{"corr": "XYZ"}', b'{"corr": "0123abcd", "limit": 0}',
-                b'{"corr": "0123abcd", "since": NaN}', b'{"corr": "0123abcd", "x": 1}',
-                b"[" * 2000]:
-        with pytest.raises(ValueError):
-            parse_request(bad)
+    ok = '"command": "predlog", "corr": "0123abcd"'
+    for bad, why in [("{}", "command"), ('{"corr": "0123abcd"}', "command"),
+                     ('{"command": "predlog", "corr": "XYZ"}', "corr"),
+                     ("{" + ok + ', "limit": 0}', "limit"), ("{" + ok + ', "since": NaN}', "since"),
+                     ("{" + ok + ', "x": 1}', "expected"), ("[" * 3000, "nested"),
+                     ("[" * 5000, "bytes")]:  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            parse_request(bad.encode())
     plog.close()
