@@ -10,6 +10,7 @@ coordinator — the same steps as ``edgefleet coordinator init`` / ``agent init`
 from __future__ import annotations
 
 import atexit
+import gc
 import math
 import os
 import platform
@@ -26,6 +27,7 @@ from typing import Any
 __all__ = [
     "Fleet",
     "Row",
+    "alternate",
     "fleet",
     "interleaved",
     "machine",
@@ -33,6 +35,7 @@ __all__ = [
     "markdown_table",
     "median",
     "percentile",
+    "time_calls",
     "vmrss_mb",
 ]
 
@@ -183,6 +186,38 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, *,
             if n in after:
                 after[n](result)
     return times
+
+
+def time_calls(fn: Callable[[Any], object], x: Any, out: list[int], n: int) -> None:
+    """Call ``fn(x)`` ``n`` times, appending each call's duration (ns) to ``out``; nothing
+    but the call is inside the timed span."""
+    clock = time.perf_counter_ns
+    append = out.append
+    for _ in range(n):
+        t0 = clock()
+        fn(x)
+        append(clock() - t0)
+
+
+def alternate(a: Callable[[Any], object], b: Callable[[Any], object], x: Any, calls: int,
+              block: int) -> tuple[list[int], list[int]]:  # fmt: skip
+    """Ours against a baseline on the same input: ``a(x)`` and ``b(x)`` timed in alternating
+    blocks of ``block`` calls (``b`` first in even blocks, ``a`` in odd ones, so drift and
+    warm caches fall on both), after one untimed block of each, with the garbage collector
+    off; ``calls // block`` blocks each. Returns (``a``'s ns, ``b``'s ns)."""
+    ours: list[int] = []
+    base: list[int] = []
+    time_calls(a, x, [], block)
+    time_calls(b, x, [], block)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(calls // block):
+            for fn, out in ((a, ours), (b, base))[:: 1 if i % 2 else -1]:
+                time_calls(fn, x, out, block)
+    finally:
+        gc.enable()
+    return ours, base
 
 
 def vmrss_mb(field: str = "VmRSS") -> float:

@@ -17,12 +17,9 @@
 
 from __future__ import annotations
 
-import gc
 import json
-import time
-from typing import Any
 
-from ._util import Row, fleet, percentile
+from ._util import Row, alternate, fleet, percentile
 
 NAME = "drift"
 _NOTES: list[str] = []
@@ -30,32 +27,6 @@ _NOTES: list[str] = []
 
 def notes() -> list[str]:
     return list(_NOTES)
-
-
-def _loop(fn: Any, x: Any, out: list[int], n: int) -> None:
-    clock = time.perf_counter_ns
-    append = out.append
-    for _ in range(n):
-        t0 = clock()
-        fn(x)
-        append(clock() - t0)
-
-
-def _alternate(a: Any, b: Any, x: Any, calls: int, block: int) -> tuple[list[int], list[int]]:
-    ours: list[int] = []
-    base: list[int] = []
-    _loop(a, x, [], block)
-    _loop(b, x, [], block)
-    gc.collect()
-    gc.disable()
-    try:
-        for i in range(calls // block):
-            pair = ((a, ours), (b, base))[:: 1 if i % 2 else -1]
-            for fn, out in pair:
-                _loop(fn, x, out, block)
-    finally:
-        gc.enable()
-    return ours, base
 
 
 def run(quick: bool) -> list[Row]:
@@ -78,16 +49,15 @@ def run(quick: bool) -> list[Row]:
         noop.add_observer(lambda x, y, key: None, share=DEFAULT_SHARE)
         monitor = DriftMonitor(agent)
         watched.add_observer(monitor.observe, share=DEFAULT_SHARE)
-        ours, base = _alternate(watched.predict, noop.predict, x1, calls, block)
-        hooked, bare = _alternate(noop.predict, plain.predict, x1, calls, block)
+        ours, base = alternate(watched.predict, noop.predict, x1, calls, block)
+        hooked, bare = alternate(noop.predict, plain.predict, x1, calls, block)
         report = monitor.telemetry() or {}
         ref = ReferenceStats.from_dict(agent.active.manifest.reference_stats)  # type: ignore[union-attr]
         sketch_us, predict_us = {}, {}
         for batch in (1, 64):
             xb = np.ascontiguousarray(x_all[:batch])
             sk = Sketch(ref)
-            s_t, p_t = _alternate(lambda x, sk=sk: sk.update(x), agent.predict, xb,
-                                  calls // 4, block // 4)  # fmt: skip
+            s_t, p_t = alternate(sk.update, agent.predict, xb, calls // 4, block // 4)
             sketch_us[batch] = percentile(s_t, 50) / 1e3
             predict_us[batch] = percentile(p_t, 50) / 1e3
         shifted = x_all.copy()

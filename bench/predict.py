@@ -22,7 +22,7 @@ import gc
 import time
 from typing import Any
 
-from ._util import Fleet, Row, fleet, percentile
+from ._util import Fleet, Row, fleet, percentile, time_calls
 
 NAME = "predict"
 _NOTES: list[str] = []
@@ -30,15 +30,6 @@ _NOTES: list[str] = []
 
 def notes() -> list[str]:
     return list(_NOTES)
-
-
-def _loop_predict(predict: Any, x: Any, out: list[int], n: int) -> None:
-    clock = time.perf_counter_ns
-    append = out.append
-    for _ in range(n):
-        t0 = clock()
-        predict(x)
-        append(clock() - t0)
 
 
 def _loop_ort(run: Any, names: list[str], feed: dict[str, Any], out: list[int], n: int) -> None:
@@ -111,20 +102,20 @@ def _bench_format(fmt: str, calls: int, warmup: int, block: int) -> list[Row]:
         ours: list[int] = []
         raw: list[int] = []
         mid: list[int] = []
-        _loop_predict(agent.predict, x, [], warmup)  # warm-up, discarded
+        time_calls(agent.predict, x, [], warmup)  # warm-up, discarded
         raw_loop([], warmup)
         gc.collect()
         gc.disable()
         try:
             for b in range(calls // block):
                 if b % 2 == 0:
-                    _loop_predict(agent.predict, x, ours, block)
+                    time_calls(agent.predict, x, ours, block)
                     raw_loop(raw, block)
-                    _loop_predict(runtime.run, x, mid, block)
+                    time_calls(runtime.run, x, mid, block)
                 else:
-                    _loop_predict(runtime.run, x, mid, block)
+                    time_calls(runtime.run, x, mid, block)
                     raw_loop(raw, block)
-                    _loop_predict(agent.predict, x, ours, block)
+                    time_calls(agent.predict, x, ours, block)
         finally:
             gc.enable()
     finally:

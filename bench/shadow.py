@@ -15,39 +15,13 @@ Calls alternate in blocks, the garbage collector off while timing (as ``bench/pr
 
 from __future__ import annotations
 
-import gc
 import time
 from pathlib import Path
 from typing import Any
 
-from ._util import Row, fleet, percentile
+from ._util import Row, alternate, fleet, percentile
 
 NAME = "shadow"
-
-
-def _loop(fn: Any, x: Any, out: list[int], n: int) -> None:
-    clock = time.perf_counter_ns
-    for _ in range(n):
-        t0 = clock()
-        fn(x)
-        out.append(clock() - t0)
-
-
-def _alternate(a: Any, b: Any, x: Any, calls: int, block: int) -> tuple[list[int], list[int]]:
-    ours: list[int] = []
-    base: list[int] = []
-    _loop(a, x, [], block)
-    _loop(b, x, [], block)
-    gc.collect()
-    gc.disable()
-    try:
-        for i in range(calls // block):
-            first, second = ((a, ours), (b, base)) if i % 2 == 0 else ((b, base), (a, ours))
-            _loop(first[0], x, first[1], block)
-            _loop(second[0], x, second[1], block)
-    finally:
-        gc.enable()
-    return ours, base
 
 
 def _candidate(fl: Any, home: Path, device: str, mode: str, share: float) -> Path:
@@ -96,7 +70,7 @@ def run(quick: bool) -> list[Row]:
         slot = agent.open_candidate()
         slot.install_file(_candidate(fl, home, device, "ab", 0.1))
         router = ABRouter(slot, agent.predict_active, attach=lambda r: None)
-        ours, base = _alternate(router, agent.predict_versioned, x, calls, block)
+        ours, base = alternate(router, agent.predict_versioned, x, calls, block)
         rows.append(_row("ab_p50_us", "A/B routed predict_versioned p50 (share 0.1)", ours,
                          "predict_versioned, no router", base))  # fmt: skip
         router.close()
@@ -105,7 +79,7 @@ def run(quick: bool) -> list[Row]:
         shadow = Shadow(slot, lambda: agent.serving)
         plain, observed = Recorder(agent), Recorder(agent)
         observed.add_observer(shadow.observe, share=0.1)
-        ours, base = _alternate(observed.predict, plain.predict, x, calls, block)
+        ours, base = alternate(observed.predict, plain.predict, x, calls, block)
         shadow.drain(30.0)
         seen = (shadow.totals() or {}).get("samples", 0)
         rows.append(_row("shadow_p50_us", "Recorder.predict p50 with the shadow observing 10 %",
