@@ -23,7 +23,8 @@ and ``stats_from_summary`` turns the total into ``reference_stats`` form:
   the outermost bins and are placed at the edge.
 
 For features whose values all sit on grid edges (digit pixels k/16 on a 1/32 grid) the cuts
-and shares are those of the rows themselves; otherwise they are the grid's nearest.
+are the rows' own inverted-CDF quantiles (``reference_stats`` interpolates between rows, so
+its cuts can differ by one value); otherwise they are the grid edges just above those.
 """
 
 from __future__ import annotations
