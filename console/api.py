@@ -153,6 +153,11 @@ class ModelBody(BaseModel):
     metadata: dict[str, Any] = Field(description="what `model train` writes beside the model")
 
 
+_PARAM = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]  # a strategy's keyword
+_FINITE = Annotated[float, Field(allow_inf_nan=False)]
+_LAYER = Annotated[int, Field(ge=1, le=4096)]
+
+
 class FlBody(BaseModel):
     """``edgefleet fl start``'s options, with its defaults."""
 
@@ -169,6 +174,15 @@ class FlBody(BaseModel):
     optimizer: str = Field(default="sgd", pattern="^(sgd|adam)$")
     round_timeout: float = Field(default=60.0, gt=0, le=86_400)
     seed: int = 0
+    params: dict[_PARAM, _FINITE] = Field(default={}, max_length=16,
+                                          description='strategy parameters: {"proximal_mu": 0.1}')
+    family: str = Field(default="mlp", pattern="^(mlp|linear)$")
+    hidden: list[_LAYER] = Field(default=[64], max_length=8, description="mlp layer sizes")
+    features: int = Field(default=64, ge=1, le=100_000)
+    classes: int = Field(default=10, ge=2, le=10_000)
+    max_update_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    presence: float = Field(default=120.0, gt=0, le=86_400, description="seconds since a "
+                            "device's last status for it to be sampled")
     dp_noise: float | None = Field(default=None, ge=0)
     dp_clip: float | None = Field(default=None, gt=0)
     release_to: str = Field(default="", max_length=200)
@@ -455,15 +469,19 @@ def create_app(
             raise ApiError(503, "this API runs without a broker connection: FL runs are off")
         if body.release_if_better and not body.release_to:
             raise ApiError(422, "body.release_if_better: needs release_to")
-        fields = body.model_dump(exclude={"release_to", "release_if_better", "wait_devices"})
+        fields = body.model_dump(exclude={"release_to", "release_if_better", "wait_devices",
+                                          "presence", "hidden"})  # fmt: skip
         try:
-            spec = run_spec(**fields)
+            spec = run_spec(**fields, hidden=tuple(body.hidden))
         except ValueError as exc:
             raise ApiError(422, f"body: {exc}") from exc
         op = ops.new("fl", f"{spec.run_id}: {spec.rounds} rounds of {spec.model_name}")
         src = source(request)
+        detail = {"operation": op.id, "rounds": spec.rounds, "strategy": spec.strategy.name,
+                  "params": dict(spec.strategy.params), "family": spec.model.family,
+                  "hidden": list(spec.model.hidden)}  # fmt: skip
         operations.audited(coordinator, who, "fl.start", f"fl:{spec.run_id}", src,
-                           lambda: None, lambda _: {"operation": op.id, "rounds": spec.rounds})
+                           lambda: None, lambda _: detail)
         threading.Thread(target=_run_fl, args=(op, spec, body), daemon=True,
                          name=f"api-fl-{op.id}").start()  # fmt: skip
         return {"operation": op.id, "run_id": spec.run_id,
@@ -483,7 +501,8 @@ def create_app(
 
         try:
             service = FlService(coordinator, mqtt_config_for(coordinator,
-                                                             client_id=f"api-fl-{op.id}"))
+                                                             client_id=f"api-fl-{op.id}"),
+                                presence_window=body.presence)
             flying[op.id] = service
             with service:
                 outcome = service.run(spec, on_round=on_round, release=policy,

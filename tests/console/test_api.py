@@ -348,3 +348,39 @@ def test_me_says_which_operations_need_the_broker_connection_it_lacks(console: C
             r = alone.post(path, headers=auth, json=body)
             assert r.status_code == 503 and "without a broker connection" in r.json()["error"]
         assert alone.post(f"/api/v1/rollouts/{rid}/pause", headers=auth).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"params": {"Proximal-Mu": 0.1}}, "body.params.Proximal-Mu.[key]: String should match"),
+        ({"params": {"proximal_mu": "a lot"}}, "body.params.proximal_mu: Input should be a"),
+        ({"params": {"proximal_mu": "inf"}}, "body.params.proximal_mu: Input should be a finite"),
+        ({"params": {"eta": 0.1}}, "body: fedprox: unknown parameters ['eta']"),
+        ({"family": "resnet"}, "body.family: String should match"),
+        ({"hidden": [64, 0]}, "body.hidden.1: Input should be greater than or equal to 1"),
+        ({"hidden": "64"}, "body.hidden: Input should be a valid list"),
+        ({"max_update_norm": 0}, "body.max_update_norm: Input should be greater than 0"),
+    ],
+)
+def test_fl_start_options_are_checked(console: Console, change: dict[str, Any],
+                                      message: str) -> None:  # fmt: skip
+    body = {"name": "m", "rounds": 1, "strategy": "fedprox", **change}
+    r = console.call("deployer", "POST", "/api/v1/fl/runs", body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"].startswith(message) and "\n" not in r.json()["error"]
+
+
+def test_fl_start_takes_the_strategy_parameters_family_and_layers(console: Console) -> None:
+    body = {"name": "m", "rounds": 1, "strategy": "fedprox", "params": {"proximal_mu": 0.25},
+            "family": "mlp", "hidden": [32, 16], "wait_devices": 0, "presence": 5}  # fmt: skip
+    r = console.call("deployer", "POST", "/api/v1/fl/runs", body)
+    assert r.status_code == 202, r.text
+    entry = access.audit_log(console.c.registry, action="fl.start")[0]
+    assert entry.result == "ok" and entry.target == f"fl:{r.json()['run_id']}"
+    assert entry.detail == {"operation": r.json()["operation"], "rounds": 1,
+                            "strategy": "fedprox", "params": {"proximal_mu": 0.25},
+                            "family": "mlp", "hidden": [32, 16]}  # fmt: skip
+    events = console.call("viewer", "GET", r.json()["events"]).text
+    end = json.loads(events.strip().split("data: ")[-1])  # this home names no broker for FL
+    assert end["state"] == "failed" and "mqtt://host:port" in end["error"]
