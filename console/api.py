@@ -556,17 +556,13 @@ def create_app(
                     coordinator, who, src, link, body.name, body.version, body.to
                 )
             op.emit(sequence=done.sequence, targets=len(done.targets), phase="published")
-            deadline = clock() + body.wait
-            targets = list(done.targets)
-            while True:
-                states = fleet.targets_state(registry, done.sequence, targets)
-                arrived = sum(1 for s in states if s.arrived)
-                op.emit(phase="progress", arrived=arrived, of=len(targets))
-                if arrived == len(targets) or clock() >= deadline:
-                    break
-                time.sleep(0.5)
-            op.finish("done" if arrived == len(targets) else "timed out",
-                      sequence=done.sequence, arrived=arrived, of=len(targets))  # fmt: skip
+            of = len(done.targets)
+            waited = fleet.wait_for(registry, done.sequence, done.targets, body.wait,
+                                    on_progress=lambda states: op.emit(
+                                        phase="progress", of=of,
+                                        arrived=sum(1 for s in states if s.arrived)))  # fmt: skip
+            op.finish("done" if waited.ok else "timed out", sequence=done.sequence,
+                      arrived=len(waited.arrived), of=of)  # fmt: skip
         except Exception as exc:  # reported on the operation; the audit row says it too
             op.finish("failed", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
 
