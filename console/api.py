@@ -388,9 +388,8 @@ def create_app(
         import binascii
         import tempfile
 
-        if not who.may("model.register"):  # refuse (and audit) before decoding anything
-            operations.audited(coordinator, who, "model.register", body.name, source(request),
-                               _never)  # fmt: skip
+        # refused (and audited) before anything is decoded
+        operations.require(coordinator, who, "model.register", body.name, source(request))
         try:
             data = base64.b64decode(body.model, validate=True)
         except binascii.Error as exc:
@@ -442,9 +441,8 @@ def create_app(
     @app.post("/api/v1/rollouts/{rollout_id}/{what}")
     def rollout_control(rollout_id: int, what: str, who: Who, request: Request) -> dict[str, Any]:
         if what == "rollback":
-            if not who.may("rollout.rollback"):
-                operations.audited(coordinator, who, "rollout.rollback", f"rollout:{rollout_id}",
-                                   source(request), _never)  # fmt: skip
+            operations.require(coordinator, who, "rollout.rollback", f"rollout:{rollout_id}",
+                               source(request))  # fmt: skip
             if publisher is None:
                 raise ApiError(503, "this API runs without a broker connection: rollback is off")
             with _conflicts(), publisher() as link:
@@ -463,8 +461,7 @@ def create_app(
     def fl_start(body: FlBody, who: Who, request: Request) -> dict[str, Any]:
         from edgefleet.federated.runs import run_spec
 
-        if not who.may("fl.start"):
-            operations.audited(coordinator, who, "fl.start", body.name, source(request), _never)
+        operations.require(coordinator, who, "fl.start", body.name, source(request))
         if publisher is None:
             raise ApiError(503, "this API runs without a broker connection: FL runs are off")
         if body.release_if_better and not body.release_to:
@@ -537,8 +534,8 @@ def create_app(
 
     @app.post("/api/v1/releases", status_code=202)
     def release(body: ReleaseBody, who: Who, request: Request) -> dict[str, Any]:
-        if not who.may("release"):  # refuse (and audit) before starting anything
-            operations.audited(coordinator, who, "release", body.to, source(request), _never)
+        # refused (and audited) before anything starts
+        operations.require(coordinator, who, "release", body.to, source(request))
         if publisher is None:
             raise ApiError(503, "this API runs without a broker connection: releases are off")
         op = ops.new("release", f"{body.name}@{body.version} to {body.to}")
@@ -577,10 +574,6 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
-
-
-def _never() -> None:  # pragma: no cover - audited() refuses before it would run
-    raise AssertionError("unreachable")
 
 
 def _check_id(value: str, what: str) -> None:

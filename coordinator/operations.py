@@ -25,8 +25,8 @@ from .registry import Device, ModelVersion
 from .release import Released, release
 
 __all__ = [
-    "Forbidden", "cli_principal", "enroll", "group_add", "publish_release", "register_model",
-    "revoke",
+    "Forbidden", "audited", "cli_principal", "enroll", "group_add", "publish_release",
+    "register_model", "require", "revoke",
     "rollout_control", "rollout_rollback", "rollout_start",
 ]
 
@@ -50,6 +50,16 @@ def cli_principal() -> Principal:
     return Principal(name=f"cli:{user}"[:64], role="admin")
 
 
+def require(c: Coordinator, who: Principal, action: str, target: str, source: str) -> None:
+    """``Forbidden`` (and its audit row) unless ``who``'s role may do ``action``: for a caller
+    that must refuse before it starts the work it audits later (a background operation, an
+    upload it decodes first)."""
+    if not who.may(action):
+        why = f"refused: role {who.role} may not {action}"
+        access.audit(c.registry, who, action=action, target=target, source=source, result=why)
+        raise Forbidden(f"{why} (needs {access.ACTIONS.get(action, 'an unknown action')})")
+
+
 def audited(
     c: Coordinator,
     who: Principal,
@@ -60,10 +70,7 @@ def audited(
     detail: Callable[[T], dict[str, Any]] | None = None,
 ) -> T:
     """Check ``who`` may do ``action``, run it, and record the outcome either way."""
-    if not who.may(action):
-        why = f"refused: role {who.role} may not {action}"
-        access.audit(c.registry, who, action=action, target=target, source=source, result=why)
-        raise Forbidden(f"{why} (needs {access.ACTIONS.get(action, 'an unknown action')})")
+    require(c, who, action, target, source)
     try:
         out = run()
     except Exception as exc:

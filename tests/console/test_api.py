@@ -384,3 +384,22 @@ def test_fl_start_takes_the_strategy_parameters_family_and_layers(console: Conso
     events = console.call("viewer", "GET", r.json()["events"]).text
     end = json.loads(events.strip().split("data: ")[-1])  # this home names no broker for FL
     assert end["state"] == "failed" and "mqtt://host:port" in end["error"]
+
+
+@pytest.mark.parametrize(("path", "body", "action"), [
+    ("/api/v1/fl/runs", {"name": "m", "rounds": 1}, "fl.start"),
+    ("/api/v1/rollouts/1/rollback", None, "rollout.rollback"),
+    ("/api/v1/releases", {"name": "m", "version": "1", "to": "all"}, "release"),
+    ("/api/v1/models", {"name": "m", "format": "onnx", "model": "bm90", "metadata": {}},
+     "model.register"),
+])  # fmt: skip
+def test_a_viewer_is_refused_and_audited_before_anything_starts(
+    console: Console, path: str, body: Any, action: str
+) -> None:
+    before = len(access.audit_log(console.c.registry, action=action, limit=10_000))
+    r = console.call("viewer", "POST", path, body)
+    assert r.status_code == 403 and r.json()["error"].startswith("refused: role viewer may not")
+    entries = access.audit_log(console.c.registry, action=action, limit=10_000)
+    assert len(entries) == before + 1
+    assert (entries[0].actor, entries[0].result) == ("viewer-1", f"refused: role viewer may not "
+                                                     f"{action}")  # fmt: skip
