@@ -47,6 +47,96 @@ __all__ = ["MessageProps", "MqttConfig", "MqttLink", "TransportError"]
 
 log = logging.getLogger(__name__)
 
+RECV_CHUNK = 256 * 1024  # bytes asked of the socket per recv() (paho asks 1 byte at a time)
+READ_BURST = 1024  # packets read per network-loop iteration at most, before acks are written
+
+
+class _Client(paho.Client):
+    """paho's client reading the socket in large blocks and every available packet per
+    network-loop iteration.
+
+    paho 2.x reads a packet with 3-5 ``recv`` calls (the fixed header byte by byte) and one
+    packet per ``select`` (``loop_read``'s ``max_packets`` is not used), so every inbound
+    message costs several system calls, each of which hands the GIL to whatever other thread
+    is busy: under load the coordinator read 1,000 messages/s and mosquitto dropped the rest
+    of its queue. Here ``_sock_recv`` serves paho's small reads from one ``recv`` of up to
+    ``RECV_CHUNK`` bytes, and ``loop_read`` goes on until what was received is used up (up to
+    ``READ_BURST`` packets), then writes the acknowledgements it queued in one ``send``. What
+    paho parses and how is unchanged. paho also writes a byte to its wake-up socket pair for
+    every packet it queues, to interrupt its own ``select``; from the network thread itself
+    (the ack of every QoS 1 message received) that is a wasted system call, which ``_Wakeup``
+    leaves out.
+    """
+
+    _rsock: object = None  # the socket _rdata came from (a reconnect starts afresh)
+    _rdata = b""
+    _rpos = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rsock is not self._sock:
+            self._rsock, self._rdata, self._rpos = self._sock, b"", 0
+        if self._rpos >= len(self._rdata):
+            data = super()._sock_recv(max(bufsize, RECV_CHUNK))
+            if len(data) <= bufsize:
+                return data  # all of it asked for (or the end of the stream): no copy
+            self._rdata, self._rpos = data, 0
+        start, self._rpos = self._rpos, min(self._rpos + bufsize, len(self._rdata))
+        return self._rdata[start : self._rpos]
+
+    @property  # type: ignore[override]  # paho's plain attribute, wrapped on assignment
+    def _sockpairW(self) -> _Wakeup | None:  # noqa: N802 - paho's name
+        return self.__dict__.get("_wakeup")
+
+    @_sockpairW.setter
+    def _sockpairW(self, sock: socket.socket | None) -> None:  # noqa: N802
+        self.__dict__["_wakeup"] = None if sock is None else _Wakeup(sock, self)
+
+    def _buffered(self) -> bool:
+        return self._rsock is self._sock and self._rpos < len(self._rdata)
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        for _ in range(READ_BURST):
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._sock is None or not self._buffered():
+                break
+            rc = super().loop_read(max_packets)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self.want_write():
+            self._merge_acks()
+            rc = self.loop_write()  # the acks of what was read, without another select()
+        return rc
+
+    def _merge_acks(self) -> None:
+        """The PUBACKs at the head of paho's packet queue as one write (paho sends each
+        packet with a ``send`` of its own), in the order the messages arrived."""
+        out = self._out_packet
+        if len(out) < 2 or out[0]["command"] != paho.PUBACK or out[1]["command"] != paho.PUBACK:
+            return
+        first = out.popleft()
+        acks = [first["packet"][first["pos"] :]]
+        while out and out[0]["command"] == paho.PUBACK and out[0]["pos"] == 0:
+            acks.append(out.popleft()["packet"])
+        data = b"".join(acks)
+        out.appendleft({**first, "pos": 0, "to_process": len(data), "packet": data})
+
+
+class _Wakeup:
+    """paho's wake-up socket, silent when the network thread wakes itself: it is not in
+    ``select`` then, and writes what it queued before it selects again (``want_write``)."""
+
+    __slots__ = ("_client", "_sock")
+
+    def __init__(self, sock: socket.socket, client: paho.Client) -> None:
+        self._sock, self._client = sock, client
+
+    def send(self, data: bytes) -> int:
+        if threading.current_thread() is self._client._thread:
+            return len(data)
+        return self._sock.send(data)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 class _PahoDelivery:
     """The port's ``Delivery`` over paho's ``MQTTMessageInfo`` (which never leaves this module)."""
 
@@ -257,7 +347,7 @@ class MqttLink:
     def _make_client(self) -> paho.Client:
         cfg = self._config
         v5 = cfg.protocol == 5
-        client = paho.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
