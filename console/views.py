@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 from edgefleet.coordinator import fleet
@@ -23,8 +24,9 @@ from sqlalchemy.orm import selectinload
 from sqlalchemy.sql.elements import ColumnElement
 
 __all__ = [
-    "audit_row", "devices", "drift", "fl_runs", "fleet_generation", "models", "models_generation",
-    "releases", "releases_generation", "rollouts", "rollouts_generation", "telemetry",
+    "audit_row", "devices", "drift", "fl_runs", "fl_versions", "fleet_generation", "models",
+    "models_generation", "releases", "releases_generation", "rollouts", "rollouts_generation",
+    "telemetry",
 ]  # fmt: skip
 
 MAX_ROWS = 5000  # newest rows of a list view
@@ -150,25 +152,36 @@ def releases(registry: Registry) -> list[dict[str, Any]]:
         ]
 
 
+def fl_versions(versions: Iterable[ModelVersion]) -> dict[str, list[ModelVersion]]:
+    """FL run id -> the versions it registered, by round; runs in the order of their first
+    version in ``versions`` (what ``fl runs|status`` and the API's FL view group)."""
+    runs: dict[str, list[ModelVersion]] = {}
+    for mv in versions:
+        run_id = (mv.lineage.get("fl") or {}).get("run_id")
+        if run_id:
+            runs.setdefault(run_id, []).append(mv)
+    for run in runs.values():
+        run.sort(key=lambda mv: int(mv.lineage["fl"].get("round") or 0))
+    return runs
+
+
 def fl_runs(registry: Registry) -> list[dict[str, Any]]:
     """FL runs from the versions they registered: each run's rounds as a chain."""
-    runs: dict[str, dict[str, Any]] = {}
-    for mv in _newest(registry):
-        fl = mv.lineage.get("fl") or {}
-        run_id = fl.get("run_id")
-        if not run_id:
-            continue
-        run = runs.setdefault(run_id, {"run_id": run_id, "name": mv.name, "rounds": []})
-        run["rounds"].append({
-            "round": fl.get("round"), "version": mv.version, "parent": mv.lineage.get("parent"),
-            "strategy": (fl.get("strategy") or {}).get("name"),
-            "contributors": len(fl.get("contributors") or []),
-            "accuracy": _accuracy(fl.get("metrics") or {}),
-            "epsilon": (fl.get("dp") or {}).get("epsilon"),
-        })  # fmt: skip
-    for run in runs.values():
-        run["rounds"].sort(key=lambda r: r["round"] or 0)
-    return list(runs.values())
+    return [
+        {"run_id": run_id, "name": versions[0].name, "rounds": [_round(mv) for mv in versions]}
+        for run_id, versions in fl_versions(_newest(registry)).items()
+    ]
+
+
+def _round(mv: ModelVersion) -> dict[str, Any]:
+    fl = mv.lineage["fl"]
+    return {
+        "round": fl.get("round"), "version": mv.version, "parent": mv.lineage.get("parent"),
+        "strategy": (fl.get("strategy") or {}).get("name"),
+        "contributors": len(fl.get("contributors") or []),
+        "accuracy": _accuracy(fl.get("metrics") or {}),
+        "epsilon": (fl.get("dp") or {}).get("epsilon"),
+    }  # fmt: skip
 
 
 def _accuracy(metrics: dict[str, Any]) -> float | None:

@@ -10,7 +10,6 @@ import os
 import sys
 import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -171,13 +170,11 @@ def fl_start(args: argparse.Namespace) -> int:
 
 
 def _runs(c: Any) -> dict[str, list[Any]]:
-    """run id -> its registered versions, by round."""
-    runs: dict[str, list[Any]] = defaultdict(list)
-    for mv in c.registry.models():
-        fl = (mv.lineage or {}).get("fl")
-        if fl:
-            runs[fl["run_id"]].append(mv)
-    return {k: sorted(v, key=lambda m: int(m.lineage["fl"]["round"])) for k, v in runs.items()}
+    """run id -> its registered versions, by round (every version, not the API's newest)."""
+    from edgefleet.console.views import fl_versions
+
+    runs: dict[str, list[Any]] = fl_versions(c.registry.models())
+    return runs
 
 
 def _run_row(run_id: str, versions: list[Any]) -> dict[str, Any]:
