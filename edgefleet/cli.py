@@ -313,6 +313,25 @@ def _fl_train_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--seed", type=int, default=0)
 
 
+def _fl_run_options(c: argparse.ArgumentParser) -> None:
+    """An FL run's sampling, training and model options: ``fl start``'s and
+    ``fl retrain-on-drift``'s."""
+    c.add_argument("--min-clients", type=int, default=2, help="devices sampled, at least")
+    c.add_argument("--quorum", type=int, default=0, help="valid updates to aggregate "
+                   "(default: --min-clients)")
+    c.add_argument("--fraction", type=float, default=1.0, help="share of devices sampled")
+    _fl_train_options(c)
+    c.add_argument("--family", default="mlp", choices=["mlp", "linear"])
+    c.add_argument("--hidden", type=int, nargs="*", default=[64])
+    c.add_argument("--features", type=int, default=64)
+    c.add_argument("--classes", type=int, default=10)
+    c.add_argument("--presence", type=float, default=120.0,
+                   help="seconds since a device's last status for it to be sampled")
+    c.add_argument("--wait-devices", type=float, default=30.0,
+                   help="seconds to wait for --min-clients devices")
+    c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
+
+
 def _fl(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """``fl start|status|runs``, ``model history``, ``agent data add``, ``sim fl``."""
     mod = "edgefleet._cli_fl"
@@ -326,28 +345,15 @@ def _fl(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--rounds", type=int, required=True)
     c.add_argument("--run-id", default="", help="default: <name>-<unix time>; an existing "
                    "run's id resumes it after its last registered round")
-    c.add_argument("--min-clients", type=int, default=2, help="devices sampled, at least")
-    c.add_argument("--quorum", type=int, default=0, help="valid updates to aggregate "
-                   "(default: --min-clients)")
-    c.add_argument("--fraction", type=float, default=1.0, help="share of devices sampled")
+    _fl_run_options(c)
     c.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a strategy parameter, e.g. proximal_mu=0.1")
-    _fl_train_options(c)
-    c.add_argument("--family", default="mlp", choices=["mlp", "linear"])
-    c.add_argument("--hidden", type=int, nargs="*", default=[64])
-    c.add_argument("--features", type=int, default=64)
-    c.add_argument("--classes", type=int, default=10)
     c.add_argument("--max-update-norm", type=float, default=None)
     c.add_argument("--dp-noise", type=float, default=None, help="noise multiplier z")
     c.add_argument("--dp-clip", type=float, default=None, help="clipping norm C")
     c.add_argument("--release-to", default="", help="group:G | device:ID[,ID…] | all")
     c.add_argument("--release-if-better", default="", metavar="METRIC",
                    help="release the best round by METRIC if it beats the released model")
-    c.add_argument("--presence", type=float, default=120.0,
-                   help="seconds since a device's last status for it to be sampled")
-    c.add_argument("--wait-devices", type=float, default=30.0,
-                   help="seconds to wait for --min-clients devices")
-    c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
     c.set_defaults(run=_lazy(mod, "fl_start"))
     c = p.add_parser("status", help="the latest (or a named) run, round by round")
     c.add_argument("--home", **home)
@@ -376,17 +382,7 @@ def _fl(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c.add_argument("--window", type=int, default=3600, help="seconds of reports looked at")
     c.add_argument("--interval", type=float, default=60.0, help="seconds between checks")
     c.add_argument("--once", action="store_true", help="check once (and run if due), then exit")
-    c.add_argument("--min-clients", type=int, default=2)
-    c.add_argument("--quorum", type=int, default=0)
-    c.add_argument("--fraction", type=float, default=1.0)
-    _fl_train_options(c)
-    c.add_argument("--family", default="mlp", choices=["mlp", "linear"])
-    c.add_argument("--hidden", type=int, nargs="*", default=[64])
-    c.add_argument("--features", type=int, default=64)
-    c.add_argument("--classes", type=int, default=10)
-    c.add_argument("--presence", type=float, default=120.0)
-    c.add_argument("--wait-devices", type=float, default=30.0)
-    c.add_argument("--broker", default=None, help="mqtt://host:port (default: coordinator.toml)")
+    _fl_run_options(c)
     c.set_defaults(run=_lazy("edgefleet._cli_drift", "fl_retrain_on_drift"), param=[],
                    dp_noise=None, dp_clip=None, max_update_norm=None, run_id="")
     model = _subcommands(sub.choices["model"])
