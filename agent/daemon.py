@@ -53,7 +53,7 @@ from .download import Download
 from .drift import DriftMonitor
 from .observe import Recorder
 from .predlog import RequestGate, open_log, predlog_topic, upload_messages
-from .reporter import Facts, Reporter, active_model, offline_will
+from .reporter import Facts, Reporter, active_model, candidate_model, offline_will
 
 __all__ = ["MAX_CHUNK_FRAME", "MAX_INCOMING", "AgentDaemon", "mqtt_config_for"]
 
@@ -388,12 +388,14 @@ class AgentDaemon:
                 total=m.payload_size,
                 **vars(d.stats),
             )
+        side = self.candidate
         return Facts(
             state=self.flow.state,
             active=active_model(self.agent.active),
             highest_sequence=self.agent.store.state.highest_sequence,
             last_result=self.agent.last_install,
             progress=progress,
+            candidate=None if side is None else candidate_model(side.slot.version),
         )
 
     def _metrics(self) -> dict[str, Any]:

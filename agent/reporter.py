@@ -6,7 +6,8 @@ offline is flushed, oldest first, once the link is up; past ``buffer`` messages 
 are dropped. Heartbeats (a status and a telemetry message every ``heartbeat`` seconds) are
 timed with the injected monotonic clock. It runs on the daemon's worker thread only. The
 status carries the ``capabilities`` it was built with (the daemon passes ``("fl",)`` when the
-device opted in to federated rounds).
+device opted in to federated rounds) and, while the candidate slot serves one, the shadow / A/B
+``candidate`` (``candidate_model``), so ``model release --candidate --wait`` sees it arrive.
 
 Telemetry sources: ``add_source(namespace, fn)`` registers ``fn() -> dict | None``; each
 telemetry message's ``metrics`` is ``{namespace: fn()}`` over the sources (a source returning
@@ -42,6 +43,7 @@ from edgefleet.protocol.errors import DecodeError, TransportError
 from edgefleet.protocol.messages import (
     MAX_TELEMETRY,
     ActiveModel,
+    CandidateModel,
     DeviceStatus,
     DownloadProgress,
     InstallResult,
@@ -50,7 +52,8 @@ from edgefleet.protocol.messages import (
 
 from .store import InstalledVersion
 
-__all__ = ["NAMESPACE", "Facts", "Reporter", "Source", "active_model", "offline_will"]
+__all__ = ["NAMESPACE", "Facts", "Reporter", "Source", "active_model", "candidate_model",
+           "offline_will"]  # fmt: skip
 
 Source = Callable[[], dict[str, Any] | None]  # a telemetry source: its payload, or None
 NAMESPACE = re.compile(r"[a-z][a-z0-9_]{0,31}")  # telemetry source names
@@ -67,6 +70,7 @@ class Facts:
     highest_sequence: int
     last_result: InstallResult | None
     progress: DownloadProgress | None
+    candidate: CandidateModel | None = None  # what the candidate slot serves
 
 
 def active_model(version: InstalledVersion | None) -> ActiveModel | None:
@@ -80,6 +84,15 @@ def active_model(version: InstalledVersion | None) -> ActiveModel | None:
         format=m.format,
         bundle_id=m.bundle_id,
     )
+
+
+def candidate_model(version: InstalledVersion | None) -> CandidateModel | None:
+    """The status form of the candidate slot's version (None: it serves none)."""
+    m = None if version is None else version.manifest
+    if m is None or m.candidate is None:
+        return None
+    return CandidateModel(name=m.name, version=m.model_version, sequence=m.sequence,
+                          bundle_id=m.bundle_id, mode=m.candidate.mode)  # fmt: skip
 
 
 class Reporter:
@@ -128,6 +141,7 @@ class Reporter:
             progress=f.progress,
             counter=self._counter,
             capabilities=self.capabilities,
+            candidate=f.candidate,
         )
 
     def report(self) -> None:

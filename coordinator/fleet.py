@@ -1,9 +1,11 @@
 """Fleet views over the registry: one row per device, and "wait until these devices run N".
 
 ``rows`` is what ``edgefleet fleet status`` prints (and the HTTP API will serve): what each
-device reports running (*actual*) beside the newest release that targets it (*desired*).
-``wait_for`` polls the registry (which the service's ingest keeps current) until every
-target reports a sequence at least N; clock and sleep are injected, so tests need no time.
+device reports running (*actual*) beside the newest release that targets it (*desired*), and
+the shadow / A/B candidate it reports serving beside it (kept with the download progress in
+the device's ``last_result``). ``wait_for`` polls the registry (which the service's ingest
+keeps current) until every target reports a sequence at least N (with ``candidate=True``: a
+candidate of sequence at least N); clock and sleep are injected, so tests need no time.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class FleetRow:
     desired_sequence: int | None  # desired: the newest release that targets the device
     desired_version: str | None
     revoked: bool
+    #: the candidate it reports serving: {name, version, sequence, bundle_id, mode}
+    candidate: dict[str, Any] | None = None
 
     @property
     def in_sync(self) -> bool:
@@ -51,7 +55,8 @@ class FleetRow:
         return self.desired_sequence is None or self.sequence == self.desired_sequence
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``fleet status --json`` form (the original keys first, in their order)."""
+        """The ``fleet status --json`` form (the original keys first, in their order;
+        ``candidate`` only when the device serves one)."""
         return {
             "device": self.device,
             "groups": list(self.groups),
@@ -64,7 +69,7 @@ class FleetRow:
             "desired_sequence": self.desired_sequence,
             "desired_version": self.desired_version,
             "revoked": self.revoked,
-        }
+        } | ({"candidate": self.candidate} if self.candidate else {})
 
 
 def _result_text(last: dict[str, Any]) -> str | None:
@@ -112,9 +117,16 @@ def rows(registry: Registry, now: int) -> list[FleetRow]:
                 desired_sequence=None if want is None else want[0],
                 desired_version=None if want is None else want[1],
                 revoked=d.revoked,
+                candidate=_candidate(d),
             )
         )
     return out
+
+
+def _candidate(d: Device) -> dict[str, Any] | None:
+    """The candidate ``d`` last reported serving (ingest keeps it in ``last_result``)."""
+    c = (d.last_result or {}).get("candidate")
+    return c if isinstance(c, dict) else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +135,7 @@ class TargetState:
 
     device_id: str
     state: str  # "unknown" if the device is not enrolled
-    sequence: int | None  # what it runs
+    sequence: int | None  # what it runs (a candidate wait: the candidate it serves)
     version: str | None
     done: int | None  # download progress (bytes) of what it fetches now, if it reported any
     total: int | None
@@ -141,7 +153,7 @@ class WaitResult:
         return not self.pending
 
 
-def _state(device_id: str, d: Device | None, sequence: int) -> TargetState:
+def _state(device_id: str, d: Device | None, sequence: int, candidate: bool) -> TargetState:
     if d is None:
         return TargetState(
             device_id=device_id,
@@ -153,20 +165,26 @@ def _state(device_id: str, d: Device | None, sequence: int) -> TargetState:
             arrived=False,
         )
     progress = (d.last_result or {}).get("progress") or {}
+    running, version = d.active_sequence, d.active_version
+    if candidate:
+        c = _candidate(d) or {}
+        running, version = c.get("sequence"), c.get("version")
     return TargetState(
         device_id=device_id,
         state=d.state,
-        sequence=d.active_sequence,
-        version=d.active_version,
+        sequence=running,
+        version=version,
         done=progress.get("done"),
         total=progress.get("total"),
-        arrived=(d.active_sequence or 0) >= sequence,
+        arrived=(running or 0) >= sequence,
     )
 
 
-def targets_state(registry: Registry, sequence: int, targets: Iterable[str]) -> list[TargetState]:
+def targets_state(
+    registry: Registry, sequence: int, targets: Iterable[str], *, candidate: bool = False
+) -> list[TargetState]:
     devices = {d.device_id: d for d in registry.devices()}
-    return [_state(t, devices.get(t), sequence) for t in targets]
+    return [_state(t, devices.get(t), sequence, candidate) for t in targets]
 
 
 def wait_for(
@@ -179,13 +197,15 @@ def wait_for(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     on_progress: Callable[[list[TargetState]], None] | None = None,
+    candidate: bool = False,
 ) -> WaitResult:
-    """Poll every ``poll`` seconds until each target runs ``sequence`` (or newer) or
-    ``timeout`` seconds passed; ``on_progress`` sees every poll's states."""
+    """Poll every ``poll`` seconds until each target runs ``sequence`` (or newer; with
+    ``candidate``: serves it as its candidate) or ``timeout`` seconds passed; ``on_progress``
+    sees every poll's states."""
     wanted = list(targets)
     deadline = clock() + timeout
     while True:
-        states = targets_state(registry, sequence, wanted)
+        states = targets_state(registry, sequence, wanted, candidate=candidate)
         if on_progress is not None:
             on_progress(states)
         result = WaitResult(

@@ -73,7 +73,8 @@ def status_values(st: DeviceStatus, now: int) -> dict[str, Any]:
         "active_name": None if a is None else a.name,
         "active_version": None if a is None else a.version,
         "active_sequence": None if a is None else a.sequence,
-        "last_result": {**(_plain(st.last_result) or {}), "progress": _plain(st.progress)},
+        "last_result": {**(_plain(st.last_result) or {}), "progress": _plain(st.progress),
+                        **({"candidate": _plain(st.candidate)} if st.candidate else {})},
     }
 
 

@@ -181,6 +181,9 @@ def fleet_status(args: argparse.Namespace) -> int:
         table.add_column(name, no_wrap=True)
     if behind:  # desired vs actual, only when it says something
         table.add_column("desired", no_wrap=True)
+    shadowed = any(r.candidate for r in rows)
+    if shadowed:  # a shadow / A/B candidate beside the active model
+        table.add_column("candidate", no_wrap=True)
     table.add_column("last seen", no_wrap=True)
     table.add_column("last result", overflow="fold")
     for r in rows:
@@ -188,6 +191,10 @@ def fleet_status(args: argparse.Namespace) -> int:
                  r.model or "-", _release(r.sequence, r.version)]  # fmt: skip
         if behind:
             cells.append(_desired(r))
+        if shadowed:
+            c = r.candidate or {}
+            cells.append(f"{c.get('mode')} {_release(c.get('sequence'), c.get('version'))}"
+                         if c else "-")  # fmt: skip
         cells += [_ago(r.last_seen_s), r.last_result or "-"]
         table.add_row(*cells, style="dim" if r.revoked else None)
     Console().print(table)

@@ -27,8 +27,6 @@ def model_release(args: argparse.Namespace) -> int:
     from edgefleet.protocol.candidate import CandidateSpec
     from edgefleet.protocol.errors import DecodeError
 
-    if args.wait:
-        raise ValueError("--wait applies to ordinary releases; watch `edgefleet fleet shadow`")
     share = args.share if args.share is not None else (0.1 if args.candidate == "ab" else 0.0)
     try:
         spec = CandidateSpec(mode=args.candidate, share=share)
@@ -49,9 +47,21 @@ def model_release(args: argparse.Namespace) -> int:
         build_and_publish, lambda out: {"sequence": out[0].sequence, "candidate": spec.mode,
                                         "targets": len(out[0].targets)})  # fmt: skip
     what = "shadow" if spec.mode == "shadow" else f"A/B, {spec.share:g} of requests"
+    n = len(cand.targets)
     print(f"candidate {cand.sequence}: {args.name} {args.version} ({what}) to "
-          f"{len(cand.targets)} devices ({sent} bytes of offers); never made active")  # fmt: skip
-    return 0
+          f"{n} devices ({sent} bytes of offers); never made active")  # fmt: skip
+    if args.wait <= 0:
+        return 0
+    from edgefleet.coordinator import fleet
+
+    waited = fleet.wait_for(c.registry, cand.sequence, cand.targets, args.wait, candidate=True)
+    if waited.ok:
+        print(f"all {n} devices serve candidate {cand.sequence}")
+        return 0
+    print(f"timed out: {len(waited.arrived)} of {n} devices serve candidate {cand.sequence} "
+          f"(still without it: {', '.join(waited.pending[:8])}"
+          f"{', …' if len(waited.pending) > 8 else ''})", file=sys.stderr)  # fmt: skip
+    return 3
 
 
 def drop_candidate(args: argparse.Namespace) -> int:

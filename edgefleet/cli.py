@@ -223,7 +223,7 @@ def _model(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--wait",
         type=float,
         default=0.0,
-        help="seconds to wait for every target to report the new version",
+        help="seconds to wait for every target to report the new version (or candidate)",
     )
     c.add_argument("--candidate", choices=["shadow", "ab"], default=None,
                    help="a candidate beside the active model, never made active")

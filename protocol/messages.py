@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from . import _fields as F
+from .candidate import CANDIDATE_MODES
 from .canonical import b64d, b64e, canonical_json, decode_json_object
 from .envelope import Envelope
 from .errors import DecodeError, TooLargeError
@@ -23,6 +24,7 @@ from .manifest import MAX_MANIFEST
 
 __all__ = [
     "ActiveModel",
+    "CandidateModel",
     "ChunkReply",
     "ChunkRequest",
     "DeviceStatus",
@@ -254,6 +256,34 @@ class ActiveModel:
     }
 
 
+def _mode(v: object, what: str) -> str:
+    if v not in CANDIDATE_MODES:
+        raise DecodeError(f"{what}: expected one of {CANDIDATE_MODES}, saw {v!r:.20}")
+    return str(v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CandidateModel:
+    """The shadow / A/B candidate a device serves beside its active model (``agent.candidate``)."""
+
+    name: str
+    version: str
+    sequence: int
+    bundle_id: str
+    mode: str  # protocol.candidate.CANDIDATE_MODES
+
+    SCHEMA: ClassVar[dict[str, Any]] = {
+        "name": F.name,
+        "version": F.name,
+        "sequence": _u63,
+        "bundle_id": _text(64),
+        "mode": _mode,
+    }
+
+    def __post_init__(self) -> None:
+        _mode(self.mode, "status.candidate.mode")
+
+
 @dataclass(frozen=True, kw_only=True)
 class InstallResult:
     """The outcome of the last install, rollback or refused offer on a device."""
@@ -318,6 +348,8 @@ class DeviceStatus:
     # what the device takes part in beyond releases, e.g. ("fl",): opted in to federated
     # rounds. Sent only when non-empty (a status without it decodes as ()), sorted, unique.
     capabilities: tuple[str, ...] = ()
+    # the shadow / A/B candidate it serves; sent only when there is one (absent decodes None)
+    candidate: CandidateModel | None = None
     type: str = "status"
     schema_version: int = 1
 
@@ -334,7 +366,7 @@ class DeviceStatus:
         _check_capabilities(self.capabilities, self.MAX_CAPABILITIES)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "type": self.type,
             "schema_version": self.schema_version,
             "device_id": self.device_id,
@@ -345,7 +377,12 @@ class DeviceStatus:
             "last_result": _plain(self.last_result),
             "progress": _plain(self.progress),
             "counter": self.counter,
-        } | ({"capabilities": sorted(self.capabilities)} if self.capabilities else {})
+        }
+        if self.capabilities:  # the optional fields: only when set
+            d["capabilities"] = sorted(self.capabilities)
+        if self.candidate is not None:
+            d["candidate"] = _plain(self.candidate)
+        return d
 
     def encode(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -355,7 +392,8 @@ class DeviceStatus:
         w = "status"
         d = decode_json_object(data, max_size=MAX_STATUS, what=w)
         F.check_header(d, "status", 1, w)
-        F.check_keys(d, {*cls(device_id="x", time=0, state="idle").to_dict(), "capabilities"}, w)
+        optional = {"capabilities", "candidate"}
+        F.check_keys(d, {*cls(device_id="x", time=0, state="idle").to_dict(), *optional}, w)
         caps = d.get("capabilities", [])
         if not isinstance(caps, list):
             raise DecodeError(f"status.capabilities: expected a list, saw {type(caps).__name__}")
@@ -373,6 +411,9 @@ class DeviceStatus:
                 DownloadProgress, d.get("progress"), DownloadProgress.SCHEMA, "status.progress"
             ),
             capabilities=tuple(caps),
+            candidate=_typed(
+                CandidateModel, d.get("candidate"), CandidateModel.SCHEMA, "status.candidate"
+            ),
         )
 
 

@@ -1,4 +1,5 @@
-"""The shadow / A/B CLI on a real mosquitto: release a candidate, read it back, drop it."""
+"""The shadow / A/B CLI on a real mosquitto: release a candidate and wait until the device
+reports serving it (its status carries the candidate), read it back, drop it."""
 
 from __future__ import annotations
 
@@ -40,16 +41,22 @@ def test_candidate_release_fleet_shadow_and_drop(tmp_path: Path, digits_v1: Digi
         for argv, message in [
             (["--share", "0.5"], "--share applies to --candidate ab only"),
             (["--candidate", "ab", "--share", "2"], "--share: expected 0..1"),
-            (["--candidate", "shadow", "--wait", "5"], "--wait applies to ordinary releases"),
         ]:
             rc, _, err = run("model", "release", "--home", home, "--name", "digits",
                              "--version", "3", "--to", "all", *argv)
             assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, err
 
         rc, out, err = run("model", "release", "--home", home, "--name", "digits",
-                           "--version", "3", "--to", "device:dev-1", "--candidate", "shadow")
+                           "--version", "3", "--to", "device:dev-1", "--candidate", "shadow",
+                           "--wait", str(TIMEOUT))
         assert rc == 0, err
         assert "(shadow) to 1 devices" in out and "never made active" in out
+        sequence = int(out.split()[1].rstrip(":"))
+        assert out.splitlines()[-1] == f"all 1 devices serve candidate {sequence}"
+        [row] = fleet.fleet_status()  # what the device's status said, as the registry keeps it
+        assert row["candidate"] == {"name": "digits", "version": "3", "sequence": sequence,
+                                    "bundle_id": row["candidate"]["bundle_id"], "mode": "shadow"}
+        assert row["sequence"] == release.sequence and len(row["candidate"]["bundle_id"]) == 32
         rc, out, _ = run("audit", "--home", home, "--action", "release", "--json")
         audited = json.loads(out.splitlines()[-1])
         assert audited["target"] == "digits@3 to device:dev-1 (candidate shadow)"
@@ -87,3 +94,12 @@ def test_candidate_release_fleet_shadow_and_drop(tmp_path: Path, digits_v1: Digi
         assert rc == 0 and "dropped on 1 devices" in out, err
         wait_until(lambda: side.slot.serving is None, "the candidate dropped", TIMEOUT)
         assert a.agent.active is not None and a.agent.active.manifest.sequence == release.sequence
+        wait_until(lambda: "candidate" not in fleet.fleet_status()[0], "the status without it")
+
+        # a target that never gets it: the wait times out, names it, exits 3
+        a.daemon.stop()
+        rc, out, err = run("model", "release", "--home", home, "--name", "digits",
+                           "--version", "3", "--to", "device:dev-1", "--candidate", "ab",
+                           "--wait", "1")
+        assert rc == 3 and "(A/B, 0.1 of requests) to 1 devices" in out
+        assert "timed out: 0 of 1 devices serve candidate" in err and "dev-1" in err, err
