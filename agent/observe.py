@@ -86,7 +86,7 @@ MAX_MODELS = 8  # model keys in one telemetry payload (the busiest)
 OBSERVER_QUEUE = 256  # samples waiting for the observer thread
 OBSERVER_POLL = 0.02  # s between the observer thread's looks at the ring
 NO_MODEL = "-"  # the key of calls made while no model was active
-REMEMBER = 16384  # predicted rows a label can still be reported for (~10 bytes each)
+REMEMBER = 16384  # predicted rows a label can still be reported for (~17 bytes each)
 _BOUNDS_NS = np.array(LATENCY_BOUNDS_MS) * 1e6
 
 
@@ -202,22 +202,21 @@ class _Issued:
         self.size, self.next = size, 0
         self.run = secrets.token_hex(4)  # ids of another run (before a restart) are unknown
         self.keys: list[tuple[str, int] | None] = [None] * size
-        self.predicted = np.zeros(size, dtype=np.int64)
-        self.labelled = np.zeros(size, dtype=bool)
+        self.predicted = [0] * size
+        self.labelled = bytearray(size)
         self.lock = threading.Lock()
 
     def issue(self, key: str, out: np.ndarray) -> list[str]:
         rows = out.shape[0] if out.ndim else 1
         y = out.reshape(rows, -1)
+        top = y.argmax(axis=1).tolist() if y.size else [0] * rows
+        entry = (key, y.shape[1])
         with self.lock:
             first, self.next = self.next, self.next + rows
-            keep = range(max(first, self.next - self.size), self.next)  # a huge batch: its tail
-            slots = np.arange(keep.start, keep.stop) % self.size
-            self.predicted[slots] = y[keep.start - first :].argmax(axis=1) if y.size else 0
-            self.labelled[slots] = False
-            kw = (key, y.shape[1])
-            for slot in slots.tolist():
-                self.keys[slot] = kw
+            for n in range(max(first, self.next - self.size), self.next):  # a huge batch: its tail
+                slot = n % self.size
+                self.keys[slot], self.predicted[slot] = entry, top[n - first]
+                self.labelled[slot] = 0
         return [f"{self.run}-{n}" for n in range(first, first + rows)]
 
     def take(self, prediction_id: object, label: int) -> tuple[str, int]:
@@ -239,8 +238,8 @@ class _Issued:
                 raise ValueError(f"label {label} is not a class of {key} (0..{width - 1})")
             if self.labelled[slot]:
                 raise AlreadyLabelled(f"prediction {prediction_id!r} is already labelled")
-            self.labelled[slot] = True
-            return key, int(self.predicted[slot])
+            self.labelled[slot] = 1
+            return key, self.predicted[slot]
 
 
 class Recorder:
