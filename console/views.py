@@ -63,45 +63,48 @@ def _digest(*values: Any) -> str:
     return hashlib.sha256(repr(values).encode()).hexdigest()
 
 
+_d, _g, _r, _rd = Device, group_members.c, RolloutRow, RolloutDecisionRow
+# built once: making these statements costs more than running them on a small fleet
+_FLEET_GENERATION = select(
+    _joined(_d.device_id, _d.state, _d.active_name, _d.active_version, _d.active_sequence,
+            _d.last_seen, _d.last_result, _d.revoked, order=[_d.device_id]),
+    _joined(_g.group_name, _g.device_id, order=[_g.group_name, _g.device_id]),
+    _one(func.count(), ReleaseTarget), _one(func.max(ReleaseTarget.sequence)),
+)  # fmt: skip
+_MODELS_GENERATION = select(_one(func.count(), ModelVersion), _one(func.max(ModelVersion.id)))
+_RELEASES_GENERATION = select(_one(func.count(), Release), _one(func.max(Release.sequence)),
+                              _one(func.count(), ReleaseTarget))  # fmt: skip
+_ROLLOUTS_GENERATION = select(_one(func.count(), _r), _one(func.sum(_r.revision)),
+                              _one(func.count(), _rd), _one(func.max(_rd.id)))  # fmt: skip
+
+
+def _generation(registry: Registry, statement: Any) -> tuple[Any, ...]:
+    with registry.session() as s:
+        return tuple(s.execute(statement).one())
+
+
 def fleet_generation(registry: Registry) -> str:
     """Changes whenever ``fleet.rows`` would (but for the clock): a digest of every device's
     columns that a row shows and of the group memberships (all of them, joined by the
     database: a status that changes only the state, as an offline will does, changes it too),
     and the count and newest sequence of release targets (only ever added). One SELECT."""
-    d, g = Device, group_members.c
-    q = select(
-        _joined(d.device_id, d.state, d.active_name, d.active_version, d.active_sequence,
-                d.last_seen, d.last_result, d.revoked, order=[d.device_id]),
-        _joined(g.group_name, g.device_id, order=[g.group_name, g.device_id]),
-        _one(func.count(), ReleaseTarget), _one(func.max(ReleaseTarget.sequence)),
-    )  # fmt: skip
-    with registry.session() as s:
-        return _digest(*s.execute(q).one())
+    return _digest(*_generation(registry, _FLEET_GENERATION))
 
 
 def models_generation(registry: Registry) -> tuple[Any, ...]:
     """Of ``models`` and ``fl_runs``: model versions are only ever added (never changed)."""
-    q = select(_one(func.count(), ModelVersion), _one(func.max(ModelVersion.id)))
-    with registry.session() as s:
-        return tuple(s.execute(q).one())
+    return _generation(registry, _MODELS_GENERATION)
 
 
 def releases_generation(registry: Registry) -> tuple[Any, ...]:
     """Of ``releases``: releases and their targets are only ever added."""
-    q = select(_one(func.count(), Release), _one(func.max(Release.sequence)),
-               _one(func.count(), ReleaseTarget))  # fmt: skip
-    with registry.session() as s:
-        return tuple(s.execute(q).one())
+    return _generation(registry, _RELEASES_GENERATION)
 
 
 def rollouts_generation(registry: Registry) -> tuple[Any, ...]:
     """Of ``rollouts``: every state change bumps its rollout's revision; decisions are only
     ever added."""
-    r, d = RolloutRow, RolloutDecisionRow
-    q = select(_one(func.count(), r), _one(func.sum(r.revision)), _one(func.count(), d),
-               _one(func.max(d.id)))  # fmt: skip
-    with registry.session() as s:
-        return tuple(s.execute(q).one())
+    return _generation(registry, _ROLLOUTS_GENERATION)
 
 
 def _version(mv: ModelVersion) -> dict[str, Any]:
