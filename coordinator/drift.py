@@ -13,6 +13,11 @@ that drift on most devices. ``check(registry, ...)`` records an alert (``drift_a
 every device and version drifting now that has no open alert yet; the alert names the device,
 the version, the drifted features with their PSI and KS, and the samples. A retraining run
 marks the alerts it takes as handled (``mark_handled``).
+
+``DriftWatch`` is how ``coordinator serve`` raises the same alerts as drift telemetry arrives:
+the ingest worker notes the devices whose ``drift`` rows it stored, and at most every
+``every`` seconds ``check`` runs over those devices only (one row read per device), so the
+cost follows what arrived, not the fleet's size or history.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +44,7 @@ __all__ = [
     "WINDOW",
     "Aggregate",
     "DeviceDrift",
+    "DriftWatch",
     "alerts",
     "check",
     "latest",
@@ -207,11 +213,12 @@ def check(
     name: str | None = None,
     now: int | None = None,
     window: int = WINDOW,
+    device_ids: Collection[str] | None = None,
 ) -> list[DriftAlertRow]:
-    """Record an alert for each device and version drifting now without an open alert; the
-    new alerts (detached rows)."""
+    """Record an alert for each device (of ``device_ids``; None: all) and version drifting
+    now without an open alert; the new alerts (detached rows)."""
     now = int(time.time()) if now is None else now
-    drifting = [r for r in latest(registry, since=now - window, name=name)
+    drifting = [r for r in latest(registry, since=now - window, name=name, device_ids=device_ids)
                 if r.n >= min_samples and r.score > threshold]  # fmt: skip
     if not drifting:
         return []
@@ -256,3 +263,60 @@ def mark_handled(registry: Registry, ids: Iterable[int], run_id: str) -> int:
             row.state, row.run_id = "handled", run_id[:128]
             done += 1
     return done
+
+
+class DriftWatch:
+    """Alerts raised as drift telemetry arrives (``coordinator serve``): ``note`` the devices
+    whose drift was stored; ``run`` checks them once ``every`` seconds have passed since the
+    last check. At most ``max_pending`` devices wait (a larger fleet reporting in one interval
+    is checked whole, as ``fleet drift`` does)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        every: float = 10.0,  # s between checks, at most one per interval
+        threshold: float = DEFAULT_THRESHOLD,
+        min_samples: float = MIN_SAMPLES,
+        max_pending: int = 10_000,  # devices
+        clock: Callable[[], float] = time.time,  # unix s: the alerts' time
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not every > 0 or not threshold > 0 or max_pending < 1:
+            raise ValueError(f"DriftWatch: every and threshold must be > 0 and max_pending "
+                             f">= 1, got {every}, {threshold}, {max_pending}")  # fmt: skip
+        self.registry, self.every = registry, every
+        self.threshold, self.min_samples, self.max_pending = threshold, min_samples, max_pending
+        self._clock, self._monotonic = clock, monotonic
+        self._pending: set[str] = set()
+        self._everyone = False  # more than max_pending noted: check them all
+        self._next = 0.0
+        self.raised = 0  # alerts recorded so far
+        self.checks = 0
+
+    def note(self, device_ids: Iterable[str]) -> None:
+        if self._everyone:
+            return
+        self._pending.update(device_ids)
+        if len(self._pending) > self.max_pending:
+            self._pending.clear()
+            self._everyone = True
+
+    def wait(self) -> float | None:
+        """Seconds until a check is due (0: now); None when nothing waits."""
+        if not (self._pending or self._everyone):
+            return None
+        return max(0.0, self._next - self._monotonic())
+
+    def run(self) -> list[DriftAlertRow]:
+        """Check what was noted if a check is due; the new alerts."""
+        if self.wait() != 0.0:
+            return []
+        ids = None if self._everyone else sorted(self._pending)
+        self._pending, self._everyone = set(), False
+        self._next = self._monotonic() + self.every
+        self.checks += 1
+        new = check(self.registry, threshold=self.threshold, min_samples=self.min_samples,
+                    now=int(self._clock()), device_ids=ids)  # fmt: skip
+        self.raised += len(new)
+        return new

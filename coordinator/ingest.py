@@ -16,7 +16,8 @@ will, published by the broker when its connection dropped) sets only the state: 
 columns and ``last_seen`` keep what the device last said itself.
 
 What is dropped when (the service's queues in front of this, ``service.py``): statuses
-coalesce per device (only the latest few are kept; older ones count as ``status superseded``);
+coalesce per device (only the latest few are kept; older ones count as ``status superseded``;
+of those kept, ``add_statuses`` decodes only the newest full one and what came after it);
 telemetry past ``ServiceLimits.telemetry_messages`` (10,000) or ``telemetry_bytes`` (16 MiB)
 waiting is refused as it arrives, newest first, and counted per device (``up/telemetry queue
 full``): it is not re-sent, so a coordinator that cannot keep up loses windows, visibly.
@@ -29,13 +30,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from edgefleet.protocol.errors import DecodeError, EdgeFleetError
 from edgefleet.protocol.messages import DeviceStatus, Telemetry
 from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 
+from .drift import NAMESPACE as DRIFT
 from .registry import Device, Registry
 from .tables.telemetry import InferenceTotalRow, TelemetryRow
 from .telemetry import INFERENCE, merge_inference
@@ -94,6 +96,7 @@ class Ingest:
         self._pending: dict[str, dict[str, Any]] = {}
         self._rows: list[tuple[str, Telemetry, int]] = []  # (device, message, received)
         self._next_prune = 0.0
+        self.drift_devices: set[str] = set()  # stored ``drift`` telemetry since taken
         self.telemetry_stored = 0  # telemetry messages kept as rows
         self.telemetry_pruned = 0  # rows deleted by retention
         self.decoded = 0  # messages that became an update
@@ -102,6 +105,9 @@ class Ingest:
         self.stored = 0  # device updates written
         self.unknown = 0  # updates for devices not enrolled
         self.statuses = 0  # status updates written
+        self.status_messages = 0  # statuses through ``add_statuses`` and a flush, whatever
+        self._status_batch = 0  # became of each (stored, coalesced, dropped, ignored)
+        self.coalesced = 0  # statuses never decoded: a newer one of their device replaced them
 
     @property
     def pending(self) -> int:
@@ -122,6 +128,30 @@ class Ingest:
         self.decoded += 1
         self._pending.setdefault(device_id, {}).update(values)  # later messages win
         return True
+
+    def add_statuses(self, device_id: str, payloads: Sequence[bytes]) -> None:
+        """``device_id``'s statuses in the order they arrived, decoded newest first down to
+        the first that sets every column (an ``offline`` will sets only the state): the older
+        ones would be overwritten anyway, so they are counted as ``coalesced``, not decoded."""
+        self._status_batch += len(payloads)
+        merged: dict[str, Any] = {}
+        for i in range(len(payloads) - 1, -1, -1):
+            try:
+                values = self._decode(device_id, STATUS, payloads[i])
+            except EdgeFleetError as exc:
+                self.dropped += 1
+                log.warning("dropped %s from %s: %s", STATUS, device_id, exc)
+                continue
+            if values is None:
+                self.ignored += 1
+                continue
+            self.decoded += 1
+            merged = {**values, **merged}  # the newer message wins
+            if "last_seen" in values:  # a full status: nothing older can show through
+                self.coalesced += i
+                break
+        if merged:
+            self._pending.setdefault(device_id, {}).update(merged)
 
     def _decode(self, device_id: str, kind: str, payload: bytes) -> dict[str, Any] | None:
         now = int(self.clock())
@@ -144,7 +174,9 @@ class Ingest:
         number of statuses stored."""
         updates, self._pending = self._pending, {}
         rows, self._rows = self._rows, []
+        handled, self._status_batch = self._status_batch, 0
         if not updates:
+            self.status_messages += handled
             return 0
         found = self._store(updates)
         if rows:
@@ -156,6 +188,7 @@ class Ingest:
         self.stored += len(found)
         self.unknown += len(updates) - len(found)
         self.statuses += statuses
+        self.status_messages += handled
         return statuses
 
     def _store(self, updates: dict[str, dict[str, Any]]) -> set[str]:
@@ -220,6 +253,7 @@ class Ingest:
             log.exception("storing %d telemetry messages failed", len(rows))
             return
         self.telemetry_stored += len(rows)
+        self.drift_devices.update(d for d, t, _ in rows if DRIFT in t.metrics)
 
     def _prune(self) -> None:
         now = self.clock()

@@ -11,7 +11,9 @@ device and reason (``drops``). Three worker threads do the rest:
   busy timeout and a per-device budget (a locked registry or random ids never stall the chunk
   stream);
 - ``ingest`` stores statuses (the latest per device, coalesced) and telemetry (a queue
-  bounded in messages and bytes) through ``ingest.Ingest``, in batches.
+  bounded in messages and bytes) through ``ingest.Ingest``, in batches, and raises drift
+  alerts for the devices whose drift telemetry it stored (``drift.DriftWatch``: at most one
+  check every ``drift_every`` seconds), the alerts ``fleet drift`` and the dashboard show.
 
 Release offers go out on a second connection of their own (``offer_link``): a fan-out's chunk
 replies, queued on the main link, never delay them.
@@ -47,6 +49,7 @@ from edgefleet.protocol.messages import MAX_REQUEST, MAX_STATUS, MAX_TELEMETRY, 
 from . import release as releases
 from .candidates import candidate_facts
 from .chunks import ChunkQueues, ChunkServer, LookupBudget, ReleaseFacts
+from .drift import DriftWatch
 from .home import Coordinator
 from .ingest import STATUS, TELEMETRY, Ingest
 from .release import offers
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 
 UNSENT_LIMIT = 16 * 1024 * 1024  # bytes of chunk replies queued in the link before we wait
 INGEST_BATCH = 500  # upstream messages per registry transaction, at most
+INGEST_LINGER = 0.05  # s the ingest worker waits for a batch to fill once something is queued
 CHUNKREQ = "up/chunkreq"  # topic kinds (protocol.topics.route) the service subscribes to
 #: bytes reserved for a future upstream kind (``up/fl``: federated-learning updates)
 FL_RESERVE = 1 << 20
@@ -64,6 +68,7 @@ FL_RESERVE = 1 << 20
 MAX_INCOMING = max(MAX_REQUEST, MAX_STATUS, MAX_TELEMETRY, FL_RESERVE) + HEADER_ALLOWANCE
 _CAPS = {CHUNKREQ: MAX_REQUEST, STATUS: MAX_STATUS, TELEMETRY: MAX_TELEMETRY}  # payload bytes
 STATUSES_PER_DEVICE = 4  # pending for ingest; older ones are superseded by the newest
+ROUTES_CACHED = 65_536  # topics whose parsed route the link thread keeps (two per device)
 LOOKUP_BUSY_TIMEOUT = 1.0  # s a chunk-path registry lookup waits for a locked database
 
 
@@ -126,6 +131,7 @@ class CoordinatorService:
         monotonic: Callable[[], float] = time.monotonic,
         limits: ServiceLimits = ServiceLimits(),  # noqa: B008 - frozen
         separate_offers: bool = True,  # offers on a connection of their own (offer_link)
+        drift_every: float = 10.0,  # s: drift alerts checked at most this often
     ) -> None:
         self.coordinator = coordinator
         self.registry = coordinator.registry
@@ -143,6 +149,8 @@ class CoordinatorService:
         self.budget = LookupBudget(rate=limits.lookup_rate, burst=limits.lookup_burst,
                                    clock=monotonic)  # fmt: skip
         self.ingest = Ingest(self.registry, clock=clock)
+        self.drift = DriftWatch(self.registry, every=drift_every, clock=clock,
+                                monotonic=monotonic)  # fmt: skip
         if mqtt.protocol == 5 and mqtt.max_incoming is None:
             mqtt = dataclasses.replace(mqtt, max_incoming=MAX_INCOMING)
         self.link = link_factory(mqtt, self._on_message)
@@ -157,9 +165,11 @@ class CoordinatorService:
         self._up = threading.Condition()  # guards the ingest queues below
         self._statuses: dict[str, collections.deque[bytes]] = {}  # device -> its statuses
         self._status_bytes = 0
+        self._status_count = 0  # statuses in _statuses
         self._telemetry: collections.deque[tuple[str, bytes]] = collections.deque()
         self._telemetry_bytes = 0
         self._stopping = False
+        self._routes: dict[str, topics.Route | None] = {}  # topic -> route (the link thread's)
         self._threads = [
             threading.Thread(target=self._serve_chunks, name="chunks", daemon=True),
             threading.Thread(target=self._serve_lookups, name="lookups", daemon=True),
@@ -272,8 +282,19 @@ class CoordinatorService:
         if _worth_logging(n):
             log.warning("dropped %s from %s: %s (%d so far)", what, device_id, reason, n)
 
+    def _route(self, topic: str) -> topics.Route | None:
+        """``topics.route``, remembered: parsing and validating a topic cost the link thread
+        more than the rest of routing a message."""
+        try:
+            return self._routes[topic]
+        except KeyError:
+            if len(self._routes) >= ROUTES_CACHED:
+                self._routes.clear()
+            where = self._routes[topic] = topics.route(topic)
+            return where
+
     def _on_message(self, topic: str, payload: bytes, props: MessageProps) -> None:
-        where = topics.route(topic)
+        where = self._route(topic)
         if where is None or where.kind not in _CAPS:
             log.warning("dropped message on unexpected topic %s", topic)
             return
@@ -300,6 +321,7 @@ class CoordinatorService:
 
     def _route_upstream(self, device_id: str, kind: str, payload: bytes) -> None:
         with self._up:
+            before = self._status_count + len(self._telemetry)
             if kind == STATUS:
                 ok = self._queue_status(device_id, payload)
             elif (len(self._telemetry) >= self.limits.telemetry_messages
@@ -310,7 +332,11 @@ class CoordinatorService:
                 self._telemetry_bytes += len(payload)
                 ok = True
             self.peak_ingest_bytes = max(self.peak_ingest_bytes, self.ingest_bytes)
-            self._up.notify()
+            # Wake the worker when work arrives and when a batch is full, not per message
+            # (each wake-up hands it the GIL this thread needs to keep reading).
+            after = self._status_count + len(self._telemetry)
+            if ok and (not before or before < INGEST_BATCH <= after):
+                self._up.notify()
         if not ok:
             self._drop(device_id, f"{kind} queue full", kind)
 
@@ -321,6 +347,7 @@ class CoordinatorService:
         while pending and (len(pending) >= STATUSES_PER_DEVICE
                            or self._status_bytes + len(payload) > self.limits.status_bytes):
             self._status_bytes -= len(pending.popleft())
+            self._status_count -= 1
             with self._drops_lock:
                 self.drops[device_id, "status superseded"] += 1
         if self._status_bytes + len(payload) > self.limits.status_bytes:
@@ -329,12 +356,13 @@ class CoordinatorService:
             return False
         pending.append(payload)
         self._status_bytes += len(payload)
+        self._status_count += 1
         return True
 
     @property
     def ingest_queue(self) -> tuple[int, int]:
         """(statuses, telemetry messages) waiting for ingest now (``/metrics``)."""
-        return sum(len(p) for p in list(self._statuses.values())), len(self._telemetry)
+        return self._status_count, len(self._telemetry)
 
     @property
     def ingest_bytes(self) -> int:
@@ -396,13 +424,21 @@ class CoordinatorService:
             # on timeout); QoS 1 only stalled fan-out on 20 in-flight acks.
             self.link.publish(req.reply_to, reply.encode(), qos=0)
 
-    def _take_upstream(self) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]] | None:
+    def _take_upstream(
+        self,
+    ) -> tuple[dict[str, collections.deque[bytes]], list[tuple[str, bytes]]] | None:
+        """The next batch: every device's pending statuses and up to ``INGEST_BATCH``
+        telemetry messages, once something waited ``INGEST_LINGER`` or a batch is full."""
         with self._up:
-            self._up.wait_for(lambda: self._statuses or self._telemetry or self._stopping)
+            if not self._up.wait_for(lambda: self._statuses or self._telemetry
+                                     or self._stopping, self.drift.wait()):  # fmt: skip
+                return {}, []  # a drift check is due
+            self._up.wait_for(lambda: self._stopping or self._status_count + len(
+                self._telemetry) >= INGEST_BATCH, INGEST_LINGER)  # fmt: skip
             if self._stopping and not (self._statuses or self._telemetry):
                 return None
-            statuses = [(d, p) for d, pending in self._statuses.items() for p in pending]
-            self._statuses, self._status_bytes = {}, 0
+            statuses = self._statuses
+            self._statuses, self._status_bytes, self._status_count = {}, 0, 0
             n = min(len(self._telemetry), INGEST_BATCH)
             telemetry = [self._telemetry.popleft() for _ in range(n)]
             self._telemetry_bytes -= sum(len(p) for _, p in telemetry)
@@ -416,13 +452,27 @@ class CoordinatorService:
             try:
                 for device_id, payload in telemetry:
                     self.ingest.add(device_id, TELEMETRY, payload)
-                for device_id, payload in statuses:
-                    self.ingest.add(device_id, STATUS, payload)
+                for device_id, payloads in statuses.items():
+                    self.ingest.add_statuses(device_id, payloads)
                 if self.ingest.flush():
                     self.status_event.set()
             except Exception:
                 log.exception("ingesting %d statuses and %d telemetry messages failed",
                               len(statuses), len(telemetry))  # fmt: skip
+            self._check_drift()
+
+    def _check_drift(self) -> None:
+        self.drift.note(self.ingest.drift_devices)
+        self.ingest.drift_devices.clear()
+        try:
+            new = self.drift.run()
+        except Exception:  # a locked registry: the devices are checked again with the next
+            log.exception("checking drift failed")
+            return
+        for a in new:
+            log.warning("drift alert %d: %s runs %s@%s with drift %.3f > %g on %.0f samples",
+                        a.id, a.device_id, a.name, a.version, a.score, a.threshold,
+                        a.samples)  # fmt: skip
 
 
 def mqtt_config_for(
