@@ -33,8 +33,8 @@ class Home:
         return release
 
 
-def make_home(tmp: Path, devices: tuple[str, ...] = DEVICES) -> Home:
-    coord = Coordinator.init(tmp / "coordinator", now=T0)
+def make_home(tmp: Path, devices: tuple[str, ...] = DEVICES, database: str = "") -> Home:
+    coord = Coordinator.init(tmp / "coordinator", database=database, now=T0)
     coord.update_config(segment_size=SEGMENT)
     for version, content in (("1", b"model one" * 400), ("2", b"model two" * 400)):
         path = tmp / f"m{version}.onnx"
