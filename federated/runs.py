@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 from edgefleet.models.refstats import LocalSummary, parse_summary, stats_from_summary, uniform_edges
+from edgefleet.protocol.drift import ReferenceStats
+from edgefleet.protocol.errors import DecodeError
 
 from .app import REFSTATS_EDGES_KEY
 from .strategies import StrategySpec, TrainOutcome, UpdatePolicy
@@ -393,8 +395,13 @@ class FederatedRun:
         total = LocalSummary.merge(state.summaries.values())
         if total.n < 2:
             return None, {"source": "none", "why": f"{total.n} training row in the counts"}
+        stats = stats_from_summary(total, grid.edges())
+        try:
+            ReferenceStats.from_dict(stats)  # what every manifest must carry (size bounds)
+        except DecodeError as exc:
+            return None, {"source": "none", "why": f"the counts do not fit a manifest: {exc}"}
         device = _device_namer(state.grid)
-        return stats_from_summary(total, grid.edges()), {
+        return stats, {
             "source": "device counts",
             "devices": sorted(device(n) for n in state.summaries),
             "n": total.n,
