@@ -23,6 +23,10 @@ The coordinator's ServerApp (any Flower strategy, ``Strategy.start``) runs uncha
 - **Timeouts.** ``send_and_receive`` waits at most ``min(timeout, round_timeout)`` and returns
   what arrived; the rest is marked late, and a late reply is dropped and counted. A device
   that drops out never stalls a round.
+- **Stop.** ``interrupt()`` (what stopping a run calls) wakes a ``send_and_receive`` that is
+  waiting and makes it, and every later push, raise ``RunInterrupted``: the round in flight is
+  not aggregated, and the run can resume after its last finished round at once, not after the
+  round timeout.
 
 ``set_run`` also sets Flower's process-global ``TaskIdentity`` (``Message(...)`` reads it), so
 one coordinator process runs one FL run at a time.
@@ -49,10 +53,14 @@ from flwr.supercore.run import Run
 
 from . import wire
 
-__all__ = ["GridStats", "MqttGrid"]
+__all__ = ["GridStats", "MqttGrid", "RunInterrupted"]
 
 log = logging.getLogger(__name__)
 _LATE_KEPT = 4096  # ids of timed-out messages remembered, to tell late replies from forged ones
+
+
+class RunInterrupted(RuntimeError):
+    """The run was stopped (``MqttGrid.interrupt``) while it pushed or waited for replies."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +114,7 @@ class MqttGrid(Grid):
         self._counts: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
         self._owned = False
+        self._interrupted = False
         self._chunks = flchunk.Reassembler(max_bytes_per_key=max_reply_bytes_per_device,
                                            max_bytes=max_reply_bytes)  # fmt: skip
         self._chunk_lock = threading.Lock()  # the reassembler (handle may be called anywhere)
@@ -121,6 +130,17 @@ class MqttGrid(Grid):
         link.subscribe(wire.REPLY_FILTER, qos=1)
         link.start()
         return grid
+
+    def interrupt(self) -> None:
+        """Stop the run: a waiting ``send_and_receive`` and every later push raise
+        ``RunInterrupted`` (the round in flight is not aggregated)."""
+        with self._lock:
+            self._interrupted = True
+            self._lock.notify_all()
+
+    def _check_interrupted(self) -> None:
+        if self._interrupted:
+            raise RunInterrupted("the run was stopped; it resumes after its last finished round")
 
     def close(self) -> None:
         """Stop the link if ``open`` made it."""
@@ -180,6 +200,7 @@ class MqttGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         run = self._require_run()
         with self._lock:
+            self._check_interrupted()
             self._step += 1
             step = self._step
         ids = []
@@ -244,8 +265,10 @@ class MqttGrid(Grid):
         deadline = time.monotonic() + wait
         with self._lock:
             self._lock.wait_for(
-                lambda: ids <= self._replies.keys(), timeout=max(0.0, deadline - time.monotonic())
+                lambda: self._interrupted or ids <= self._replies.keys(),
+                timeout=max(0.0, deadline - time.monotonic()),
             )
+            self._check_interrupted()
             got = [self._replies.pop(i) for i in ids if i in self._replies]
             missing = ids - {m.metadata.reply_to_message_id for m in got}
             for mid in missing:

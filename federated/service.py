@@ -253,6 +253,10 @@ class FlService:
             raise ConnectionError(f"cannot reach the broker: {self.link.last_error}")
 
     def stop(self) -> None:
+        """Stop the service; a run in progress ends at once with ``RunInterrupted``."""
+        grid = self.grid
+        if grid is not None:
+            grid.interrupt()
         self.link.stop()
 
     def __enter__(self) -> FlService:

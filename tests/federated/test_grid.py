@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from edgefleet.federated import wire
 from edgefleet.federated.client import FlClient
-from edgefleet.federated.grid import MqttGrid
+from edgefleet.federated.grid import MqttGrid, RunInterrupted
 from edgefleet.infra.link import InMemoryBroker, LinkFactory, MessageProps, MqttConfig
 from edgefleet.protocol import fl, topics
 from edgefleet.protocol.keyring import KeyEntry, Keyring
@@ -230,6 +230,37 @@ def test_a_late_reply_is_dropped_and_counted() -> None:
         assert r.clients["dev-1"].wait_handled(1, WAIT)
         assert _wait_for(r, lambda: r.grid.stats.late == 1)
         assert r.grid.pull_messages([m.metadata.message_id for m in msgs]) == []
+
+
+def test_interrupt_ends_a_waiting_round_at_once_and_refuses_later_pushes() -> None:
+    """Stopping a run does not wait out the round timeout (600 s here): the waiting
+    ``send_and_receive`` raises at once, and so does the next push."""
+    gate = threading.Event()
+    with InMemoryBroker() as broker, rig(broker.link, broker.url, 2, round_timeout=600,
+                                        gates={"dev-1": gate}) as r:
+        r.grid.start_run(6)
+        nodes = r.grid.get_node_ids()
+        msgs = [Message(RecordDict({"arrays": initial(), "config": _config(1)}), n, "train")
+                for n in nodes]
+        outcome: list[BaseException | list[Message]] = []
+        waiter = threading.Thread(target=lambda: _capture(outcome, r.grid.send_and_receive,
+                                                          msgs))
+        waiter.start()
+        assert r.clients["dev-0"].wait_handled(1, WAIT)  # dev-0 answered; dev-1 holds back
+        r.grid.interrupt()
+        waiter.join(WAIT)
+        gate.set()
+        assert not waiter.is_alive(), "send_and_receive still waiting after interrupt()"
+        assert len(outcome) == 1 and isinstance(outcome[0], RunInterrupted), outcome
+        with pytest.raises(RunInterrupted, match="stopped"):
+            r.grid.push_messages(msgs)
+
+
+def _capture(out: list[Any], fn: Any, *args: Any) -> None:
+    try:
+        out.append(fn(*args))
+    except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        out.append(exc)
 
 
 def _config(server_round: int) -> Any:
