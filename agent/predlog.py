@@ -53,9 +53,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from edgefleet.infra.fsutil import atomic_write, os_errors
+from edgefleet.infra.fsutil import os_errors
+from edgefleet.infra.replaystate import load_guard, save_guard
 from edgefleet.protocol import fl
-from edgefleet.protocol.errors import BundleError, DecodeError, MalformedError
+from edgefleet.protocol.errors import BundleError, MalformedError
 
 if TYPE_CHECKING:
     from edgefleet.protocol.keyring import Keyring
@@ -324,25 +325,10 @@ class RequestGate:
         return corr, since, limit
 
     def _load(self) -> fl.ReplayGuard:
-        if self.state is None or not self.state.exists():
-            return fl.ReplayGuard()
-        try:
-            d = json.loads(self.state.read_bytes()[: 1 << 20])
-            if not isinstance(d, dict):
-                raise DecodeError("not a JSON object")
-            return fl.ReplayGuard.from_dict(d, now=int(self.clock()))
-        except (OSError, ValueError, DecodeError) as exc:  # expiry still bounds a replay
-            log.warning("predlog: replay state %s unreadable (%s): starting empty", self.state,
-                        exc)  # fmt: skip
-            return fl.ReplayGuard()
+        return load_guard(self.state, now=int(self.clock()), what="predlog")
 
     def _save(self) -> None:
-        if self.state is None:
-            return
-        try:
-            atomic_write(self.state, _canonical(self._guard.to_dict()), mode=0o600)
-        except OSError as exc:  # the guard in memory still holds
-            log.warning("predlog: cannot save the replay state %s: %s", self.state, exc)
+        save_guard(self.state, self._guard, what="predlog")
 
 
 def upload_messages(plog: PredictionLog, corr: str, since: float, limit: int

@@ -32,7 +32,6 @@ Flower code at import time, and ``client_app`` may be a factory called at that m
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -43,9 +42,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgefleet.infra.fsutil import atomic_write
+from edgefleet.infra.replaystate import load_guard, save_guard
 from edgefleet.protocol import fl, flchunk
-from edgefleet.protocol.errors import BundleError, DecodeError, MalformedError
+from edgefleet.protocol.errors import BundleError, MalformedError
 from edgefleet.protocol.keyring import Keyring
 from edgefleet.protocol.keys import SigningKey
 
@@ -220,26 +219,10 @@ class FlClient:
         self._send(payload, h, reply_id)
 
     def _load_guard(self) -> fl.ReplayGuard:
-        path = self.replay_state
-        if path is None or not path.exists():
-            return fl.ReplayGuard()
-        try:
-            d = json.loads(path.read_bytes()[: 1 << 20])
-            if not isinstance(d, dict):
-                raise DecodeError("not a JSON object")
-            return fl.ReplayGuard.from_dict(d, now=int(self.clock()))
-        except (OSError, ValueError, DecodeError) as exc:
-            log.warning("fl: replay state %s unreadable (%s): starting empty", path, exc)
-            return fl.ReplayGuard()
+        return load_guard(self.replay_state, now=int(self.clock()), what="fl")
 
     def _save_guard(self) -> None:
-        if self.replay_state is None:
-            return
-        data = json.dumps(self._guard.to_dict(), separators=(",", ":")).encode()
-        try:
-            atomic_write(self.replay_state, data, mode=0o600)
-        except OSError as exc:  # the guard in memory still holds; a restart would forget
-            log.warning("fl: cannot save the replay state %s: %s", self.replay_state, exc)
+        save_guard(self.replay_state, self._guard, what="fl")
 
     def _run_app(self, msg: Message) -> Message:
         try:
