@@ -4,7 +4,9 @@ Families (label ``model`` = ``name@version``): ``edgefleet_inference_calls_total
 ``edgefleet_inference_errors_total``, ``edgefleet_inference_rows_total``,
 ``edgefleet_inference_latency_seconds`` (histogram on ``LATENCY_BOUNDS_MS``),
 ``edgefleet_inference_class_rows_total`` (label ``class``), ``edgefleet_inference_confidence``
-(mean top-class confidence, a gauge). Values are read at scrape time, nothing is kept twice.
+(mean top-class confidence, a gauge), ``edgefleet_inference_labelled_total`` and
+``edgefleet_inference_correct_total`` (predictions scored by ``POST /v1/feedback``; a model
+with none has no sample). Values are read at scrape time, nothing is kept twice.
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ class InferenceCollector:
         confidence = GaugeMetricFamily(
             "edgefleet_inference_confidence", "mean top-class confidence", labels=["model"]
         )
+        labelled = CounterMetricFamily(
+            "edgefleet_inference_labelled", "predictions given a true label", labels=["model"]
+        )
+        correct = CounterMetricFamily(
+            "edgefleet_inference_correct", "labelled predictions that were right",
+            labels=["model"],
+        )  # fmt: skip
         for key, s in sorted(totals.items()):
             calls.add_metric([key], s["count"])
             errors.add_metric([key], s["errors"])
@@ -62,4 +71,7 @@ class InferenceCollector:
                 classes.add_metric([key, cls], n)
             if s["rows"]:
                 confidence.add_metric([key], s["conf_sum"] / s["rows"])
-        yield from (calls, errors, rows, latency, classes, confidence)
+            if s.get("labelled"):
+                labelled.add_metric([key], s["labelled"])
+                correct.add_metric([key], s["correct"])
+        yield from (calls, errors, rows, latency, classes, confidence, labelled, correct)

@@ -131,3 +131,28 @@ def test_labels_from_many_threads_are_each_counted_once(agent: Agent, x_test: np
         t.join()
     assert outcomes.count("ok") == 400 and outcomes.count("again") == 3 * 400
     assert rec.totals()["digits@1"]["labelled"] == 400
+
+
+def test_labels_show_on_the_prometheus_view(
+    agent: Agent, x_test: np.ndarray, y_test: np.ndarray
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rec = Recorder(agent)
+    reg = CollectorRegistry()
+    reg.register(rec.collector())
+
+    def families() -> dict[str, list[float]]:
+        text = generate_latest(reg).decode()
+        return {f.name: [s.value for s in f.samples if s.name.endswith("_total")]
+                for f in text_string_to_metric_families(text)}  # fmt: skip
+
+    ids, classes = predicted(rec, x_test[:30])
+    assert families()["edgefleet_inference_labelled"] == []  # no label yet: no sample
+    for i in range(30):
+        rec.label(ids[i], int(y_test[i]))
+    got = families()
+    right = int(np.sum(np.asarray(classes) == y_test[:30]))
+    assert got["edgefleet_inference_labelled"] == [30.0]
+    assert got["edgefleet_inference_correct"] == [float(right)]
