@@ -98,7 +98,10 @@ def latest_targets(registry: Registry) -> dict[str, tuple[int, str]]:
 
 def rows(registry: Registry, now: int) -> list[FleetRow]:
     """Every enrolled device, by id; ``now`` in unix seconds."""
-    groups = registry.groups()
+    of: dict[str, list[str]] = {}  # device id -> its groups, by name
+    for g, members in registry.groups().items():
+        for m in members:
+            of.setdefault(m, []).append(g)
     desired = latest_targets(registry)
     out = []
     for d in registry.devices():
@@ -106,7 +109,7 @@ def rows(registry: Registry, now: int) -> list[FleetRow]:
         out.append(
             FleetRow(
                 device=d.device_id,
-                groups=tuple(g for g, members in groups.items() if d.device_id in members),
+                groups=tuple(of.get(d.device_id, ())),
                 state=d.state,
                 model=d.active_name,
                 version=d.active_version,
