@@ -48,7 +48,7 @@ __all__ = ["MessageProps", "MqttConfig", "MqttLink", "TransportError"]
 log = logging.getLogger(__name__)
 
 RECV_CHUNK = 256 * 1024  # bytes asked of the socket per recv() (paho asks 1 byte at a time)
-READ_BURST = 1024  # packets read per network-loop iteration at most, before acks are written
+READ_REFILLS = 8  # recv() calls per network-loop iteration at most, before acks are written
 
 
 class _Client(paho.Client):
@@ -60,22 +60,28 @@ class _Client(paho.Client):
     message costs several system calls, each of which hands the GIL to whatever other thread
     is busy: under load the coordinator read 1,000 messages/s and mosquitto dropped the rest
     of its queue. Here ``_sock_recv`` serves paho's small reads from one ``recv`` of up to
-    ``RECV_CHUNK`` bytes, and ``loop_read`` goes on until what was received is used up (up to
-    ``READ_BURST`` packets), then writes the acknowledgements it queued in one ``send``. What
-    paho parses and how is unchanged. paho also writes a byte to its wake-up socket pair for
-    every packet it queues, to interrupt its own ``select``; from the network thread itself
-    (the ack of every QoS 1 message received) that is a wasted system call, which ``_Wakeup``
-    leaves out.
+    ``RECV_CHUNK`` bytes, and ``loop_read`` goes on until what was received is used up (after
+    ``READ_REFILLS`` reads the socket counts as empty until the next iteration: what is in the
+    buffer is always used up, as ``select`` cannot see it), then writes the acknowledgements
+    it queued in one ``send``. What paho parses and how is unchanged. paho also writes a byte
+    to its wake-up socket pair for every packet it queues, to interrupt its own ``select``;
+    from the network thread itself (the ack of every QoS 1 message received) that is a wasted
+    system call, which ``_Wakeup`` leaves out.
     """
 
     _rsock: object = None  # the socket _rdata came from (a reconnect starts afresh)
     _rdata = b""
     _rpos = 0
+    _refills: int | None = None  # socket reads left in this loop_read (None: outside one)
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rsock is not self._sock:
             self._rsock, self._rdata, self._rpos = self._sock, b"", 0
         if self._rpos >= len(self._rdata):
+            if self._refills is not None:
+                if self._refills <= 0:
+                    raise BlockingIOError  # enough for one iteration: paho keeps its place
+                self._refills -= 1
             data = super()._sock_recv(max(bufsize, RECV_CHUNK))
             if len(data) <= bufsize:
                 return data  # all of it asked for (or the end of the stream): no copy
@@ -92,14 +98,17 @@ class _Client(paho.Client):
         self.__dict__["_wakeup"] = None if sock is None else _Wakeup(sock, self)
 
     def _buffered(self) -> bool:
-        return self._rsock is self._sock and self._rpos < len(self._rdata)
+        return self._sock is not None and self._rsock is self._sock and (
+            self._rpos < len(self._rdata))  # fmt: skip
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        rc = super().loop_read(max_packets)
-        for _ in range(READ_BURST):
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._sock is None or not self._buffered():
-                break
+        self._refills = READ_REFILLS
+        try:
             rc = super().loop_read(max_packets)
+            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._buffered():
+                rc = super().loop_read(max_packets)
+        finally:
+            self._refills = None
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self.want_write():
             self._merge_acks()
             rc = self.loop_write()  # the acks of what was read, without another select()
