@@ -15,8 +15,10 @@ another's id) at the largest size, and the manifest bytes each layout stores per
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from ._util import Row, interleaved, median
 
@@ -66,9 +68,11 @@ def run(quick: bool) -> list[Row]:
         if n == max(sizes):
             shards["per-device"] = 1
         built: dict[str, BuiltRelease] = {}
-        fns = {k: partial(build_release, model, spec, release_key=keys.release, recipients=rec,
-                          shard_size=shard) for k, shard in shards.items()}  # fmt: skip
-        after = {k: partial(built.__setitem__, k) for k in shards}
+        fns: dict[str, Callable[[], Any]] = {
+            k: partial(build_release, model, spec, release_key=keys.release, recipients=rec,
+                       shard_size=shard) for k, shard in shards.items()}  # fmt: skip
+        after: dict[str, Callable[[Any], None]] = {
+            k: partial(built.__setitem__, k) for k in shards}  # fmt: skip
         times = {k: median(v) for k, v in interleaved(fns, reps, after=after).items()}
         ours, base = offer_bytes(built["sharded"]), offer_bytes(built["one"])
         rows.append(
