@@ -143,6 +143,11 @@ class RolloutBody(BaseModel):
     gates: list[str] = Field(default=[], max_length=16, description="e.g. error_rate<0.01")
     bake: float = Field(default=600, ge=0, le=7 * 86400, description="seconds per stage")
     min_samples: int = Field(default=50, ge=1, le=1_000_000)
+    min_labels: int = Field(default=20, ge=1, le=1_000_000,
+                            description="labels per device before an accuracy gate counts")
+    wave_timeout: float = Field(default=600, gt=0, le=7 * 86400,
+                                description="seconds to install, and after the bake to be "
+                                "healthy, before a halt")  # fmt: skip
 
 
 class ModelBody(BaseModel):
@@ -431,7 +436,8 @@ def create_app(
                 name=body.name, version=body.version, canary=Stage.parse(body.canary),
                 waves=tuple(Stage.parse(w) for w in body.waves),
                 gates=tuple(Gate.parse(g) for g in body.gates), bake=body.bake,
-                min_samples=body.min_samples)  # fmt: skip
+                min_samples=body.min_samples, min_labels=body.min_labels,
+                wave_timeout=body.wave_timeout)  # fmt: skip
         except ValueError as exc:
             raise ApiError(422, f"body: {exc}") from exc
         with _conflicts():

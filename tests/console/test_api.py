@@ -164,6 +164,10 @@ def test_tokens_are_stored_hashed(console: Console) -> None:
         ("/api/v1/devices", {"public_key": "{}"}, "body.public_key: "),
         ("/api/v1/rollouts", {"name": "m", "version": "2", "canary": "device:dev-a",
                               "waves": ["100%"], "gates": ["errors<<1"]}, "body: "),
+        ("/api/v1/rollouts", {"name": "m", "version": "2", "canary": "device:dev-a",
+                              "waves": ["100%"], "wave_timeout": 0}, "body.wave_timeout: "),
+        ("/api/v1/rollouts", {"name": "m", "version": "2", "canary": "device:dev-a",
+                              "waves": ["100%"], "min_labels": 0}, "body.min_labels: "),
     ],
 )
 def test_malformed_bodies_get_422_with_one_line(console: Console, path: str, body: Any,
@@ -403,3 +407,17 @@ def test_a_viewer_is_refused_and_audited_before_anything_starts(
     assert len(entries) == before + 1
     assert (entries[0].actor, entries[0].result) == ("viewer-1", f"refused: role viewer may not "
                                                      f"{action}")  # fmt: skip
+
+
+def test_a_rollout_started_through_the_api_takes_every_option_of_rollout_start(
+    console: Console,
+) -> None:
+    body = {"name": "m", "version": "2", "canary": "device:dev-a", "waves": ["100%"],
+            "gates": ["accuracy>0.9"], "bake": 30, "min_samples": 5, "min_labels": 7,
+            "wave_timeout": 90}  # fmt: skip
+    r = console.call("deployer", "POST", "/api/v1/rollouts", body)
+    assert r.status_code == 201, r.text
+    rollouts = console.call("viewer", "GET", "/api/v1/rollouts").json()["rollouts"]
+    spec = {x["id"]: x for x in rollouts}[r.json()["rollout"]]["spec"]
+    assert (spec["bake"], spec["min_samples"], spec["min_labels"], spec["wave_timeout"]) == (
+        30, 5, 7, 90)
