@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from edgefleet.coordinator import access, fleet, operations
 from edgefleet.coordinator.access import Principal
@@ -133,6 +133,14 @@ class ReleaseBody(BaseModel):
     version: str = Field(pattern=_ID)
     to: str = Field(min_length=1, max_length=200, description="all | group:G | device:ID,…")
     wait: float = Field(default=60.0, ge=0, le=3600, description="seconds to follow progress")
+    candidate: Literal["shadow", "ab"] | None = Field(
+        default=None, description="a shadow / A/B candidate beside the active model")
+    share: float | None = Field(default=None, ge=0, le=1,
+                                description="candidate ab: share of requests (default 0.1)")
+
+
+class DropCandidateBody(BaseModel):
+    to: str = Field(min_length=1, max_length=200, description="all | group:G | device:ID,…")
 
 
 class RolloutBody(BaseModel):
@@ -544,6 +552,7 @@ def create_app(
         operations.require(coordinator, who, "release", body.to, source(request))
         if publisher is None:
             raise ApiError(503, "this API runs without a broker connection: releases are off")
+        _candidate_spec(body)  # a bad share: 422 before anything starts
         op = ops.new("release", f"{body.name}@{body.version} to {body.to}")
         threading.Thread(
             target=_run_release, args=(op, who, source(request), body), daemon=True,
@@ -554,20 +563,39 @@ def create_app(
     def _run_release(op: Operation, who: Principal, src: str, body: ReleaseBody) -> None:
         assert publisher is not None
         try:
+            spec = _candidate_spec(body)
             with publisher() as link:
-                done = operations.publish_release(
-                    coordinator, who, src, link, body.name, body.version, body.to
-                )
-            op.emit(sequence=done.sequence, targets=len(done.targets), phase="published")
-            of = len(done.targets)
-            waited = fleet.wait_for(registry, done.sequence, done.targets, body.wait,
+                if spec is None:
+                    done = operations.publish_release(
+                        coordinator, who, src, link, body.name, body.version, body.to
+                    )
+                    sequence, targets = done.sequence, done.targets
+                else:
+                    cand, _ = operations.publish_candidate(
+                        coordinator, who, src, link, body.name, body.version, body.to, spec
+                    )
+                    sequence, targets = cand.sequence, tuple(sorted(cand.targets))
+            op.emit(sequence=sequence, targets=len(targets), phase="published",
+                    candidate=body.candidate)  # fmt: skip
+            of = len(targets)
+            waited = fleet.wait_for(registry, sequence, targets, body.wait,
+                                    candidate=spec is not None,
                                     on_progress=lambda states: op.emit(
                                         phase="progress", of=of,
                                         arrived=sum(1 for s in states if s.arrived)))  # fmt: skip
-            op.finish("done" if waited.ok else "timed out", sequence=done.sequence,
+            op.finish("done" if waited.ok else "timed out", sequence=sequence,
                       arrived=len(waited.arrived), of=of)  # fmt: skip
         except Exception as exc:  # reported on the operation; the audit row says it too
             op.finish("failed", error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+
+    @app.post("/api/v1/candidates/drop")
+    def drop_candidate(body: DropCandidateBody, who: Who, request: Request) -> dict[str, Any]:
+        operations.require(coordinator, who, "candidate.drop", body.to, source(request))
+        if publisher is None:
+            raise ApiError(503, "this API runs without a broker connection: candidates are off")
+        with _conflicts(), publisher() as link:
+            n = operations.drop_candidate(coordinator, who, source(request), link, body.to)
+        return {"dropped": n, "to": body.to}
 
     # -- dashboard --------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -580,6 +608,22 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _candidate_spec(body: ReleaseBody) -> Any:
+    """The release's ``CandidateSpec`` (None: an ordinary release); 422 on a bad share."""
+    from edgefleet.protocol.candidate import CandidateSpec
+    from edgefleet.protocol.errors import DecodeError
+
+    if body.candidate is None:
+        if body.share is not None:
+            raise ApiError(422, "body.share: applies to candidate ab only")
+        return None
+    share = body.share if body.share is not None else (0.1 if body.candidate == "ab" else 0.0)
+    try:
+        return CandidateSpec(mode=body.candidate, share=share)
+    except DecodeError as exc:
+        raise ApiError(422, "body." + str(exc).replace("manifest.candidate.", "")) from exc
 
 
 def _check_id(value: str, what: str) -> None:

@@ -49,6 +49,7 @@ ROLES = ("viewer", "deployer", "admin")  # each role may do everything the ones 
 ACTIONS: dict[str, str] = {
     "view": "viewer",
     "release": "deployer",
+    "candidate.drop": "deployer",
     "model.register": "deployer",
     "group.add": "deployer",
     "rollout.start": "deployer",

@@ -27,10 +27,14 @@ from .release import Released, release
 __all__ = [
     "Forbidden", "audited", "cli_principal", "enroll", "group_add", "publish_release",
     "register_model", "require", "revoke",
-    "rollout_control", "rollout_rollback", "rollout_start",
+    "drop_candidate", "publish_candidate", "rollout_control", "rollout_rollback",
+    "rollout_start",
 ]
 
 if TYPE_CHECKING:
+    from edgefleet.protocol.candidate import CandidateSpec
+
+    from .candidates import Candidate
     from .rollout import Decision, RolloutSpec
     from .rollouts import Rollout
 
@@ -146,6 +150,48 @@ def publish_release(
         lambda: release(c, link, name, version, selector),
         lambda done: {"sequence": done.sequence, "targets": len(done.targets)},
     )  # fmt: skip
+
+
+def publish_candidate(
+    c: Coordinator,
+    who: Principal,
+    source: str,
+    link: Link,
+    name: str,
+    version: str,
+    selector: str,
+    spec: CandidateSpec,
+) -> tuple[Candidate, int]:
+    """Build and publish a shadow / A/B candidate release, audited as a release; returns the
+    candidate and the bytes of offers sent."""
+    from .candidates import build_candidate
+    from .candidates import publish_candidate as publish
+
+    def run() -> tuple[Candidate, int]:
+        cand = build_candidate(c, name, version, selector, spec)
+        return cand, publish(link, cand)
+
+    return audited(
+        c, who, "release", f"{name}@{version} to {selector} (candidate {spec.mode})", source,
+        run, lambda out: {"sequence": out[0].sequence, "candidate": spec.mode,
+                          "share": spec.share, "targets": len(out[0].targets)},
+    )  # fmt: skip
+
+
+def drop_candidate(c: Coordinator, who: Principal, source: str, link: Link, selector: str
+                   ) -> int:  # fmt: skip
+    """Stop the candidate on the selected devices (their active models are unchanged),
+    audited; returns how many devices were told."""
+    from .candidates import clear_candidate
+
+    def run() -> int:
+        devices = c.registry.resolve(selector)
+        if not devices:
+            raise LookupError(f"selector {selector!r} matches no enrolled device")
+        return clear_candidate(link, devices)
+
+    return audited(c, who, "candidate.drop", selector, source, run,
+                   lambda n: {"devices": n})  # fmt: skip
 
 
 def rollout_control(c: Coordinator, who: Principal, source: str, rollout_id: int,

@@ -22,8 +22,7 @@ def model_release(args: argparse.Namespace) -> int:
         if args.share is not None:
             raise ValueError("--share applies to --candidate ab only")
         return ordinary(args)
-    from edgefleet.coordinator import release
-    from edgefleet.coordinator.candidates import build_candidate, publish_candidate
+    from edgefleet.coordinator import operations, release
     from edgefleet.protocol.candidate import CandidateSpec
     from edgefleet.protocol.errors import DecodeError
 
@@ -32,20 +31,10 @@ def model_release(args: argparse.Namespace) -> int:
         spec = CandidateSpec(mode=args.candidate, share=share)
     except DecodeError as exc:  # a bad flag, not a bad message
         raise ValueError(str(exc).replace("manifest.candidate.", "--")) from exc
-    from edgefleet.coordinator import operations
-
     c, cfg = _coordinator(args)
-
-    def build_and_publish() -> tuple[Any, int]:
-        cand = build_candidate(c, args.name, args.version, args.to, spec)
-        with release.connect(cfg) as link:
-            return cand, publish_candidate(link, cand)
-
-    cand, sent = operations.audited(
-        c, operations.cli_principal(), "release",
-        f"{args.name}@{args.version} to {args.to} (candidate {spec.mode})", "cli",
-        build_and_publish, lambda out: {"sequence": out[0].sequence, "candidate": spec.mode,
-                                        "targets": len(out[0].targets)})  # fmt: skip
+    with release.connect(cfg) as link:
+        cand, sent = operations.publish_candidate(c, operations.cli_principal(), "cli", link,
+                                                  args.name, args.version, args.to, spec)
     what = "shadow" if spec.mode == "shadow" else f"A/B, {spec.share:g} of requests"
     n = len(cand.targets)
     print(f"candidate {cand.sequence}: {args.name} {args.version} ({what}) to "
@@ -65,15 +54,12 @@ def model_release(args: argparse.Namespace) -> int:
 
 
 def drop_candidate(args: argparse.Namespace) -> int:
-    from edgefleet.coordinator import release
-    from edgefleet.coordinator.candidates import clear_candidate
+    from edgefleet.coordinator import operations, release
 
     c, cfg = _coordinator(args)
-    devices = c.registry.resolve(args.to)
-    if not devices:
-        raise LookupError(f"selector {args.to!r} matches no enrolled device")
+    c.registry.resolve(args.to)  # an unknown group: one line before connecting
     with release.connect(cfg) as link:
-        n = clear_candidate(link, devices)
+        n = operations.drop_candidate(c, operations.cli_principal(), "cli", link, args.to)
     print(f"candidate dropped on {n} devices (their active models are unchanged)")
     return 0
 

@@ -97,6 +97,7 @@ ROUTES: list[tuple[str, str, Any, str, int]] = [
     ("POST", "/api/v1/rollouts", {"name": "m", "version": "2", "canary": "device:dev-a",
                                   "waves": ["100%"], "gates": ["error_rate<0.01"], "bake": 5},
      "deployer", 201),
+    ("POST", "/api/v1/candidates/drop", {"to": "device:dev-b"}, "deployer", 200),
     ("POST", "/api/v1/rollouts/{rollout}/pause", None, "deployer", 200),
     ("POST", "/api/v1/rollouts/{rollout}/abort", None, "deployer", 200),
     ("POST", "/api/v1/devices/dev-c/revoke", None, "admin", 200),
@@ -210,6 +211,38 @@ def test_release_streams_progress_and_is_audited(console: Console) -> None:
     assert entry.detail == {"sequence": end["sequence"], "targets": 2}
     op = console.call("viewer", "GET", f"/api/v1/operations/{r.json()['operation']}").json()
     assert op["state"] == "timed out"
+
+
+def test_a_candidate_is_released_and_dropped_through_the_api(console: Console) -> None:
+    """``model release --candidate ab --share 0.3`` and ``model drop-candidate``, over HTTP."""
+    from edgefleet.coordinator.candidates import candidate_topic
+    from edgefleet.protocol.manifest import Manifest
+    from edgefleet.protocol.messages import ReleaseOffer
+
+    body = {"name": "m", "version": "2", "to": "device:dev-a", "wait": 0, "candidate": "ab",
+            "share": 0.3}  # fmt: skip
+    r = console.call("deployer", "POST", "/api/v1/releases", body)
+    assert r.status_code == 202, r.text
+    events = console.call("viewer", "GET", r.json()["events"]).text
+    end = json.loads(events.strip().split("data: ")[-1])
+    assert end["state"] == "timed out" and end["of"] == 1  # no agent serves it here
+    topic = candidate_topic(topics.cmd("dev-a"))
+    offer = ReleaseOffer.decode(console.broker.retained[topic])
+    m = Manifest.decode(offer.manifest)
+    assert m.candidate is not None and (m.candidate.mode, m.candidate.share) == ("ab", 0.3)
+    entry = access.audit_log(console.c.registry, action="release")[0]
+    assert entry.target == "m@2 to device:dev-a (candidate ab)" and entry.result == "ok"
+
+    r = console.call("deployer", "POST", "/api/v1/candidates/drop", {"to": "device:dev-a"})
+    assert r.status_code == 200 and r.json()["dropped"] == 1, r.text
+    assert topic not in console.broker.retained  # the empty retained message cleared it
+    entry = access.audit_log(console.c.registry, action="candidate.drop")[0]
+    assert (entry.target, entry.result, entry.detail) == ("device:dev-a", "ok", {"devices": 1})
+    for bad, message in (({**body, "share": 2}, "body.share: "),
+                         ({**body, "candidate": None}, "body.share: applies to candidate ab"),
+                         ({**body, "candidate": "canary"}, "body.candidate: ")):  # fmt: skip
+        got = console.call("deployer", "POST", "/api/v1/releases", bad)
+        assert got.status_code == 422 and got.json()["error"].startswith(message), got.text
 
 
 def test_a_failed_change_is_audited_with_its_error(console: Console) -> None:
