@@ -182,10 +182,12 @@ class Coordinator:
         now: int | None = None,
         ttl: int | None = None,
         candidate: CandidateSpec | None = None,
+        shard_size: int | None = None,
     ) -> Signed:
         """Encrypt a registered model once for the selected devices under a new sequence and
-        sign its manifests (one per ``manifest_shard`` devices); the payload is stored, nothing
-        is recorded: ``build`` records a release, ``candidates.build_candidate`` a candidate."""
+        sign its manifests (one per ``shard_size`` devices, default ``manifest_shard``); the
+        payload is stored, nothing is recorded: ``build`` records a release,
+        ``candidates.build_candidate`` a candidate."""
         mv = self.registry.model(name, version)
         device_ids = self.registry.resolve(selector)
         if not device_ids:
@@ -219,7 +221,7 @@ class Coordinator:
             spec,
             release_key=self.keys.release,
             recipients=recipients,
-            shard_size=self.config.manifest_shard,
+            shard_size=shard_size or self.config.manifest_shard,
         )
         blob = self.blobs.put_encrypted(built.payload)  # ciphertext already
         return Signed(model=mv, built=built, created=now, payload_blob=blob)
@@ -232,9 +234,11 @@ class Coordinator:
         *,
         now: int | None = None,
         ttl: int | None = None,
+        shard_size: int | None = None,
     ) -> tuple[Release, BuiltRelease]:
-        """Sign and encrypt a release of a registered model for the selected devices."""
-        signed = self.sign(name, version, selector, now=now, ttl=ttl)
+        """Sign and encrypt a release of a registered model for the selected devices
+        (``shard_size``: devices per signed manifest, default ``manifest_shard``)."""
+        signed = self.sign(name, version, selector, now=now, ttl=ttl, shard_size=shard_size)
         built, seq = signed.built, signed.built.manifest.sequence
         release = Release(
             sequence=seq,

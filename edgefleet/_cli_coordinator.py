@@ -112,8 +112,11 @@ def list_models(args: argparse.Namespace) -> int:
 
 
 def build(args: argparse.Namespace) -> int:
+    from edgefleet.protocol.manifest import MAX_TARGETS
+
     c = _open(args.home)
-    release, built = c.build(args.name, args.version, args.to)
+    # a side-load file carries one manifest, so it names every device the file is for
+    release, built = c.build(args.name, args.version, args.to, shard_size=MAX_TARGETS)
     c.write_bundle(built, args.out)
     print(
         f"{args.out}: release {release.sequence}, {args.name} {args.version}, "

@@ -142,3 +142,23 @@ def test_candidates_are_signed_per_shard_too(home: Home) -> None:
         assert len(manifests) == 3
     facts = candidate_facts(home.coordinator.registry, cand.bundle_id)  # the chunk server's
     assert facts is not None and facts.targets == frozenset(DEVICES)
+
+
+def test_bundle_build_signs_one_manifest_for_its_file(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bundle build`` (side-loading) puts every target in the file's one manifest, whatever
+    ``manifest_shard`` says: the file is for all of them."""
+    from edgefleet.protocol.container import BundleReader
+
+    from edgefleet.cli import main
+
+    out = tmp_path / "all.efb"
+    monkeypatch.setattr("time.time", lambda: float(T0))  # the test keyring's clock
+    assert main(["bundle", "build", "--home", str(home.coordinator.home), "--name", "m",
+                 "--version", "1", "--to", "all", "--out", str(out)]) == 0  # fmt: skip
+    data = out.read_bytes()
+    reader = BundleReader(lambda off, n: data[off : off + n], file_size=len(data),
+                          max_payload=len(data))  # fmt: skip
+    m = Manifest.decode(reader.section("manifest"))
+    assert sorted(m.targets) == list(DEVICES)
