@@ -88,9 +88,9 @@ AGENT_TIMEOUT = 5.0  # s before an unanswered request is re-sent: AgentDaemon's 
 AGENT_HEARTBEAT = 30.0  # s between status reports when nothing happens: AgentDaemon's default
 MAX_BACKOFF = 300.0  # s, the longest wait before re-sending a refused request (as Download)
 #: s: MQTT keepalive of a thin device. An agent uses 30 s; hundreds of thin devices share one
-#: Python thread, which can be busy for longer than 1.5 x 30 s verifying a burst of large
-#: offers (a manifest lists every target: ~130 KB per offer at 1,000 devices), and the broker
-#: would then drop connections the simulator, not the fleet, failed to keep alive.
+#: Python thread, which can be busy for longer than 1.5 x 30 s verifying a burst of offers
+#: (a signature check, an HPKE unwrap and a manifest decode each), and the broker would then
+#: drop connections the simulator, not the fleet, failed to keep alive.
 KEEPALIVE = 300
 Out = tuple[str, bytes, int, bool]  # (topic, payload, qos, retain) to publish
 
