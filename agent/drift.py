@@ -30,8 +30,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from edgefleet.protocol.drift import ReferenceStats, Sketch
-from edgefleet.protocol.errors import DecodeError
+from edgefleet.protocol.drift import Sketch
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -149,12 +148,8 @@ def _new_sketch(version: InstalledVersion) -> Sketch | None:
         log.info("drift: %s %s has no reference statistics: not sketched", m.name,
                  m.model_version)  # fmt: skip
         return None
-    try:
-        ref = ReferenceStats.from_dict(m.reference_stats)  # verified already; checked again
-    except DecodeError as exc:
-        log.warning("drift: %s %s reference statistics unusable: %s", m.name, m.model_version,
-                    exc)  # fmt: skip
-        return None
+    ref = m.drift_reference  # validated with the signed manifest
+    assert ref is not None  # "drift_schema" in it: the manifest would not decode otherwise
     width = m.inputs[0].shape[-1] if m.inputs and m.inputs[0].shape else None
     if width is not None and width != ref.features:
         log.warning("drift: %s %s has %d inputs but reference statistics for %d", m.name,

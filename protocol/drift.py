@@ -58,13 +58,32 @@ _CHUNK = 1 << 20  # comparisons per step of ``Sketch.update`` (its scratch memor
 _KEYS = {"drift_schema", "n", "cuts", "ref", "quantiles", "mean", "var", "std", "class_prior"}
 
 
+_NUMBERS = frozenset({int, float})  # exactly: a bool is not a number here
+
+
 def _floats(value: object, what: str, n: int | None = None) -> np.ndarray:
     if not isinstance(value, list) or (n is not None and len(value) != n):
         raise DecodeError(f"{what}: expected a list of {n if n is not None else 'some'} numbers")
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise DecodeError(f"{what}: expected finite numbers, saw {v!r:.20}")
-    return np.asarray(value, dtype=np.float64)
+    # one pass over the types, then numpy for finiteness: a manifest holds thousands of these
+    if not {type(v) for v in value} <= _NUMBERS:
+        bad = next(v for v in value if type(v) not in _NUMBERS)
+        raise DecodeError(f"{what}: expected finite numbers, saw {bad!r:.20}")
+    try:
+        a = np.asarray(value, dtype=np.float64)
+        finite = bool(np.isfinite(a).all())
+    except OverflowError:  # an int beyond float64
+        finite = False
+    if not finite:
+        bad = next(v for v in value if not _finite(v))
+        raise DecodeError(f"{what}: expected finite numbers, saw {bad!r:.20}")
+    return a
+
+
+def _finite(v: float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _shares(value: object, what: str, n: int) -> np.ndarray:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _fields as F
 from .candidate import CandidateSpec
 from .canonical import canonical_json, decode_json_object, hexbytes
 from .errors import DecodeError
 from .segments import MAX_SEGMENT, MIN_SEGMENT, ciphertext_size, segment_count
+
+if TYPE_CHECKING:
+    from .drift import ReferenceStats
 
 __all__ = ["FORMATS", "MAX_MANIFEST", "Manifest", "SmokeVector", "TensorSpec"]
 
@@ -176,10 +179,18 @@ class Manifest:
         self._check_sizes()
         if len(self.smoke) > MAX_SMOKE:
             raise DecodeError(f"manifest.smoke: expected at most {MAX_SMOKE} vectors")
+        reference = None
         if "drift_schema" in self.reference_stats:  # drift statistics: validated strictly
             from .drift import ReferenceStats
 
-            ReferenceStats.from_dict(self.reference_stats)
+            reference = ReferenceStats.from_dict(self.reference_stats)
+        object.__setattr__(self, "_drift_reference", reference)  # parsed once, not a field
+
+    @property
+    def drift_reference(self) -> ReferenceStats | None:
+        """The validated drift reference statistics (None: the manifest carries none)."""
+        ref: ReferenceStats | None = self.__dict__["_drift_reference"]
+        return ref
 
     def _check_sizes(self) -> None:
         if not MIN_SEGMENT <= self.segment_size <= MAX_SEGMENT:
