@@ -254,11 +254,14 @@ def _number(v: object) -> float | None:
 
 def _drift(rows: list[tuple[str, int, dict[str, Any]]], key: str) -> dict[str, float]:
     """Each device's newest drift for ``key``: max(``max_psi``, ``output_psi``), as the
-    fleet's drift view reads it (a drift report is the state of its window)."""
+    fleet's drift view reads it (a drift report is the state of its window), from a window of
+    at least ``drift.MIN_SAMPLES`` rows: the PSI of a smaller one is noise (no evidence yet)."""
+    from .drift import MIN_SAMPLES
+
     out = {}
     for device, _, payload in rows:  # oldest first: the newest wins
         w = payload.get(key)
-        if not isinstance(w, dict):
+        if not isinstance(w, dict) or (_number(w.get("n")) or 0) < MIN_SAMPLES:
             continue
         values = [v for v in (_number(w.get("max_psi")), _number(w.get("output_psi")))
                   if v is not None]  # fmt: skip
@@ -268,11 +271,14 @@ def _drift(rows: list[tuple[str, int, dict[str, Any]]], key: str) -> dict[str, f
 
 
 def _agreement(rows: list[tuple[str, int, dict[str, Any]]], key: str) -> dict[str, float]:
-    """Each device's shadow agreement of ``key`` with its active model, over every window."""
+    """Each device's shadow agreement of ``key`` with its active model, over every window
+    where the active model was another one (once ``key`` is active, a shadow of it compares
+    it with itself: agreement 1, no evidence)."""
     agree: dict[str, list[float]] = {}
     for device, _, p in rows:
         compared, agreed = _number(p.get("compared")), _number(p.get("agree"))
-        if p.get("candidate") == key and compared and agreed is not None:
+        other = p.get("active") != key
+        if p.get("candidate") == key and other and compared and agreed is not None:
             a = agree.setdefault(device, [0.0, 0.0])
             a[0], a[1] = a[0] + agreed, a[1] + compared
     return {d: a / n for d, (a, n) in agree.items() if n}

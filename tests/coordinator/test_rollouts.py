@@ -163,15 +163,24 @@ def test_a_rollout_that_cannot_start_is_refused(fleet: FleetHarness, kw: dict[st
 
 def test_drift_and_shadow_telemetry_become_evidence() -> None:
     """The adapters over the ``drift`` and ``shadow`` namespaces (rows oldest first)."""
+    from edgefleet.coordinator.drift import MIN_SAMPLES
     from edgefleet.coordinator.rollouts import _agreement, _drift
 
-    drift_rows = [("a", 1, {"digits@2": {"max_psi": 0.9, "output_psi": 0.1}}),
-                  ("a", 2, {"digits@2": {"max_psi": 0.05, "output_psi": 0.3}}),
-                  ("b", 1, {"digits@1": {"max_psi": 5.0}}),
-                  ("c", 1, {"digits@2": {"max_psi": "bad", "output_psi": None}})]  # fmt: skip
-    assert _drift(drift_rows, "digits@2") == {"a": 0.3}  # the newest window, its larger PSI
+    n = MIN_SAMPLES
+    drift_rows = [("a", 1, {"digits@2": {"n": n, "max_psi": 0.9, "output_psi": 0.1}}),
+                  ("a", 2, {"digits@2": {"n": n, "max_psi": 0.05, "output_psi": 0.3}}),
+                  ("b", 1, {"digits@1": {"n": n, "max_psi": 5.0}}),
+                  ("c", 1, {"digits@2": {"n": n, "max_psi": "bad", "output_psi": None}}),
+                  # too few rows behind it: its PSI is noise, not evidence
+                  ("d", 1, {"digits@2": {"n": n - 1, "max_psi": 0.9}}),
+                  ("e", 1, {"digits@2": {"n": n, "max_psi": 0.1}}),
+                  ("e", 2, {"digits@2": {"max_psi": 0.9}})]  # fmt: skip
+    assert _drift(drift_rows, "digits@2") == {"a": 0.3, "e": 0.1}  # the newest, its larger PSI
     shadow_rows = [("a", 1, {"candidate": "digits@2", "compared": 10, "agree": 9}),
                    ("a", 2, {"candidate": "digits@2", "compared": 30, "agree": 15}),
+                   # once digits@2 is active its shadow compares it with itself
+                   ("a", 3, {"candidate": "digits@2", "active": "digits@2", "compared": 90,
+                             "agree": 90}),
                    ("b", 1, {"candidate": "digits@3", "compared": 10, "agree": 0}),
                    ("c", 1, {"candidate": "digits@2", "compared": 0, "agree": 0})]  # fmt: skip
     assert _agreement(shadow_rows, "digits@2") == {"a": 24 / 40}
