@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from edgefleet.coordinator import telemetry
@@ -59,11 +60,12 @@ def spec(version: str, **kw: object) -> RolloutSpec:
 
 
 @contextmanager
-def running_fleet(tmp_path: Path, digits: Digits, kind: str, worse: Path | None = None
-                  ) -> Iterator[tuple[FleetHarness, Workload]]:  # fmt: skip
+def running_fleet(tmp_path: Path, digits: Digits, kind: str, worse: Path | None = None,
+                  **agent_config: Any) -> Iterator[tuple[FleetHarness, Workload]]:  # fmt: skip
     """Every device on v1 with its baseline telemetry stored; ``worse`` registered as v3."""
     since = int(time.time()) - 1
-    with open_fleet(tmp_path, digits, DEVICES, kind=kind) as fleet:  # type: ignore[arg-type]
+    with open_fleet(tmp_path, digits, DEVICES, kind=kind,  # type: ignore[arg-type]
+                    **agent_config) as fleet:  # fmt: skip
         fleet.start_service()
         for d in DEVICES:
             fleet.start_agent(d)
