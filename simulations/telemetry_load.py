@@ -135,7 +135,7 @@ def _child(url: str, devices: list[str], rate: float, seconds: float, opts: dict
     from edgefleet.infra.link.mqtt import MqttLink
 
     out.put(publish(MqttLink, url, devices, rate, seconds, on_ready=lambda: out.put("ready"),
-                    **opts))  # fmt: skip
+                    telemetry=opts["telemetry"], retain=opts["retain"]))  # fmt: skip
 
 
 @dataclass
@@ -273,6 +273,7 @@ def _in_child(url: str, ids: list[str], rate: float, seconds: float, started: li
     """``publish`` in a child process (``opts``: its ``telemetry`` and ``retain``)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
+    opts = {"telemetry": True, "retain": True, **opts}
     child = ctx.Process(target=_child, args=(url, ids, rate, seconds, opts, out))
     child.start()
     try:
