@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -60,6 +61,7 @@ MIN_SAMPLES = 500  # rows in a device's window before its drift counts: max PSI 
 WINDOW = 3600  # s: reports older than this are not looked at
 MAX_FEATURES = 1024
 TOP = 5  # features named per device / alert
+_CHECKING = threading.Lock()  # one check's read of the open alerts and its inserts at a time
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,7 +225,9 @@ def check(
     if not drifting:
         return []
     new = []
-    with registry.session() as s:
+    # serve's DriftWatch and a retraining trigger may check at once in one process: without
+    # the lock both would see no open alert and record the same one twice
+    with _CHECKING, registry.session() as s:
         open_ = {(a.device_id, a.name, a.version) for a in s.scalars(
             select(DriftAlertRow).where(DriftAlertRow.state == "open"))}  # fmt: skip
         for r in drifting:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,29 @@ def test_the_watch_checks_only_what_it_was_told_and_everyone_past_its_bound(
     assert watch.checks == 2 and watch.wait() is None
     with pytest.raises(ValueError, match="every and threshold"):
         drift.DriftWatch(registry, every=0)
+
+
+def test_checks_at_the_same_time_record_one_alert(
+    home: Home, served: tuple[CoordinatorService, Link]
+) -> None:
+    """serve's watch and a retraining trigger in one process check at once: one alert."""
+    svc, link = served
+    svc.drift.every = 3600.0  # the service checks once, then leaves it to the threads below
+    _send(link, "dev-b", [0.01, 0.02, 0.03])
+    wait_until(lambda: svc.drift.checks == 1, "the service's first check")
+    _send(link, "dev-a", [0.01, 1.4, 0.6])
+    wait_until(lambda: svc.ingest.telemetry_stored == 2, "the drifting report stored")
+    start = threading.Barrier(6)
+    raised: list[int] = []
+
+    def check() -> None:
+        start.wait(TIMEOUT)
+        raised.append(len(drift.check(home.coordinator.registry, now=T0 + 5)))
+
+    threads = [threading.Thread(target=check) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert sorted(raised) == [0, 0, 0, 0, 0, 1]
+    assert _open(home) == [("dev-a", "m", "1")]
