@@ -149,6 +149,9 @@ class Shadow:
         if active is None or model_key(active[0]) != key:  # answered by another model
             self._count(lambda s: setattr(s, "skipped", s.skipped + 1))
             return
+        if model_key(candidate[0]) == key:  # the candidate is the active model now: a model
+            self._count(lambda s: setattr(s, "skipped", s.skipped + 1))  # never disagrees
+            return  # with itself, and agreement 1 would dilute its real evidence
         t0 = self._clock()
         try:
             out = candidate[1].run(x)

@@ -109,6 +109,29 @@ def test_shadow_metrics_match_a_direct_computation_on_the_same_inputs(
         agent.close()
 
 
+def test_a_candidate_that_became_the_active_model_is_not_compared_with_itself(
+    fleet: Fleet, home: Path, tmp_path: Path, x_test: np.ndarray
+) -> None:
+    """Once the candidate answers requests itself (rolled out), a shadow sample would compare
+    it with itself (agreement 1): skipped and counted instead."""
+    agent = open_agent(home)
+    shadow = None
+    try:
+        slot = agent.open_candidate()
+        slot.install_file(candidate_efb(fleet, tmp_path / "cand.efb", mode="shadow"))
+        serving = slot.serving
+        assert serving is not None
+        shadow = Shadow(slot, lambda: serving, queue_size=N)  # the candidate is active too
+        shadow.observe(x_test[:2], serving[1].run(x_test[:2]), model_key(serving[0]))
+        assert shadow.drain(30.0)
+        got = shadow.telemetry() or {}
+        assert got.get("skipped") == 1 and got.get("compared", 0) == 0, got
+    finally:
+        if shadow is not None:
+            shadow.close()
+        agent.close()
+
+
 class GatedRuntime:
     """The real candidate runtime, held at a gate so a test can fill the shadow's queue."""
 
