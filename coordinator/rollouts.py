@@ -253,20 +253,17 @@ def _number(v: object) -> float | None:
 
 
 def _drift(rows: list[tuple[str, int, dict[str, Any]]], key: str) -> dict[str, float]:
-    """Each device's newest drift for ``key``: max(``max_psi``, ``output_psi``), as the
-    fleet's drift view reads it (a drift report is the state of its window), from a window of
-    at least ``drift.MIN_SAMPLES`` rows: the PSI of a smaller one is noise (no evidence yet)."""
-    from .drift import MIN_SAMPLES
+    """Each device's newest drift score for ``key`` (``drift.DeviceDrift.score``), read as the
+    fleet's drift view and alerts read it (``drift.parse_report``; a drift report is the state
+    of its window), from a window of at least ``drift.MIN_SAMPLES`` rows: the PSI of a
+    smaller one is noise (no evidence yet)."""
+    from .drift import MIN_SAMPLES, parse_report
 
     out = {}
-    for device, _, payload in rows:  # oldest first: the newest wins
-        w = payload.get(key)
-        if not isinstance(w, dict) or (_number(w.get("n")) or 0) < MIN_SAMPLES:
-            continue
-        values = [v for v in (_number(w.get("max_psi")), _number(w.get("output_psi")))
-                  if v is not None]  # fmt: skip
-        if values:
-            out[device] = max(values)
+    for device, t, payload in rows:  # oldest first: the newest wins
+        r = parse_report(device, t, key, payload.get(key))
+        if r is not None and r.n >= MIN_SAMPLES:
+            out[device] = r.score
     return out
 
 

@@ -167,13 +167,17 @@ def test_drift_and_shadow_telemetry_become_evidence() -> None:
     from edgefleet.coordinator.rollouts import _agreement, _drift
 
     n = MIN_SAMPLES
-    drift_rows = [("a", 1, {"digits@2": {"n": n, "max_psi": 0.9, "output_psi": 0.1}}),
-                  ("a", 2, {"digits@2": {"n": n, "max_psi": 0.05, "output_psi": 0.3}}),
-                  ("b", 1, {"digits@1": {"n": n, "max_psi": 5.0}}),
-                  ("c", 1, {"digits@2": {"n": n, "max_psi": "bad", "output_psi": None}}),
+
+    def report(psi: list[object], rows: int = n, **extra: object) -> dict[str, object]:
+        return {"n": rows, "psi": psi, "ks": [0.1] * len(psi), **extra}  # as agents send it
+
+    drift_rows = [("a", 1, {"digits@2": report([0.9, 0.2], output_psi=0.1)}),
+                  ("a", 2, {"digits@2": report([0.05, 0.01], output_psi=0.3)}),
+                  ("b", 1, {"digits@1": report([5.0])}),
+                  ("c", 1, {"digits@2": report(["bad"], output_psi=None)}),
                   # too few rows behind it: its PSI is noise, not evidence
-                  ("d", 1, {"digits@2": {"n": n - 1, "max_psi": 0.9}}),
-                  ("e", 1, {"digits@2": {"n": n, "max_psi": 0.1}}),
+                  ("d", 1, {"digits@2": report([0.9], rows=n - 1)}),
+                  ("e", 1, {"digits@2": report([0.1])}),
                   ("e", 2, {"digits@2": {"max_psi": 0.9}})]  # fmt: skip
     assert _drift(drift_rows, "digits@2") == {"a": 0.3, "e": 0.1}  # the newest, its larger PSI
     shadow_rows = [("a", 1, {"candidate": "digits@2", "compared": 10, "agree": 9}),
