@@ -379,8 +379,9 @@ def test_me_says_which_operations_need_the_broker_connection_it_lacks(console: C
         me = alone.get("/api/v1/me", headers=auth).json()
         assert me["may"] == with_broker["may"]
         off = {a for a, ok in me["available"].items() if not ok}
-        assert off == {"release", "rollout.rollback", "fl.start"}
-        for path in (f"/api/v1/rollouts/{rid}/rollback", "/api/v1/releases", "/api/v1/fl/runs"):
+        assert off == {"release", "candidate.drop", "rollout.rollback", "fl.start"}
+        for path in (f"/api/v1/rollouts/{rid}/rollback", "/api/v1/releases", "/api/v1/fl/runs",
+                     "/api/v1/candidates/drop"):  # fmt: skip
             body = {"name": "m", "version": "1", "to": "all", "rounds": 1}
             r = alone.post(path, headers=auth, json=body)
             assert r.status_code == 503 and "without a broker connection" in r.json()["error"]
