@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 from edgefleet.models.refstats import LocalSummary, parse_summary, stats_from_summary, uniform_edges
+from edgefleet.protocol.drift import MAX_CLASSES as DRIFT_MAX_CLASSES
+from edgefleet.protocol.drift import MAX_FEATURES as DRIFT_MAX_FEATURES
 from edgefleet.protocol.drift import ReferenceStats
 from edgefleet.protocol.errors import DecodeError
 
@@ -115,9 +117,18 @@ class RunSpec:
 
     @property
     def reference_grid(self) -> ReferenceGrid | None:
-        """The grid the devices count over; None without one or with differential privacy
-        (the counts are not noised)."""
-        return self.reference if self.strategy.dp is None else None
+        """The grid the devices count over; None without one, with differential privacy (the
+        counts are not noised), or for a model no manifest could carry the reference of (more
+        than ``drift.MAX_FEATURES`` inputs or ``MAX_CLASSES`` classes): then nothing is sent
+        to the devices nor counted there."""
+        if self.strategy.dp is not None or not self._reference_fits:
+            return None
+        return self.reference
+
+    @property
+    def _reference_fits(self) -> bool:
+        return (self.model.n_features <= DRIFT_MAX_FEATURES
+                and self.model.n_classes <= DRIFT_MAX_CLASSES)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -388,7 +399,10 @@ class FederatedRun:
         """The drift reference from the devices' counts so far, and what it describes."""
         grid = self.spec.reference_grid
         if grid is None:
-            why = "no grid" if self.spec.reference is None else "differential privacy"
+            why = ("no grid" if self.spec.reference is None
+                   else "differential privacy" if self.spec.strategy.dp is not None
+                   else f"{self.spec.model.n_features} inputs, {self.spec.model.n_classes} "
+                        "classes: more than a manifest's drift reference holds")  # fmt: skip
             return None, {"source": "none", "why": f"{why}: no counts were collected"}
         if not state.summaries:
             return None, {"source": "none", "why": "no device sent its counts"}

@@ -210,3 +210,13 @@ def test_parse_summary_refuses(federation: Any, change: dict[str, Any], error: s
     d = {**summarize(p.x_train, p.y_train, edges, 10).to_dict(), **change}
     with pytest.raises(MalformedError, match=error):
         parse_summary(d, features=64, edges=len(edges), n_classes=10, n=len(p.x_train))
+
+
+def test_a_model_too_wide_for_a_drift_reference_is_sent_no_grid() -> None:
+    """Over ``drift.MAX_FEATURES`` inputs no manifest could carry the reference: the devices
+    are not asked to count (no grid in their config), instead of counting for nothing."""
+    from edgefleet.protocol.drift import MAX_FEATURES
+
+    assert _spec().reference_grid is not None
+    wide = _spec(model=ModelSpec(hidden=(8,), n_features=MAX_FEATURES + 1))
+    assert wide.reference is not None and wide.reference_grid is None
