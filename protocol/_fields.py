@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
 from .errors import DecodeError
@@ -29,7 +30,7 @@ def name(value: object, what: str) -> str:
     return value
 
 
-def check_keys(d: dict[str, Any], allowed: set[str], what: str) -> None:
+def check_keys(d: dict[str, Any], allowed: AbstractSet[str], what: str) -> None:
     unknown = set(d) - allowed
     if unknown:
         raise DecodeError(f"{what}: unexpected fields {sorted(unknown)}")

@@ -9,6 +9,7 @@ so the protocol also works on MQTT 3.1.1 brokers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import struct
 from dataclasses import dataclass, field
@@ -392,8 +393,7 @@ class DeviceStatus:
         w = "status"
         d = decode_json_object(data, max_size=MAX_STATUS, what=w)
         F.check_header(d, "status", 1, w)
-        optional = {"capabilities", "candidate"}
-        F.check_keys(d, {*cls(device_id="x", time=0, state="idle").to_dict(), *optional}, w)
+        F.check_keys(d, _status_keys(), w)
         caps = d.get("capabilities", [])
         if not isinstance(caps, list):
             raise DecodeError(f"status.capabilities: expected a list, saw {type(caps).__name__}")
@@ -415,6 +415,13 @@ class DeviceStatus:
                 CandidateModel, d.get("candidate"), CandidateModel.SCHEMA, "status.candidate"
             ),
         )
+
+
+@functools.cache
+def _status_keys() -> frozenset[str]:
+    """The keys a status may have: what ``to_dict`` writes, and the optional ones."""
+    every = DeviceStatus(device_id="x", time=0, state="idle").to_dict()
+    return frozenset({*every, "capabilities", "candidate"})
 
 
 def _check_capabilities(caps: object, limit: int) -> None:
