@@ -401,12 +401,13 @@ class _InferenceHandler(_Handler):
         except RuntimeError as exc:  # no model active, or closed by a concurrent swap
             raise HttpError(503, str(exc)) from exc
         m = version.manifest
+        top = out.argmax(axis=-1)
         try:
             return _json(
                 {
                     "outputs": out.tolist(),
-                    "argmax": out.argmax(axis=-1).tolist(),
-                    "ids": self.server.recorder.issue(version, out),
+                    "argmax": top.tolist(),
+                    "ids": self.server.recorder.issue(version, top, out.shape[-1]),
                     "model": {"name": m.name, "version": m.model_version, "sequence": m.sequence},
                 }
             )

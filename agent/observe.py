@@ -206,11 +206,9 @@ class _Issued:
         self.labelled = bytearray(size)
         self.lock = threading.Lock()
 
-    def issue(self, key: str, out: np.ndarray) -> list[str]:
-        rows = out.shape[0] if out.ndim else 1
-        y = out.reshape(rows, -1)
-        top = y.argmax(axis=1).tolist() if y.size else [0] * rows
-        entry = (key, y.shape[1])
+    def issue(self, key: str, top: list[int], width: int) -> list[str]:
+        rows = len(top)
+        entry = (key, width)
         with self.lock:
             first, self.next = self.next, self.next + rows
             for n in range(max(first, self.next - self.size), self.next):  # a huge batch: its tail
@@ -368,10 +366,15 @@ class Recorder:
         return InferenceCollector(self)
 
     # -- labels (the HTTP API's, never the predict path) ---------------------------------------
-    def issue(self, version: InstalledVersion, out: np.ndarray) -> list[str]:
-        """Ids for the rows of one answer by ``version`` (``out``: a row per input), each of
-        which ``label`` can score once while it is among the last ``remember`` rows."""
-        return self._issued.issue(model_key(version), out)
+    def issue(self, version: InstalledVersion, top: np.ndarray, width: int) -> list[str]:
+        """Ids for the rows of one answer by ``version``: ``top`` its predicted class per row
+        (``out.argmax(-1)``, computed once by the caller), ``width`` the classes; each id can
+        be scored once by ``label`` while it is among the last ``remember`` rows. An answer
+        that is not one class score vector per row (``top`` not 1-D) gets ids no label fits."""
+        key = model_key(version)
+        if top.ndim != 1:
+            return self._issued.issue(key, [0] * (top.shape[0] if top.ndim else 1), 0)
+        return self._issued.issue(key, top.tolist(), width)
 
     def label(self, prediction_id: object, label: int) -> tuple[str, int]:
         """Score prediction ``prediction_id`` against its true class ``label``: counted under

@@ -32,7 +32,8 @@ def y_test(digits_v1: Digits) -> np.ndarray:
 def predicted(rec: Recorder, x: np.ndarray) -> tuple[list[str], np.ndarray]:
     """What the HTTP API does per request: predict through the recorder, then issue ids."""
     version, out = rec.predict_versioned(x)
-    return rec.issue(version, out), out.argmax(axis=1)
+    top = out.argmax(axis=1)
+    return rec.issue(version, top, out.shape[-1]), top
 
 
 def test_labels_count_labelled_and_correct_as_a_direct_computation(
