@@ -29,7 +29,7 @@ import json
 import time
 from typing import Any
 
-from ._util import Row, fleet, percentile
+from ._util import Row, fleet, percentile, time_calls
 
 NAME = "http"
 _NOTES: list[str] = []
@@ -58,15 +58,6 @@ def _loop(
         append(clock() - t0)
         if resp.status != 200:
             raise RuntimeError(f"POST {path}: HTTP {resp.status}")
-
-
-def _loop_call(fn: Any, x: Any, out: list[int], n: int) -> None:
-    clock = time.perf_counter_ns
-    append = out.append
-    for _ in range(n):
-        t0 = clock()
-        fn(x)
-        append(clock() - t0)
 
 
 def run(quick: bool) -> list[Row]:
@@ -110,7 +101,7 @@ def run(quick: bool) -> list[Row]:
         runs = {
             "predict": lambda out, n: _loop(pc, "/v1/predict", body, headers, out, n),
             "echo": lambda out, n: _loop(ec, "/v1/echo", body, headers, out, n),
-            "inproc": lambda out, n: _loop_call(agent.predict, x, out, n),
+            "inproc": lambda out, n: time_calls(agent.predict, x, out, n),
         }
         for fn in runs.values():
             fn([], warmup)
