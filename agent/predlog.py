@@ -215,7 +215,7 @@ def _canonical(value: object) -> bytes:
 # -- upload for audit ---------------------------------------------------------------------------
 MAX_REQUEST = 4096  # bytes of a signed upload request (its envelope is ~500)
 REQUEST_TTL = 120  # s a request the coordinator signs stays valid
-MAX_REQUEST_TTL = 3600  # s: a request valid for longer is refused (bounds the nonce memory)
+MAX_REQUEST_TTL = 3600  # s: a request valid for longer is refused (how long its id is remembered)
 PREDLOG_RUN = 0  # the envelope's run id and round (not a Flower run: this gate's own guard)
 COMMAND = "predlog"
 MAX_UPLOAD = 4096  # records one request may ask for
@@ -320,7 +320,7 @@ class RequestGate:
         corr, since, limit = parse_request(opened.payload)
         if corr != h.message_id:
             raise MalformedError("the request's corr is not its envelope's message id")
-        self._guard.accept(h)
+        self._guard.accept(h, now=now)
         self._save()
         return corr, since, limit
 

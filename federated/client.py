@@ -203,7 +203,7 @@ class FlClient:
             "",
         ):
             raise MalformedError("fl instruction: Flower metadata does not match its envelope")
-        self._guard.accept(h)
+        self._guard.accept(h, now=int(self.clock()))
         self._save_guard()
         log.info("fl run %d step %d: %s", h.run_id, h.round, md.message_type)
         self._release(frame)  # the instruction's bytes are now Flower's Message

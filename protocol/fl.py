@@ -365,9 +365,14 @@ class ReplayGuard:
                 f"fl run {header.run_id}: round {header.round} is below round {highest} seen"
             )
 
-    def accept(self, header: FlHeader) -> None:
+    def accept(self, header: FlHeader, *, now: int | None = None) -> None:
+        """Record ``header`` (after ``check``). Full, it forgets the ids expired by ``now``
+        first, and only then the oldest ids (which the round check still covers within a
+        run)."""
         self.check(header)
         self._ids[header.message_id] = header.expires
+        if len(self._ids) > self._capacity and now is not None:
+            self._ids = {k: v for k, v in self._ids.items() if v > now}
         while len(self._ids) > self._capacity:
             del self._ids[next(iter(self._ids))]
         self._rounds.pop(header.run_id, None)  # re-inserted last: the most recent run

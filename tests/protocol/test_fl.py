@@ -143,6 +143,22 @@ def test_the_replay_guard_rejects_seen_ids_and_older_rounds() -> None:
         guard.check(open_ins(instruction(round=1, message_id="z")).header)
 
 
+def test_a_full_replay_guard_forgets_expired_ids_before_unexpired_ones() -> None:
+    """Full, the guard drops what expired first: an unexpired id is not pushed out by newer
+    messages while an expired one is still held (a replay of it would pass otherwise)."""
+    from dataclasses import replace
+
+    guard = fl.ReplayGuard(capacity=2)
+    base = open_ins(instruction(round=0, message_id="keep")).header
+    t = base.issued_at
+    keep = replace(base, expires=t + 10_000)
+    guard.accept(keep)  # the oldest entry, valid for long
+    guard.accept(replace(base, message_id="gone", expires=t + 100))
+    guard.accept(replace(base, message_id="new", expires=t + 10_000), now=t + 200)
+    with pytest.raises(RollbackError, match="replayed"):
+        guard.check(keep)
+
+
 def test_seal_refuses_an_oversize_payload_with_a_clear_error() -> None:
     with pytest.raises(ValueError, match="seal_message"):
         instruction(payload=b"x" * (fl.MAX_PAYLOAD + 1))
