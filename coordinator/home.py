@@ -192,11 +192,9 @@ class Coordinator:
         device_ids = self.registry.resolve(selector)
         if not device_ids:
             raise LookupError(f"selector {selector!r} matches no enrolled device")
-        recipients = {}
-        for dev_id in device_ids:
-            dev = self.registry.device(dev_id)
-            assert dev is not None
-            recipients[dev_id] = KemPublicKey(dev.kem, dev.kem_public)
+        recipients = {d.device_id: KemPublicKey(d.kem, d.kem_public)
+                      for d in self.registry.devices(device_ids)}  # one query per 1,000
+        assert len(recipients) == len(device_ids)  # resolve() named enrolled devices only
         now = int(now if now is not None else time.time())
         ttl = ttl or self.config.manifest_ttl
         self.keys.check(now=now, ttl=ttl)

@@ -301,9 +301,17 @@ class Registry:
         with self.session() as s:
             return s.get(Device, device_id)
 
-    def devices(self) -> Sequence[Device]:
+    def devices(self, device_ids: Sequence[str] | None = None) -> Sequence[Device]:
+        """Every enrolled device by id, or those of ``device_ids`` (in batches of 1,000)."""
         with self.session() as s:
-            return s.scalars(select(Device).order_by(Device.device_id)).all()
+            if device_ids is None:
+                return s.scalars(select(Device).order_by(Device.device_id)).all()
+            out: list[Device] = []
+            ids = sorted(set(device_ids))
+            for i in range(0, len(ids), 1000):  # bounded IN lists (SQLite's variable limit)
+                out += s.scalars(select(Device).where(Device.device_id.in_(ids[i:i + 1000]))
+                                 .order_by(Device.device_id))  # fmt: skip
+            return out
 
     def add_to_group(self, group: str, device_ids: Sequence[str]) -> None:
         with self.session() as s:
