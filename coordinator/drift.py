@@ -320,7 +320,14 @@ class DriftWatch:
         self._pending, self._everyone = set(), False
         self._next = self._monotonic() + self.every
         self.checks += 1
-        new = check(self.registry, threshold=self.threshold, min_samples=self.min_samples,
-                    now=int(self._clock()), device_ids=ids)  # fmt: skip
+        try:
+            new = check(self.registry, threshold=self.threshold, min_samples=self.min_samples,
+                        now=int(self._clock()), device_ids=ids)  # fmt: skip
+        except Exception:  # a locked registry, say: these devices wait for the next check
+            if ids is None:
+                self._everyone = True
+            else:
+                self.note(ids)
+            raise
         self.raised += len(new)
         return new

@@ -107,6 +107,29 @@ def test_the_watch_checks_only_what_it_was_told_and_everyone_past_its_bound(
         drift.DriftWatch(registry, every=0)
 
 
+def test_a_failed_check_keeps_its_devices_for_the_next(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = home.coordinator.registry
+    now = [100.0]
+    watch = drift.DriftWatch(registry, every=10, clock=lambda: T0 + 5, monotonic=lambda: now[0])
+    seen: list[object] = []
+
+    def locked(*_a: object, device_ids: object = None, **_k: object) -> list[object]:
+        seen.append(device_ids)
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(drift, "check", locked)
+    watch.note(["dev-a", "dev-b"])
+    with pytest.raises(RuntimeError, match="locked"):
+        watch.run()
+    assert watch.wait() == 10.0  # still waiting, for the next check
+    monkeypatch.undo()
+    now[0] += 10
+    watch.run()  # the real check, of the same devices
+    assert seen == [["dev-a", "dev-b"]] and watch.checks == 2 and watch.wait() is None
+
+
 def test_checks_at_the_same_time_record_one_alert(
     home: Home, served: tuple[CoordinatorService, Link]
 ) -> None:
