@@ -106,7 +106,7 @@ class Ingest:
         self.unknown = 0  # updates for devices not enrolled
         self.statuses = 0  # status updates written
         self.status_messages = 0  # statuses through ``add_statuses`` and a flush, whatever
-        self._status_batch = 0  # became of each (stored, coalesced, dropped, ignored)
+        self._status_batch = 0  # statuses of this batch, each stored, coalesced, dropped or ignored
         self.coalesced = 0  # statuses never decoded: a newer one of their device replaced them
 
     @property
@@ -116,16 +116,9 @@ class Ingest:
 
     def add(self, device_id: str, kind: str, payload: bytes) -> bool:
         """Decode one message from ``device_id``'s topic of ``kind``; True if it was queued."""
-        try:
-            values = self._decode(device_id, kind, payload)
-        except EdgeFleetError as exc:  # DecodeError, TooLargeError: the sender's fault
-            self.dropped += 1
-            log.warning("dropped %s from %s: %s", kind, device_id, exc)
-            return False
+        values = self._counted_decode(device_id, kind, payload)
         if values is None:
-            self.ignored += 1
             return False
-        self.decoded += 1
         self._pending.setdefault(device_id, {}).update(values)  # later messages win
         return True
 
@@ -136,22 +129,30 @@ class Ingest:
         self._status_batch += len(payloads)
         merged: dict[str, Any] = {}
         for i in range(len(payloads) - 1, -1, -1):
-            try:
-                values = self._decode(device_id, STATUS, payloads[i])
-            except EdgeFleetError as exc:
-                self.dropped += 1
-                log.warning("dropped %s from %s: %s", STATUS, device_id, exc)
-                continue
+            values = self._counted_decode(device_id, STATUS, payloads[i])
             if values is None:
-                self.ignored += 1
                 continue
-            self.decoded += 1
             merged = {**values, **merged}  # the newer message wins
             if "last_seen" in values:  # a full status: nothing older can show through
                 self.coalesced += i
                 break
         if merged:
             self._pending.setdefault(device_id, {}).update(merged)
+
+    def _counted_decode(self, device_id: str, kind: str, payload: bytes
+                        ) -> dict[str, Any] | None:  # fmt: skip
+        """``_decode``, counted as decoded, dropped (logged: the sender's fault) or ignored."""
+        try:
+            values = self._decode(device_id, kind, payload)
+        except EdgeFleetError as exc:  # DecodeError, TooLargeError
+            self.dropped += 1
+            log.warning("dropped %s from %s: %s", kind, device_id, exc)
+            return None
+        if values is None:
+            self.ignored += 1
+            return None
+        self.decoded += 1
+        return values
 
     def _decode(self, device_id: str, kind: str, payload: bytes) -> dict[str, Any] | None:
         now = int(self.clock())
