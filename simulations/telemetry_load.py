@@ -296,29 +296,19 @@ def raw_delivery(work: Path, *, devices: int, rate: float, seconds: float,
     from edgefleet.infra.link.mqtt import MqttLink
 
     ids = [f"load-{i:04d}" for i in range(devices)]
-    got = threading.Condition()
-    count = [0]
-
-    def on_message(topic: str, payload: bytes, props: Any) -> None:
-        with got:
-            count[0] += 1
-            got.notify_all()
-
+    counted = _Counted()
     with EmbeddedBroker(data_dir=work / "raw-broker", force_kind="mosquitto") as real:
         sub = MqttLink(MqttConfig(url=real.url, client_id="raw-sub", clean_start=True,
-                                  session_expiry=0), on_message)  # fmt: skip
+                                  session_expiry=0), counted.on_message)  # fmt: skip
         sub.subscribe(topics.up_all("status"), qos=1)
         sub.subscribe(topics.up_all("telemetry"), qos=1)
         sub.start()
         assert sub.wait_connected(30), sub.last_error
-        with got:
-            retained = count[0]
+        retained = counted.wait(0, 0)
         started: list[float] = []
         sent = _in_child(real.url, ids, rate, seconds, started, telemetry=telemetry)
         want = retained + sent["statuses"] + sent["telemetry"]
-        with got:
-            got.wait_for(lambda: count[0] >= want, 120)
-            received = count[0] - retained
+        received = counted.wait(want, 120) - retained
         done = time.monotonic()
         sub.stop()
     return {"sent": sent["statuses"], "received": received, "seconds": done - started[0]}
@@ -380,23 +370,33 @@ def _drain_raw(_coord: Coordinator, cfg: MqttConfig, want: int, timeout: float
                ) -> tuple[int, dict[str, int]]:  # fmt: skip
     from edgefleet.infra.link.mqtt import MqttLink
 
-    got = threading.Condition()
-    count = [0]
-
-    def on_message(topic: str, payload: bytes, props: Any) -> None:
-        with got:
-            count[0] += 1
-            got.notify_all()
-
-    sub = MqttLink(cfg, on_message)
+    counted = _Counted()
+    sub = MqttLink(cfg, counted.on_message)
     sub.subscribe(topics.up_all("status"), qos=1)
     sub.start()
     try:
-        with got:
-            got.wait_for(lambda: count[0] >= want, timeout)
-            return count[0], {}
+        return counted.wait(want, timeout), {}
     finally:
         sub.stop()
+
+
+class _Counted:
+    """A bare subscriber's callback: counts what arrives, nothing else."""
+
+    def __init__(self) -> None:
+        self._got = threading.Condition()
+        self._count = 0
+
+    def on_message(self, topic: str, payload: bytes, props: Any) -> None:
+        with self._got:
+            self._count += 1
+            self._got.notify_all()
+
+    def wait(self, want: int, timeout: float) -> int:
+        """The count once it reaches ``want`` or ``timeout`` s passed."""
+        with self._got:
+            self._got.wait_for(lambda: self._count >= want, timeout)
+            return self._count
 
 
 def _mqtt() -> LinkFactory:

@@ -50,8 +50,10 @@ def test_five_hundred_devices_at_one_hertz_for_a_minute(tmp_path: Path) -> None:
 @pytest.mark.skipif(not HAVE_MOSQUITTO, reason=NEED_MOSQUITTO)
 def test_a_backlog_larger_than_one_read_is_drained_whole(tmp_path: Path) -> None:
     """9,000 statuses (~2.7 MB) queued by mosquitto while the service was away arrive faster
-    than the link reads per loop iteration (8 x 256 KiB): what it buffered but did not parse
-    yet must not wait for the socket's next byte (the keep-alive ping, 30 s later)."""
-    r = run_backlog(tmp_path, devices=500, ticks=18, drain_timeout=20.0)
+    than the link reads per loop iteration (8 x 256 KiB): all of them are handled, none is
+    dropped by the broker, every device's newest status shows. (That buffered bytes are parsed
+    at once rather than at the socket's next byte is pinned without timing by
+    ``tests/infra/test_mqtt_reads.py``; a time limit here would race a loaded machine.)"""
+    r = run_backlog(tmp_path, devices=500, ticks=18, drain_timeout=120.0)
     assert (r["statuses"], r["handled"], r["broker_drops"]) == (9000, 9000, []), r
     assert r["latest_ok"] == 500  # every device's newest status is what the registry shows
