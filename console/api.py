@@ -54,7 +54,8 @@ MAX_OPERATIONS = 256  # operations kept for their handles (finished ones forgott
 MAX_EVENTS = 1024  # events kept per operation
 MAX_BODY = 1 << 20  # bytes of a request body (an enrolment's public key file is ~2 KB)
 MAX_MODEL_BODY = 96 << 20  # bytes of a model upload (base64 of a model up to ~70 MB)
-NEEDS_BROKER = frozenset({"release", "candidate.drop", "rollout.rollback", "fl.start"})  # 503 without one
+# the operations that answer 503 on an API without a broker connection
+NEEDS_BROKER = frozenset({"release", "candidate.drop", "rollout.rollback", "fl.start"})
 
 Publisher = Callable[[], AbstractContextManager[Link]]
 
