@@ -336,7 +336,7 @@ def create_app(
 
     @app.get("/api/v1/devices")
     def devices(_: View, request: Request) -> Response:
-        return cache.answer(request, "devices", views.fleet_generation(registry),
+        return cache.answer(request, "devices", lambda: views.fleet_generation(registry),
                             lambda: views.devices(registry, int(clock())))  # fmt: skip
 
     @app.get("/api/v1/groups")
@@ -345,22 +345,22 @@ def create_app(
 
     @app.get("/api/v1/models")
     def models(_: View, request: Request) -> Response:
-        return cache.answer(request, "models", views.models_generation(registry),
+        return cache.answer(request, "models", lambda: views.models_generation(registry),
                             lambda: {"models": views.models(registry)})  # fmt: skip
 
     @app.get("/api/v1/releases")
     def releases(_: View, request: Request) -> Response:
-        return cache.answer(request, "releases", views.releases_generation(registry),
+        return cache.answer(request, "releases", lambda: views.releases_generation(registry),
                             lambda: {"releases": views.releases(registry)})  # fmt: skip
 
     @app.get("/api/v1/fl/runs")
     def fl_runs(_: View, request: Request) -> Response:
-        return cache.answer(request, "fl_runs", views.models_generation(registry),
+        return cache.answer(request, "fl_runs", lambda: views.models_generation(registry),
                             lambda: {"runs": views.fl_runs(registry)})  # fmt: skip
 
     @app.get("/api/v1/rollouts")
     def rollouts(_: View, request: Request) -> Response:
-        return cache.answer(request, "rollouts", views.rollouts_generation(registry),
+        return cache.answer(request, "rollouts", lambda: views.rollouts_generation(registry),
                             lambda: {"rollouts": views.rollouts(registry)})  # fmt: skip
 
     @app.get("/api/v1/telemetry")

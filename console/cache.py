@@ -7,6 +7,11 @@ nothing serialized); otherwise the body is built and serialized once and replace
 One entry per view, so memory is bounded by the number of views. The generation is read before
 the body is built, so a cached body is never older than the generation it is filed under.
 
+Concurrent requests share generation reads (``_FreshRead``): a request waits for a read that
+*started after it arrived* (so it sees every change committed before it), and one read answers
+every request that arrived before it started: with 50 viewers polling at once, a handful of
+queries instead of 50.
+
 The ETag is the body's SHA-256: ``If-None-Match`` answered with 304 is right whatever the
 generation says. ``Cache-Control: private, no-cache`` lets a browser keep the body and
 revalidate it on every poll (the dashboard's ``fetch(…, {cache: "no-cache"})``).
@@ -42,11 +47,55 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
+class _FreshRead:
+    """``read()`` shared by concurrent callers, never older than the caller: each caller gets
+    the result of a read that started after it called (one already running is not enough, a
+    change may have been committed after it started); a read that fails raises in the caller
+    that ran it, and the others try again."""
+
+    def __init__(self, read: Callable[[], Hashable]) -> None:
+        self._read = read
+        self._cv = threading.Condition()
+        self._started = 0  # reads begun
+        self._done = 0  # the newest read finished (its sequence number)
+        self._value: Hashable = None
+        self._running = False
+
+    def __call__(self) -> Hashable:
+        with self._cv:
+            ticket = self._started + 1  # the first read that starts from now on
+            while self._done < ticket:
+                if self._running:
+                    self._cv.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                seq = self._started
+                self._cv.release()
+                try:
+                    value = self._read()
+                finally:
+                    self._cv.acquire()
+                    self._running = False
+                    self._cv.notify_all()
+                self._value, self._done = value, seq
+            return self._value
+
+
 class ViewCache:
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
         self._building: dict[str, threading.Lock] = {}
+        self._reads: dict[str, _FreshRead] = {}
         self._lock = threading.Lock()
+
+    def generation(self, view: str, read: Callable[[], Hashable]) -> Hashable:
+        """``read()`` (the view's generation query), shared with concurrent requests."""
+        with self._lock:
+            shared = self._reads.get(view)
+            if shared is None:
+                shared = self._reads[view] = _FreshRead(read)
+        return shared()
 
     def _entry(self, view: str, generation: Hashable, build: Callable[[], Any]) -> _Entry:
         with self._lock:
@@ -67,11 +116,15 @@ class ViewCache:
             return entry
 
     def answer(
-        self, request: Request, view: str, generation: Hashable, build: Callable[[], Any]
+        self,
+        request: Request,
+        view: str,
+        generation: Callable[[], Hashable],
+        build: Callable[[], Any],
     ) -> Response:
-        """The view's body (``build()``'s JSON, cached under ``generation``), or 304 when the
-        request's ``If-None-Match`` names its ETag."""
-        entry = self._entry(view, generation, build)
+        """The view's body (``build()``'s JSON, cached under what ``generation()`` reads now),
+        or 304 when the request's ``If-None-Match`` names its ETag."""
+        entry = self._entry(view, self.generation(view, generation), build)
         headers = {"ETag": entry.etag, "Cache-Control": "private, no-cache"}
         if _matches(request.headers.get("if-none-match"), entry.etag):
             return Response(status_code=304, headers=headers)
