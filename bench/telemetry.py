@@ -18,14 +18,11 @@
 
 from __future__ import annotations
 
-import gc
 import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-from ._util import Row, fleet, median, percentile
+from ._util import Row, alternate, fleet, median, percentile
 
 NAME = "telemetry"
 _NOTES: list[str] = []
@@ -33,15 +30,6 @@ _NOTES: list[str] = []
 
 def notes() -> list[str]:
     return list(_NOTES)
-
-
-def _loop(predict: Any, x: Any, out: list[int], n: int) -> None:
-    clock = time.perf_counter_ns
-    append = out.append
-    for _ in range(n):
-        t0 = clock()
-        predict(x)
-        append(clock() - t0)
 
 
 def _recording(calls: int, block: int) -> list[Row]:
@@ -54,19 +42,7 @@ def _recording(calls: int, block: int) -> list[Row]:
     try:
         rec = Recorder(agent)
         x = np.ascontiguousarray(fl.test_inputs()[:1])
-        ours: list[int] = []
-        plain: list[int] = []
-        _loop(rec.predict, x, [], block)
-        _loop(agent.predict, x, [], block)
-        gc.collect()
-        gc.disable()
-        try:
-            for b in range(calls // block):
-                first, second = ((rec.predict, ours), (agent.predict, plain))[:: 1 if b % 2 else -1]
-                _loop(first[0], x, first[1], block)
-                _loop(second[0], x, second[1], block)
-        finally:
-            gc.enable()
+        ours, plain = alternate(rec.predict, agent.predict, x, calls, block)
         recorded = sum(t["count"] for t in rec.totals().values())
     finally:
         agent.close()
