@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,18 +60,6 @@ def test_a_device_cannot_open_another_devices_envelope(home: Home) -> None:
 def test_publish_sequence_of_an_unknown_release(home: Home) -> None:
     with pytest.raises(LookupError, match="release 99 does not exist"):
         releases.publish_sequence(home.coordinator.registry, None, 99)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def broker() -> Iterator[InMemoryBroker]:
-    with InMemoryBroker() as b:
-        yield b
-
-
-@pytest.fixture
-def link(broker: InMemoryBroker) -> Iterator[Link]:
-    with releases.connect(mqtt("coordinator"), link_factory=broker.link) as link:
-        yield link
 
 
 def listen(broker: InMemoryBroker, client_id: str, topic: str) -> tuple[Link, Inbox]:

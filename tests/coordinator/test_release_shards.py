@@ -4,7 +4,6 @@ the broker is its shard's, and a bundle file (one manifest) is refused for sever
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from edgefleet.protocol.messages import ReleaseOffer
 from edgefleet.protocol.verify import select_envelope, verify_manifest
 from sqlalchemy import select
 
-from .homes import T0, TIMEOUT, Home, make_home, mqtt
+from .homes import T0, TIMEOUT, Home, make_home
 
 DEVICES = ("dev-a", "dev-b", "dev-c", "dev-d", "dev-e")  # shards of 2: ab | cd | e
 
@@ -97,18 +96,6 @@ def test_a_bundle_file_is_refused_for_several_shards_in_one_line(
     _, one = home.coordinator.build("m", "1", "dev-a,dev-b", now=T0)
     home.coordinator.write_bundle(one, tmp_path / "ab.efb")
     assert (tmp_path / "ab.efb").stat().st_size > len(one.payload)
-
-
-@pytest.fixture
-def broker() -> Iterator[InMemoryBroker]:
-    with InMemoryBroker() as b:
-        yield b
-
-
-@pytest.fixture
-def link(broker: InMemoryBroker) -> Iterator[Link]:
-    with releases.connect(mqtt("coordinator"), link_factory=broker.link) as link:
-        yield link
 
 
 def test_published_and_superseding_offers_carry_each_devices_shard(
