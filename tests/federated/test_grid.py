@@ -220,9 +220,7 @@ def test_a_late_reply_is_dropped_and_counted() -> None:
     with InMemoryBroker() as broker, rig(broker.link, broker.url, 2, round_timeout=0.3,
                                         gates={"dev-1": gate}) as r:
         r.grid.start_run(5)
-        nodes = r.grid.get_node_ids()
-        msgs = [Message(RecordDict({"arrays": initial(), "config": _config(1)}), n, "train")
-                for n in nodes]
+        msgs = _train(r.grid.get_node_ids())
         replies = list(r.grid.send_and_receive(msgs))
         assert [r.grid.device_of(m.metadata.src_node_id) for m in replies] == ["dev-0"]
         assert r.grid.stats.timed_out == 1
@@ -239,9 +237,7 @@ def test_interrupt_ends_a_waiting_round_at_once_and_refuses_later_pushes() -> No
     with InMemoryBroker() as broker, rig(broker.link, broker.url, 2, round_timeout=600,
                                         gates={"dev-1": gate}) as r:
         r.grid.start_run(6)
-        nodes = r.grid.get_node_ids()
-        msgs = [Message(RecordDict({"arrays": initial(), "config": _config(1)}), n, "train")
-                for n in nodes]
+        msgs = _train(r.grid.get_node_ids())
         outcome: list[BaseException | list[Message]] = []
         waiter = threading.Thread(target=lambda: _capture(outcome, r.grid.send_and_receive,
                                                           msgs))
@@ -261,6 +257,12 @@ def _capture(out: list[Any], fn: Any, *args: Any) -> None:
         out.append(fn(*args))
     except BaseException as exc:  # noqa: BLE001 - handed to the test thread
         out.append(exc)
+
+
+def _train(nodes: Any) -> list[Message]:
+    """Round 1's train message to each of ``nodes``."""
+    return [Message(RecordDict({"arrays": initial(), "config": _config(1)}), n, "train")
+            for n in nodes]  # fmt: skip
 
 
 def _config(server_round: int) -> Any:
@@ -362,9 +364,7 @@ def test_forged_and_replayed_replies_are_rejected_by_the_coordinator() -> None:
         grid = r.grid
         grid.start_run(31)
         n0, n1 = (fl.node_id_for(d) for d in ("dev-0", "dev-1"))
-        ids = grid.push_messages([
-            Message(RecordDict({"arrays": initial(), "config": _config(1)}), n, "train")
-            for n in (n0, n1)])
+        ids = grid.push_messages(_train((n0, n1)))
         assert _wait_for(r, lambda: sum(t.endswith("/fl") for t, _ in r.captured) == 2)
         ins = {t.split("/")[3]: p for t, p in r.captured if t.endswith("/fl")}
         grid.handle("dev-0", _reply_to(ins["dev-0"], "dev-0", SigningKey.generate()))
